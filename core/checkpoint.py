@@ -1,0 +1,186 @@
+"""Checkpoints: a directory per save, written atomically, loaded without pickle.
+
+    <run_dir>/checkpoints/step-000500/
+        model.safetensors   weights (the tied embedding stored once)
+        gptx.json           format version, step, resolved config, tokenizer state
+        trainer.pt          optimizer/scheduler/RNG state for --resume (tensors and numbers only,
+                            read with torch.load(weights_only=True))
+
+A save goes to a temporary sibling directory that is renamed into place only when complete, so
+a crash (even kill -9) at any moment leaves the previous checkpoint intact. Loading picks the
+newest complete one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from gptx import __version__
+from gptx.config import ExperimentConfig, from_dict
+from gptx.errors import ConfigError, GptxError
+
+FORMAT = "gptx.checkpoint"
+FORMAT_VERSION = 1
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    path: Path
+    config: ExperimentConfig
+    model: Any  # gptx.model.GPT
+    tokenizer: Any  # gptx.components.Tokenizer
+    meta: dict
+
+
+def build_tokenizer(spec, state: Optional[dict] = None):
+    return spec.cls(spec.options, state)
+
+
+def save(run_dir: Path, step: int, model, config: ExperimentConfig, tokenizer, trainer_state: Optional[dict] = None,
+         extra: Optional[dict] = None, keep: int = 2) -> Path:
+    """Write checkpoints/step-NNNNNN atomically; keep the newest ``keep`` checkpoints."""
+    from safetensors.torch import save_model
+
+    root = Path(run_dir) / "checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step-{step:06d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=root))
+    try:
+        save_model(_unwrap(model), str(tmp / "model.safetensors"))
+        meta = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "gptx_version": __version__,
+            "step": step,
+            "config": config.to_dict(),
+            "tokenizer_state": tokenizer.state(),
+        } | (extra or {})
+        (tmp / "gptx.json").write_text(json.dumps(meta, indent=2))
+        if trainer_state is not None:
+            torch.save(trainer_state, tmp / "trainer.pt")
+        for f in tmp.iterdir():
+            _fsync(f)
+        if final.exists():  # the same step saved again (e.g. after a resume): replace it
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in complete_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unwrap(model):
+    """The plain module under DDP / torch.compile wrappers, so keys never carry their prefixes."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """step-* directories that were fully written, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    return [p for _, p in sorted(found)]
+
+
+def resolve(source: str | os.PathLike) -> Path:
+    """A checkpoint directory from: a step directory, a run directory (its newest checkpoint), a
+    checkpoints/ directory, or an MLflow run URI ``runs:/<run_id>`` (its logged checkpoint)."""
+    src = str(source)
+    if src.startswith("runs:/"):
+        return _download_run_checkpoint(src)
+    p = Path(src)
+    if (p / "gptx.json").is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        found = complete_checkpoints(root)
+        if found:
+            return found[-1]
+    if not p.exists():
+        raise GptxError(f"{p}: no such checkpoint directory")
+    raise GptxError(f"{p}: not a gptx checkpoint (no gptx.json, no checkpoints/step-* inside)")
+
+
+def _download_run_checkpoint(uri: str) -> Path:
+    from gptx import tracking
+
+    return tracking.download_checkpoint(uri)
+
+
+def read_meta(path: Path) -> dict:
+    try:
+        meta = json.loads((path / "gptx.json").read_text())
+    except FileNotFoundError:
+        raise GptxError(f"{path}: missing gptx.json") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise GptxError(f"{path / 'gptx.json'}: corrupted ({err})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise GptxError(f"{path / 'gptx.json'}: not a gptx checkpoint (format is {meta.get('format') if isinstance(meta, dict) else None!r})")
+    if meta.get("format_version", 0) > FORMAT_VERSION:
+        raise GptxError(f"{path}: written by a newer gptx (format {meta['format_version']}); upgrade gptx")
+    return meta
+
+
+def load(source: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild config, tokenizer and model from a checkpoint; every problem is a GptxError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_model
+
+    from gptx.model import GPT
+
+    path = resolve(source)
+    meta = read_meta(path)
+    try:
+        config = from_dict(meta["config"])
+    except ConfigError as err:
+        raise GptxError(f"{path / 'gptx.json'}: stored config is invalid here: {err}") from None
+    except KeyError:
+        raise GptxError(f"{path / 'gptx.json'}: has no config") from None
+    tokenizer = build_tokenizer(config.tokenizer, meta.get("tokenizer_state") or None)
+    if config.model.vocab_size is None:
+        config.model.vocab_size = tokenizer.vocab_size
+    model = GPT(config.model)
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise GptxError(f"{path}: missing model.safetensors")
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
+    except (SafetensorError, OSError) as err:
+        raise GptxError(f"{weights}: corrupted or unreadable ({err})") from None
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()
+        raise GptxError(f"{weights}: does not fit the model its config describes ({first[-1] if first else err})") from None
+    if missing or unexpected:
+        raise GptxError(f"{weights}: does not fit the model its config describes (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    model.to(device).eval()
+    return Checkpoint(path=path, config=config, model=model, tokenizer=tokenizer, meta=meta)
+
+
+def load_trainer_state(path: Path) -> Optional[dict]:
+    f = Path(path) / "trainer.pt"
+    if not f.is_file():
+        return None
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupted, or a pickle that is more than tensors and numbers
+        raise GptxError(f"{f}: cannot be loaded safely ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None

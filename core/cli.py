@@ -1,0 +1,191 @@
+"""The ``gptx`` command line. Thin: each command parses flags and calls a library function.
+
+Errors a user can fix (GptxError) print one line and exit with code 2, no traceback. Heavy
+imports (torch, mlflow) happen inside commands, so ``gptx --help`` and the onnxruntime
+generation path stay fast and torch-free.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import sys
+
+import click
+
+from gptx import __version__
+from gptx.errors import GptxError
+
+
+def fail(message: str, code: int = 2):
+    click.echo(f"Error: {message}", err=True)
+    sys.exit(code)
+
+
+def friendly(fn):
+    """Turn GptxError into 'Error: message' + exit 2 (the one place that does)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except GptxError as err:
+            fail(str(err), err.exit_code)
+
+    return wrapper
+
+
+def registry():
+    """The plugin registry; broken third-party plugins are reported once on stderr, never fatal."""
+    from gptx import registry as registry_mod
+
+    reg = registry_mod.registry()
+    if reg.errors and not getattr(reg, "_reported", False):
+        for line in reg.errors:
+            click.echo(f"Warning: {line}", err=True)
+        reg._reported = True
+    return reg
+
+
+class GptxGroup(click.Group):
+    """Adds the commands that plugins contribute through the ``register_commands`` hook."""
+
+    _plugins_added = False
+
+    def _add_plugin_commands(self):
+        if not self._plugins_added:
+            self._plugins_added = True
+            registry().pm.hook.register_commands(cli=self)
+
+    def list_commands(self, ctx):
+        self._add_plugin_commands()
+        return super().list_commands(ctx)
+
+    def get_command(self, ctx, name):
+        cmd = super().get_command(ctx, name)
+        if cmd is None:
+            self._add_plugin_commands()
+            cmd = super().get_command(ctx, name)
+        return cmd
+
+
+@click.group(cls=GptxGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="gptx")
+def cli():
+    """gptx: experiment with GPT-2-style language models, one plugin at a time."""
+
+
+# ---- plugins and components -----------------------------------------------------------------
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plugins(as_json):
+    """List the installed plugins, their versions and the hooks they implement."""
+    reg = registry()
+    rows = [
+        {
+            "name": info.name,
+            "module": info.module,
+            "distribution": info.distribution,
+            "version": info.version,
+            "builtin": info.builtin,
+            "hooks": reg.hooks_of(info.name),
+        }
+        for info in reg.plugins.values()
+    ]
+    if as_json:
+        click.echo(json.dumps({"plugins": rows, "errors": reg.errors}, indent=2))
+        return
+    for r in rows:
+        origin = "built-in" if r["builtin"] else f"{r['distribution']} {r['version']}"
+        click.echo(f"{r['name']}  ({origin})\n    hooks: {', '.join(r['hooks'])}")
+    for line in reg.errors:
+        click.echo(f"BROKEN {line}")
+
+
+@cli.command()
+@click.argument("kind", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@friendly
+def components(kind, as_json):
+    """List registered components (optionally of one KIND): name, kind, plugin, capabilities."""
+    from gptx.options import did_you_mean
+    from gptx.registry import KINDS
+
+    reg = registry()
+    if kind is not None and kind not in KINDS:
+        raise GptxError(f"unknown component kind '{kind}'{did_you_mean(kind, KINDS)}; kinds: {', '.join(KINDS)}")
+    rows = [
+        {
+            "kind": e.kind,
+            "name": e.name,
+            "plugin": e.plugin.name,
+            "distribution": e.plugin.distribution,
+            "version": e.plugin.version,
+            "supports": sorted(e.supports),
+            "overrides": e.overrides.name if e.overrides else None,
+            "class": f"{e.cls.__module__}.{e.cls.__qualname__}",
+        }
+        for k in ([kind] if kind else KINDS)
+        for e in sorted(reg.entries[k].values(), key=lambda e: e.name)
+    ]
+    if as_json:
+        click.echo(json.dumps(rows, indent=2))
+        return
+    width = max((len(r["name"]) for r in rows), default=4)
+    for r in rows:
+        extra = f"  (overrides {r['overrides']})" if r["overrides"] else ""
+        click.echo(f"{r['kind']:<15} {r['name']:<{width}}  {r['plugin']:<28} {','.join(r['supports']) or '-'}{extra}")
+
+
+# ---- generation -----------------------------------------------------------------------------
+
+@cli.command()
+@click.argument("source")
+@click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text; repeat for a batch.")
+@click.option("--max-new-tokens", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=0), help="0 is greedy.")
+@click.option("--top-k", default=None, type=click.IntRange(min=1))
+@click.option("--top-p", default=None, type=click.FloatRange(min=0, max=1, min_open=True))
+@click.option("--seed", default=None, type=int)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help='Print {"prompt_ids", "ids", "text"} per prompt.')
+@friendly
+def generate(source, prompts, max_new_tokens, temperature, top_k, top_p, seed, device, as_json):
+    """Generate text from SOURCE: a checkpoint directory, a run directory, an MLflow run
+    (runs:/<id>) or an ONNX export directory (runs on onnxruntime, without torch)."""
+    from gptx.sampling import Sampler
+
+    sampler = Sampler(temperature, top_k, top_p, seed)
+    from pathlib import Path
+
+    if (Path(source) / "model.onnx").is_file():
+        from gptx.export.runtime import OnnxGenerator
+
+        gen = OnnxGenerator(source)
+        tokenizer = gen.tokenizer
+        prompt_ids = [tokenizer.encode(p) for p in prompts]
+        result = gen.generate(prompt_ids, max_new_tokens, sampler)
+    else:
+        from gptx import checkpoint
+        from gptx.generate import generate_ids
+
+        ck = checkpoint.load(source, device=device)
+        tokenizer = ck.tokenizer
+        prompt_ids = [tokenizer.encode(p) for p in prompts]
+        if any(not p for p in prompt_ids):
+            raise GptxError("--prompt: a prompt must not be empty")
+        result = generate_ids(ck.model, prompt_ids, max_new_tokens, sampler, tokenizer.eot_id)
+    for p_ids, new in zip(result.prompt_ids, result.ids):
+        text = tokenizer.decode(new)
+        if as_json:
+            click.echo(json.dumps({"prompt_ids": p_ids, "ids": new, "text": text}))
+        else:
+            click.echo(tokenizer.decode(p_ids) + text)
+
+
+def main():
+    cli(prog_name="gptx")
+
+
+if __name__ == "__main__":
+    main()

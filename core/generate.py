@@ -1,0 +1,58 @@
+"""Text generation in PyTorch with the KV cache: one prefill of the (left-padded) prompts, then one
+token per step. Sampling is shared with the onnxruntime generator (gptx.sampling)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import numpy as np
+import torch
+
+from gptx.errors import GptxError
+from gptx.sampling import Sampler, left_pad, positions_from_mask
+
+
+@dataclasses.dataclass
+class Generation:
+    prompt_ids: list[list[int]]
+    ids: list[list[int]]  # new tokens per prompt, stopped at (and including) end-of-text
+
+
+@torch.inference_mode()
+def generate_ids(
+    model,
+    prompts: list[list[int]],
+    max_new_tokens: int,
+    sampler: Sampler,
+    eot_id: Optional[int] = None,
+) -> Generation:
+    """Continue each prompt by up to ``max_new_tokens`` tokens. The context may not exceed the
+    model's block_size: a prompt that is too long is an error, not a silent crop."""
+    limit = model.config.block_size
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > limit:
+        raise GptxError(
+            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context of {limit} tokens"
+        )
+    model.eval()
+    device = model.wte.weight.device
+    ids, mask = left_pad(prompts)
+    input_ids = torch.from_numpy(ids).to(device)  # [B, T]
+    attention_mask = torch.from_numpy(mask).to(device)  # [B, T]
+    position_ids = torch.from_numpy(positions_from_mask(mask)).to(device)  # [B, T]
+    past = model.empty_cache(len(prompts))
+    out = [[] for _ in prompts]
+    done = np.zeros(len(prompts), dtype=bool)
+    for _ in range(max_new_tokens):
+        logits, past = model(input_ids, position_ids, attention_mask, past)  # [B, T, V]
+        nxt = sampler(logits[:, -1, :].float().cpu().numpy())  # [B]
+        for i, tok in enumerate(nxt):
+            if not done[i]:
+                out[i].append(int(tok))
+                done[i] = eot_id is not None and tok == eot_id
+        if done.all():
+            break
+        input_ids = torch.from_numpy(nxt).to(device)[:, None]  # [B, 1]
+        position_ids = position_ids[:, -1:] + 1  # [B, 1]
+        attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)  # [B, S+1]
+    return Generation(prompt_ids=[list(p) for p in prompts], ids=out)

@@ -1,0 +1,123 @@
+"""Typed options: plain TOML tables checked against small dataclasses.
+
+Every config section and every component's options are a ``@dataclass``. ``parse`` turns a
+dict from TOML into one, rejecting unknown keys (with a "did you mean"), wrong types and
+values that the dataclass's ``__post_init__`` refuses (raise ``ValueError("problem")`` or
+``ValueError(("field", "problem"))`` there). Errors carry the dotted key path.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from typing import Any, Literal, Union, get_args, get_origin
+
+from gptx.errors import ConfigError
+
+
+def did_you_mean(word: str, choices) -> str:
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _type_name(tp) -> str:
+    if get_origin(tp) is Literal:
+        return " or ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in get_args(tp))
+    if get_origin(tp) in (list, tuple):
+        return f"array of {_type_name(get_args(tp)[0])}"
+    return {int: "integer", float: "number", bool: "boolean", str: "string", type(None): "none", dict: "table"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _check(value: Any, tp, key: str):
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key``."""
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        for arg in get_args(tp):
+            try:
+                return _check(value, arg, key)
+            except ConfigError:
+                pass
+        raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", key)
+    if origin is Literal:
+        if value in get_args(tp):
+            return value
+        choices = ", ".join(repr(a) for a in get_args(tp))
+        hint = did_you_mean(value, get_args(tp)) if isinstance(value, str) else ""
+        raise ConfigError(f"must be one of {choices}, got {value!r}{hint}", key)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", key)
+        args = get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"expected {len(args)} values, got {len(value)}", key)
+            return tuple(_check(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        return origin(_check(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+    if tp is type(None):
+        if value is None:
+            return None
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is dict:
+        if isinstance(value, dict):
+            return value
+    elif dataclasses.is_dataclass(tp):
+        if isinstance(value, dict):
+            return parse(tp, value, key)
+        if isinstance(value, tp):
+            return value
+    elif isinstance(value, tp):
+        return value
+    raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", key)
+
+
+def parse(cls, data: dict | None, prefix: str = ""):
+    """Build dataclass ``cls`` from ``data``; every problem is a ConfigError naming its key path."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    join = (lambda k: f"{prefix}.{k}") if prefix else (lambda k: k)
+    for k in data:
+        if k not in fields:
+            raise ConfigError(f"unknown key{did_you_mean(k, fields)}", join(k))
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            kwargs[name] = _check(data[name], hints[name], join(name))
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError("required key is missing", join(name))
+    try:
+        return cls(**kwargs)
+    except ValueError as err:
+        detail = err.args[0] if err.args else "invalid value"
+        if isinstance(detail, tuple):
+            field, problem = detail
+            raise ConfigError(problem, join(field)) from None
+        raise ConfigError(str(detail), prefix or None) from None
+
+
+def to_dict(obj) -> dict:
+    """Plain-data form of an options dataclass (tuples become lists, for TOML/JSON)."""
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+    return {k: plain(v) for k, v in dataclasses.asdict(obj).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class NoOptions:
+    """Options of a component that takes none."""

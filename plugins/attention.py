@@ -1,0 +1,138 @@
+"""Attention: GPT-2's causal multi-head attention (with grouped-query and sliding-window
+options) and the GPT-Lite einsum attention."""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gptx
+from gptx.components import KV, Attention, attention_allowed, slot_indices
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionOptions:
+    n_kv_heads: Optional[int] = None  # key/value heads; None: n_head (multi-head), 1: multi-query
+    window: Optional[int] = None  # sliding window: each query sees at most this many keys (itself included)
+
+    def __post_init__(self):
+        if self.n_kv_heads is not None and self.n_kv_heads < 1:
+            raise ValueError(("n_kv_heads", f"must be at least 1, got {self.n_kv_heads}"))
+        if self.window is not None and self.window < 1:
+            raise ValueError(("window", f"must be at least 1, got {self.window}"))
+
+
+class _HeadsMixin:
+    Options = AttentionOptions
+
+    @classmethod
+    def check(cls, model, options):
+        if options.n_kv_heads is not None and model.n_head % options.n_kv_heads:
+            raise ValueError(("attention.n_kv_heads", f"n_head = {model.n_head} is not divisible by n_kv_heads = {options.n_kv_heads}"))
+
+    def _allowed_or_bias(self, positional, past_len, T, device, dtype, attention_mask):
+        """None when plain causal attention is exact (no cache, padding, window or bias), else the
+        mask: bool [B|1, 1, T, S] or additive float [B|1, H, T, S]."""
+        q_index, k_index = slot_indices(0 if past_len is None else past_len, T, device)  # [T], [S]
+        bias = positional.score_bias(q_index, k_index)  # [H, T, S] or None
+        if past_len is None and attention_mask is None and self.options.window is None and bias is None:
+            return None
+        allowed = attention_allowed(q_index, k_index, attention_mask, self.options.window)  # [B|1, 1, T, S]
+        if bias is None:
+            return allowed
+        return bias.to(dtype)[None].masked_fill(~allowed, float("-inf"))  # [B|1, H, T, S]
+
+
+class CausalSelfAttention(_HeadsMixin, Attention):
+    """GPT-2 attention on ``scaled_dot_product_attention`` (flash/efficient kernels when unmasked)."""
+
+    def __init__(self, config, options: AttentionOptions):
+        super().__init__(config, options)
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.n_kv = options.n_kv_heads or config.n_head
+        self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.n_kv
+
+    def forward(self, x, positions, positional, past: Optional[KV] = None, attention_mask=None):
+        B, T, C = x.shape
+        H, K, D = self.n_head, self.n_kv, self.head_dim
+        q, k, v = self.c_attn(x).split([H * D, K * D, K * D], dim=2)  # [B, T, H*D], [B, T, K*D] x2
+        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
+        v = v.view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
+        q, k = positional.rotate(q, k, positions)
+        past_len = None
+        if past is not None:
+            past_len = past[0].shape[2]
+            k = torch.cat([past[0], k], dim=2)  # [B, K, S, D]
+            v = torch.cat([past[1], v], dim=2)  # [B, K, S, D]
+        present = (k, v)
+        if K != H:  # grouped-query: each key/value head serves H // K query heads
+            k = k.repeat_interleave(H // K, dim=1)  # [B, H, S, D]
+            v = v.repeat_interleave(H // K, dim=1)  # [B, H, S, D]
+        mask = self._allowed_or_bias(positional, past_len, T, x.device, q.dtype, attention_mask)
+        p = self.config.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)  # [B, H, T, D]
+        y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
+        return self.resid_dropout(self.c_proj(y)), present
+
+
+class EinsumAttention(_HeadsMixin, Attention):
+    """GPT-Lite's attention: separate q/k/v projections, scores and mixing spelled out with einsum."""
+
+    def __init__(self, config, options: AttentionOptions):
+        super().__init__(config, options)
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.n_kv = options.n_kv_heads or config.n_head
+        self.query = nn.Linear(config.n_embd, self.n_head * self.head_dim, bias=config.bias)
+        self.key = nn.Linear(config.n_embd, self.n_kv * self.head_dim, bias=config.bias)
+        self.value = nn.Linear(config.n_embd, self.n_kv * self.head_dim, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.n_kv
+
+    def forward(self, x, positions, positional, past: Optional[KV] = None, attention_mask=None):
+        B, T, C = x.shape
+        H, K, D = self.n_head, self.n_kv, self.head_dim
+        q = self.query(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k = self.key(x).view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
+        v = self.value(x).view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
+        q, k = positional.rotate(q, k, positions)
+        past_len = 0
+        if past is not None:
+            past_len = past[0].shape[2]
+            k = torch.cat([past[0], k], dim=2)  # [B, K, S, D]
+            v = torch.cat([past[1], v], dim=2)  # [B, K, S, D]
+        present = (k, v)
+        q = q.view(B, K, H // K, T, D)  # [B, K, G, T, D]: G query heads share one key/value head
+        scores = torch.einsum("bkgtd,bksd->bkgts", q, k) / math.sqrt(D)  # [B, K, G, T, S]
+        scores = scores.reshape(B, H, T, -1)  # [B, H, T, S]
+        q_index, k_index = slot_indices(past_len, T, x.device)  # [T], [S]
+        bias = positional.score_bias(q_index, k_index)  # [H, T, S] or None
+        if bias is not None:
+            scores = scores + bias.to(scores.dtype)
+        allowed = attention_allowed(q_index, k_index, attention_mask, self.options.window)  # [B|1, 1, T, S]
+        att = scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)  # [B, H, T, S]
+        att = self.attn_dropout(att).view(B, K, H // K, T, -1)  # [B, K, G, T, S]
+        y = torch.einsum("bkgts,bksd->bkgtd", att, v).reshape(B, H, T, D)  # [B, H, T, D]
+        y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
+        return self.resid_dropout(self.c_proj(y)), present
+
+
+@gptx.hookimpl(trylast=True)
+def register_attention(register):
+    register("causal", CausalSelfAttention)
+    register("einsum", EinsumAttention)

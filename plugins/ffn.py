@@ -1,0 +1,85 @@
+"""Feed-forward networks: GPT-2's GELU MLP, GPT-Lite's ReLU MLP, and the gated SwiGLU/GEGLU."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import nn
+
+import gptx
+from gptx.components import FeedForward
+
+
+@dataclasses.dataclass(frozen=True)
+class MLPOptions:
+    hidden: Optional[int] = None  # hidden width; None: 4 * n_embd
+
+    def __post_init__(self):
+        if self.hidden is not None and self.hidden < 1:
+            raise ValueError(("hidden", f"must be at least 1, got {self.hidden}"))
+
+
+class GeluMLP(FeedForward):
+    """GPT-2: Linear(C, 4C) -> GELU (tanh approximation) -> Linear(4C, C)."""
+
+    Options = MLPOptions
+    activation = staticmethod(lambda x: F.gelu(x, approximate="tanh"))
+
+    def __init__(self, config, options: MLPOptions):
+        super().__init__(config, options)
+        hidden = options.hidden or 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        h = self.activation(self.c_fc(x))  # [B, T, hidden]
+        return self.dropout(self.c_proj(h))  # [B, T, C]
+
+
+class ReluMLP(GeluMLP):
+    """GPT-Lite: the same two layers with ReLU."""
+
+    activation = staticmethod(F.relu)
+
+
+@dataclasses.dataclass(frozen=True)
+class GatedOptions:
+    hidden: Optional[int] = None  # hidden width; None: 8/3 * n_embd rounded up to a multiple of 64 (same parameters as 4C)
+
+    def __post_init__(self):
+        if self.hidden is not None and self.hidden < 1:
+            raise ValueError(("hidden", f"must be at least 1, got {self.hidden}"))
+
+
+class SwiGLU(FeedForward):
+    """Shazeer's gated unit: c_proj(act(gate(x)) * up(x)), act = SiLU."""
+
+    Options = GatedOptions
+    activation = staticmethod(F.silu)
+
+    def __init__(self, config, options: GatedOptions):
+        super().__init__(config, options)
+        hidden = options.hidden or -(-8 * config.n_embd // 3 // 64) * 64
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)  # gate and up in one matmul
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        gate, up = self.c_fc(x).chunk(2, dim=-1)  # [B, T, hidden] x2
+        return self.dropout(self.c_proj(self.activation(gate) * up))  # [B, T, C]
+
+
+class GeGLU(SwiGLU):
+    """The gated unit with GELU."""
+
+    activation = staticmethod(F.gelu)
+
+
+@gptx.hookimpl(trylast=True)
+def register_ffn(register):
+    register("gelu", GeluMLP)
+    register("relu", ReluMLP)
+    register("swiglu", SwiGLU)
+    register("geglu", GeGLU)

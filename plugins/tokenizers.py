@@ -1,0 +1,174 @@
+"""Tokenizers: GPT-2's BPE through tiktoken (offline, from files shipped with gptx), any other
+tiktoken encoding by name, and the character and byte vocabularies for small experiments."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import os
+from importlib import resources
+
+import gptx
+from gptx.components import Tokenizer
+from gptx.errors import GptxError
+
+GPT2_FILES = {  # sha256 as tiktoken's own gpt2 encoding checks them
+    "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
+    "encoder.json": "196139668be63f3b5d6574427317ae82f612a97c5d1cdaf36ed2256dbf636783",
+}
+GPT2_EOT = 50256
+
+
+def gpt2_bpe_file(name: str) -> str:
+    """Path of a shipped GPT-2 BPE file, verified against its sha256."""
+    path = resources.files("gptx.plugins") / "data" / "gpt2-bpe" / name
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != GPT2_FILES[name]:
+        raise GptxError(f"{path}: sha256 {digest} does not match GPT-2's {GPT2_FILES[name]}; reinstall gptx")
+    return str(path)
+
+
+@functools.lru_cache(maxsize=None)
+def gpt2_encoding():
+    """tiktoken's ``gpt2`` Encoding, built from the shipped files without touching the network."""
+    import tiktoken
+    from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+    from tiktoken_ext.openai_public import r50k_pat_str
+
+    saved = os.environ.get("TIKTOKEN_CACHE_DIR")
+    os.environ["TIKTOKEN_CACHE_DIR"] = ""  # read the local files as they are, no copy into a cache
+    try:
+        ranks = data_gym_to_mergeable_bpe_ranks(
+            vocab_bpe_file=gpt2_bpe_file("vocab.bpe"),
+            encoder_json_file=gpt2_bpe_file("encoder.json"),
+            vocab_bpe_hash=GPT2_FILES["vocab.bpe"],
+            encoder_json_hash=GPT2_FILES["encoder.json"],
+        )
+    finally:
+        if saved is None:
+            del os.environ["TIKTOKEN_CACHE_DIR"]
+        else:
+            os.environ["TIKTOKEN_CACHE_DIR"] = saved
+    return tiktoken.Encoding(
+        name="gpt2",
+        explicit_n_vocab=50257,
+        pat_str=r50k_pat_str,
+        mergeable_ranks=ranks,
+        special_tokens={"<|endoftext|>": GPT2_EOT},
+    )
+
+
+class _TiktokenBase(Tokenizer):
+    encoding = None
+
+    @property
+    def vocab_size(self):
+        return self.encoding.n_vocab
+
+    @property
+    def eot_id(self):
+        return self.encoding.eot_token
+
+    def encode(self, text):
+        # special tokens written in the text are allowed: "<|endoftext|>" separates documents
+        return self.encoding.encode(text, allowed_special="all")
+
+    def encode_batch(self, texts):
+        return self.encoding.encode_ordinary_batch(texts)
+
+    def decode(self, ids):
+        return self.encoding.decode(list(ids))
+
+
+class GPT2Tokenizer(_TiktokenBase):
+    """GPT-2's byte-level BPE (50,257 tokens, <|endoftext|> = 50256), exactly tiktoken's ``gpt2``."""
+
+    def __init__(self, options, state=None):
+        super().__init__(options, state)
+        self.encoding = gpt2_encoding()
+
+
+@dataclasses.dataclass(frozen=True)
+class TiktokenOptions:
+    encoding: str = "cl100k_base"  # any name tiktoken.get_encoding knows
+
+
+class TiktokenTokenizer(_TiktokenBase):
+    """Any tiktoken encoding by name. Outside ``gpt2`` their files come from the network the first
+    time; offline, put them in TIKTOKEN_CACHE_DIR beforehand."""
+
+    Options = TiktokenOptions
+
+    def __init__(self, options: TiktokenOptions, state=None):
+        super().__init__(options, state)
+        if options.encoding == "gpt2":
+            self.encoding = gpt2_encoding()
+            return
+        import tiktoken
+
+        try:
+            self.encoding = tiktoken.get_encoding(options.encoding)
+        except ValueError as err:  # unknown name
+            raise GptxError(f"tokenizer.encoding: {err}") from None
+        except Exception as err:  # network failure while fetching the BPE file
+            cache = os.environ.get("TIKTOKEN_CACHE_DIR", "(unset)")
+            raise GptxError(
+                f"tokenizer.encoding: cannot load tiktoken encoding '{options.encoding}' offline "
+                f"({type(err).__name__}); place its files in TIKTOKEN_CACHE_DIR (now {cache}) or use kind = \"gpt2\""
+            ) from None
+
+
+class CharTokenizer(Tokenizer):
+    """One token per character, the vocabulary learned from the training text (sorted characters,
+    as nanoGPT's shakespeare_char) and saved with every checkpoint."""
+
+    requires_fit = True
+
+    def __init__(self, options, state=None):
+        super().__init__(options, state)
+        self.chars: list[str] = list((state or {}).get("chars", []))
+        self.index = {ch: i for i, ch in enumerate(self.chars)}
+
+    def fit(self, text):
+        self.chars = sorted(set(text))
+        self.index = {ch: i for i, ch in enumerate(self.chars)}
+
+    def state(self):
+        return {"chars": self.chars}
+
+    @property
+    def vocab_size(self):
+        if not self.chars:
+            raise GptxError("the char tokenizer has no vocabulary yet: it is learned from the training data")
+        return len(self.chars)
+
+    def encode(self, text):
+        try:
+            return [self.index[ch] for ch in text]
+        except KeyError as err:
+            raise GptxError(f"character {err.args[0]!r} is not in this char tokenizer's vocabulary") from None
+
+    def decode(self, ids):
+        return "".join(self.chars[i] for i in ids)
+
+
+class ByteTokenizer(Tokenizer):
+    """The 256 byte values of the UTF-8 text: no vocabulary to learn, nothing unknown."""
+
+    @property
+    def vocab_size(self):
+        return 256
+
+    def encode(self, text):
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids):
+        return bytes(ids).decode("utf-8", errors="replace")
+
+
+@gptx.hookimpl(trylast=True)
+def register_tokenizer(register):
+    register("gpt2", GPT2Tokenizer)
+    register("tiktoken", TiktokenTokenizer)
+    register("char", CharTokenizer)
+    register("byte", ByteTokenizer)

@@ -22,28 +22,17 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Optional
 import torch
 from torch import nn
 
-from gptx.options import NoOptions
+from gptx.base import CAPABILITIES, KV_CACHE, ONNX_EXPORT, Component, Tokenizer
 
 if TYPE_CHECKING:
     from gptx.config import ModelConfig
 
-KV_CACHE = "kv_cache"  # correct cached decoding (zero-length past, 1-token steps, chunked prefill)
-ONNX_EXPORT = "onnx_export"  # exports with torch.onnx (dynamo) to the gptx decoder contract
-CAPABILITIES = (KV_CACHE, ONNX_EXPORT)
-
 KV = tuple[torch.Tensor, torch.Tensor]  # (key, value), each [B, K, P, D]
 
-
-class Component:
-    """What every registered component shares."""
-
-    Options: ClassVar[type] = NoOptions
-    supports: ClassVar[frozenset[str]] = frozenset(CAPABILITIES)
-
-    @classmethod
-    def check(cls, model: "ModelConfig", options) -> None:
-        """Reject an incompatible combination with the model: raise ``ValueError(("key", "problem"))``
-        where key is relative to the ``[model]`` table (e.g. ``"block_size"``)."""
+__all__ = [
+    "CAPABILITIES", "KV_CACHE", "ONNX_EXPORT", "KV", "Component",
+    "PositionalEncoding", "Attention", "FeedForward", "Norm", "NormPlacement", "Tokenizer",
+]
 
 
 class PositionalEncoding(Component, nn.Module, abc.ABC):
@@ -142,42 +131,6 @@ class NormPlacement(Component, nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """x [B, T, C], branch maps [B, T, C] -> [B, T, C]; returns the new residual stream [B, T, C]."""
-
-
-class Tokenizer(Component, abc.ABC):
-    """Text <-> token ids. Not a torch module; its ``state()`` is saved with every checkpoint.
-
-    A tokenizer that learns from data (``requires_fit``) gets ``fit(text)`` once with the training
-    text; ``state()`` must then hold everything needed to rebuild it via ``cls(options, state)``.
-    """
-
-    requires_fit: ClassVar[bool] = False
-    supports = frozenset()
-
-    def __init__(self, options, state: Optional[dict] = None):
-        self.options = options
-
-    @property
-    @abc.abstractmethod
-    def vocab_size(self) -> int: ...
-
-    @property
-    def eot_id(self) -> Optional[int]:
-        """The end-of-text token id, where the vocabulary has one; generation stops at it."""
-        return None
-
-    @abc.abstractmethod
-    def encode(self, text: str) -> list[int]: ...
-
-    @abc.abstractmethod
-    def decode(self, ids: list[int]) -> str: ...
-
-    def fit(self, text: str) -> None:
-        raise NotImplementedError(f"{type(self).__name__} does not learn from data")
-
-    def state(self) -> dict:
-        """JSON-serialisable state beyond the options (e.g. a learned vocabulary)."""
-        return {}
 
 
 # ---- helpers shared by attention implementations -------------------------------------------

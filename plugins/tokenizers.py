@@ -9,7 +9,7 @@ import os
 from importlib import resources
 
 import gptx
-from gptx.components import Tokenizer
+from gptx.base import Tokenizer
 from gptx.errors import GptxError
 
 GPT2_FILES = {  # sha256 as tiktoken's own gpt2 encoding checks them

@@ -183,6 +183,21 @@ def generate(source, prompts, max_new_tokens, temperature, top_k, top_p, seed, d
             click.echo(tokenizer.decode(p_ids) + text)
 
 
+# ---- import-hf ------------------------------------------------------------------------------
+
+@cli.command("import-hf")
+@click.argument("hf_dir")
+@click.option("-o", "--out", "out_dir", required=True, help="New directory for the gptx checkpoint (a run directory).")
+@friendly
+def import_hf(hf_dir, out_dir):
+    """Convert the Hugging Face GPT-2 model in HF_DIR (config.json + model.safetensors or
+    pytorch_model.bin) into a gptx checkpoint that `gptx generate OUT_DIR` runs."""
+    from gptx.hf import import_hf as convert
+
+    path = convert(hf_dir, out_dir, registry())
+    click.echo(f"wrote {path}")
+
+
 def main():
     cli(prog_name="gptx")
 

@@ -2,20 +2,13 @@
 token per step. Sampling is shared with the onnxruntime generator (gptx.sampling)."""
 from __future__ import annotations
 
-import dataclasses
 from typing import Optional
 
 import numpy as np
 import torch
 
 from gptx.errors import GptxError
-from gptx.sampling import Sampler, left_pad, positions_from_mask
-
-
-@dataclasses.dataclass
-class Generation:
-    prompt_ids: list[list[int]]
-    ids: list[list[int]]  # new tokens per prompt, stopped at (and including) end-of-text
+from gptx.sampling import Generation, Sampler, left_pad, positions_from_mask  # noqa: F401 (Generation re-exported)
 
 
 @torch.inference_mode()

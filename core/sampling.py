@@ -2,9 +2,18 @@
 generators share one implementation: same logits + same seed -> same tokens."""
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional
 
 import numpy as np
+
+
+@dataclasses.dataclass
+class Generation:
+    """What a generator returns (torch and onnxruntime alike)."""
+
+    prompt_ids: list[list[int]]
+    ids: list[list[int]]  # new tokens per prompt, stopped at (and including) end-of-text
 
 
 class Sampler:

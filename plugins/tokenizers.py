@@ -19,10 +19,16 @@ GPT2_FILES = {  # sha256 as tiktoken's own gpt2 encoding checks them
 GPT2_EOT = 50256
 
 
-def gpt2_bpe_file(name: str) -> str:
-    """Path of a shipped GPT-2 BPE file, verified against its sha256."""
-    path = resources.files("gptx.plugins") / "data" / "gpt2-bpe" / name
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+def gpt2_bpe_file(name: str, directory=None) -> str:
+    """Path of a shipped GPT-2 BPE file (or of one in ``directory``), verified against its sha256."""
+    from pathlib import Path
+
+    base = resources.files("gptx.plugins") / "data" / "gpt2-bpe" if directory is None else Path(directory)
+    path = base / name
+    try:
+        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError as err:
+        raise GptxError(f"{path}: GPT-2 BPE file unreadable ({err.strerror or err}); reinstall gptx") from None
     if digest != GPT2_FILES[name]:
         raise GptxError(f"{path}: sha256 {digest} does not match GPT-2's {GPT2_FILES[name]}; reinstall gptx")
     return str(path)

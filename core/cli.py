@@ -52,9 +52,23 @@ class GptxGroup(click.Group):
     _plugins_added = False
 
     def _add_plugin_commands(self):
-        if not self._plugins_added:
-            self._plugins_added = True
-            registry().pm.hook.register_commands(cli=self)
+        """Call each plugin's hook on its own: one that raises is reported on one line and adds
+        no command; the others still do (a broken plugin must not break ``gptx --help``)."""
+        if self._plugins_added:
+            return
+        self._plugins_added = True
+        from gptx import registry as registry_mod
+
+        reg = registry()
+        for impl in reg.pm.hook.register_commands.get_hookimpls():
+            before = dict(self.commands)
+            try:
+                impl.function(cli=self)
+            except Exception as err:
+                self.commands = before  # nothing half-added
+                info = reg.plugins.get(impl.plugin_name) or registry_mod.PluginInfo(
+                    impl.plugin_name, impl.plugin_name, "unknown distribution", "?", False)
+                click.echo(f"Warning: {registry_mod._describe(info, err, 'register_commands')}", err=True)
 
     def list_commands(self, ctx):
         self._add_plugin_commands()

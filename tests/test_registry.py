@@ -202,11 +202,22 @@ PLUGIN_MODULES = {
     "gptxtest_broken": """
         import gptx_this_module_does_not_exist
     """,
+    "gptxtest_badcmd": """
+        import gptx
+
+        @gptx.hookimpl
+        def register_commands(cli):
+            @cli.command()
+            def half():
+                pass
+            raise RuntimeError("badcmd cannot add its commands")
+    """,
 }
 DISTS = {  # distribution -> (version, entry-point name, module)
     "gptxtest-alpha": ("1.2.3", "alpha", "gptxtest_alpha"),
     "gptxtest-beta": ("0.4", "beta", "gptxtest_beta"),
     "gptxtest-broken": ("0.1", "broken", "gptxtest_broken"),
+    "gptxtest-badcmd": ("2.0", "badcmd", "gptxtest_badcmd"),
 }
 
 
@@ -298,3 +309,14 @@ def test_register_commands_plugin_adds_a_cli_command(site):
     assert "hello" in r.stdout
     r = _gptx(site, "hello", env_extra={"GPTX_LOAD_PLUGINS": "alpha"})  # beta not selected: no command
     assert r.returncode == 2 and "No such command 'hello'" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_raising_register_commands_is_one_warning_and_the_cli_still_works(site):
+    r = _gptx(site, "--help")
+    assert r.returncode == 0, r.stderr
+    assert "Traceback" not in r.stderr
+    [line] = [x for x in r.stderr.splitlines() if "badcmd" in x]
+    assert "gptxtest-badcmd 2.0" in line and "register_commands" in line and "cannot add its commands" in line
+    commands = r.stdout.split("Commands:")[1].split()
+    assert "hello" in commands and "generate" in commands and "half" not in commands  # nothing half-added

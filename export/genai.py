@@ -1,0 +1,61 @@
+"""``genai_config.json``: how onnxruntime-genai (Python, C, C++, C#, Java) runs the export.
+
+Type "decoder" with the contract's names; type "gpt2" would expect an older combined-cache layout.
+"""
+from __future__ import annotations
+
+from gptx.export import (
+    ATTENTION_MASK, INPUT_IDS, LOGITS, MODEL_FILE, PAST_KEY, PAST_VALUE, POSITION_IDS, PRESENT_KEY, PRESENT_VALUE,
+)
+
+
+def genai_config(meta: dict) -> dict:
+    m = meta["model"]
+    eot = meta.get("special_tokens", {}).get("eot")
+    # without an end-of-text token, an id past the vocabulary: generation then stops at max_length only
+    eos = eot["id"] if eot else m["vocab_size"]
+    return {
+        "model": {
+            "type": "decoder",
+            "context_length": m["context_length"],
+            "vocab_size": m["vocab_size"],
+            "bos_token_id": eos,
+            "eos_token_id": eos,
+            "pad_token_id": eos,
+            "decoder": {
+                "filename": MODEL_FILE,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": m["head_dim"],
+                "hidden_size": m["n_embd"],
+                "num_attention_heads": m["n_head"],
+                "num_key_value_heads": m["kv_heads"],
+                "num_hidden_layers": m["n_layer"],
+                "inputs": {
+                    "input_ids": INPUT_IDS,
+                    "attention_mask": ATTENTION_MASK,
+                    "position_ids": POSITION_IDS,
+                    "past_key_names": PAST_KEY,
+                    "past_value_names": PAST_VALUE,
+                },
+                "outputs": {
+                    "logits": LOGITS,
+                    "present_key_names": PRESENT_KEY,
+                    "present_value_names": PRESENT_VALUE,
+                },
+            },
+        },
+        "search": {
+            "do_sample": False,
+            "early_stopping": True,
+            "max_length": m["context_length"],
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }

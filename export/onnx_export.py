@@ -1,0 +1,401 @@
+"""PyTorch checkpoint -> ONNX decoder with a KV cache (torch.onnx.export, dynamo).
+
+One graph serves the prompt and every decoding step: the past may be empty (P = 0), the new
+tokens may be one or many. Inputs and outputs follow the contract in ``gptx.export``:
+
+    input_ids [B, T] int64, attention_mask [B, P+T] int64, position_ids [B, T] int64,
+    past_key_values.N.key / .value [B, K, P, D] float32
+    -> logits [B, T, V] float32, present.N.key / .value [B, K, P+T, D] float32
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import time
+import warnings
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from gptx import __version__
+from gptx.base import ONNX_EXPORT
+from gptx.config import COMPONENT_SLOTS
+from gptx.errors import GptxError
+from gptx.export import (
+    ATTENTION_MASK, BATCH, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, INPUT_IDS, IO_CONTRACT, IO_CONTRACT_VERSION,
+    PAST, POSITION_IDS, SEQ, TOTAL, input_names, output_names, tokenizer_hash,
+)
+
+DEFAULT_OPSET = 18
+
+
+class _Decoder(torch.nn.Module):
+    """The model with the contract's argument order: (input_ids, attention_mask, position_ids, past)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, past_key_values):
+        logits, presents = self.model(input_ids, position_ids, attention_mask, past_key_values)
+        return logits, presents
+
+
+def check_exportable(config) -> None:
+    """Refuse, naming every component that does not declare ONNX_EXPORT."""
+    missing = []
+    for slot in COMPONENT_SLOTS:
+        spec = getattr(config, slot)
+        for cls, what in ((spec.cls, spec.kind), (spec.placement_cls, spec.placement)):
+            if cls is not None and ONNX_EXPORT not in cls.supports:
+                missing.append(f"model.{slot} '{what}' ({cls.__module__}.{cls.__qualname__})")
+    if missing:
+        raise GptxError(f"cannot export to ONNX: {', '.join(missing)} does not support ONNX export (no '{ONNX_EXPORT}' in its supports)")
+
+
+def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, metadata: Optional[dict] = None) -> onnx.ModelProto:
+    """Export ``model`` (a gptx GPT in eval mode) to ``path``; returns the saved ModelProto."""
+    cfg = model.config
+    L, K, D = cfg.n_layer, model.kv_heads, cfg.head_dim
+    # example shapes: B=2, T=5, P=3 (never 0 or 1, which torch.export would specialise on)
+    B, T, P = 2, min(5, max(2, cfg.block_size - 3)), 3
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    mask = torch.ones(B, P + T, dtype=torch.int64)
+    pos = torch.arange(P, P + T).expand(B, T).contiguous()
+    past = [(torch.zeros(B, K, P, D), torch.zeros(B, K, P, D)) for _ in range(L)]
+    limit = max(cfg.block_size, 4)
+    batch = torch.export.Dim(BATCH, min=1, max=4096)
+    seq = torch.export.Dim(SEQ, min=1, max=limit)
+    past_len = torch.export.Dim(PAST, min=0, max=limit)
+    dynamic_shapes = {
+        "input_ids": {0: batch, 1: seq},
+        "attention_mask": {0: batch, 1: torch.export.Dim.DYNAMIC},  # = past + seq, inferred
+        "position_ids": {0: batch, 1: seq},
+        "past_key_values": [({0: batch, 2: past_len}, {0: batch, 2: past_len}) for _ in range(L)],
+    }
+    with _quiet():
+        program = torch.onnx.export(
+            _Decoder(model).eval(),
+            (ids, mask, pos, past),
+            dynamic_shapes=dynamic_shapes,
+            input_names=input_names(L),
+            output_names=output_names(L),
+            opset_version=opset,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
+    proto = program.model_proto
+    _name_dims(proto)
+    _store_transposed_weights_once(proto)
+    if metadata:
+        set_metadata(proto, metadata)
+    save(proto, path)
+    return proto
+
+
+@contextlib.contextmanager
+def _quiet():
+    """torch.onnx prints progress and warns about torchvision ops; keep the CLI output ours."""
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _name_dims(proto: onnx.ModelProto) -> None:
+    """Give the inferred total length (P + T) one readable name everywhere in the graph's I/O."""
+    mask = next(i for i in proto.graph.input if i.name == ATTENTION_MASK)
+    inferred = mask.type.tensor_type.shape.dim[1].dim_param
+    renames = {inferred: TOTAL, f"{PAST} + {SEQ}": TOTAL, f"{SEQ} + {PAST}": TOTAL}
+    for vi in [*proto.graph.input, *proto.graph.output, *proto.graph.value_info]:
+        for d in vi.type.tensor_type.shape.dim:
+            if d.dim_param in renames:
+                d.dim_param = renames[d.dim_param]
+
+
+def _store_transposed_weights_once(proto: onnx.ModelProto) -> None:
+    """The optimizer folds the LM head's Transpose of the tied embedding into a second copy of the
+    matrix. Store it once: replace the copy by a Transpose node (onnxruntime folds it at load)."""
+    g = proto.graph
+    mats = {t.name: t for t in g.initializer if len(t.dims) == 2 and t.dims[0] != t.dims[1]}
+    by_shape: dict[tuple, list] = {}
+    for t in mats.values():
+        by_shape.setdefault(tuple(t.dims), []).append(t)
+    cache: dict[str, np.ndarray] = {}
+
+    def arr(t):
+        if t.name not in cache:
+            cache[t.name] = numpy_helper.to_array(t)
+        return cache[t.name]
+
+    replaced = []
+    for t in list(mats.values()):
+        if t.name in replaced:
+            continue
+        for other in by_shape.get((t.dims[1], t.dims[0]), []):
+            if other.name in replaced or t.name in replaced or other is t:
+                continue
+            if np.array_equal(arr(other).T, arr(t)):
+                # keep the one another node reads directly under its parameter name; rebuild ``t``
+                replaced.append(t.name)
+                g.node.insert(0, onnx.helper.make_node("Transpose", [other.name], [t.name], perm=[1, 0], name=f"tied_{t.name}"))
+                break
+    keep = [t for t in g.initializer if t.name not in replaced]
+    del g.initializer[:]
+    g.initializer.extend(keep)
+
+
+def set_metadata(proto: onnx.ModelProto, metadata: dict) -> None:
+    props = {
+        "gptx.io_contract": f"{IO_CONTRACT}/{IO_CONTRACT_VERSION}",
+        "gptx.metadata": json.dumps(metadata, sort_keys=True),
+    }
+    keep = [p for p in proto.metadata_props if p.key not in props]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(keep)
+    onnx.helper.set_model_props(proto, {**{p.key: p.value for p in keep}, **props})
+    proto.producer_name, proto.producer_version = "gptx", __version__
+    proto.doc_string = "gptx decoder with a KV cache; see metadata_props['gptx.metadata']"
+
+
+def save(proto: onnx.ModelProto, path: Path) -> None:
+    """One file below protobuf's 2 GiB limit, else weights in ``<name>.data`` beside it."""
+    large = proto.ByteSize() > 1_800_000_000
+    onnx.save_model(proto, str(path), save_as_external_data=large, all_tensors_to_one_file=True,
+                    location=Path(path).name + ".data" if large else None)
+
+
+def metadata_for(ck, opset: int, quantization: Optional[str]) -> dict:
+    """gptx's description of an export: what runtimes need to rebuild the tokenizer and check the graph."""
+    from gptx.export.tokenizer_json import is_gpt2_bpe
+
+    cfg = ck.config
+    tok_spec = cfg.tokenizer.to_dict()
+    kind = tok_spec.pop("kind")
+    tok = ck.tokenizer
+    tok_cls = type(tok)
+    state = tok.state()
+    tokenizer = {
+        "kind": kind,
+        "options": tok_spec,
+        "state": state,
+        "class": f"{tok_cls.__module__}:{tok_cls.__qualname__}",
+        "vocab_size": tok.vocab_size,
+        "sha256": tokenizer_hash(kind, tok_spec, state),
+        "gpt2_bpe": is_gpt2_bpe(kind, tok_spec),
+    }
+    special = {}
+    if tok.eot_id is not None:
+        special["eot"] = {"id": int(tok.eot_id), "text": tok.decode([tok.eot_id])}
+    m = ck.model
+    return {
+        "format": EXPORT_FORMAT,
+        "format_version": EXPORT_FORMAT_VERSION,
+        "gptx_version": __version__,
+        "io_contract": {
+            "name": IO_CONTRACT,
+            "version": IO_CONTRACT_VERSION,
+            "inputs": input_names(cfg.model.n_layer),
+            "outputs": output_names(cfg.model.n_layer),
+        },
+        "model": {
+            "n_layer": cfg.model.n_layer,
+            "n_head": cfg.model.n_head,
+            "kv_heads": m.kv_heads,
+            "head_dim": cfg.model.head_dim,
+            "n_embd": cfg.model.n_embd,
+            "vocab_size": cfg.model.vocab_size,
+            "context_length": cfg.model.block_size,
+            "parameters": m.num_params(),
+        },
+        "config": cfg.to_dict(),
+        "tokenizer": tokenizer,
+        "special_tokens": special,
+        "opset": opset,
+        "quantization": quantization,
+        "source": {"checkpoint": str(ck.path), "step": ck.meta.get("step")},
+    }
+
+
+def timed(log: Callable[[str], None], what: str):
+    """Context manager that logs ``what ... (N.N s)``."""
+
+    @contextlib.contextmanager
+    def cm():
+        t0 = time.perf_counter()
+        yield
+        log(f"{what} ({time.perf_counter() - t0:.1f} s)")
+
+    return cm()
+
+
+# ---- the whole export: checkpoint -> verified OUT_DIR ------------------------------------------
+
+def _check_out_dir(out_dir: Path, force: bool, protected: list[Path]) -> None:
+    """OUT_DIR may be missing, empty, a previous gptx export, or anything with ``force``, but never
+    a directory holding the source checkpoint or the working directory."""
+    from gptx.export import META_FILE
+
+    target = out_dir.resolve()
+    for p in protected:
+        p = p.resolve()
+        if target == p or target in p.parents:
+            raise GptxError(f"{out_dir}: refusing to replace a directory that contains {p}")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise GptxError(f"{out_dir}: exists and is not a directory")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / META_FILE).is_file() and not force:
+        raise GptxError(f"{out_dir}: not empty and not a previous gptx export; choose another -o or pass --force to replace it")
+
+
+def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Optional[str] = None,
+                      force: bool = False, log: Callable[[str], None] = print, track: Optional[bool] = None) -> dict:
+    """Export a checkpoint (directory or ``runs:/<id>``) to ``out_dir``, verified; returns the metadata
+    written to gptx_export.json. Nothing is left half-written: the files are built in a temporary
+    sibling directory that replaces ``out_dir`` only once everything passed."""
+    import os
+    import shutil
+    import tempfile
+
+    from gptx import checkpoint
+    from gptx.export import GENAI_FILE, META_FILE, MODEL_FILE
+    from gptx.export import genai, tokenizer_json
+    from gptx.export.verify import session, verify
+
+    if quantize not in (None, "int8"):
+        raise GptxError(f"--quantize: unknown scheme {quantize!r}; supported: int8")
+    if not 7 <= opset <= 23:  # dynamo export needs 18+, but torch converts down; let it say so
+        raise GptxError(f"--opset: {opset} is out of range")
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, force, [Path.cwd()])
+    t_start = time.perf_counter()
+    ck = checkpoint.load(source)
+    check_exportable(ck.config.model)
+    _check_out_dir(out_dir, force, [Path.cwd(), ck.path])
+    model = ck.model.float().eval()
+    meta = metadata_for(ck, opset, quantize)
+    log(f"exporting {ck.path} ({meta['model']['parameters']:,} parameters, {ck.config.model.n_layer} layers) to {out_dir}")
+
+    parent = out_dir.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
+    try:
+        fp32_path = tmp / MODEL_FILE
+        t0 = time.perf_counter()
+        try:
+            export_onnx(model, fp32_path, opset, meta)
+        except GptxError:
+            raise
+        except Exception as err:
+            raise GptxError(f"torch.onnx.export failed: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
+        meta["export_seconds"] = round(time.perf_counter() - t0, 2)
+        log(f"exported model.onnx, opset {opset} ({meta['export_seconds']:.1f} s, {fp32_path.stat().st_size / 2**20:.1f} MiB)")
+
+        t0 = time.perf_counter()
+        fp32_session = session(fp32_path)
+        report = verify(model, fp32_session)
+        meta["verification"] = report.to_dict() | {"seconds": round(time.perf_counter() - t0, 2)}
+        cases = ", ".join(f"{k} {v:.2e}" for k, v in report.cases.items())
+        log(f"verified against PyTorch: max abs diff {report.max_abs_diff:.2e} in {report.worst} ({cases})")
+
+        if quantize == "int8":
+            from gptx.export.quantize import compare, quantize_int8
+
+            fp32_keep = tmp / "model.fp32.onnx.tmp"
+            os.replace(fp32_path, fp32_keep)
+            facts = quantize_int8(fp32_keep, fp32_path, tmp)
+            int8_session = session(fp32_path)
+            fp32_session = session(fp32_keep)
+            facts |= compare(fp32_session, int8_session, meta)
+            del fp32_session, int8_session
+            fp32_keep.unlink()
+            meta["quantization_report"] = facts
+            log(
+                f"int8: {facts['quantized_matmuls']} matmuls quantized; logits max abs diff vs fp32 "
+                f"{facts['prompt_logits_max_abs_diff']:.3g} (logits up to {facts['prompt_logits_max_abs']:.3g}); "
+                f"greedy tokens identical for {facts['greedy_tokens_identical_prefix']}/{facts['greedy_tokens_compared']}; "
+                f"decode {facts['fp32_tokens_per_s']:.0f} -> {facts['int8_tokens_per_s']:.0f} tokens/s ({facts['speedup']}x)"
+            )
+            proto = onnx.load(str(fp32_path))
+            set_metadata(proto, meta_for_graph(meta))
+            save(proto, fp32_path)
+        else:
+            proto = onnx.load(str(fp32_path))
+            set_metadata(proto, meta_for_graph(meta))
+            save(proto, fp32_path)
+
+        files = [MODEL_FILE, META_FILE, GENAI_FILE]
+        tok = meta["tokenizer"]
+        written = tokenizer_json.write(tmp, tok["kind"], tok["options"], meta["model"]["context_length"])
+        files += written or []
+        (tmp / GENAI_FILE).write_text(json.dumps(genai.genai_config(meta), indent=2))
+        meta["files"] = files
+        meta["total_seconds"] = round(time.perf_counter() - t_start, 2)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out_dir}: {', '.join(meta['files'])} ({meta['total_seconds']:.1f} s)")
+    _log_to_mlflow(source, ck, out_dir, track, log)
+    return meta
+
+
+def meta_for_graph(meta: dict) -> dict:
+    """What goes into model.onnx's metadata_props: everything but the per-run reports."""
+    return {k: v for k, v in meta.items() if k not in ("files", "total_seconds")}
+
+
+def _replace_dir(new: Path, out_dir: Path) -> None:
+    import os
+    import shutil
+    import tempfile
+
+    if out_dir.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.resolve().parent))
+        os.rename(out_dir, trash / "old")
+        try:
+            os.rename(new, out_dir)
+        except BaseException:
+            os.rename(trash / "old", out_dir)
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(new, out_dir)
+
+
+def _log_to_mlflow(source, ck, out_dir: Path, track: Optional[bool], log) -> None:
+    """Log the export to the MLflow run the checkpoint came from (``runs:/<id>`` or a run id in the
+    checkpoint's metadata), under artifacts ``onnx/``. A tracking failure is a warning, not an error."""
+    src = str(source)
+    run_id = src[len("runs:/"):].strip("/").split("/")[0] if src.startswith("runs:/") else None
+    run_id = run_id or ck.meta.get("mlflow_run_id") or ck.meta.get("run_id")
+    if track is False or (track is None and not run_id):
+        return
+    if not run_id:
+        log("tracking: the checkpoint names no MLflow run; export not logged")
+        return
+    try:
+        import mlflow
+
+        mlflow.MlflowClient().log_artifacts(run_id, str(out_dir), "onnx")
+        log(f"logged to MLflow run {run_id} (artifacts onnx/)")
+    except Exception as err:  # the export itself succeeded
+        log(f"Warning: could not log the export to MLflow run {run_id}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")

@@ -212,6 +212,25 @@ def import_hf(hf_dir, out_dir):
     click.echo(f"wrote {path}")
 
 
+# ---- ONNX export -----------------------------------------------------------------------------
+
+@cli.command("export")
+@click.argument("source")
+@click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Export directory to write.")
+@click.option("--opset", default=18, show_default=True, type=click.IntRange(min=18, max=23), help="ONNX opset.")
+@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Dynamic int8 weights for the matmuls.")
+@click.option("--force", is_flag=True, help="Replace OUT even if it is a non-empty directory that is not a gptx export.")
+@click.option("--track/--no-track", default=None, help="Log the export to the source's MLflow run (default: when it has one).")
+@friendly
+def export(source, out_dir, opset, quantize, force, track):
+    """Export SOURCE (a checkpoint or run directory, or runs:/<id>) to ONNX in OUT: model.onnx with
+    a KV cache, genai_config.json, tokenizer.json (GPT-2 BPE) and gptx_export.json; verified
+    against PyTorch before it reports success."""
+    from gptx.export.onnx_export import export_checkpoint
+
+    export_checkpoint(source, out_dir, opset=opset, quantize=quantize, force=force, track=track, log=click.echo)
+
+
 def main():
     cli(prog_name="gptx")
 

@@ -1,0 +1,180 @@
+"""The repository layout maps onto one ``gptx`` namespace, and the wheel holds all of it.
+
+setuptools' package-dir maps core/ -> gptx, plugins/ -> gptx.plugins, export/ -> gptx.export.
+Every package must be listed explicitly: a missing one still works in an editable install but is
+silently left out of the wheel. And nothing may import ``core``/``plugins``/``export`` directly:
+that would be a second copy of the package that only exists when running from the repo root.
+"""
+import ast
+import fnmatch
+import os
+import shutil
+import subprocess
+import sys
+import tomllib
+import zipfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+SETUPTOOLS = PYPROJECT["tool"]["setuptools"]
+PACKAGE_DIR = SETUPTOOLS["package-dir"]  # dotted name -> folder
+FOLDERS = ("core", "plugins", "export")
+SKIP_DIRS = {".git", ".tox", ".venv", "venv", "build", "dist", "node_modules", "__pycache__", ".pytest_cache", "mlruns", "runs"}
+
+
+def folder_to_package() -> dict[str, str]:
+    return {folder: pkg for pkg, folder in PACKAGE_DIR.items()}
+
+
+def expected_packages() -> dict[str, Path]:
+    """Dotted name -> folder for every folder with an __init__.py under core/, plugins/, export/."""
+    roots = folder_to_package()
+    found = {}
+    for folder in FOLDERS:
+        base = ROOT / folder
+        if not base.is_dir():
+            continue
+        for init in base.rglob("__init__.py"):
+            if SKIP_DIRS & set(init.relative_to(ROOT).parts):
+                continue
+            rel = init.parent.relative_to(base).parts
+            found[".".join((roots[folder],) + rel)] = init.parent
+    return found
+
+
+def test_the_three_folders_are_mapped_to_one_namespace():
+    assert PACKAGE_DIR == {"gptx": "core", "gptx.plugins": "plugins", "gptx.export": "export"}
+    assert PYPROJECT["project"]["scripts"]["gptx"] == "gptx.cli:main"
+
+
+def test_every_package_folder_is_listed():
+    listed = set(SETUPTOOLS["packages"])
+    expected = expected_packages()
+    assert {"gptx", "gptx.plugins"} <= set(expected)
+    missing = sorted(set(expected) - listed)
+    assert not missing, f"package folders missing from [tool.setuptools] packages (dropped from the wheel): {missing}"
+    roots = folder_to_package()
+    for pkg in listed:  # and nothing listed that does not exist
+        top = next(p for p in sorted(PACKAGE_DIR, key=len, reverse=True) if pkg == p or pkg.startswith(p + "."))
+        folder = ROOT / PACKAGE_DIR[top] / Path(*pkg[len(top):].lstrip(".").split(".") if pkg != top else ())
+        assert (folder / "__init__.py").is_file(), f"{pkg} is listed but {folder} has no __init__.py"
+    assert set(roots) == set(FOLDERS)
+
+
+def test_no_python_folder_without_init():
+    """A folder of .py files without __init__.py would be a namespace package setuptools leaves out."""
+    for folder in FOLDERS:
+        base = ROOT / folder
+        for py in base.rglob("*.py") if base.is_dir() else ():
+            if SKIP_DIRS & set(py.relative_to(ROOT).parts):
+                continue
+            assert (py.parent / "__init__.py").is_file(), f"{py.relative_to(ROOT)}: its folder has no __init__.py"
+
+
+def test_bpe_files_are_declared_package_data():
+    data = SETUPTOOLS["package-data"]["gptx.plugins"]
+    for name in ("vocab.bpe", "encoder.json"):
+        rel = f"data/gpt2-bpe/{name}"
+        assert (ROOT / "plugins" / rel).is_file()
+        assert any(fnmatch.fnmatch(rel, pattern) for pattern in data), f"{rel} not matched by {data}"
+
+
+def _python_files():
+    for dirpath, dirnames, filenames in os.walk(ROOT):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS and not d.endswith(".egg-info")]
+        for f in filenames:
+            if f.endswith(".py"):
+                yield Path(dirpath) / f
+
+
+def test_nothing_imports_the_folders_as_top_level_packages():
+    offenders = []
+    for path in _python_files():
+        tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            elif (
+                isinstance(node, ast.Call)
+                and getattr(node.func, "attr", getattr(node.func, "id", None)) in ("import_module", "__import__")
+                and node.args
+                and isinstance(node.args[0], ast.Constant)
+                and isinstance(node.args[0].value, str)
+            ):
+                names = [node.args[0].value]
+            for name in names:
+                if name.split(".")[0] in FOLDERS:
+                    offenders.append(f"{path.relative_to(ROOT)}:{node.lineno}: {name}")
+    assert not offenders, "import gptx.* instead of the folder names:\n" + "\n".join(offenders)
+
+
+def test_the_package_imports_from_its_installed_name():
+    import gptx
+    import gptx.plugins
+
+    assert Path(gptx.__file__).parent == ROOT / "core" or "site-packages" in gptx.__file__
+    assert "core" not in sys.modules and "plugins" not in sys.modules
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """A wheel built from a copy of the source (the working tree stays free of build/ output)."""
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
+        if (ROOT / name).exists():
+            shutil.copy(ROOT / name, src / name)
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "node_modules")
+    for folder in set(PACKAGE_DIR.values()):
+        if (ROOT / folder).is_dir():
+            shutil.copytree(ROOT / folder, src / folder, ignore=ignore)
+    out = tmp_path_factory.mktemp("wheelhouse")
+    r = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", str(src), "--no-deps", "--no-build-isolation", "-q", "-w", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    [whl] = out.glob("gptx-*.whl")
+    return whl
+
+
+@pytest.mark.slow
+def test_wheel_contains_every_package_and_the_bpe_files(wheel):
+    names = set(zipfile.ZipFile(wheel).namelist())
+    for pkg, folder in expected_packages().items():
+        for py in folder.glob("*.py"):
+            assert f"{pkg.replace('.', '/')}/{py.name}" in names, f"{py.relative_to(ROOT)} missing from the wheel"
+    for needed in ("gptx/__init__.py", "gptx/cli.py", "gptx/plugins/__init__.py", "gptx/export/__init__.py",
+                   "gptx/plugins/data/gpt2-bpe/vocab.bpe", "gptx/plugins/data/gpt2-bpe/encoder.json"):
+        assert needed in names
+    assert not [n for n in names if n.split("/")[0] in FOLDERS], "the folder names leaked into the wheel"
+    entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
+    assert "gptx = gptx.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+
+
+@pytest.mark.slow
+def test_the_wheel_alone_works(wheel, tmp_path):
+    """Unpacked onto PYTHONPATH (ahead of the editable install), the wheel's gptx loads every
+    built-in plugin and tokenizes offline from its own BPE files."""
+    zipfile.ZipFile(wheel).extractall(tmp_path)
+    script = (
+        "import gptx, json\n"
+        "from gptx import registry\n"
+        "from gptx.plugins.tokenizers import GPT2Tokenizer, gpt2_bpe_file\n"
+        "reg = registry.load()\n"
+        "print(json.dumps({'file': gptx.__file__, 'errors': reg.errors, 'bpe': gpt2_bpe_file('vocab.bpe'),\n"
+        "                  'ids': GPT2Tokenizer(None).encode('Hello world'), 'attention': reg.names('attention')}))\n"
+    )
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), GPTX_LOAD_PLUGINS="")
+    r = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    import json
+
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["file"].startswith(str(tmp_path)) and out["bpe"].startswith(str(tmp_path))
+    assert out["errors"] == [] and out["ids"] == [15496, 995] and "causal" in out["attention"]

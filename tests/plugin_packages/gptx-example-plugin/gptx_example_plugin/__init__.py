@@ -1,0 +1,1 @@
+"""An example gptx plugin package (see ``plugin.py``)."""

@@ -211,6 +211,71 @@ def import_hf(hf_dir, out_dir):
     path = convert(hf_dir, out_dir, registry())
     click.echo(f"wrote {path}")
 
+# ---- experiments ----------------------------------------------------------------------------
+
+def _load(file, overrides):
+    from gptx.config import load_experiment
+
+    registry()  # report broken plugins before validating
+    return load_experiment(file, overrides)
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a config value (TOML syntax); repeatable.")
+@click.option("--json", "as_json", is_flag=True, help="Print the resolved config as JSON.")
+@friendly
+def validate(file, overrides, as_json):
+    """Check an experiment FILE (and its data) without training."""
+    cfg = _load(file, overrides)
+    if as_json:
+        click.echo(json.dumps(cfg.to_dict(), indent=2))
+    else:
+        m = cfg.model
+        click.echo(
+            f"{file}: OK — {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}; "
+            f"attention {m.attention.kind}, positional {m.positional.kind}, ffn {m.ffn.kind}, "
+            f"norm {m.norm.kind}/{m.norm.placement}; tokenizer {cfg.tokenizer.kind}; data {cfg.data_path}"
+        )
+
+
+@cli.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a config value (TOML syntax); repeatable.")
+@click.option("--resume", is_flag=True, help="Continue the newest interrupted run of this experiment.")
+@click.option("--nproc", type=click.IntRange(min=1), default=None, help="Launch N processes on this machine through torchrun (DDP).")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@friendly
+def run(file, overrides, resume, nproc, quiet):
+    """Train the experiment in FILE, tracked in MLflow; print a sample at the end."""
+    if nproc is not None and "WORLD_SIZE" not in __import__("os").environ:
+        _load(file, overrides)  # bad input fails here, once, not in N processes
+        import subprocess
+
+        args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+                "-m", "gptx", "run", file, *[f"--set={o}" for o in overrides]]
+        args += ["--resume"] * resume + ["--quiet"] * quiet
+        sys.exit(subprocess.call(args))
+    from gptx.train import Interrupted, train
+
+    cfg = _load(file, overrides)
+    try:
+        result = train(cfg, resume=resume, progress=not quiet)
+    except Interrupted as err:
+        click.echo(f"Stopped: {err}. Continue with: gptx run {file} --resume", err=True)
+        sys.exit(err.exit_code)
+    if int(__import__("os").environ.get("RANK", "0")) != 0:
+        return
+    if result.sample is not None:
+        click.echo("\n---- sample ----")
+        click.echo(result.sample)
+        click.echo("----------------")
+    val = f"{result.val_loss:.4f}" if result.val_loss is not None else "n/a"
+    click.echo(f"val loss {val} after {result.step} steps, {result.tokens_per_sec:,.0f} tokens/s")
+    click.echo(f"checkpoint: {result.checkpoint}")
+    if result.run_id:
+        click.echo(f"MLflow run: {result.run_id} (browse with: mlflow ui; generate with: gptx generate runs:/{result.run_id} --prompt ...)")
+
 
 # ---- ONNX export -----------------------------------------------------------------------------
 

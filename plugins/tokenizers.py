@@ -140,7 +140,7 @@ class CharTokenizer(Tokenizer):
         self.index = {ch: i for i, ch in enumerate(self.chars)}
 
     def state(self):
-        return {"chars": self.chars}
+        return {"chars": self.chars} if self.chars else {}  # {} until fitted
 
     @property
     def vocab_size(self):

@@ -257,3 +257,17 @@ def test_gptx_run_trains_with_the_plugin_component(site, tmp_path):
     # without the plugin the checkpoint cannot be rebuilt, and the error says which component is missing
     missing = gptx(site, "generate", checkpoint, "--prompt", "ROMEO:", cwd=tmp_path, load="")
     assert missing.returncode == 2 and "squared_relu" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_menu_tests_pick_up_the_plugin_components(site):
+    """The plugin author's test suite: gptx's menu tests, run with the plugin installed, test its
+    components (forward, cached decoding, left padding, training) with no change to them."""
+    env = dict(os.environ, GPTX_LOAD_PLUGINS="example")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_menu.py"), "-q", "-p", "no:cacheprovider",
+         "-p", "no:xdist", "-k", "squared_relu or relative_bias"],
+        capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    assert "8 passed" in proc.stdout, proc.stdout[-3000:]

@@ -45,10 +45,10 @@ class SquaredReluMLP(FeedForward):
 
 @dataclasses.dataclass(frozen=True)
 class RelativeBiasOptions:
-    max_distance: int = 128  # distances beyond this share the last bias
+    max_distance: Optional[int] = None  # distances from this one on share one bias; None: block_size
 
     def __post_init__(self):
-        if self.max_distance < 1:
+        if self.max_distance is not None and self.max_distance < 1:
             raise ValueError(("max_distance", f"must be at least 1, got {self.max_distance}"))
 
 
@@ -60,15 +60,16 @@ class RelativeBias(PositionalEncoding):
 
     @classmethod
     def check(cls, model, options):
-        if options.max_distance > model.block_size:
+        if options.max_distance is not None and options.max_distance > model.block_size:
             raise ValueError(("positional.max_distance", f"{options.max_distance} exceeds block_size = {model.block_size}"))
 
     def __init__(self, config, options: RelativeBiasOptions):
         super().__init__(config, options)
-        self.bias = nn.Embedding(options.max_distance, config.n_head)
+        self.max_distance = options.max_distance or config.block_size
+        self.bias = nn.Embedding(self.max_distance, config.n_head)
 
     def score_bias(self, q_index, k_index):  # [T], [S] slots
-        distance = (q_index[:, None] - k_index[None, :]).clamp(0, self.options.max_distance - 1)  # [T, S]
+        distance = (q_index[:, None] - k_index[None, :]).clamp(0, self.max_distance - 1)  # [T, S]
         return self.bias(distance).permute(2, 0, 1)  # [H, T, S]
 
 

@@ -1,5 +1,6 @@
 """Text generation in PyTorch with the KV cache: one prefill of the (left-padded) prompts, then one
-token per step. Sampling is shared with the onnxruntime generator (gptx.sampling)."""
+token per step (a model with a component that declares no KV cache is recomputed instead).
+Sampling is shared with the onnxruntime generator (gptx.sampling)."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,8 +8,17 @@ from typing import Optional
 import numpy as np
 import torch
 
+from gptx.base import KV_CACHE
 from gptx.errors import GptxError
 from gptx.sampling import Generation, Sampler, left_pad, positions_from_mask  # noqa: F401 (Generation re-exported)
+
+
+def uses_kv_cache(model) -> bool:
+    """Whether every component of the model declares ``KV_CACHE``. A model with one that does not
+    is decoded by recomputing the whole sequence each step: slower, but never a wrong cache."""
+    c = model.config
+    classes = [c.attention.cls, c.positional.cls, c.ffn.cls, c.norm.cls, c.norm.placement_cls]
+    return all(KV_CACHE in cls.supports for cls in classes)
 
 
 @torch.inference_mode()
@@ -33,11 +43,13 @@ def generate_ids(
     input_ids = torch.from_numpy(ids).to(device)  # [B, T]
     attention_mask = torch.from_numpy(mask).to(device)  # [B, T]
     position_ids = torch.from_numpy(positions_from_mask(mask)).to(device)  # [B, T]
-    past = model.empty_cache(len(prompts))
+    cache = uses_kv_cache(model)
+    past = model.empty_cache(len(prompts)) if cache else None
     out = [[] for _ in prompts]
     done = np.zeros(len(prompts), dtype=bool)
     for _ in range(max_new_tokens):
-        logits, past = model(input_ids, position_ids, attention_mask, past)  # [B, T, V]
+        logits, present = model(input_ids, position_ids, attention_mask, past)  # [B, T, V]
+        past = present if cache else None
         nxt = sampler(logits[:, -1, :].float().cpu().numpy())  # [B]
         for i, tok in enumerate(nxt):
             if not done[i]:
@@ -45,7 +57,12 @@ def generate_ids(
                 done[i] = eot_id is not None and tok == eot_id
         if done.all():
             break
-        input_ids = torch.from_numpy(nxt).to(device)[:, None]  # [B, 1]
-        position_ids = position_ids[:, -1:] + 1  # [B, 1]
+        step_ids = torch.from_numpy(nxt).to(device)[:, None]  # [B, 1]
+        step_positions = position_ids[:, -1:] + 1  # [B, 1]
+        if cache:
+            input_ids, position_ids = step_ids, step_positions
+        else:  # the whole sequence again: [B, S+1]
+            input_ids = torch.cat([input_ids, step_ids], dim=1)
+            position_ids = torch.cat([position_ids, step_positions], dim=1)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)  # [B, S+1]
     return Generation(prompt_ids=[list(p) for p in prompts], ids=out)

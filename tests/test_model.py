@@ -173,3 +173,37 @@ def test_generate_greedy_matches_argmax_of_full_recompute():
                 logits, _ = model(torch.tensor([seq]))
                 seq.append(int(logits[0, -1].argmax()))
         assert new == seq[len(p):]
+
+
+def test_generate_recomputes_when_a_component_declares_no_kv_cache():
+    """A third-party attention without KV_CACHE support is never handed a cache."""
+    import gptx
+    from gptx.components import ONNX_EXPORT
+    from gptx.generate import generate_ids, uses_kv_cache
+    from gptx.plugins.attention import CausalSelfAttention
+    from gptx.sampling import Sampler
+
+    class NoCacheAttention(CausalSelfAttention):
+        supports = frozenset({ONNX_EXPORT})
+
+        def forward(self, x, positions, positional, past=None, attention_mask=None):
+            assert past is None, "handed a cache although it declared no KV_CACHE support"
+            return super().forward(x, positions, positional, None, attention_mask)
+
+    def register_attention(register):
+        register("nocache", NoCacheAttention)
+
+    import types
+
+    plugin = types.ModuleType("nocache_plugin")
+    plugin.register_attention = gptx.hookimpl(register_attention)
+    reg = registry_mod.load(extra_plugins=(plugin,))
+    cfg = from_dict({"model": TINY | {"attention": {"kind": "nocache"}}, "tokenizer": {"kind": "byte"}}, reg)
+    model = GPT(cfg.model).eval()
+    reference = make_model()
+    reference.load_state_dict(model.state_dict())
+    assert not uses_kv_cache(model) and uses_kv_cache(reference)
+    prompts = [[5, 17, 42, 8], [3, 9]]
+    for sampler in (lambda: Sampler(temperature=0), lambda: Sampler(temperature=1.0, seed=7)):
+        got = generate_ids(model, prompts, 7, sampler()).ids
+        assert got == generate_ids(reference, prompts, 7, sampler()).ids

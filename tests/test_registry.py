@@ -46,6 +46,13 @@ def load(*plugins):
     return registry_mod.load(extra_plugins=tuple(plugins))
 
 
+@pytest.fixture(autouse=True)
+def no_installed_plugins(monkeypatch):
+    """Built-ins and the test's own plugins only, whatever else is installed (tests below that
+    are about entry points set GPTX_LOAD_PLUGINS themselves)."""
+    monkeypatch.setenv("GPTX_LOAD_PLUGINS", "")
+
+
 def test_builtins_register_every_kind():
     reg = load()
     assert reg.errors == []

@@ -80,7 +80,8 @@ class _TiktokenBase(Tokenizer):
         return self.encoding.encode(text, allowed_special="all")
 
     def encode_batch(self, texts):
-        return self.encoding.encode_ordinary_batch(texts)
+        # the same ids as encode() on each text: special tokens in the text are special here too
+        return self.encoding.encode_batch(texts, allowed_special="all")
 
     def decode(self, ids):
         return self.encoding.decode(list(ids))

@@ -92,6 +92,14 @@ def test_gpt2_matches_an_independent_reference():
         assert tok.decode(ids) == text
 
 
+def test_encode_batch_equals_encode():
+    """The data pipeline encodes in batches; "<|endoftext|>" must be the separator token there too."""
+    for tok in (tokenizer("gpt2"), tokenizer("tiktoken", encoding="gpt2")):
+        texts = TEXTS + ["doc one<|endoftext|>doc two"]
+        assert tok.encode_batch(texts) == [tok.encode(t) for t in texts]
+        assert 50256 in tok.encode_batch(texts)[-1]
+
+
 def test_tiktoken_kind_gpt2_is_the_same_encoding():
     a, b = tokenizer("gpt2"), tokenizer("tiktoken", encoding="gpt2")
     for text in TEXTS:

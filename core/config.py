@@ -259,7 +259,8 @@ def load_experiment(path: str | os.PathLike, overrides: list[str] = (), registry
             check_data_path(cfg)
         return cfg
     except ConfigError as err:
-        item = next((v for k, v in origin.items() if err.key and (err.key == k or err.key.startswith(k + "."))), None)
+        related = lambda k: err.key and (err.key == k or err.key.startswith(k + ".") or k.startswith(err.key + "."))  # noqa: E731
+        item = next((v for k, v in origin.items() if related(k)), None)
         raise err.located(f"--set {item}" if item else str(path)) from None
 
 

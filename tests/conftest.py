@@ -4,10 +4,6 @@ Tests run two workers on two cores (pytest -n 2): each process uses one torch th
 OpenMP threads of the two workers fight over the cores and everything runs many times slower.
 """
 import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by the CLI subprocesses too
@@ -16,10 +12,6 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
-
-REPO = Path(__file__).resolve().parents[1]
-SHAKESPEARE = REPO / "experiments" / "data" / "tinyshakespeare.txt"
-
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
@@ -34,42 +26,47 @@ def mlflow_sqlite(tmp_path_factory) -> str:
     return f"sqlite:///{d}/mlflow.db"
 
 
-def gptx(*args, cwd=None, env=None, timeout=600, check=False) -> subprocess.CompletedProcess:
-    """Run the real CLI in a subprocess: ``python -m gptx ARGS``."""
-    full_env = os.environ.copy() | (env or {})
-    proc = subprocess.run([sys.executable, "-m", "gptx", *map(str, args)], cwd=cwd, env=full_env,
-                          capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"gptx {' '.join(map(str, args))} exited {proc.returncode}\n{proc.stdout}\n{proc.stderr}")
-    return proc
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 (the FIELD-NOTES recipe), stopped by its PID."""
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
 
-
-def write_experiment(path: Path, body: str = "", data: Path = SHAKESPEARE, **sections) -> Path:
-    """A tiny experiment TOML (2 layers, 32 wide, char tokenizer, tracking off) plus ``body``."""
-    text = f'''
-[model]
-n_layer = 2
-n_head = 2
-n_embd = 32
-block_size = 32
-
-[tokenizer]
-kind = "char"
-
-[data]
-path = "{data}"
-
-[training]
-max_steps = 20
-batch_size = 4
-eval_interval = 10
-eval_steps = 2
-log_interval = 5
-sample_tokens = 10
-out_dir = "{path.parent / 'runs'}"
-
-[tracking]
-enabled = false
-'''
-    path.write_text(text + body)
-    return path
+    d = tmp_path_factory.mktemp("mlflow-server")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
+    log = open(d / "server.log", "w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
+         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 180
+    while True:
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.read().strip() == b"OK":
+                    break
+        except OSError:
+            pass
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"mlflow server did not start:\n{(d / 'server.log').read_text()[-3000:]}")
+        time.sleep(0.5)
+    server = type("Server", (), {"url": url, "proc": proc, "dir": d})
+    yield server
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log.close()

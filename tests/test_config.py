@@ -1,0 +1,114 @@
+"""Experiment files: validation, overrides, and one clear error (exit 2, nothing created)."""
+import json
+from pathlib import Path
+
+import pytest
+from helpers import REPO, gptx, write_experiment
+
+from gptx.config import load_experiment
+from gptx.errors import ConfigError
+
+
+def test_shipped_experiments_validate():
+    for f in sorted((REPO / "experiments").glob("*.toml")):
+        cfg = load_experiment(f)
+        assert cfg.data_path.is_file(), f
+        assert cfg.model.n_embd % cfg.model.n_head == 0
+
+
+def test_baseline_is_gpt2_architecture():
+    cfg = load_experiment(REPO / "experiments" / "baseline.toml")
+    m = cfg.model
+    assert (m.attention.kind, m.positional.kind, m.ffn.kind, m.norm.kind, m.norm.placement) == (
+        "causal", "learned", "gelu", "layernorm", "pre")
+    assert m.tie_embeddings and m.bias and cfg.tokenizer.kind == "gpt2"
+    assert m.norm.options.eps == 1e-5
+
+
+def test_defaults_then_file_then_command_line(tmp_path):
+    f = write_experiment(tmp_path / "e.toml")
+    cfg = load_experiment(f)
+    assert cfg.training.learning_rate == 6e-4  # default
+    assert cfg.model.n_layer == 2  # file
+    cfg = load_experiment(f, ["model.n_layer=3", "training.learning_rate=1e-3", "model.positional.kind=rope",
+                              "model.attention.n_kv_heads=1"])
+    assert cfg.model.n_layer == 3 and cfg.training.learning_rate == 1e-3
+    assert cfg.model.positional.kind == "rope" and cfg.model.attention.options.n_kv_heads == 1
+
+
+def test_data_path_resolves_relative_to_the_file(tmp_path, monkeypatch):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "corpus.txt").write_text("hello world\n" * 200)
+    f = tmp_path / "sub" / "e.toml"
+    write_experiment(f)
+    f.write_text(f.read_text().replace(str(REPO / "experiments" / "data" / "tinyshakespeare.txt"), "corpus.txt"))
+    monkeypatch.chdir("/")
+    assert load_experiment(f).data_path == (tmp_path / "sub" / "corpus.txt").resolve()
+
+
+def test_resolved_config_round_trips(tmp_path):
+    from gptx.config import from_dict
+
+    cfg = load_experiment(write_experiment(tmp_path / "e.toml"), ["model.ffn.kind=swiglu", "model.norm.placement=post"])
+    again = from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert again.to_dict() == cfg.to_dict()
+
+
+@pytest.mark.parametrize(
+    "override, key, fragment",
+    [
+        ("model.n_layerz=3", "model.n_layerz", "did you mean 'n_layer'"),
+        ("modle.n_layer=3", "modle", "did you mean 'model'"),
+        ("model.n_layer='four'", "model.n_layer", "expected integer"),
+        ("model.n_embd=33", "model.n_embd", "not divisible by n_head"),
+        ("training.learning_rate=-1.0", "training.learning_rate", "must be positive"),
+        ("training.max_steps=0", "training.max_steps", "at least 1"),
+        ("model.attention.kind=casual", "model.attention.kind", "did you mean 'causal'"),
+        ("model.attention.n_kv_heads=3", "model.attention.n_kv_heads", "not divisible"),
+        ("model.norm.placement=middle", "model.norm.placement", "unknown norm_placement"),
+        ("model.positional.kind=rope", "model.n_embd", None),  # valid: rope with head size 16
+        ("training.dtype=float16", "training.dtype", "must be one of"),
+        ("data.path=missing.txt", "data.path", "not found"),
+        ("model.ffn.hidden=0", "model.ffn.hidden", "at least 1"),
+    ],
+)
+def test_bad_values_name_file_key_and_problem(tmp_path, override, key, fragment):
+    f = write_experiment(tmp_path / "e.toml")
+    if fragment is None:
+        load_experiment(f, [override])
+        return
+    with pytest.raises(ConfigError) as err:
+        load_experiment(f, [override])
+    msg = str(err.value)
+    assert err.value.key == key and fragment in msg and f"--set {override}" in msg
+
+
+def test_block_size_beyond_positional_limit(tmp_path):
+    # learned positions are sized by block_size; a sinusoidal one is unbounded; check the limit hook
+    from gptx.plugins.positional import LearnedPositions
+
+    cfg = load_experiment(write_experiment(tmp_path / "e.toml"))
+    assert LearnedPositions.max_positions(cfg.model, None) == cfg.model.block_size
+
+
+def test_malformed_toml_names_line_and_column(tmp_path):
+    f = tmp_path / "bad.toml"
+    f.write_text("[model]\nn_layer = = 2\n")
+    with pytest.raises(ConfigError) as err:
+        load_experiment(f)
+    assert str(f) in str(err.value) and "line 2" in str(err.value)
+
+
+@pytest.mark.slow
+def test_cli_validate_and_errors(tmp_path):
+    f = write_experiment(tmp_path / "e.toml")
+    ok = gptx("validate", f)
+    assert ok.returncode == 0 and "OK" in ok.stdout
+    js = gptx("validate", f, "--json", "--set", "model.positional.kind=alibi")
+    assert json.loads(js.stdout)["model"]["positional"]["kind"] == "alibi"
+    bad = gptx("run", f, "--set", "model.attention.kind=casual", cwd=tmp_path)
+    assert bad.returncode == 2
+    lines = bad.stderr.strip().splitlines()
+    assert len(lines) == 1 and "model.attention.kind" in lines[0] and "causal" in lines[0], bad.stderr
+    assert "Traceback" not in bad.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()  # nothing created

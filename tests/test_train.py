@@ -1,0 +1,153 @@
+"""Training: determinism, resume after a real signal, data cache, MLflow (embedded and a real
+server), and generation from a finished run."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import REPO, gptx, write_experiment
+
+from gptx.config import load_experiment
+from gptx.data import load_dataset
+from gptx.plugins.tokenizers import GPT2Tokenizer
+from gptx.train import lr_at, train
+
+
+def test_lr_schedule_warmup_cosine_floor():
+    cfg = load_experiment(REPO / "experiments" / "shakespeare_char.toml")
+    tc = cfg.training
+    assert lr_at(0, tc) == pytest.approx(1e-3 / 101)
+    assert lr_at(99, tc) == pytest.approx(1e-3 * 100 / 101)
+    assert lr_at(100, tc) == pytest.approx(1e-3)
+    assert lr_at(1050, tc) == pytest.approx(1e-4 + 0.5 * 0.9e-3)
+    assert lr_at(2000, tc) == pytest.approx(1e-4) and lr_at(5000, tc) == pytest.approx(1e-4)
+
+
+def test_data_is_tokenized_once_cached_and_split(tmp_path):
+    cfg = load_experiment(write_experiment(tmp_path / "e.toml"), ["tokenizer.kind=gpt2"])
+    tok = GPT2Tokenizer(None)
+    ds = load_dataset(cfg, tok)
+    cached = list((Path(os.environ["GPTX_CACHE_DIR"]) / "tokens").glob("*.uint16"))
+    assert cached, "token cache not written"
+    assert ds.train.dtype == np.uint16
+    total = len(ds.train) + len(ds.val)
+    assert len(ds.val) == int(total * 0.1)
+    assert list(ds.train[:4]) == tok.encode(cfg.data_path.read_text()[:40])[:4]
+    again = load_dataset(cfg, tok)
+    assert isinstance(again.train.base, np.memmap) or isinstance(again.train, np.memmap)
+    g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    x1, y1 = ds.windows("train", 5, g1)
+    x2, y2 = again.windows("train", 5, g2)
+    assert torch.equal(x1, x2) and torch.equal(x1[:, 1:], y1[:, :-1])
+
+
+def test_same_config_same_loss_curve(tmp_path):
+    f = write_experiment(tmp_path / "e.toml")
+    a = train(load_experiment(f, ["training.max_steps=12", "training.eval_interval=6"]), progress=False)
+    b = train(load_experiment(f, ["training.max_steps=12", "training.eval_interval=6"]), progress=False)
+    assert a.history == b.history and len(a.history) == 2
+    assert a.history[-1]["val_loss"] < 4.2  # char vocab of 65: ln(65) = 4.17 at random
+    assert a.run_dir != b.run_dir
+
+
+def _wait_for(pred, timeout=300):
+    deadline = time.time() + timeout
+    while not pred():
+        if time.time() > deadline:
+            raise TimeoutError
+        time.sleep(0.2)
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_resume_matches_uninterrupted(tmp_path):
+    from safetensors.torch import load_file
+
+    steps = ["--set", "training.max_steps=40", "--set", "training.checkpoint_interval=5", "--set", "training.eval_interval=20"]
+    (tmp_path / "ref").mkdir()
+    ref = write_experiment(tmp_path / "ref" / "e.toml")
+    gptx("run", ref, *steps, "--quiet", check=True)
+    (ref_ckpt,) = (tmp_path / "ref" / "runs" / "e").glob("*/checkpoints/step-000040")
+
+    (tmp_path / "int").mkdir()
+    f = write_experiment(tmp_path / "int" / "e.toml")
+    proc = subprocess.Popen([sys.executable, "-m", "gptx", "run", str(f), *steps, "--quiet"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    runs = tmp_path / "int" / "runs" / "e"
+    _wait_for(lambda: list(runs.glob("*/checkpoints/step-0000[1-3]*")) or proc.poll() is not None)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert "--resume" in err and "Traceback" not in err
+    (run_dir,) = runs.iterdir()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "KILLED"
+    stopped = max(int(p.name.split("-")[1]) for p in (run_dir / "checkpoints").iterdir())
+    assert stopped < 40
+
+    gptx("run", f, *steps, "--resume", "--quiet", check=True)
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "FINISHED"
+    a = load_file(ref_ckpt / "model.safetensors")
+    b = load_file(run_dir / "checkpoints" / "step-000040" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after resume"  # bitwise on CPU
+
+
+@pytest.mark.slow
+def test_resume_without_an_interrupted_run_is_a_clear_error(tmp_path):
+    f = write_experiment(tmp_path / "e.toml")
+    p = gptx("run", f, "--resume", cwd=tmp_path)
+    assert p.returncode == 2 and "no interrupted run" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_mlflow_embedded_store_records_the_run(tmp_path, mlflow_sqlite):
+    from mlflow.tracking import MlflowClient
+
+    f = write_experiment(tmp_path / "tracked.toml")
+    cfg = load_experiment(f, ["tracking.enabled=true", f"tracking.uri='{mlflow_sqlite}'", "training.max_steps=10",
+                              "training.log_interval=1", "training.eval_interval=5"])
+    result = train(cfg, progress=False)
+    client = MlflowClient(mlflow_sqlite)
+    run = client.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "tracked"
+    assert run.data.params["model.n_layer"] == "2" and run.data.params["tokenizer.kind"] == "char"
+    assert run.data.params["model.attention.kind"] == "causal"
+    assert len(client.get_metric_history(result.run_id, "train_loss")) == 10
+    assert [m.step for m in client.get_metric_history(result.run_id, "val_loss")] == [5, 10]
+    assert len(client.get_metric_history(result.run_id, "tokens_per_sec")) == 10
+    assert len(client.get_metric_history(result.run_id, "lr")) == 10
+    tags = run.data.tags
+    assert tags["gptx.version"] and "causal" in json.loads(tags["gptx.plugins"])["attention"]
+    names = {a.path for a in client.list_artifacts(result.run_id)}
+    assert {"config.json", "sample.txt", "checkpoint"} <= names
+    assert {a.path for a in client.list_artifacts(result.run_id, "checkpoint")} >= {
+        "checkpoint/model.safetensors", "checkpoint/gptx.json"}
+
+
+@pytest.mark.slow
+def test_real_mlflow_server_run_and_generate_from_run(tmp_path, mlflow_server):
+    from mlflow.tracking import MlflowClient
+
+    f = write_experiment(tmp_path / "served.toml")
+    env = {"MLFLOW_TRACKING_URI": mlflow_server.url}
+    p = gptx("run", f, "--set", "tracking.enabled=true", "--set", "training.max_steps=10", "--set",
+             "training.log_interval=1", "--set", "training.eval_interval=5", cwd=tmp_path, env=env, check=True)
+    run_id = p.stdout.split("MLflow run: ")[1].split()[0]
+    client = MlflowClient(mlflow_server.url)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["training.max_steps"] == "10"
+    assert len(client.get_metric_history(run_id, "train_loss")) == 10
+    assert [m.step for m in client.get_metric_history(run_id, "val_loss")] == [5, 10]
+    local = Path(client.download_artifacts(run_id, "sample.txt", str(tmp_path)))
+    assert local.read_text().strip()
+    g = gptx("generate", f"runs:/{run_id}", "--prompt", "ROMEO:", "--max-new-tokens", "8", "--temperature", "0",
+             "--json", cwd=tmp_path, env=env, check=True)
+    out = json.loads(g.stdout)
+    assert len(out["ids"]) == 8 and out["text"]
+    assert not (tmp_path / "mlflow.db").exists()  # everything went to the server

@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Optional
 
 from gptx.errors import GptxError
 

@@ -2,7 +2,6 @@
 left padding changes nothing, GPT-2's initialisation, tied embeddings and parameter count."""
 import math
 
-import numpy as np
 import pytest
 import torch
 

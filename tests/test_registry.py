@@ -6,14 +6,12 @@ import subprocess
 import sys
 import textwrap
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
 import gptx
 from gptx import registry as registry_mod
-from gptx.components import Attention, FeedForward
 from gptx.config import from_dict
 from gptx.plugins.attention import CausalSelfAttention
 from gptx.plugins.ffn import GeluMLP

@@ -296,6 +296,30 @@ def export(source, out_dir, opset, quantize, force, track):
     export_checkpoint(source, out_dir, opset=opset, quantize=quantize, force=force, track=track, log=click.echo)
 
 
+@cli.command()
+@click.argument("base", type=click.Path(dir_okay=False))
+@click.option("--vary", multiple=True, required=True, metavar="KEY.PATH=V1,V2,...", help="Values to try for one key; several --vary make a grid.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a value in every variant.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result rows as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+@friendly
+def sweep(base, vary, overrides, as_json, quiet):
+    """Train every combination of --vary values over BASE (one MLflow run each, under one
+    parent run) and compare them: val loss, tokens/s, parameters."""
+    from pathlib import Path
+
+    from gptx import sweep as sweep_mod
+
+    registry()
+    parent, rows = sweep_mod.sweep(Path(base), list(vary), list(overrides), progress=not quiet)
+    if as_json:
+        click.echo(json.dumps({"parent_run_id": parent, "variants": rows}, indent=2))
+    else:
+        click.echo(sweep_mod.table(rows))
+        if parent:
+            click.echo(f"MLflow parent run: {parent}")
+
+
 def main():
     cli(prog_name="gptx")
 

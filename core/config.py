@@ -164,6 +164,7 @@ class TrackingConfig:
     experiment: Optional[str] = None  # MLflow experiment name; None: the experiment file's stem
     run_name: Optional[str] = None
     uri: Optional[str] = None  # None: $MLFLOW_TRACKING_URI, else MLflow's default (./mlflow.db)
+    parent_run_id: Optional[str] = None  # nest this run under another (gptx sweep sets it)
 
 
 @dataclasses.dataclass

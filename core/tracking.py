@@ -74,7 +74,8 @@ class NullTracker:
 class MlflowTracker(NullTracker):
     """One MLflow run. Metrics are buffered and sent in batches (one request per flush)."""
 
-    def __init__(self, uri: Optional[str], experiment: str, run_name: Optional[str], run_id: Optional[str] = None):
+    def __init__(self, uri: Optional[str], experiment: str, run_name: Optional[str], run_id: Optional[str] = None,
+                 parent_run_id: Optional[str] = None):
         import mlflow
         from mlflow.tracking import MlflowClient
 
@@ -88,7 +89,8 @@ class MlflowTracker(NullTracker):
             if run_id is None:
                 exp = self.client.get_experiment_by_name(experiment)
                 exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
-                run = self.client.create_run(exp_id, run_name=run_name)
+                tags = {"mlflow.parentRunId": parent_run_id} if parent_run_id else None
+                run = self.client.create_run(exp_id, run_name=run_name, tags=tags)
                 self.run_id = run.info.run_id
             else:  # --resume: the same MLflow run continues
                 self.client.update_run(run_id, status="RUNNING")
@@ -153,7 +155,8 @@ def start(cfg, run_id: Optional[str] = None, rank: int = 0):
     """The tracker for this process: MLflow on rank 0 when enabled, else a NullTracker."""
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
-    return MlflowTracker(tracking_uri(cfg.tracking.uri), cfg.name, cfg.tracking.run_name, run_id)
+    t = cfg.tracking
+    return MlflowTracker(tracking_uri(t.uri), cfg.name, t.run_name, run_id, t.parent_run_id)
 
 
 def run_tags(cfg, registry) -> dict[str, str]:

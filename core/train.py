@@ -45,6 +45,7 @@ class TrainResult:
     run_id: Optional[str]
     sample: Optional[str]
     history: list[dict]  # one record per evaluation: step, train_loss, val_loss
+    num_params: int = 0
 
 
 class Interrupted(Exception):
@@ -478,4 +479,5 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
         run_id=tracker.run_id,
         sample=sample,
         history=history,
+        num_params=model.num_params(),
     )

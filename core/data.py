@@ -20,6 +20,9 @@ import torch
 from gptx.errors import ConfigError
 
 
+CACHE_FORMAT = "gptx-tokens-2"  # part of every cache key: bump when tokenization changes
+
+
 def cache_root() -> Path:
     return Path(os.environ.get("GPTX_CACHE_DIR") or Path.home() / ".cache" / "gptx")
 
@@ -46,6 +49,24 @@ def read_text(path: Path) -> str:
     return text
 
 
+def split_for_bpe(text: str, lines_per_chunk: int = 2000) -> list[str]:
+    """Chunks that encode to exactly the ids of the whole text. Byte-level BPE pre-tokenizes
+    whitespace runs greedily ("\n\n" is one token), so a chunk may only end after a single
+    newline that follows a non-space character and precede a non-space character."""
+    lines = text.splitlines(keepends=True)
+    chunks, start, i = [], 0, lines_per_chunk
+    while i < len(lines):
+        prev, nxt = lines[i - 1], lines[i]
+        if prev.endswith("\n") and not prev.endswith(("\r\n", " \n", "\t\n", "\n\n")) and len(prev) > 1 \
+                and nxt[:1] and not nxt[:1].isspace():
+            chunks.append("".join(lines[start:i]))
+            start, i = i, i + lines_per_chunk
+        else:
+            i += 1
+    chunks.append("".join(lines[start:]))
+    return chunks
+
+
 def tokenizer_identity(spec, tokenizer) -> str:
     """What makes two tokenizers produce the same ids: name, options, learned state."""
     return json.dumps({"kind": spec.kind, "options": spec.to_dict(), "state": tokenizer.state()}, sort_keys=True)
@@ -53,7 +74,8 @@ def tokenizer_identity(spec, tokenizer) -> str:
 
 def tokenize_cached(text: str, spec, tokenizer) -> np.ndarray:
     """Token ids of ``text`` (uint16/uint32), computed once per (text, tokenizer) and cached."""
-    key = hashlib.sha256(text.encode("utf-8") + b"\0" + tokenizer_identity(spec, tokenizer).encode()).hexdigest()[:32]
+    identity = f"{CACHE_FORMAT}\0{tokenizer_identity(spec, tokenizer)}"
+    key = hashlib.sha256(text.encode("utf-8") + b"\0" + identity.encode()).hexdigest()[:32]
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     root = cache_root() / "tokens"
     path = root / f"{key}.{np.dtype(dtype).name}"
@@ -61,9 +83,7 @@ def tokenize_cached(text: str, spec, tokenizer) -> np.ndarray:
         return np.memmap(path, dtype=dtype, mode="r")
     encode_batch = getattr(tokenizer, "encode_batch", None)
     if encode_batch is not None:  # tiktoken encodes chunks on several threads
-        lines = text.splitlines(keepends=True)
-        chunks = ["".join(lines[i:i + 2000]) for i in range(0, len(lines), 2000)]
-        ids = np.fromiter((t for part in encode_batch(chunks) for t in part), dtype=np.int64)
+        ids = np.fromiter((t for part in encode_batch(split_for_bpe(text)) for t in part), dtype=np.int64)
     else:
         ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
     tokens = ids.astype(dtype)

@@ -151,3 +151,15 @@ def test_real_mlflow_server_run_and_generate_from_run(tmp_path, mlflow_server):
     out = json.loads(g.stdout)
     assert len(out["ids"]) == 8 and out["text"]
     assert not (tmp_path / "mlflow.db").exists()  # everything went to the server
+
+
+def test_chunked_tokenization_equals_whole_text():
+    from helpers import SHAKESPEARE
+
+    from gptx.data import split_for_bpe
+
+    tok = GPT2Tokenizer(None)
+    text = SHAKESPEARE.read_text() + "\n\n\nA  b\n \nC\r\nD\n"
+    chunks = split_for_bpe(text, lines_per_chunk=50)
+    assert len(chunks) > 100 and "".join(chunks) == text
+    assert [t for c in tok.encode_batch(chunks) for t in c] == tok.encode(text)

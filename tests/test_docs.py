@@ -1,0 +1,130 @@
+"""Keep the plugin author guide (README "## Writing a plugin") true, datasette-style: every hook
+spec is documented there with its arguments and implemented by some test plugin, every component
+interface and capability is documented, and the guide's example plugin really works."""
+from __future__ import annotations
+
+import importlib.util
+import inspect
+import re
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from gptx import base, components, hookspecs
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+
+
+def guide() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    start = text.find("\n## Writing a plugin")
+    assert start >= 0, "README.md has no '## Writing a plugin' section"
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end >= 0 else len(text)]
+
+
+def hook_specs() -> dict[str, inspect.Signature]:
+    return {
+        name: inspect.signature(fn)
+        for name, fn in inspect.getmembers(hookspecs, inspect.isfunction)
+        if hasattr(fn, "gptx_spec")
+    }
+
+
+def interfaces() -> list[type]:
+    return [
+        getattr(components, name)
+        for name in components.__all__
+        if isinstance(getattr(components, name), type)
+        and issubclass(getattr(components, name), base.Component)
+        and getattr(components, name) is not base.Component
+    ]
+
+
+def test_there_are_hooks_and_interfaces():
+    assert len(hook_specs()) >= 7
+    assert {c.__name__ for c in interfaces()} >= {
+        "Attention", "PositionalEncoding", "FeedForward", "Norm", "NormPlacement", "Tokenizer"
+    }
+
+
+@pytest.mark.parametrize("hook", sorted(hook_specs()))
+def test_every_hook_is_documented_with_its_arguments(hook):
+    sig = hook_specs()[hook]
+    spelled = f"`{hook}({', '.join(sig.parameters)})`"
+    assert spelled in guide(), f"README 'Writing a plugin' does not document {spelled}"
+
+
+@pytest.mark.parametrize("hook", sorted(hook_specs()))
+def test_every_hook_is_implemented_by_a_test_plugin(hook):
+    """Some plugin written by the tests (in a test module or a test plugin package) implements it."""
+    pattern = re.compile(rf"^\s*def {hook}\(", re.MULTILINE)
+    files = [p for p in TESTS.rglob("*.py") if "build" not in p.parts]
+    users = [p.relative_to(TESTS) for p in files if pattern.search(p.read_text(encoding="utf-8"))]
+    assert users, f"no test implements the hook {hook}"
+
+
+@pytest.mark.parametrize("interface", interfaces(), ids=lambda c: c.__name__)
+def test_every_interface_is_documented(interface):
+    text = guide()
+    assert f"**`{interface.__name__}(" in text, f"README 'Writing a plugin' does not document {interface.__name__}"
+    for method in interface.__abstractmethods__:
+        assert method in text, f"{interface.__name__}.{method} is abstract but not documented"
+
+
+def test_capabilities_and_register_are_documented():
+    text = guide()
+    for const, value in (("KV_CACHE", base.KV_CACHE), ("ONNX_EXPORT", base.ONNX_EXPORT)):
+        assert const in text and value in text
+    assert set(base.CAPABILITIES) == {base.KV_CACHE, base.ONNX_EXPORT}, "a new capability: document it"
+    for phrase in ("register(name, cls, override=False)", "GPTX_LOAD_PLUGINS", "[project.entry-points.gptx]",
+                   "__post_init__", "check(cls, model, options)", "supports", "c_proj", "Options"):
+        assert phrase in text, phrase
+
+
+def _blocks(lang: str) -> list[str]:
+    return re.findall(rf"```{lang}\n(.*?)```", guide(), re.DOTALL)
+
+
+def test_the_guides_pyproject_declares_the_entry_point():
+    projects = [tomllib.loads(b) for b in _blocks("toml") if "[project]" in b]
+    assert projects
+    for project in projects:
+        (module,) = project["project"]["entry-points"]["gptx"].values()
+        assert module.replace("_", "").isalnum()
+
+
+def test_the_guides_example_plugin_works(tmp_path, monkeypatch):
+    """The plugin module of the guide, as written, registers a component that validates its
+    options and builds, runs and trains in a model."""
+    import torch
+
+    from gptx import registry
+    from gptx.config import from_dict
+    from gptx.errors import ConfigError
+    from gptx.model import build_model
+
+    (code,) = [b for b in _blocks("python") if "@gptx.hookimpl" in b and "import gptx" in b]
+    path = tmp_path / "gptx_guide_example.py"
+    path.write_text(code, encoding="utf-8")
+    spec = importlib.util.spec_from_file_location("gptx_guide_example", path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gptx_guide_example", module)
+    spec.loader.exec_module(module)
+
+    reg = registry.load(extra_plugins=(module,))
+    assert reg.errors == []
+    entry = reg.get("ffn", "squared_relu")
+    assert entry.plugin.name == "gptx_guide_example"
+    model_table = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "vocab_size": 32}
+    cfg = from_dict({"model": {**model_table, "ffn": {"kind": "squared_relu", "hidden": 24}}}, registry=reg)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    ids = torch.randint(0, 32, (2, 8))
+    assert model(ids)[0].shape == (2, 8, 32)
+    model.loss(ids[:, :-1], ids[:, 1:]).backward()
+    with pytest.raises(ConfigError, match="model.ffn.hidden: must be at least 1"):
+        from_dict({"model": {**model_table, "ffn": {"kind": "squared_relu", "hidden": 0}}}, registry=reg)

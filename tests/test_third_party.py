@@ -2,8 +2,9 @@
 tests/plugin_packages (their own pyproject.toml, the ``gptx`` entry-point group) and the real CLI
 runs in subprocesses that see them.
 
-- gptx-example-plugin: ffn ``squared_relu``, positional ``relative_bias`` (declares KV_CACHE
-  only) and the command ``gptx example-info``.
+- gptx-example-plugin: one component of every kind (ffn ``squared_relu``, positional
+  ``relative_bias`` (declares KV_CACHE only), norm ``scalenorm``, norm placement ``final_only``,
+  tokenizer ``words``) and the command ``gptx example-info``.
 - gptx-broken-plugin: entry point ``explodes`` raises on import, ``misspelled`` implements
   ``register_fnn``. Each must give one clear line and leave everything else working.
 
@@ -84,6 +85,7 @@ def test_components_lists_the_plugin_components(site):
     rows = {tuple(line.split()[:3]) for line in proc.stdout.splitlines()}
     assert ("ffn", "squared_relu", "example") in rows
     assert ("positional", "relative_bias", "example") in rows
+    assert {("norm", "scalenorm", "example"), ("norm_placement", "final_only", "example"), ("tokenizer", "words", "example")} <= rows
     assert ("ffn", "gelu", "gptx.plugins.ffn") in rows  # the built-ins are all still there
 
     proc = gptx(site, "components", "--json")
@@ -106,7 +108,10 @@ def test_plugins_json_shows_the_plugin_and_the_errors(site):
     ex = plugins["example"]
     assert ex["module"] == "gptx_example_plugin.plugin"
     assert (ex["distribution"], ex["version"], ex["builtin"]) == (EXAMPLE_DIST, "0.1.0", False)
-    assert ex["hooks"] == ["register_commands", "register_ffn", "register_positional"]
+    assert ex["hooks"] == [
+        "register_commands", "register_ffn", "register_norm", "register_norm_placement", "register_positional",
+        "register_tokenizer",
+    ]
     assert "explodes" not in plugins and "misspelled" not in plugins
     assert len(data["errors"]) == 2
     errors = broken_lines("\n".join(data["errors"]))
@@ -137,7 +142,7 @@ def test_gptx_load_plugins_selects_third_party_plugins(site):
     assert none.returncode == 0, none.stderr
     assert none.stderr.strip() == ""  # the broken ones are not even imported
     names = {r["name"] for r in json.loads(none.stdout)}
-    assert "squared_relu" not in names and "relative_bias" not in names
+    assert not names & {"squared_relu", "relative_bias", "scalenorm", "final_only", "words"}
     assert {"gelu", "swiglu", "causal", "rope", "byte"} <= names
     assert gptx(site, "example-info", load="").returncode != 0  # its command is gone too
 
@@ -217,18 +222,26 @@ def test_gptx_run_trains_with_the_plugin_component(site, tmp_path):
     exp = tmp_path / "squared_relu.toml"
     exp.write_text(textwrap.dedent(
         f"""
-        # a tiny model whose feed-forward comes from the third-party package
+        # a tiny model whose every component but attention comes from the third-party package
         [model]
         n_layer = 2
         n_head = 2
         n_embd = 32
         block_size = 32
 
+        [model.positional]
+        kind = "relative_bias"
+        max_distance = 16
+
         [model.ffn]
         kind = "squared_relu"
 
+        [model.norm]
+        kind = "scalenorm"
+        placement = "final_only"
+
         [tokenizer]
-        kind = "char"
+        kind = "words"   # learned from the data, rebuilt from the checkpoint's tokenizer state
 
         [data]
         path = {json.dumps(str(DATA))}
@@ -256,7 +269,8 @@ def test_gptx_run_trains_with_the_plugin_component(site, tmp_path):
     assert len(json.loads(gen.stdout)["ids"]) == 8
     # without the plugin the checkpoint cannot be rebuilt, and the error says which component is missing
     missing = gptx(site, "generate", checkpoint, "--prompt", "ROMEO:", cwd=tmp_path, load="")
-    assert missing.returncode == 2 and "squared_relu" in missing.stderr and "Traceback" not in missing.stderr
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr, missing.stderr
+    assert "relative_bias" in missing.stderr or "squared_relu" in missing.stderr, missing.stderr
 
 
 def test_menu_tests_pick_up_the_plugin_components(site):
@@ -266,8 +280,9 @@ def test_menu_tests_pick_up_the_plugin_components(site):
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     proc = subprocess.run(
         [sys.executable, "-m", "pytest", str(ROOT / "tests" / "test_menu.py"), "-q", "-p", "no:cacheprovider",
-         "-p", "no:xdist", "-k", "squared_relu or relative_bias"],
+         "-p", "no:xdist", "-k", "squared_relu or relative_bias or scalenorm or final_only or words"],
         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:]
-    assert "8 passed" in proc.stdout, proc.stdout[-3000:]
+    # 4 checks for each of the 3 model slots and the norm placement, 1 for the tokenizer
+    assert "17 passed" in proc.stdout and "skipped" not in proc.stdout, proc.stdout[-3000:]

@@ -104,7 +104,7 @@ def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, metadata: Optiona
 @contextlib.contextmanager
 def _quiet():
     """torch.onnx prints progress and warns about torchvision ops; keep the CLI output ours."""
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript")]
+    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch._dynamo", "torch.export", "torch.fx", "torch.__trace", "onnxscript")]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
         lg.setLevel(logging.ERROR)

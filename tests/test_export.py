@@ -1,0 +1,315 @@
+"""``gptx export``: the graph's I/O contract, verification, metadata, tokenizer.json, int8, the
+OUT_DIR rules, and greedy tokens from onnxruntime equal to PyTorch's for every exportable
+component (one slot varied at a time, defaults elsewhere). Real torch.onnx exports and real
+onnxruntime sessions throughout; tiny models so each export takes seconds."""
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+
+from gptx import checkpoint
+from gptx import registry as registry_mod
+from gptx.base import KV_CACHE, ONNX_EXPORT
+from gptx.cli import cli
+from gptx.config import COMPONENT_SLOTS, DEFAULT_PLACEMENT, from_dict
+from gptx.errors import GptxError
+from gptx.export import IO_CONTRACT, IO_CONTRACT_VERSION, input_names, output_names
+from gptx.export.onnx_export import export_checkpoint
+from gptx.export.runtime import OnnxGenerator, make_session
+from gptx.generate import generate_ids
+from gptx.model import GPT
+from gptx.sampling import Sampler
+
+SMALL = {"n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 64}
+
+
+def make_checkpoint(run_dir, model=None, tokenizer="byte", seed=0, tokenizer_state=None):
+    """Save a randomly initialised tiny model; returns the checkpoint directory."""
+    raw = {"model": {**SMALL, **(model or {})}, "tokenizer": {"kind": tokenizer}}
+    cfg = from_dict(raw, registry_mod.registry())
+    tok = checkpoint.build_tokenizer(cfg.tokenizer, tokenizer_state)
+    cfg.model.vocab_size = tok.vocab_size
+    torch.manual_seed(seed)
+    return checkpoint.save(run_dir, 1, GPT(cfg.model), cfg, tok)
+
+
+def quiet(_msg):
+    pass
+
+
+def greedy_both(ck_dir, out_dir, prompts, new_tokens=8):
+    ck = checkpoint.load(ck_dir)
+    want = generate_ids(ck.model, prompts, new_tokens, Sampler(temperature=0), ck.tokenizer.eot_id).ids
+    got = OnnxGenerator(out_dir).generate(prompts, new_tokens, Sampler(temperature=0)).ids
+    return want, got
+
+
+# ---- every exportable component, one slot varied at a time ----------------------------------
+
+def component_matrix():
+    """(id, model overrides): the defaults, then each other registered component of each slot
+    (and each norm placement) that declares ONNX_EXPORT, with defaults elsewhere."""
+    reg = registry_mod.registry()
+    combos = []  # the defaults (GPT-2) are covered by the gpt2 fixture below, with the real vocabulary
+    for slot, (kind, default) in COMPONENT_SLOTS.items():
+        for name in reg.names(kind):
+            if name != default and ONNX_EXPORT in reg.get(kind, name).supports:
+                combos.append((f"{slot}={name}", {slot: {"kind": name}}))
+    for name in reg.names("norm_placement"):
+        if name != DEFAULT_PLACEMENT and ONNX_EXPORT in reg.get("norm_placement", name).supports:
+            combos.append((f"placement={name}", {"norm": {"placement": name}}))
+    # grouped-query attention and a sliding window ride along on the attention variants
+    combos.append(("attention=causal(gqa,window)", {"attention": {"kind": "causal", "n_kv_heads": 2, "window": 6}}))
+    return combos
+
+
+MATRIX = component_matrix()
+
+
+@pytest.mark.parametrize("overrides", [m[1] for m in MATRIX], ids=[m[0] for m in MATRIX])
+def test_onnx_greedy_tokens_equal_pytorch_for_every_component(tmp_path, overrides):
+    ck = make_checkpoint(tmp_path / "run", overrides, seed=1)
+    meta = export_checkpoint(ck, tmp_path / "out", log=quiet)
+    assert meta["verification"]["max_abs_diff"] <= 1e-4
+    assert set(meta["verification"]["cases"]) == {"empty-past", "1-token", "chunked", "left-padded"}
+    prompts = [list(b"To be, or not"), list(b"Ay")]  # different lengths: a left-padded batch
+    want, got = greedy_both(ck, tmp_path / "out", prompts, new_tokens=10)
+    assert got == want
+
+
+def test_matrix_covers_every_builtin_component():
+    ids = {m[0] for m in MATRIX}
+    assert len(ids) == len(MATRIX)
+    for expected in ("attention=einsum", "positional=rope", "positional=alibi", "positional=sinusoidal",
+                     "positional=none", "ffn=swiglu", "ffn=geglu", "ffn=relu", "norm=rmsnorm",
+                     "placement=post", "placement=sandwich"):
+        assert expected in ids
+
+
+# ---- a GPT-2-vocabulary export, shared by the contract tests ------------------------------------
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gpt2")
+    ck = make_checkpoint(root / "run", {"n_embd": 64, "block_size": 128}, tokenizer="gpt2", seed=2)
+    logs = []
+    meta = export_checkpoint(ck, root / "out", log=logs.append)
+    return {"ck": ck, "out": root / "out", "meta": meta, "logs": logs}
+
+
+def test_export_directory_holds_the_promised_files(gpt2):
+    names = sorted(p.name for p in gpt2["out"].iterdir())
+    assert names == ["genai_config.json", "gptx_export.json", "model.onnx", "tokenizer.json", "tokenizer_config.json"]
+    assert not [p for p in gpt2["out"].parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_graph_io_names_shapes_and_dynamic_dims(gpt2):
+    model = onnx.load(str(gpt2["out"] / "model.onnx"))
+    L = 2
+
+    def dims(vi):
+        return [d.dim_param or d.dim_value for d in vi.type.tensor_type.shape.dim]
+
+    ins = {i.name: dims(i) for i in model.graph.input}
+    outs = {o.name: dims(o) for o in model.graph.output}
+    assert list(ins) == input_names(L) and list(outs) == output_names(L)
+    assert ins["input_ids"] == ["batch_size", "sequence_length"]
+    assert ins["attention_mask"] == ["batch_size", "total_sequence_length"]
+    assert ins["position_ids"] == ["batch_size", "sequence_length"]
+    assert ins["past_key_values.0.key"] == ["batch_size", 4, "past_sequence_length", 16]
+    assert outs["logits"] == ["batch_size", "sequence_length", 50257]
+    assert outs["present.1.value"] == ["batch_size", 4, "total_sequence_length", 16]
+    types = {i.name: i.type.tensor_type.elem_type for i in model.graph.input}
+    assert types["input_ids"] == types["attention_mask"] == types["position_ids"] == onnx.TensorProto.INT64
+
+
+def test_tied_embedding_is_stored_once(gpt2):
+    model = onnx.load(str(gpt2["out"] / "model.onnx"))
+    big = [t for t in model.graph.initializer if np.prod(t.dims) == 50257 * 64]
+    assert len(big) == 1
+    params = checkpoint.load(gpt2["ck"]).model.num_params()
+    stored = sum(int(np.prod(t.dims)) for t in model.graph.initializer)
+    assert stored < params * 1.05  # a second 50257 x 64 copy would add ~80%
+
+
+def test_one_graph_runs_empty_past_steps_and_batches(gpt2):
+    sess = make_session(gpt2["out"] / "model.onnx")
+    for B, T, P in [(1, 1, 0), (3, 7, 0), (2, 1, 9), (1, 4, 5)]:
+        feeds = {"input_ids": np.zeros((B, T), np.int64), "attention_mask": np.ones((B, P + T), np.int64),
+                 "position_ids": np.tile(np.arange(P, P + T), (B, 1))}
+        for i in range(2):
+            for kv in ("key", "value"):
+                feeds[f"past_key_values.{i}.{kv}"] = np.zeros((B, 4, P, 16), np.float32)
+        logits, *presents = sess.run(None, feeds)
+        assert logits.shape == (B, T, 50257)
+        assert presents[0].shape == (B, 4, P + T, 16)
+
+
+def test_metadata_in_json_and_in_onnx_metadata_props(gpt2):
+    meta = json.loads((gpt2["out"] / "gptx_export.json").read_text())
+    assert meta["io_contract"]["name"] == IO_CONTRACT and meta["io_contract"]["version"] == IO_CONTRACT_VERSION
+    assert meta["config"]["model"]["n_embd"] == 64 and meta["config"]["model"]["positional"]["kind"] == "learned"
+    assert meta["tokenizer"]["kind"] == "gpt2" and len(meta["tokenizer"]["sha256"]) == 64
+    assert meta["special_tokens"]["eot"] == {"id": 50256, "text": "<|endoftext|>"}
+    assert meta["verification"]["max_abs_diff"] <= 1e-4
+    props = {p.key: p.value for p in onnx.load(str(gpt2["out"] / "model.onnx"), load_external_data=False).metadata_props}
+    assert props["gptx.io_contract"] == f"{IO_CONTRACT}/{IO_CONTRACT_VERSION}"
+    embedded = json.loads(props["gptx.metadata"])
+    assert embedded["config"] == meta["config"] and embedded["tokenizer"] == meta["tokenizer"]
+
+
+def test_export_prints_the_verification_max_diff(gpt2):
+    line = next(x for x in gpt2["logs"] if x.startswith("verified against PyTorch"))
+    assert "max abs diff" in line and "chunked" in line and "left-padded" in line
+
+
+def test_genai_config_describes_a_decoder(gpt2):
+    g = json.loads((gpt2["out"] / "genai_config.json").read_text())
+    m = g["model"]
+    assert m["type"] == "decoder" and m["eos_token_id"] == 50256 and m["vocab_size"] == 50257
+    d = m["decoder"]
+    assert d["filename"] == "model.onnx" and d["num_hidden_layers"] == 2 and d["num_key_value_heads"] == 4
+    assert d["inputs"]["past_key_names"] == "past_key_values.%d.key"
+    assert d["outputs"]["present_value_names"] == "present.%d.value"
+
+
+def test_tokenizer_json_encodes_like_tiktoken(gpt2):
+    tokenizers = pytest.importorskip("tokenizers")
+    from gptx.plugins.tokenizers import gpt2_encoding
+
+    hf = tokenizers.Tokenizer.from_file(str(gpt2["out"] / "tokenizer.json"))
+    enc = gpt2_encoding()
+    texts = [
+        "Hello world", "  leading and trailing  ", "it's they're we'll I'd", "numbers 12345 and 3.14159",
+        "tabs\tand\nnew\n\nlines\r\n", "Ünïcödé — 日本語 🎉 emoji", "<|endoftext|>after the end", "a" * 300,
+        (gpt2["out"] / "gptx_export.json").read_text(),
+    ]
+    for text in texts:
+        ids = hf.encode(text).ids
+        assert ids == enc.encode(text, allowed_special="all"), text
+        assert hf.decode(ids, skip_special_tokens=False) == text
+
+
+def test_greedy_tokens_equal_pytorch_with_gpt2_vocab(gpt2):
+    tok = checkpoint.load(gpt2["ck"]).tokenizer
+    prompts = [tok.encode("The quick brown fox"), tok.encode("Hi")]
+    want, got = greedy_both(gpt2["ck"], gpt2["out"], prompts, new_tokens=12)
+    assert got == want
+
+
+# ---- int8 ------------------------------------------------------------------------------------------
+
+def test_int8_quantizes_the_head_and_reports_agreement(tmp_path, gpt2):
+    logs = []
+    meta = export_checkpoint(gpt2["ck"], tmp_path / "q", quantize="int8", log=logs.append)
+    q = meta["quantization_report"]
+    model = onnx.load(str(tmp_path / "q" / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    # every weight matmul (2 layers x 4, and the LM head) runs on int8; none is left in fp32
+    assert q["quantized_matmuls"] == 9 and q["fp32_matmuls_left"] == ops.count("MatMul")
+    consts = {t.name for t in model.graph.initializer}
+    assert not [n for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in consts]
+    assert not [n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in consts
+                and any(np.prod(t.dims) == 50257 * 64 for t in model.graph.initializer if t.name == n.input[0])
+                and not n.output[0].endswith("_output_quantized")]  # no whole-matrix dequantize per step
+    assert (tmp_path / "q" / "model.onnx").stat().st_size < 0.6 * (gpt2["out"] / "model.onnx").stat().st_size
+    assert q["prompt_logits_max_abs_diff"] < 0.1 * max(q["prompt_logits_max_abs"], 1.0)
+    assert q["greedy_tokens_compared"] > 0 and q["int8_tokens_per_s"] > 0 and q["fp32_tokens_per_s"] > 0
+    assert any(line.startswith("int8:") and "tokens/s" in line for line in logs)
+    assert json.loads((tmp_path / "q" / "gptx_export.json").read_text())["quantization"] == "int8"
+    # and it still generates through the same runtime
+    tok = checkpoint.load(gpt2["ck"]).tokenizer
+    out = OnnxGenerator(tmp_path / "q").generate([tok.encode("Hello")], 5, Sampler(temperature=0))
+    assert len(out.ids[0]) == 5
+
+
+# ---- refusals and the OUT_DIR rules --------------------------------------------------------------
+
+def test_component_without_onnx_export_is_refused(tmp_path):
+    from gptx.plugins.attention import CausalSelfAttention
+
+    class NoExport(CausalSelfAttention):
+        supports = frozenset({KV_CACHE})
+
+    class Plugin:
+        @staticmethod
+        @__import__("gptx").hookimpl
+        def register_attention(register):
+            register("no-export", NoExport)
+
+    registry_mod.use(registry_mod.load(extra_plugins=(Plugin,)))
+    try:
+        ck = make_checkpoint(tmp_path / "run", {"attention": {"kind": "no-export"}})
+        with pytest.raises(GptxError, match=r"model\.attention 'no-export'.*does not support ONNX export"):
+            export_checkpoint(ck, tmp_path / "out", log=quiet)
+    finally:
+        registry_mod.use(None)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.fixture
+def byte_ckpt(tmp_path):
+    return make_checkpoint(tmp_path / "run")
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
+
+
+def test_cli_export_refuses_a_foreign_dir_and_replaces_a_previous_export(tmp_path, byte_ckpt):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    r = invoke("export", byte_ckpt, "-o", out)
+    assert r.exit_code == 2 and "not empty and not a previous gptx export" in r.output
+    assert (out / "notes.txt").read_text() == "keep me"
+
+    r = invoke("export", byte_ckpt, "-o", out, "--force")
+    assert r.exit_code == 0, r.output
+    assert "max abs diff" in r.output and (out / "model.onnx").is_file()
+    assert not (out / "notes.txt").exists()
+    assert not (out / "tokenizer.json").exists()  # byte tokenizer: no HF tokenizer.json
+
+    (out / "stale.txt").write_text("from an older export")
+    r = invoke("export", byte_ckpt, "-o", out)  # a previous gptx export is replaced without --force
+    assert r.exit_code == 0, r.output
+    assert not (out / "stale.txt").exists() and (out / "model.onnx").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]  # no temp dirs left behind
+
+
+def test_cli_refuses_to_replace_the_checkpoint_it_reads(tmp_path, byte_ckpt):
+    r = invoke("export", byte_ckpt, "-o", tmp_path / "run", "--force")
+    assert r.exit_code == 2 and "refusing to replace" in r.output
+    assert checkpoint.load(byte_ckpt)
+
+
+def test_failed_verification_exits_2_naming_the_output_and_leaves_nothing(tmp_path, byte_ckpt, monkeypatch):
+    from gptx.export import verify
+
+    monkeypatch.setattr(verify, "TOLERANCE", -1.0)  # any difference, even 0, now fails
+    r = invoke("export", byte_ckpt, "-o", tmp_path / "out")
+    assert r.exit_code == 2
+    assert "export verification failed" in r.output
+    assert any(f"{case}: " in r.output for case in ("empty-past", "1-token", "chunked", "left-padded"))
+    assert "logits" in r.output or "present." in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no OUT_DIR, no temp dir
+
+
+def test_verification_catches_a_wrong_graph(gpt2):
+    from gptx.export.verify import VerificationError, verify
+
+    model = checkpoint.load(gpt2["ck"]).model
+    with torch.no_grad():
+        model.blocks[1].mlp.c_fc.weight.mul_(1.01)  # the graph no longer matches this model
+    with pytest.raises(VerificationError, match=r"differs from PyTorch by .* in (empty-past|1-token|chunked|left-padded): (logits|present)"):
+        verify(model, make_session(gpt2["out"] / "model.onnx"))
+
+
+def test_unknown_quantization_and_missing_source(tmp_path, byte_ckpt):
+    with pytest.raises(GptxError, match="unknown scheme"):
+        export_checkpoint(byte_ckpt, tmp_path / "o", quantize="int4", log=quiet)
+    r = invoke("export", tmp_path / "nope", "-o", tmp_path / "o")
+    assert r.exit_code == 2 and "no such checkpoint" in r.output

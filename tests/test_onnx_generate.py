@@ -1,0 +1,140 @@
+"""``gptx generate OUT_DIR``: onnxruntime alone (no torch import), KV cache, sampling shared with
+PyTorch (same seed, same tokens), stop at end-of-text, batches with left padding, context limit."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from gptx import checkpoint
+from gptx import registry as registry_mod
+from gptx.config import from_dict
+from gptx.errors import GptxError
+from gptx.export.onnx_export import export_checkpoint
+from gptx.export.runtime import OnnxGenerator
+from gptx.generate import generate_ids
+from gptx.model import GPT
+from gptx.sampling import Sampler
+
+BLOCK = 64
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """A tiny GPT-2-vocabulary model, saved and exported once for this module."""
+    root = tmp_path_factory.mktemp("onnxgen")
+    cfg = from_dict({"model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": BLOCK},
+                     "tokenizer": {"kind": "gpt2"}}, registry_mod.registry())
+    tok = checkpoint.build_tokenizer(cfg.tokenizer)
+    cfg.model.vocab_size = tok.vocab_size
+    torch.manual_seed(3)
+    ck = checkpoint.save(root / "run", 1, GPT(cfg.model), cfg, tok)
+    export_checkpoint(ck, root / "out", log=lambda _m: None)
+    return {"ck": ck, "out": root / "out", "model": checkpoint.load(ck).model, "tok": tok, "gen": OnnxGenerator(root / "out")}
+
+
+PROMPTS = ["The meaning of life is", "Hi", "One, two, three, four, five"]
+
+
+@pytest.mark.parametrize("sampling", [
+    {"temperature": 0},
+    {"temperature": 0.8, "seed": 1},
+    {"temperature": 1.0, "top_k": 5, "seed": 2},
+    {"temperature": 0.9, "top_p": 0.9, "seed": 3},
+    {"temperature": 1.2, "top_k": 50, "top_p": 0.95, "seed": 4},
+], ids=["greedy", "temperature", "top-k", "top-p", "top-k+top-p"])
+def test_same_tokens_as_pytorch_for_every_sampling_mode(exported, sampling):
+    prompts = [exported["tok"].encode(p) for p in PROMPTS]
+    want = generate_ids(exported["model"], prompts, 12, Sampler(**sampling), exported["tok"].eot_id)
+    got = exported["gen"].generate(prompts, 12, Sampler(**sampling))
+    assert got.prompt_ids == want.prompt_ids
+    assert got.ids == want.ids
+
+
+def test_a_batch_gives_each_prompt_what_it_gets_alone(exported):
+    prompts = [exported["tok"].encode(p) for p in PROMPTS]
+    batch = exported["gen"].generate(prompts, 10, Sampler(temperature=0)).ids
+    alone = [exported["gen"].generate([p], 10, Sampler(temperature=0)).ids[0] for p in prompts]
+    assert batch == alone
+
+
+def test_stops_each_prompt_at_end_of_text(exported):
+    gen, tok = exported["gen"], exported["tok"]
+    prompts = [tok.encode(p) for p in PROMPTS[:2]]
+    free = gen.generate(prompts, 8, Sampler(temperature=0)).ids
+    stop = free[0][2]  # pretend the third token of the first prompt is end-of-text
+    got = gen.generate(prompts, 8, Sampler(temperature=0), eot_id=stop).ids
+    want = generate_ids(exported["model"], prompts, 8, Sampler(temperature=0), eot_id=stop).ids
+    assert got == want
+    assert got[0] == free[0][: free[0].index(stop) + 1]
+    assert gen.eot_id == 50256  # the real default comes from gptx_export.json
+
+
+def test_context_limit_and_empty_prompt_are_errors(exported):
+    gen = exported["gen"]
+    with pytest.raises(GptxError, match=f"exceeds the model's context of {BLOCK} tokens"):
+        gen.generate([[1] * 60], 5, Sampler(temperature=0))
+    with pytest.raises(GptxError, match="must not be empty"):
+        gen.generate([[1], []], 5, Sampler(temperature=0))
+    out = gen.generate([[1] * 60], 4, Sampler(temperature=0))  # exactly the context: fine
+    assert len(out.ids[0]) == 4
+
+
+def test_session_does_not_spin(exported):
+    opts = exported["gen"].session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_tampered_tokenizer_state_is_refused(exported, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(exported["out"], copy)
+    meta = json.loads((copy / "gptx_export.json").read_text())
+    meta["tokenizer"]["kind"] = "byte"
+    (copy / "gptx_export.json").write_text(json.dumps(meta))
+    with pytest.raises(GptxError, match="sha256"):
+        OnnxGenerator(copy)
+    with pytest.raises(GptxError, match="not a gptx export"):
+        OnnxGenerator(tmp_path)
+
+
+@pytest.mark.slow
+def test_cli_generate_on_an_export_never_imports_torch(exported):
+    code = (
+        "import sys\n"
+        "from gptx.cli import main\n"
+        "sys.argv = ['gptx', 'generate', sys.argv[1], '--prompt', 'Hello there', '--prompt', 'Hi',\n"
+        "            '--temperature', '0', '--max-new-tokens', '6', '--json']\n"
+        "try:\n"
+        "    main()\n"
+        "except SystemExit as e:\n"
+        "    assert not e.code, e.code\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+        "print('NO-TORCH')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "GPTX_LOAD_PLUGINS"}
+    r = subprocess.run([sys.executable, "-c", code, str(exported["out"])], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[-1] == "NO-TORCH"
+    rows = [json.loads(x) for x in lines[:-1]]
+    tok = exported["tok"]
+    prompts = [tok.encode("Hello there"), tok.encode("Hi")]
+    want = generate_ids(exported["model"], prompts, 6, Sampler(temperature=0), tok.eot_id).ids
+    assert [r["ids"] for r in rows] == want
+    assert rows[0]["text"] == tok.decode(want[0])
+
+
+@pytest.mark.slow
+def test_cli_generate_same_json_from_export_and_checkpoint(exported):
+    def run(source):
+        r = subprocess.run([sys.executable, "-m", "gptx", "generate", str(source), "--prompt", "Once upon",
+                            "--temperature", "0.7", "--top-k", "20", "--seed", "5", "--max-new-tokens", "8", "--json"],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout)
+
+    assert run(exported["out"]) == run(exported["ck"])

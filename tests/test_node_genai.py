@@ -51,12 +51,16 @@ def python_greedy(out: Path, prompts, n: int):
 # ---- Node.js ------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def node_modules(request):
-    """onnxruntime-node installed once into pytest's cache directory (.pytest_cache, git-ignored)."""
+def node_modules(request, tmp_path_factory):
+    """onnxruntime-node installed once into pytest's cache directory (.pytest_cache, git-ignored),
+    or into the test's temporary directory when the cache is disabled."""
     node, npm = shutil.which("node"), shutil.which("npm")
     if node is None or npm is None:
         pytest.skip("Node.js (node and npm) is not installed: the Node example cannot be run here")
-    cache = Path(request.config.cache.mkdir("gptx-onnxruntime-node"))
+    if getattr(request.config, "cache", None) is not None:
+        cache = Path(request.config.cache.mkdir("gptx-onnxruntime-node"))
+    else:
+        cache = tmp_path_factory.mktemp("onnxruntime-node")
     if not (cache / "node_modules" / "onnxruntime-node" / "package.json").is_file():
         env = dict(os.environ, ONNXRUNTIME_NODE_INSTALL="skip")  # CPU binaries only: no CUDA download
         r = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(cache), "onnxruntime-node"],

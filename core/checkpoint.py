@@ -47,15 +47,16 @@ def build_tokenizer(spec, state: Optional[dict] = None):
 
 def save(run_dir: Path, step: int, model, config: ExperimentConfig, tokenizer, trainer_state: Optional[dict] = None,
          extra: Optional[dict] = None, keep: int = 2) -> Path:
-    """Write checkpoints/step-NNNNNN atomically; keep the newest ``keep`` checkpoints."""
-    from safetensors.torch import save_model
+    """Write checkpoints/step-NNNNNN atomically; keep the newest ``keep`` checkpoints.
+    ``model`` is a module or its full state dict (what FSDP gathers)."""
+    from safetensors.torch import save_file
 
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=root))
     try:
-        save_model(_unwrap(model), str(tmp / "model.safetensors"))
+        save_file(weights_to_store(model, config), str(tmp / "model.safetensors"))
         meta = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -87,6 +88,29 @@ def _fsync(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+TIED_KEY = "lm_head.weight"  # the output matrix when it is the token embedding: stored once, as wte.weight
+
+
+def weights_to_store(model, config: ExperimentConfig) -> dict[str, torch.Tensor]:
+    sd = model if isinstance(model, dict) else _unwrap(model).state_dict()
+    drop = {TIED_KEY} if config.model.tie_embeddings else set()
+    return {k: v.detach().to("cpu").contiguous() for k, v in sd.items() if k not in drop}
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors of a checkpoint directory; a damaged file is a GptxError."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    f = Path(path) / "model.safetensors"
+    if not f.is_file():
+        raise GptxError(f"{path}: missing model.safetensors")
+    try:
+        return load_file(str(f))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise GptxError(f"{f}: corrupted or unreadable ({err})") from None
 
 
 def _unwrap(model):
@@ -143,9 +167,6 @@ def read_meta(path: Path) -> dict:
 
 def load(source: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
     """Rebuild config, tokenizer and model from a checkpoint; every problem is a GptxError."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_model
-
     from gptx.model import GPT
 
     path = resolve(source)
@@ -161,17 +182,15 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu") -> Check
         config.model.vocab_size = tokenizer.vocab_size
     model = GPT(config.model)
     weights = path / "model.safetensors"
-    if not weights.is_file():
-        raise GptxError(f"{path}: missing model.safetensors")
     try:
-        missing, unexpected = load_model(model, str(weights), strict=False, device=str(device))
-    except (SafetensorError, OSError) as err:
-        raise GptxError(f"{weights}: corrupted or unreadable ({err})") from None
-    except RuntimeError as err:
-        first = str(err).strip().splitlines()
-        raise GptxError(f"{weights}: does not fit the model its config describes ({first[-1] if first else err})") from None
+        missing, unexpected = model.load_state_dict(load_weights(path), strict=False)
+    except RuntimeError as err:  # a tensor of another shape
+        lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
+        raise GptxError(f"{weights}: does not fit the model its config describes ({lines[1] if len(lines) > 1 else err})") from None
+    missing = set(missing) - ({TIED_KEY} if config.model.tie_embeddings else set())
     if missing or unexpected:
-        raise GptxError(f"{weights}: does not fit the model its config describes (missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
+        raise GptxError(f"{weights}: does not fit the model its config describes "
+                        f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     model.to(device).eval()
     return Checkpoint(path=path, config=config, model=model, tokenizer=tokenizer, meta=meta)
 

@@ -22,7 +22,8 @@ def fail(message: str, code: int = 2):
 
 
 def friendly(fn):
-    """Turn GptxError into 'Error: message' + exit 2 (the one place that does)."""
+    """Turn GptxError (and an OSError from the machine: disk full, permissions) into
+    'Error: message' + exit 2 (the one place that does)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
@@ -30,6 +31,11 @@ def friendly(fn):
             return fn(*args, **kwargs)
         except GptxError as err:
             fail(str(err), err.exit_code)
+        except OSError as err:  # the machine said no (disk full, read-only, a path through a file)
+            name = err.filename
+            if isinstance(err, FileExistsError) and name and not __import__("os").path.isdir(name):
+                fail(f"{name}: exists and is not a directory")
+            fail(f"{name}: {err.strerror or err}" if name else f"{err.strerror or err}")
 
     return wrapper
 
@@ -239,6 +245,23 @@ def validate(file, overrides, as_json):
         )
 
 
+def _run_forwarding_signals(args: list[str]) -> int:
+    """Run torchrun as a child; SIGINT/SIGTERM sent to us go to it (it passes them to every rank,
+    which checkpoint and stop together). Returns the child's exit code."""
+    import signal
+    import subprocess
+
+    child = subprocess.Popen(args)
+    forward = lambda signum, frame: child.send_signal(signum)  # noqa: E731
+    old = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        code = child.wait()
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+    return code if code >= 0 else 128 - code
+
+
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a config value (TOML syntax); repeatable.")
@@ -250,12 +273,10 @@ def run(file, overrides, resume, nproc, quiet):
     """Train the experiment in FILE, tracked in MLflow; print a sample at the end."""
     if nproc is not None and "WORLD_SIZE" not in __import__("os").environ:
         _load(file, overrides)  # bad input fails here, once, not in N processes
-        import subprocess
-
         args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                 "-m", "gptx", "run", file, *[f"--set={o}" for o in overrides]]
         args += ["--resume"] * resume + ["--quiet"] * quiet
-        sys.exit(subprocess.call(args))
+        sys.exit(_run_forwarding_signals(args))
     from gptx.train import Interrupted, train
 
     cfg = _load(file, overrides)

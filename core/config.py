@@ -117,6 +117,7 @@ class TrainingConfig:
     dtype: Literal["float32", "bfloat16"] = "float32"  # bfloat16: autocast on CPU and CUDA
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto: cuda when present, else cpu
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the model
     threads: Optional[int] = None  # torch intra-op threads on CPU; None: torch's default
     out_dir: str = "runs"  # run directories go to <out_dir>/<experiment>/<run>; relative to the working directory
     sample_prompt: str = "\n"

@@ -28,6 +28,7 @@ from typing import Optional
 import torch
 
 from gptx import checkpoint as ckpt
+from gptx import distributed
 from gptx.config import ExperimentConfig
 from gptx.errors import ConfigError, GptxError
 
@@ -72,47 +73,7 @@ def lr_at(step: int, tc) -> float:
     return tc.final_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (tc.learning_rate - tc.final_lr)
 
 
-# ---- processes and devices -------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def barrier(self):
-        if self.world > 1:
-            torch.distributed.barrier()
-
-    def broadcast(self, obj):
-        """rank 0's ``obj`` on every rank."""
-        if self.world == 1:
-            return obj
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.world > 1:
-            torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.AVG if t.is_cuda else torch.distributed.ReduceOp.SUM)
-            if not t.is_cuda:
-                t = t / self.world
-        return t
-
-
-def setup_distributed(device: torch.device) -> Dist:
-    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return Dist()
-    if not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")))
-
+# ---- devices -------------------------------------------------------------------------------
 
 def pick_device(tc) -> torch.device:
     if tc.device == "auto":
@@ -278,9 +239,12 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
     from gptx.sampling import Sampler
 
     tc = cfg.training
-    device = pick_device(tc)
-    tokenizer, dataset, resume_dir = prepare(cfg, resume)
-    dist = setup_distributed(device)
+    try:
+        device = pick_device(tc)
+        tokenizer, dataset, resume_dir = prepare(cfg, resume)
+    except ConfigError as err:  # name the experiment file, as the loader's own errors do
+        raise err.located(str(cfg.source) if cfg.source else None) from None
+    dist = distributed.setup(device, tc.parallel)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     if cfg.model.vocab_size is None:
@@ -290,9 +254,10 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
 
     torch.manual_seed(tc.seed)
     model = GPT(cfg.model).to(device)
+    train_model = distributed.wrap(model, dist, device)  # FSDP shards ``model`` in place
     optimizer = torch.optim.AdamW(
         param_groups(model, tc.weight_decay), lr=tc.learning_rate, betas=(tc.beta1, tc.beta2),
-        **({"fused": True} if device.type in ("cuda", "cpu") else {}),
+        **({"fused": True} if device.type in ("cuda", "cpu") and not dist.sharded else {}),
     )
     data_gen = torch.Generator().manual_seed(tc.seed)
     start_step, history = 0, []
@@ -302,10 +267,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
         state = ckpt.load_trainer_state(last)
         if state is None:
             raise GptxError(f"--resume: {last} has no trainer state")
-        from safetensors.torch import load_model
-
-        load_model(model, str(last / "model.safetensors"), device=str(device))
-        optimizer.load_state_dict(state["optimizer"])
+        distributed.load_full_state(model, optimizer, ckpt.load_weights(last), state["optimizer"], dist)
         data_gen.set_state(state["data_rng"])
         torch.set_rng_state(state["torch_rng"])
         start_step, history = int(state["step"]), list(json.loads(state.get("history", "[]")))
@@ -324,13 +286,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
             tracker.set_tags(tracking.run_tags(cfg, reg))
             tracker.log_text(json.dumps(cfg.to_dict(), indent=2), "config.json")
 
-    train_model = model
     if tc.compile:
-        train_model = torch.compile(model)
-    if dist.world > 1:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        train_model = DDP(train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        train_model = torch.compile(train_model)
     autocast = (
         torch.autocast(device.type, dtype=torch.bfloat16) if tc.dtype == "bfloat16" else contextlib.nullcontext()
     )
@@ -351,23 +308,26 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
                 losses = torch.zeros(tc.eval_steps)
                 for i in range(tc.eval_steps):
                     x, y = dataset.windows(split, tc.batch_size, gen)
-                    if i % dist.world == dist.rank:
+                    if dist.sharded or i % dist.world == dist.rank:  # FSDP: every rank joins every forward
                         losses[i] = model.loss(x.to(device), y.to(device)).float().cpu()
-                out[split] = float(dist.mean(losses.sum().to(device)).item()) * dist.world / tc.eval_steps
+                total = losses.sum() if dist.sharded else dist.mean(losses.sum().to(device)) * dist.world
+                out[split] = float(total) / tc.eval_steps
         model.train()
         return out
 
     def save(step: int) -> Optional[Path]:
+        weights = distributed.full_model_state(model, dist)  # collectives under FSDP: all ranks
+        optim_state = distributed.full_optimizer_state(model, optimizer, dist)
         path = None
         if dist.main:
             state = {
-                "optimizer": optimizer.state_dict(),
+                "optimizer": optim_state,
                 "step": step,
                 "data_rng": data_gen.get_state(),
                 "torch_rng": torch.get_rng_state(),
                 "history": json.dumps(history),
             }
-            path = ckpt.save(run_dir, step, model, cfg, tokenizer, state)
+            path = ckpt.save(run_dir, step, weights, cfg, tokenizer, state)
             write_run_file(run_dir, step=step, checkpoint=str(path))
         dist.barrier()
         return path
@@ -414,8 +374,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
                     x = x_all[i * tc.batch_size:(i + 1) * tc.batch_size].to(device, non_blocking=True)
                     y = y_all[i * tc.batch_size:(i + 1) * tc.batch_size].to(device, non_blocking=True)
                     sync = m == micro_per_rank - 1 or dist.world == 1
-                    ctx = contextlib.nullcontext() if sync else train_model.no_sync()
-                    with ctx, autocast:
+                    with distributed.gradient_sync(train_model, dist, sync), autocast:
                         logits, _ = train_model(x)
                         loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
                     (loss / micro_per_rank).backward()
@@ -439,20 +398,27 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
                 if step % ck_every == 0 or step == tc.max_steps:
                     flush()
                     last_ckpt = save(step) or last_ckpt
-                if stop.signum is not None:
+                signum = dist.agree_max(stop.signum or 0)  # ranks stop together, or collectives hang
+                if signum:
                     flush()
                     path = save(step) if step % ck_every else last_ckpt
                     status = "KILLED"
-                    raise Interrupted(stop.signum, path or last_ckpt)
+                    raise Interrupted(signum, path or last_ckpt)
             if tc.max_steps <= start_step:  # resumed a run that had already reached max_steps
                 last_ckpt = ckpt.complete_checkpoints(run_dir / "checkpoints")[-1]
             flush()
             sample = None
+            sampler_model = model
+            if dist.sharded and tc.sample_tokens > 0:  # a plain copy: rank 0 decodes alone
+                weights = distributed.full_model_state(model, dist)
+                sampler_model = GPT(cfg.model)
+                if dist.main:
+                    sampler_model.load_state_dict(weights, strict=False)  # tied lm_head: stored once
             if dist.main and tc.sample_tokens > 0:
                 prompt = tokenizer.encode(tc.sample_prompt) or [tokenizer.eot_id or 0]
                 n_new = min(tc.sample_tokens, cfg.model.block_size - len(prompt))
                 if n_new > 0:
-                    gen = generate_ids(model, [prompt[-(cfg.model.block_size - 1):]], n_new,
+                    gen = generate_ids(sampler_model, [prompt[-(cfg.model.block_size - 1):]], n_new,
                                        Sampler(tc.sample_temperature, tc.sample_top_k, None, tc.seed), None)
                     sample = tokenizer.decode(gen.prompt_ids[0] + gen.ids[0])
                     tracker.log_text(sample, "sample.txt")
@@ -466,8 +432,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
         tracker.finish(status)
         if dist.main:
             write_run_file(run_dir, status=status)
-        if dist.world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        dist.close()
     times = sorted(step_times)
     return TrainResult(
         run_dir=run_dir,

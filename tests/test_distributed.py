@@ -1,0 +1,74 @@
+"""torchrun on CPU: 2 gloo processes, DDP and FSDP, against a single process with the same
+global batch; one MLflow run; checkpoints that resume and load in a single process."""
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from helpers import gptx, write_experiment
+
+pytestmark = pytest.mark.slow
+
+STEPS = ["--set", "training.max_steps=12", "--set", "training.grad_accum_steps=2", "--set", "training.eval_interval=6",
+         "--set", "training.log_interval=1", "--set", "tracking.enabled=true"]
+
+
+def _train_losses(client, run_id):
+    return [m.value for m in sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)]
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, mlflow_sqlite, parallel):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_sqlite)
+    uri = ["--set", f"tracking.uri='{mlflow_sqlite}'"]
+    single = write_experiment(tmp_path / f"single_{parallel}.toml")
+    multi = write_experiment(tmp_path / f"multi_{parallel}.toml")
+    one = gptx("run", single, *STEPS, *uri, "--quiet", cwd=tmp_path, check=True)
+    two = gptx("run", multi, *STEPS, *uri, "--set", f"training.parallel='{parallel}'", "--nproc", "2", "--quiet",
+               cwd=tmp_path, check=True)
+    run_one = one.stdout.split("MLflow run: ")[1].split()[0]
+    run_two = two.stdout.split("MLflow run: ")[1].split()[0]
+    exp = client.get_experiment_by_name(f"multi_{parallel}")
+    assert len(client.search_runs([exp.experiment_id])) == 1  # only rank 0 tracks
+    a, b = _train_losses(client, run_one), _train_losses(client, run_two)
+    assert len(a) == len(b) == 12
+    assert a == pytest.approx(b, abs=1e-4)
+    assert client.get_run(run_two).data.params["training.parallel"] == parallel
+    # the distributed checkpoint loads and generates in a single process
+    (run_dir,) = (tmp_path / "runs" / f"multi_{parallel}").iterdir()
+    g = gptx("generate", run_dir, "--prompt", "KING", "--max-new-tokens", "5", "--temperature", "0", "--json", check=True)
+    assert len(json.loads(g.stdout)["ids"]) == 5
+
+
+def test_fsdp_checkpoint_resumes_in_a_single_process(tmp_path):
+    from safetensors.torch import load_file
+
+    steps = ["--set", "training.max_steps=40", "--set", "training.checkpoint_interval=4", "--set",
+             "training.grad_accum_steps=2", "--set", "training.eval_interval=20"]
+    ref = write_experiment(tmp_path / "ref.toml")
+    gptx("run", ref, *steps, "--quiet", cwd=tmp_path, check=True)
+
+    f = write_experiment(tmp_path / "sharded.toml")
+    proc = subprocess.Popen([sys.executable, "-m", "gptx", "run", str(f), *steps, "--set", "training.parallel='fsdp'",
+                             "--nproc", "2", "--quiet"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    runs = tmp_path / "runs" / "sharded"
+    deadline = time.time() + 300
+    while not list(runs.glob("*/checkpoints/step-0000[0-2]*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)  # to the launcher, which forwards it to both ranks
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0, err
+    (run_dir,) = runs.iterdir()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "KILLED"
+
+    gptx("run", f, *steps, "--resume", "--quiet", cwd=tmp_path, check=True)  # one process now
+    a = load_file(next((tmp_path / "runs" / "ref").glob("*/checkpoints/step-000040")) / "model.safetensors")
+    b = load_file(run_dir / "checkpoints" / "step-000040" / "model.safetensors")
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-4), k

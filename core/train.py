@@ -225,6 +225,10 @@ def prepare(cfg: ExperimentConfig, resume: bool):
         tokenizer_state = meta.get("tokenizer_state") or None
     tokenizer = ckpt.build_tokenizer(cfg.tokenizer, tokenizer_state)
     dataset = load_dataset(cfg, tokenizer)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"{cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}", "model.vocab_size")
     check_writable(cfg)
     if cfg.tracking.enabled:
         tracking.check_reachable(tracking.tracking_uri(cfg.tracking.uri))
@@ -247,10 +251,6 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
     dist = distributed.setup(device, tc.parallel)
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = tokenizer.vocab_size
-    elif cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"{cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}", "model.vocab_size")
 
     torch.manual_seed(tc.seed)
     model = GPT(cfg.model).to(device)

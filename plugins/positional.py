@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -30,10 +31,13 @@ class LearnedPositions(PositionalEncoding):
 @dataclasses.dataclass(frozen=True)
 class SinusoidalOptions:
     base: float = 10000.0
+    max_positions: Optional[int] = None  # the longest context the model is declared for; None: unbounded
 
     def __post_init__(self):
         if not self.base > 1:
             raise ValueError(("base", f"must be greater than 1, got {self.base}"))
+        if self.max_positions is not None and self.max_positions < 1:
+            raise ValueError(("max_positions", f"must be at least 1, got {self.max_positions}"))
 
 
 class SinusoidalPositions(PositionalEncoding):
@@ -41,6 +45,10 @@ class SinusoidalPositions(PositionalEncoding):
     computed from the positions so any length works."""
 
     Options = SinusoidalOptions
+
+    @classmethod
+    def max_positions(cls, config, options):
+        return options.max_positions
 
     @classmethod
     def check(cls, model, options):
@@ -61,16 +69,23 @@ class SinusoidalPositions(PositionalEncoding):
 @dataclasses.dataclass(frozen=True)
 class RopeOptions:
     base: float = 10000.0
+    max_positions: Optional[int] = None  # the longest context the model is declared for; None: unbounded
 
     def __post_init__(self):
         if not self.base > 1:
             raise ValueError(("base", f"must be greater than 1, got {self.base}"))
+        if self.max_positions is not None and self.max_positions < 1:
+            raise ValueError(("max_positions", f"must be at least 1, got {self.max_positions}"))
 
 
 class RotaryPositions(PositionalEncoding):
     """RoPE (Su et al.), GPT-NeoX layout: rotate each pair (i, i + D/2) of q and k by a position-dependent angle."""
 
     Options = RopeOptions
+
+    @classmethod
+    def max_positions(cls, config, options):
+        return options.max_positions
 
     @classmethod
     def check(cls, model, options):

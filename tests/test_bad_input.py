@@ -1,0 +1,487 @@
+"""The bad-input catalogue: every way a user can hand gptx something wrong, each through the
+real CLI in its own process. Each case must exit 2 with exactly one line on stderr
+(``Error: ...``) that names what is wrong and where, print no traceback, and leave the working
+directory exactly as it was: no runs/, no mlflow.db, no half-written output.
+
+The cases are independent processes, so a module fixture starts them all (a few at a time) and
+each parametrized test checks its own result; selecting one case with -k runs only that one.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from helpers import write_experiment
+
+from gptx import checkpoint
+from gptx import registry as registry_mod
+from gptx.config import from_dict
+from gptx.model import GPT
+
+BLOCK = 32  # the context of the fixture checkpoint and export
+
+
+@dataclasses.dataclass
+class Case:
+    id: str
+    setup: Callable  # (case dir, artefacts) -> CLI arguments
+    fragments: tuple  # substrings the one error line must contain
+
+
+CASES: list[Case] = []
+
+
+def case(*fragments):
+    def register(fn):
+        CASES.append(Case(fn.__name__, fn, fragments))
+        return fn
+
+    return register
+
+
+def experiment(d: Path, body: str = "", data: Path | None = None, replace: dict | None = None) -> Path:
+    """The helpers' tiny experiment, tracking ON (default store: ./mlflow.db in the working
+    directory), so a case that got past validation would leave mlflow.db and runs/ behind."""
+    f = write_experiment(d / "e.toml", body, **({"data": data} if data else {}))
+    text = f.read_text().replace("enabled = false", "enabled = true")
+    for old, new in (replace or {}).items():
+        assert old in text, old
+        text = text.replace(old, new)
+    f.write_text(text)
+    return f
+
+
+def data_file(d: Path, content: bytes) -> Path:
+    p = d / "corpus.txt"
+    p.write_bytes(content)
+    return p
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the socket is: nothing listens there
+
+
+# ---- experiment files ------------------------------------------------------------------------
+
+@case("e.toml", "invalid TOML", "line 3", "column")
+def malformed_toml(d, art):
+    f = d / "e.toml"
+    f.write_text("[model]\nn_layer = 2\nn_head = = 2\n")
+    return ["run", f]
+
+
+@case("no such file", "missing.toml")
+def missing_experiment_file(d, art):
+    return ["run", d / "missing.toml"]
+
+
+@case("e.toml", "not UTF-8")
+def experiment_file_not_utf8(d, art):
+    f = d / "e.toml"
+    f.write_bytes(b"[model]\nn_layer = 2 # \xff\xfe\n")
+    return ["validate", f]
+
+
+@case("e.toml", "modle", "unknown section", "did you mean 'model'")
+def unknown_section(d, art):
+    return ["run", experiment(d, replace={"[model]": "[modle]"})]
+
+
+@case("e.toml", "model.n_layers", "did you mean 'n_layer'")
+def unknown_key(d, art):
+    return ["run", experiment(d, replace={"n_layer = 2": "n_layers = 2"})]
+
+
+@case("e.toml", "model.n_layer", "expected integer")
+def wrong_type(d, art):
+    return ["run", experiment(d, replace={"n_layer = 2": 'n_layer = "two"'})]
+
+
+@case("e.toml", "model.n_embd", "not divisible by n_head")
+def n_embd_not_divisible_by_n_head(d, art):
+    return ["run", experiment(d, replace={"n_embd = 32": "n_embd = 33"})]
+
+
+@case("e.toml", "model.block_size", "exceeds the 16 positions", "sinusoidal")
+def block_size_beyond_positional_limit(d, art):
+    return ["run", experiment(d, '\n[model.positional]\nkind = "sinusoidal"\nmax_positions = 16\n')]
+
+
+@case("e.toml", "training.learning_rate", "must be positive")
+def negative_learning_rate(d, art):
+    return ["run", experiment(d, replace={"max_steps = 20": "max_steps = 20\nlearning_rate = -0.001"})]
+
+
+@case("e.toml", "training.max_steps", "at least 1")
+def zero_steps(d, art):
+    return ["run", experiment(d, replace={"max_steps = 20": "max_steps = 0"})]
+
+
+@case("e.toml", "model.attention.kind", "unknown attention 'casual'", "did you mean 'causal'")
+def unknown_component(d, art):
+    return ["run", experiment(d, '\n[model.attention]\nkind = "casual"\n')]
+
+
+@case("e.toml", "tokenizer.kind", "unknown tokenizer", "did you mean 'gpt2'")
+def unknown_tokenizer(d, art):
+    return ["run", experiment(d, replace={'kind = "char"': 'kind = "gtp2"'})]
+
+
+@case("e.toml", "model.n_embd", "rope needs an even head size")
+def rope_with_odd_head_size(d, art):
+    return ["run", experiment(d, '\n[model.positional]\nkind = "rope"\n', replace={"n_embd = 32": "n_embd = 30"})]
+
+
+@case("e.toml", "model.attention.n_kv_heads", "n_head = 2 is not divisible by n_kv_heads = 3")
+def n_kv_heads_not_dividing_n_head(d, art):
+    return ["run", experiment(d, "\n[model.attention]\nn_kv_heads = 3\n")]
+
+
+# ---- data ------------------------------------------------------------------------------------
+
+@case("e.toml", "data.path", "data file not found", "nowhere.txt")
+def missing_data_file(d, art):
+    return ["run", experiment(d, data=d / "nowhere.txt")]
+
+
+@case("e.toml", "data.path", "data file is empty")
+def empty_data_file(d, art):
+    return ["run", experiment(d, data=data_file(d, b""))]
+
+
+@case("e.toml", "data.path", "looks binary", "corpus.txt")
+def binary_data_file(d, art):
+    return ["run", experiment(d, data=data_file(d, bytes(range(256)) * 64))]
+
+
+@case("e.toml", "data.path", "not UTF-8", "offset 6")
+def non_utf8_data_file(d, art):
+    return ["run", experiment(d, data=data_file(d, b"hello \xe9 world (latin-1)\n" * 50))]
+
+
+@case("e.toml", "data.path", "fewer than block_size + 1 = 33")
+def data_shorter_than_one_block(d, art):
+    return ["run", experiment(d, data=data_file(d, b"to be or not to be\n"))]
+
+
+# ---- --set ---------------------------------------------------------------------------------
+
+@case("--set", "expected KEY.PATH=VALUE", "model.n_layer")
+def set_without_value(d, art):
+    return ["run", experiment(d), "--set", "model.n_layer"]
+
+
+@case("--set", "model.n_layer.depth", "'model.n_layer' is a value, not a table")
+def set_bad_path(d, art):
+    return ["run", experiment(d), "--set", "model.n_layer.depth=3"]
+
+
+@case("--set training.batch_size=[4, 8]", "training.batch_size", "expected integer")
+def set_bad_value(d, art):
+    return ["run", experiment(d), "--set", "training.batch_size=[4, 8]"]
+
+
+@case("--set trainig.max_steps=5", "did you mean 'training'")
+def set_unknown_section(d, art):
+    return ["validate", experiment(d), "--set", "trainig.max_steps=5"]
+
+
+# ---- environment: tracking server, output directory ------------------------------------------
+
+@case("tracking.uri", "unreachable", "127.0.0.1")
+def unreachable_tracking_server(d, art):
+    uri = f"http://127.0.0.1:{closed_port()}"
+    return ["run", experiment(d, replace={"enabled = true": f'enabled = true\nuri = "{uri}"'})]
+
+
+@case("e.toml", "training.out_dir", "not a writable directory", "blocker")
+def out_dir_under_a_regular_file(d, art):
+    # root ignores permission bits, but nobody can create a directory inside a regular file
+    (d / "blocker").write_text("a file, not a directory")
+    return ["run", experiment(d, replace={f'out_dir = "{d / "runs"}"': f'out_dir = "{d / "blocker" / "runs"}"'})]
+
+
+@case("training.out_dir", "/proc")
+def out_dir_on_a_filesystem_that_refuses(d, art):
+    # procfs refuses new directories even for root
+    return ["run", experiment(d, replace={f'out_dir = "{d / "runs"}"': 'out_dir = "/proc/gptx-runs"'})]
+
+
+@case("blocker", "not a directory")
+def export_out_under_a_regular_file(d, art):
+    (d / "blocker").write_text("a file")
+    return ["export", art.ckpt, "-o", d / "blocker" / "out"]
+
+
+@case("blocker", "Not a directory")
+def import_hf_out_under_a_regular_file(d, art):
+    from safetensors.torch import save_file
+
+    (d / "blocker").write_text("a file")
+    hf = d / "hf"
+    hf.mkdir()
+    C, P = 4, 8
+    (hf / "config.json").write_text(json.dumps({"model_type": "gpt2", "n_layer": 1, "n_head": 1, "n_embd": C,
+                                                "vocab_size": 50257, "n_positions": P}))
+    shapes = {"wte.weight": (50257, C), "wpe.weight": (P, C), "ln_f.weight": (C,), "ln_f.bias": (C,),
+              "h.0.ln_1.weight": (C,), "h.0.ln_1.bias": (C,), "h.0.ln_2.weight": (C,), "h.0.ln_2.bias": (C,),
+              "h.0.attn.c_attn.weight": (C, 3 * C), "h.0.attn.c_attn.bias": (3 * C,),
+              "h.0.attn.c_proj.weight": (C, C), "h.0.attn.c_proj.bias": (C,),
+              "h.0.mlp.c_fc.weight": (C, 4 * C), "h.0.mlp.c_fc.bias": (4 * C,),
+              "h.0.mlp.c_proj.weight": (4 * C, C), "h.0.mlp.c_proj.bias": (C,)}
+    save_file({f"transformer.{k}": torch.zeros(s) for k, s in shapes.items()}, str(hf / "model.safetensors"))
+    return ["import-hf", hf, "-o", d / "blocker" / "out"]
+
+
+# ---- checkpoints ---------------------------------------------------------------------------
+
+def copy_ckpt(d, art) -> Path:
+    return Path(shutil.copytree(art.ckpt, d / "ck"))
+
+
+def gen(source, prompt="Hi", *more):
+    return ["generate", source, "--prompt", prompt, "--max-new-tokens", "4", *more]
+
+
+@case("no such checkpoint directory", "nope")
+def missing_checkpoint(d, art):
+    return gen(d / "nope")
+
+
+@case("not a gptx checkpoint", "empty")
+def directory_that_is_not_a_checkpoint(d, art):
+    (d / "empty").mkdir()
+    return gen(d / "empty")
+
+
+@case("model.safetensors", "does not fit the model its config describes")
+def checkpoint_from_another_config(d, art):
+    ck = copy_ckpt(d, art)
+    meta = json.loads((ck / "gptx.json").read_text())
+    meta["config"]["model"]["n_embd"] = 64  # weights of a 32-wide model, config of a 64-wide one
+    (ck / "gptx.json").write_text(json.dumps(meta))
+    return gen(ck)
+
+
+@case("gptx.json", "stored config is invalid here", "unknown attention 'flash9000'")
+def checkpoint_from_a_missing_plugin(d, art):
+    ck = copy_ckpt(d, art)
+    meta = json.loads((ck / "gptx.json").read_text())
+    meta["config"]["model"]["attention"]["kind"] = "flash9000"
+    (ck / "gptx.json").write_text(json.dumps(meta))
+    return gen(ck)
+
+
+@case("model.safetensors", "corrupted or unreadable")
+def truncated_safetensors(d, art):
+    ck = copy_ckpt(d, art)
+    f = ck / "model.safetensors"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+    return gen(ck)
+
+
+@case("gptx.json", "corrupted")
+def garbage_gptx_json(d, art):
+    ck = copy_ckpt(d, art)
+    (ck / "gptx.json").write_bytes(b"\x00\x01{not json")
+    return gen(ck)
+
+
+@case("gptx.json", "not a gptx checkpoint")
+def foreign_json_as_gptx_json(d, art):
+    ck = copy_ckpt(d, art)
+    (ck / "gptx.json").write_text('["a", "list"]')
+    return gen(ck)
+
+
+@case("exceeds the model's context of 32 tokens")
+def prompt_longer_than_the_context(d, art):
+    return gen(art.ckpt, "x" * 40)
+
+
+@case("prompt of 30 tokens + 4 new tokens exceeds the model's context of 32 tokens")
+def prompt_plus_new_tokens_beyond_the_context(d, art):
+    return gen(art.ckpt, "x" * 30)
+
+
+# ---- ONNX exports --------------------------------------------------------------------------
+
+def copy_export(d, art) -> Path:
+    return Path(shutil.copytree(art.export, d / "ex"))
+
+
+@case("model.onnx", "onnxruntime cannot load it")
+def garbage_onnx_file(d, art):
+    ex = copy_export(d, art)
+    (ex / "model.onnx").write_bytes(b"this is not a protobuf" * 10)
+    return gen(ex)
+
+
+@case("model.onnx", "onnxruntime cannot load it")
+def truncated_onnx_file(d, art):
+    ex = copy_export(d, art)
+    f = ex / "model.onnx"
+    f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+    return gen(ex)
+
+
+@case("model.onnx", "inputs/outputs do not follow")
+def foreign_onnx_file(d, art):
+    import onnx
+    from onnx import TensorProto, helper
+
+    ex = copy_export(d, art)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "foreign", [x], [y])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(ex / "model.onnx"))
+    return gen(ex)
+
+
+@case("gptx_export.json", "corrupted")
+def garbage_export_metadata(d, art):
+    ex = copy_export(d, art)
+    (ex / "gptx_export.json").write_bytes(b"\xff\xfe garbage")
+    return gen(ex)
+
+
+@case("exceeds the model's context of 32 tokens")
+def onnx_prompt_longer_than_the_context(d, art):
+    return gen(art.export, "x" * 40)
+
+
+# ---- running them ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def artefacts(tmp_path_factory):
+    """A tiny byte-level checkpoint (random weights) and its ONNX export, made in-process."""
+    from gptx.export.onnx_export import export_checkpoint
+
+    root = tmp_path_factory.mktemp("artefacts")
+    cfg = from_dict({"model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": BLOCK},
+                     "tokenizer": {"kind": "byte"}}, registry_mod.registry())
+    tok = checkpoint.build_tokenizer(cfg.tokenizer)
+    cfg.model.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    ck = checkpoint.save(root / "run", 1, GPT(cfg.model), cfg, tok)
+    export_checkpoint(ck, root / "export", log=lambda _msg: None, track=False)
+    return type("Artefacts", (), {"ckpt": ck, "export": root / "export"})
+
+
+def listing(d: Path) -> set[str]:
+    return {str(p.relative_to(d)) for p in d.rglob("*")}
+
+
+# A fresh ``python -m gptx`` spends seconds importing torch before it reads a single flag; with
+# 40 cases on a shared 2-core machine that is minutes. So most cases run in processes forked
+# from a "zygote" that has imported the modules once (as Android starts apps): each case is
+# still its own process running the CLI's real entry point (gptx.cli.main) with its own argv,
+# working directory, stdout/stderr and exit status. FRESH cases (and every case when
+# GPTX_TEST_FRESH=1) start a new interpreter instead, to cover the startup path too.
+FRESH = {"malformed_toml", "unreachable_tracking_server", "truncated_safetensors", "garbage_onnx_file"}
+
+ZYGOTE = r"""
+import json, os, sys, traceback
+import torch, numpy, onnxruntime, safetensors.torch  # the slow imports, paid once
+import gptx.cli, gptx.config, gptx.checkpoint, gptx.model, gptx.train, gptx.registry, gptx.export.runtime
+import gptx.plugins.attention, gptx.plugins.positional, gptx.plugins.ffn, gptx.plugins.norm, gptx.plugins.tokenizers
+jobs, width = json.load(sys.stdin), 3
+codes, running, queue = {}, {}, list(enumerate(jobs))
+while queue or running:
+    while queue and len(running) < width:
+        i, job = queue.pop(0)
+        sys.stdout.flush(); sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the case's own process: the CLI's entry point, as `python -m gptx` runs it
+            code = 1
+            try:
+                os.chdir(job["cwd"])
+                os.environ.clear(); os.environ.update(job["env"])
+                for fd, name in ((1, "out"), (2, "err")):
+                    f = os.open(job[name], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+                    os.dup2(f, fd); os.close(f)
+                sys.argv = ["gptx", *job["args"]]
+                try:
+                    gptx.cli.main()
+                    code = 0
+                except SystemExit as e:
+                    code = e.code if isinstance(e.code, int) else (0 if e.code is None else (print(e.code, file=sys.stderr) or 1))
+                except BaseException:
+                    traceback.print_exc()
+            finally:
+                sys.stdout.flush(); sys.stderr.flush()
+                os._exit(code)
+        running[pid] = i
+    pid, status = os.wait()
+    codes[running.pop(pid)] = os.waitstatus_to_exitcode(status)
+json.dump([codes[i] for i in range(len(jobs))], sys.stdout)
+"""
+
+
+@pytest.fixture(scope="module")
+def results(request, artefacts, tmp_path_factory):
+    """Run every selected case's CLI call: id -> (case dir, listing before, listing after, result)."""
+    selected = {item.callspec.params["c"].id for item in request.session.items
+                if getattr(item, "module", None) is request.module and hasattr(item, "callspec")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "GPTX_LOAD", "PYTEST_"))}
+    env["MLFLOW_DISABLE_TELEMETRY"] = "true"
+    fresh_all = os.environ.get("GPTX_TEST_FRESH") == "1"
+    prepared = {}
+    for c in CASES:
+        if c.id in selected:
+            d = tmp_path_factory.mktemp(c.id)
+            prepared[c.id] = (d, [str(a) for a in c.setup(d, artefacts)], None)
+    ids = list(prepared)
+    for c_id in ids:
+        d, args, _ = prepared[c_id]
+        prepared[c_id] = (d, args, listing(d))
+
+    def fresh(c_id):
+        d, args, _ = prepared[c_id]
+        p = subprocess.run([sys.executable, "-m", "gptx", *args], cwd=d, env=env, capture_output=True, text=True,
+                           timeout=300)
+        return c_id, (p.returncode, p.stdout, p.stderr)
+
+    done = {}
+    forked = [i for i in ids if not fresh_all and i not in FRESH]
+    if forked:
+        logs = tmp_path_factory.mktemp("case-output")
+        jobs = [{"args": prepared[i][1], "cwd": str(prepared[i][0]), "env": env,
+                 "out": str(logs / f"{i}.out"), "err": str(logs / f"{i}.err")} for i in forked]
+        z = subprocess.run([sys.executable, "-c", ZYGOTE], input=json.dumps(jobs), env=env, capture_output=True,
+                           text=True, timeout=600)
+        assert z.returncode == 0, z.stderr
+        for i, rc in zip(forked, json.loads(z.stdout)):
+            done[i] = (rc, (logs / f"{i}.out").read_text(), (logs / f"{i}.err").read_text())
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        done |= dict(pool.map(fresh, [i for i in ids if i not in done]))
+    return {i: (prepared[i][0], prepared[i][2], listing(prepared[i][0]), done[i]) for i in ids}
+
+
+def test_the_catalogue_is_long_enough():
+    assert len(CASES) >= 25 and len({c.id for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("c", CASES, ids=[c.id for c in CASES])
+def test_bad_input_is_one_line_exit_2_and_leaves_nothing(c, results):
+    d, before, after, (rc, out, err) = results[c.id]
+    assert rc == 2, f"exit {rc}\nstdout: {out}\nstderr: {err}"
+    assert "Traceback" not in err, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), err
+    for fragment in c.fragments:
+        assert fragment in lines[0], f"{fragment!r} not in: {lines[0]}"
+    assert after == before, f"left behind: {sorted(after - before)}"
+    assert not (d / "mlflow.db").exists() and not (d / "runs").exists() and not (d / "mlruns").exists()

@@ -32,12 +32,18 @@ class LearnedPositions(PositionalEncoding):
 class SinusoidalOptions:
     base: float = 10000.0
     max_positions: Optional[int] = None  # the longest context the model is declared for; None: unbounded
+    # amplitude of the sines/cosines. The paper adds amplitude 1 to token embeddings scaled up by
+    # sqrt(C); gptx keeps GPT-2's token embeddings (std 0.02), which amplitude 1 drowns (a 4-layer
+    # char model then sits at the unigram loss for hundreds of steps). 0.02 matches them.
+    scale: float = 0.02
 
     def __post_init__(self):
         if not self.base > 1:
             raise ValueError(("base", f"must be greater than 1, got {self.base}"))
         if self.max_positions is not None and self.max_positions < 1:
             raise ValueError(("max_positions", f"must be at least 1, got {self.max_positions}"))
+        if not self.scale > 0:
+            raise ValueError(("scale", f"must be positive, got {self.scale}"))
 
 
 class SinusoidalPositions(PositionalEncoding):
@@ -63,7 +69,7 @@ class SinusoidalPositions(PositionalEncoding):
 
     def embed(self, positions):
         angle = positions[..., None].float() * self.inv_freq  # [B, T, C/2]
-        return torch.cat([angle.sin(), angle.cos()], dim=-1)  # [B, T, C]
+        return self.options.scale * torch.cat([angle.sin(), angle.cos()], dim=-1)  # [B, T, C]
 
 
 @dataclasses.dataclass(frozen=True)

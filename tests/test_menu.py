@@ -294,10 +294,14 @@ def test_alibi_slopes_and_bias():
 
 def test_sinusoidal_matches_the_transformer_formula():
     """PE(pos, 2i) = sin(pos / 10000^(2i/C)), PE(pos, 2i+1) = cos(...) (sines and cosines stored
-    as two halves rather than interleaved: a fixed permutation of the channels)."""
-    cfg = make_config("positional", {"kind": "sinusoidal"})
+    as two halves rather than interleaved: a fixed permutation of the channels), times ``scale``:
+    by default 0.02, the std of GPT-2's token embeddings, which amplitude 1 would drown."""
+    cfg = make_config("positional", {"kind": "sinusoidal", "scale": 1.0})
     enc = cfg.positional.cls(cfg, cfg.positional.options)
     pe = enc.embed(torch.tensor([[0, 1, 50]]))[0]  # [3, C]
+    default = make_config("positional", {"kind": "sinusoidal"})
+    scaled = default.positional.cls(default, default.positional.options).embed(torch.tensor([[0, 1, 50]]))[0]
+    torch.testing.assert_close(scaled, 0.02 * pe)
     C = cfg.n_embd
     for pos_i, pos in enumerate((0, 1, 50)):
         for i in range(C // 2):
@@ -438,6 +442,7 @@ def test_invalid_options_are_refused_with_their_key():
         ({"attention": {"kind": "einsum", "n_kv_heads": 0}}, "model.attention.n_kv_heads"),
         ({"attention": {"kind": "causal", "window": 0}}, "model.attention.window"),
         ({"positional": {"kind": "rope", "base": 1}}, "model.positional.base"),
+        ({"positional": {"kind": "sinusoidal", "scale": 0}}, "model.positional.scale"),
         ({"ffn": {"kind": "swiglu", "hidden": 0}}, "model.ffn.hidden"),
         ({"norm": {"kind": "rmsnorm", "eps": 0}}, "model.norm.eps"),
         ({"norm": {"kind": "layernorm", "placement": "middle"}}, "model.norm.placement"),

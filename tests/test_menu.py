@@ -452,3 +452,25 @@ def test_invalid_options_are_refused_with_their_key():
         with pytest.raises(ConfigError) as err:
             from_dict({"model": {**TINY, **model}})
         assert err.value.key == key, (model, str(err.value))
+
+
+@pytest.mark.parametrize(
+    "name,choices",
+    [
+        ("gpt_lite", {"attention": ("einsum", None), "positional": ("sinusoidal", None), "ffn": ("relu", None),
+                      "norm": ("layernorm", "post")}),
+        ("modern", {"attention": ("causal", None), "positional": ("rope", None), "ffn": ("swiglu", None),
+                    "norm": ("rmsnorm", "pre")}),
+    ],
+)
+def test_experiment_files_make_the_choices_they_describe(name, choices):
+    from gptx.config import load_experiment
+
+    cfg = load_experiment(ROOT / "experiments" / f"{name}.toml")
+    for slot, (kind, placement) in choices.items():
+        spec = getattr(cfg.model, slot)
+        assert (spec.kind, spec.placement) == (kind, placement), slot
+    assert cfg.tokenizer.kind == "char"
+    assert cfg.data_path == (ROOT / "experiments" / "data" / "tinyshakespeare.txt").resolve()
+    if name == "modern":
+        assert 1 < cfg.model.attention.options.n_kv_heads < cfg.model.n_head  # grouped-query, not MHA or MQA

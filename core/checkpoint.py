@@ -52,10 +52,13 @@ def save(run_dir: Path, step: int, model, config: ExperimentConfig, tokenizer, t
     from safetensors.torch import save_file
 
     root = Path(run_dir) / "checkpoints"
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=root))
+    tmp = None
     try:
+        root.mkdir(parents=True, exist_ok=True)
+        for stale in root.glob(".step-*"):  # left by a save that was killed (kill -9, power loss)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".step-{step:06d}.", dir=root))
         save_file(weights_to_store(model, config), str(tmp / "model.safetensors"))
         meta = {
             "format": FORMAT,
@@ -71,15 +74,37 @@ def save(run_dir: Path, step: int, model, config: ExperimentConfig, tokenizer, t
         for f in tmp.iterdir():
             _fsync(f)
         if final.exists():  # the same step saved again (e.g. after a resume): replace it
-            shutil.rmtree(final)
+            _discard(final)
         os.rename(tmp, final)
         _fsync(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as err:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        from safetensors import SafetensorError
+
+        # disk full, permissions, a path through a file (torch.save says so as a RuntimeError)
+        if isinstance(err, (OSError, SafetensorError, RuntimeError)):
+            kept = complete_checkpoints(root)
+            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0]
+            raise GptxError(
+                f"{root}: cannot write checkpoint step-{step:06d} ({reason}); "
+                + (f"the previous checkpoint {kept[-1]} is intact" if kept else "there is no earlier checkpoint")
+            ) from None
         raise
     for old in complete_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
     return final
+
+
+def _discard(path: Path) -> None:
+    """Remove a checkpoint directory: renamed out of the step-* namespace first, so a kill in the
+    middle never leaves a half-deleted step-* directory (the leftover .step-* is cleaned later)."""
+    trash = path.with_name(f".{path.name}.old-{os.getpid()}")
+    try:
+        os.rename(path, trash)
+    except OSError:
+        trash = path
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:

@@ -206,15 +206,18 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu") -> Check
     if config.model.vocab_size is None:
         config.model.vocab_size = tokenizer.vocab_size
     model = GPT(config.model)
-    weights = path / "model.safetensors"
     try:
-        missing, unexpected = model.load_state_dict(load_weights(path), strict=False)
+        weights = load_weights(path)
+        if config.model.tie_embeddings and "wte.weight" not in weights and TIED_KEY in weights:
+            weights["wte.weight"] = weights.pop(TIED_KEY)  # the shared matrix stored under its other name
+        missing, unexpected = model.load_state_dict(weights, strict=False)
     except RuntimeError as err:  # a tensor of another shape
         lines = [ln.strip() for ln in str(err).strip().splitlines() if ln.strip()]
-        raise GptxError(f"{weights}: does not fit the model its config describes ({lines[1] if len(lines) > 1 else err})") from None
+        raise GptxError(f"{path / 'model.safetensors'}: does not fit the model its config describes "
+                        f"({lines[1] if len(lines) > 1 else err})") from None
     missing = set(missing) - ({TIED_KEY} if config.model.tie_embeddings else set())
     if missing or unexpected:
-        raise GptxError(f"{weights}: does not fit the model its config describes "
+        raise GptxError(f"{path / 'model.safetensors'}: does not fit the model its config describes "
                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
     model.to(device).eval()
     return Checkpoint(path=path, config=config, model=model, tokenizer=tokenizer, meta=meta)

@@ -334,7 +334,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
 
     step_times: list[float] = []
     pending: list[tuple[int, torch.Tensor, float, float]] = []  # (step, loss, lr, seconds) not yet read
-    last_ckpt: Optional[Path] = None
+    # the newest complete checkpoint: after --resume, the one this run continued from
+    last_ckpt: Optional[Path] = ckpt.complete_checkpoints(run_dir / "checkpoints")[-1] if resume_dir and dist.main else None
     last_train_loss = float("nan")
     val_loss = history[-1]["val_loss"] if history else None
     ck_every = tc.checkpoint_interval or tc.eval_interval
@@ -431,7 +432,10 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
     finally:
         tracker.finish(status)
         if dist.main:
-            write_run_file(run_dir, status=status)
+            try:
+                write_run_file(run_dir, status=status)
+            except OSError:  # e.g. the disk that just refused a checkpoint: keep the error that matters
+                pass
         dist.close()
     times = sorted(step_times)
     return TrainResult(

@@ -70,7 +70,8 @@ def save(run_dir: Path, step: int, model, config: ExperimentConfig, tokenizer, t
         } | (extra or {})
         (tmp / "gptx.json").write_text(json.dumps(meta, indent=2))
         if trainer_state is not None:
-            torch.save(trainer_state, tmp / "trainer.pt")
+            with open(tmp / "trainer.pt", "wb") as fh:  # a file object: a failed write keeps its OSError as context
+                torch.save(trainer_state, fh)
         for f in tmp.iterdir():
             _fsync(f)
         if final.exists():  # the same step saved again (e.g. after a resume): replace it
@@ -85,7 +86,7 @@ def save(run_dir: Path, step: int, model, config: ExperimentConfig, tokenizer, t
         # disk full, permissions, a path through a file (torch.save says so as a RuntimeError)
         if isinstance(err, (OSError, SafetensorError, RuntimeError)):
             kept = complete_checkpoints(root)
-            reason = err.strerror if isinstance(err, OSError) and err.strerror else str(err).strip().splitlines()[0]
+            reason = _reason(err)
             raise GptxError(
                 f"{root}: cannot write checkpoint step-{step:06d} ({reason}); "
                 + (f"the previous checkpoint {kept[-1]} is intact" if kept else "there is no earlier checkpoint")
@@ -94,6 +95,17 @@ def save(run_dir: Path, step: int, model, config: ExperimentConfig, tokenizer, t
     for old in complete_checkpoints(root)[:-keep]:
         _discard(old)
     return final
+
+
+def _reason(err: BaseException) -> str:
+    """The OS's word for a failed write (torch.save hides it behind a RuntimeError's context)."""
+    e = err
+    while e is not None:
+        if isinstance(e, OSError) and e.strerror:
+            return e.strerror
+        e = e.__cause__ or e.__context__
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
 
 
 def _discard(path: Path) -> None:

@@ -21,6 +21,11 @@ from gptx import __version__
 from gptx.errors import GptxError
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# A tracking server that dies mid-run must cost the run seconds, not MLflow's default of 7 retries
+# with exponential backoff (about 4 minutes stalled in the first call that fails). Users' settings win.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:

@@ -327,7 +327,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
                 "torch_rng": torch.get_rng_state(),
                 "history": json.dumps(history),
             }
-            path = ckpt.save(run_dir, step, weights, cfg, tokenizer, state)
+            path = ckpt.save(run_dir, step, weights, cfg, tokenizer, state, extra={"mlflow_run_id": tracker.run_id})
             write_run_file(run_dir, step=step, checkpoint=str(path))
         dist.barrier()
         return path

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("third_party")]
+pytestmark = pytest.mark.slow  # no xdist group: each worker installs into its own directory (seconds)
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = Path(__file__).resolve().parent / "plugin_packages"

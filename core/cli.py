@@ -154,7 +154,8 @@ def components(kind, as_json):
     width = max((len(r["name"]) for r in rows), default=4)
     for r in rows:
         extra = f"  (overrides {r['overrides']})" if r["overrides"] else ""
-        click.echo(f"{r['kind']:<15} {r['name']:<{width}}  {r['plugin']:<28} {','.join(r['supports']) or '-'}{extra}")
+        origin = f"{r['plugin']} ({r['distribution']} {r['version']})"
+        click.echo(f"{r['kind']:<15} {r['name']:<{width}}  {origin:<44} {','.join(r['supports']) or '-'}{extra}")
 
 
 # ---- generation -----------------------------------------------------------------------------

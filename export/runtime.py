@@ -60,11 +60,25 @@ def read_meta(directory: Path) -> dict:
     return meta
 
 
+def _plugin_module(module: str) -> bool:
+    """Whether ``module`` belongs to gptx or to a package that declares an installed ``gptx``
+    entry point (a plugin the user installed)."""
+    import importlib.metadata
+
+    top = module.split(".")[0]
+    if not top:
+        return False
+    return top == "gptx" or any(ep.module.split(".")[0] == top for ep in importlib.metadata.entry_points(group="gptx"))
+
+
 def load_tokenizer(info: dict) -> Tokenizer:
     """Rebuild the export's tokenizer from its class, options and state; check it is the same one."""
     from gptx.options import parse
 
     module, _, qualname = str(info.get("class", "")).partition(":")
+    if not _plugin_module(module):  # metadata is data: it may not choose what code gets imported
+        raise GptxError(f"tokenizer class {info.get('class')} is not from gptx or an installed gptx plugin; "
+                        f"{META_FILE} may have been altered")
     try:
         obj = importlib.import_module(module)
         for part in qualname.split("."):

@@ -276,93 +276,94 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
         (resume_dir or new_run_dir(cfg)) if dist.main else None
     )
 
-    tracker = tracking.start(cfg, run_id=run_id, rank=dist.rank)
-    reg = registry_mod.registry()
-    if dist.main:
-        write_run_file(run_dir, status="RUNNING", experiment=cfg.name, mlflow_run_id=tracker.run_id,
-                       config=cfg.to_dict(), pid=os.getpid())
-        if run_id is None and hasattr(tracker, "log_params"):
-            tracker.log_params(tracking.flatten(cfg.to_dict()))
-            tracker.set_tags(tracking.run_tags(cfg, reg))
-            tracker.log_text(json.dumps(cfg.to_dict(), indent=2), "config.json")
-
-    if tc.compile:
-        train_model = torch.compile(train_model)
-    autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if tc.dtype == "bfloat16" else contextlib.nullcontext()
-    )
-    micro_per_rank = tc.grad_accum_steps // dist.world
-    tokens_per_step = tc.grad_accum_steps * tc.batch_size * cfg.model.block_size
-    show = Progress(tc.max_steps, tc.log_interval, progress and dist.main)
-    if dist.main:
-        n = model.num_params()
-        show.say(f"gptx run {cfg.name}: {n / 1e6:.2f}M parameters, {tokens_per_step:,} tokens/step, "
-                 f"{dist.world} process(es) on {device}, run dir {run_dir}")
-
-    def evaluate() -> dict[str, float]:
-        gen = torch.Generator().manual_seed(tc.seed + 1)  # the same eval batches at every evaluation
-        model.eval()
-        out = {}
-        with torch.no_grad(), autocast:
-            for split in ("train", "val"):
-                losses = torch.zeros(tc.eval_steps)
-                for i in range(tc.eval_steps):
-                    x, y = dataset.windows(split, tc.batch_size, gen)
-                    if dist.sharded or i % dist.world == dist.rank:  # FSDP: every rank joins every forward
-                        losses[i] = model.loss(x.to(device), y.to(device)).float().cpu()
-                total = losses.sum() if dist.sharded else dist.mean(losses.sum().to(device)) * dist.world
-                out[split] = float(total) / tc.eval_steps
-        model.train()
-        return out
-
-    def save(step: int) -> Optional[Path]:
-        weights = distributed.full_model_state(model, dist)  # collectives under FSDP: all ranks
-        optim_state = distributed.full_optimizer_state(model, optimizer, dist)
-        path = None
-        if dist.main:
-            state = {
-                "optimizer": optim_state,
-                "step": step,
-                "data_rng": data_gen.get_state(),
-                "torch_rng": torch.get_rng_state(),
-                "history": json.dumps(history),
-            }
-            path = ckpt.save(run_dir, step, weights, cfg, tokenizer, state, extra={"mlflow_run_id": tracker.run_id})
-            write_run_file(run_dir, step=step, checkpoint=str(path))
-        dist.barrier()
-        return path
-
-    step_times: list[float] = []
-    pending: list[tuple[int, torch.Tensor, float, float]] = []  # (step, loss, lr, seconds) not yet read
-    # the newest complete checkpoint: after --resume, the one this run continued from
-    last_ckpt: Optional[Path] = ckpt.complete_checkpoints(run_dir / "checkpoints")[-1] if resume_dir and dist.main else None
-    last_train_loss = float("nan")
-    val_loss = history[-1]["val_loss"] if history else None
-    ck_every = tc.checkpoint_interval or tc.eval_interval
-
-    def flush() -> None:
-        nonlocal last_train_loss
-        if not pending:
-            return
-        values = torch.stack([p[1] for p in pending]).tolist()  # one device sync per flush
-        for (s, _, lr, dt), loss in zip(pending, values):
-            if not math.isfinite(loss):  # stop before a checkpoint could store the broken weights
-                pending.clear()
-                raise GptxError(
-                    f"training diverged: loss is {loss} at step {s}; the last good checkpoint is "
-                    f"{last_ckpt or 'none (no checkpoint yet)'}; try a lower training.learning_rate"
-                )
-            tok_s = tokens_per_step / dt
-            step_times.append(dt)
-            tracker.log_metrics({"train_loss": loss, "lr": lr, "tokens_per_sec": tok_s}, s)
-            show.step(s, loss, lr, tok_s)
-            last_train_loss = loss
-        pending.clear()
-
-    model.train()
+    tracker = tracking.NullTracker()
     status = "FAILED"
     try:
-        with _StopFlag() as stop:
+        with _StopFlag() as stop:  # from here on a signal ends the run cleanly
+            tracker = tracking.start(cfg, run_id=run_id, rank=dist.rank)
+            reg = registry_mod.registry()
+            if dist.main:
+                write_run_file(run_dir, status="RUNNING", experiment=cfg.name, mlflow_run_id=tracker.run_id,
+                               config=cfg.to_dict(), pid=os.getpid())
+                if run_id is None and hasattr(tracker, "log_params"):
+                    tracker.log_params(tracking.flatten(cfg.to_dict()))
+                    tracker.set_tags(tracking.run_tags(cfg, reg))
+                    tracker.log_text(json.dumps(cfg.to_dict(), indent=2), "config.json")
+
+            if tc.compile:
+                train_model = torch.compile(train_model)
+            autocast = (
+                torch.autocast(device.type, dtype=torch.bfloat16) if tc.dtype == "bfloat16" else contextlib.nullcontext()
+            )
+            micro_per_rank = tc.grad_accum_steps // dist.world
+            tokens_per_step = tc.grad_accum_steps * tc.batch_size * cfg.model.block_size
+            show = Progress(tc.max_steps, tc.log_interval, progress and dist.main)
+            if dist.main:
+                n = model.num_params()
+                show.say(f"gptx run {cfg.name}: {n / 1e6:.2f}M parameters, {tokens_per_step:,} tokens/step, "
+                         f"{dist.world} process(es) on {device}, run dir {run_dir}")
+
+            def evaluate() -> dict[str, float]:
+                gen = torch.Generator().manual_seed(tc.seed + 1)  # the same eval batches at every evaluation
+                model.eval()
+                out = {}
+                with torch.no_grad(), autocast:
+                    for split in ("train", "val"):
+                        losses = torch.zeros(tc.eval_steps)
+                        for i in range(tc.eval_steps):
+                            x, y = dataset.windows(split, tc.batch_size, gen)
+                            if dist.sharded or i % dist.world == dist.rank:  # FSDP: every rank joins every forward
+                                losses[i] = model.loss(x.to(device), y.to(device)).float().cpu()
+                        total = losses.sum() if dist.sharded else dist.mean(losses.sum().to(device)) * dist.world
+                        out[split] = float(total) / tc.eval_steps
+                model.train()
+                return out
+
+            def save(step: int) -> Optional[Path]:
+                weights = distributed.full_model_state(model, dist)  # collectives under FSDP: all ranks
+                optim_state = distributed.full_optimizer_state(model, optimizer, dist)
+                path = None
+                if dist.main:
+                    state = {
+                        "optimizer": optim_state,
+                        "step": step,
+                        "data_rng": data_gen.get_state(),
+                        "torch_rng": torch.get_rng_state(),
+                        "history": json.dumps(history),
+                    }
+                    path = ckpt.save(run_dir, step, weights, cfg, tokenizer, state, extra={"mlflow_run_id": tracker.run_id})
+                    write_run_file(run_dir, step=step, checkpoint=str(path))
+                dist.barrier()
+                return path
+
+            step_times: list[float] = []
+            pending: list[tuple[int, torch.Tensor, float, float]] = []  # (step, loss, lr, seconds) not yet read
+            # the newest complete checkpoint: after --resume, the one this run continued from
+            last_ckpt: Optional[Path] = ckpt.complete_checkpoints(run_dir / "checkpoints")[-1] if resume_dir and dist.main else None
+            last_train_loss = float("nan")
+            val_loss = history[-1]["val_loss"] if history else None
+            ck_every = tc.checkpoint_interval or tc.eval_interval
+
+            def flush() -> None:
+                nonlocal last_train_loss
+                if not pending:
+                    return
+                values = torch.stack([p[1] for p in pending]).tolist()  # one device sync per flush
+                for (s, _, lr, dt), loss in zip(pending, values):
+                    if not math.isfinite(loss):  # stop before a checkpoint could store the broken weights
+                        pending.clear()
+                        raise GptxError(
+                            f"training diverged: loss is {loss} at step {s}; the last good checkpoint is "
+                            f"{last_ckpt or 'none (no checkpoint yet)'}; try a lower training.learning_rate"
+                        )
+                    tok_s = tokens_per_step / dt
+                    step_times.append(dt)
+                    tracker.log_metrics({"train_loss": loss, "lr": lr, "tokens_per_sec": tok_s}, s)
+                    show.step(s, loss, lr, tok_s)
+                    last_train_loss = loss
+                pending.clear()
+
+            model.train()
             for step in range(start_step + 1, tc.max_steps + 1):
                 t0 = time.perf_counter()
                 lr = lr_at(step - 1, tc)

@@ -172,6 +172,59 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
+# ---- one optimizer step (shared with gptx.bench) ----------------------------------------------
+
+def build_optimizer(model, tc, device: torch.device, dist=None) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups``: the fused kernel on CPU and CUDA (not for FSDP's sharded parameters)."""
+    from gptx.model import param_groups
+
+    fused = device.type in ("cuda", "cpu") and not (dist is not None and dist.sharded)
+    return torch.optim.AdamW(
+        param_groups(model, tc.weight_decay), lr=tc.learning_rate, betas=(tc.beta1, tc.beta2),
+        **({"fused": True} if fused else {}),
+    )
+
+
+def autocast_context(tc, device: torch.device):
+    """bf16 autocast when ``training.dtype = "bfloat16"``, else nothing (reusable)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if tc.dtype == "bfloat16" else contextlib.nullcontext()
+
+
+def make_train_step(train_model, model, optimizer, tc, dist, device: torch.device):
+    """The training step that ``train`` runs and ``gptx bench`` times. ``step(x_all, y_all, lr)``
+    takes the global batch [grad_accum_steps * batch_size, T] (this rank uses its share), runs
+    forward and backward per micro-batch, clips, steps the optimizer and returns the mean loss as
+    a 0-d device tensor, unsynchronised (the loop reads losses in batches)."""
+    micro_per_rank = tc.grad_accum_steps // dist.world
+    autocast = autocast_context(tc, device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    foreach = device.type in ("cpu", "cuda") and not dist.sharded  # one multi-tensor norm, not one per parameter
+
+    def step(x_all: torch.Tensor, y_all: torch.Tensor, lr: float) -> torch.Tensor:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        loss_sum = torch.zeros((), device=device)
+        for m in range(micro_per_rank):
+            i = m * dist.world + dist.rank  # this rank's share of the global batch
+            x = x_all[i * tc.batch_size:(i + 1) * tc.batch_size].to(device, non_blocking=True)
+            y = y_all[i * tc.batch_size:(i + 1) * tc.batch_size].to(device, non_blocking=True)
+            sync = m == micro_per_rank - 1 or dist.world == 1
+            with distributed.gradient_sync(train_model, dist, sync), autocast:
+                logits, _ = train_model(x)  # [B, T, V]
+                if logits.dtype != torch.float32:  # bf16 under autocast: the loss in fp32
+                    logits = logits.float()
+                loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
+            (loss / micro_per_rank).backward()
+            loss_sum += loss.detach()
+        if tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip, foreach=foreach or None)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return dist.mean(loss_sum / micro_per_rank)
+
+    return step
+
+
 # ---- the loop ------------------------------------------------------------------------------
 
 class _StopFlag:
@@ -239,7 +292,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
     from gptx import registry as registry_mod
     from gptx import tracking
     from gptx.generate import generate_ids
-    from gptx.model import GPT, param_groups
+    from gptx.model import GPT
     from gptx.sampling import Sampler
 
     tc = cfg.training
@@ -255,10 +308,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
     torch.manual_seed(tc.seed)
     model = GPT(cfg.model).to(device)
     train_model = distributed.wrap(model, dist, device)  # FSDP shards ``model`` in place
-    optimizer = torch.optim.AdamW(
-        param_groups(model, tc.weight_decay), lr=tc.learning_rate, betas=(tc.beta1, tc.beta2),
-        **({"fused": True} if device.type in ("cuda", "cpu") and not dist.sharded else {}),
-    )
+    optimizer = build_optimizer(model, tc, device, dist)
     data_gen = torch.Generator().manual_seed(tc.seed)
     start_step, history = 0, []
     run_id = None
@@ -292,10 +342,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
 
             if tc.compile:
                 train_model = torch.compile(train_model)
-            autocast = (
-                torch.autocast(device.type, dtype=torch.bfloat16) if tc.dtype == "bfloat16" else contextlib.nullcontext()
-            )
-            micro_per_rank = tc.grad_accum_steps // dist.world
+            autocast = autocast_context(tc, device)
+            train_step = make_train_step(train_model, model, optimizer, tc, dist, device)
             tokens_per_step = tc.grad_accum_steps * tc.batch_size * cfg.model.block_size
             show = Progress(tc.max_steps, tc.log_interval, progress and dist.main)
             if dist.main:
@@ -367,25 +415,8 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
             for step in range(start_step + 1, tc.max_steps + 1):
                 t0 = time.perf_counter()
                 lr = lr_at(step - 1, tc)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
                 x_all, y_all = dataset.windows("train", tc.grad_accum_steps * tc.batch_size, data_gen)
-                loss_sum = torch.zeros((), device=device)
-                for m in range(micro_per_rank):
-                    i = m * dist.world + dist.rank  # this rank's share of the global batch
-                    x = x_all[i * tc.batch_size:(i + 1) * tc.batch_size].to(device, non_blocking=True)
-                    y = y_all[i * tc.batch_size:(i + 1) * tc.batch_size].to(device, non_blocking=True)
-                    sync = m == micro_per_rank - 1 or dist.world == 1
-                    with distributed.gradient_sync(train_model, dist, sync), autocast:
-                        logits, _ = train_model(x)
-                        loss = torch.nn.functional.cross_entropy(logits.float().view(-1, logits.size(-1)), y.reshape(-1))
-                    (loss / micro_per_rank).backward()
-                    loss_sum += loss.detach()
-                if tc.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                step_loss = dist.mean(loss_sum / micro_per_rank)
+                step_loss = train_step(x_all, y_all, lr)
                 pending.append((step, step_loss, lr, time.perf_counter() - t0))
                 if step % tc.log_interval == 0 or step == tc.max_steps:
                     flush()

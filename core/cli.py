@@ -342,6 +342,45 @@ def sweep(base, vary, overrides, as_json, quiet):
             click.echo(f"MLflow parent run: {parent}")
 
 
+# ---- bench ----------------------------------------------------------------------------------
+
+@cli.command()
+@click.option("--only", default="peak,train,generate", show_default=True, metavar="SECTIONS",
+              help="Comma-separated sections: peak, train, generate.")
+@click.option("--experiment", type=click.Path(dir_okay=False), default=None,
+              help="Experiment file for the train section (default: experiments/shakespeare_char.toml).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a value of the experiment; repeatable.")
+@click.option("--train-steps", default=50, show_default=True, type=click.IntRange(min=1), help="Timed training steps.")
+@click.option("--warmup-steps", default=5, show_default=True, type=click.IntRange(min=0), help="Untimed steps first (compile, caches).")
+@click.option("--model", "model_size", default="tiny", show_default=True, type=click.Choice(["tiny", "gpt2"]),
+              help="Randomly initialised model for the generate section: tiny (4x128) or gpt2 (124M).")
+@click.option("--checkpoint", "checkpoint_dir", default=None, help="Generate with this checkpoint instead of a random model.")
+@click.option("--backends", default="torch,ort,ort-int8,hf,genai", show_default=True,
+              help="Generation backends (hf and genai when installed).")
+@click.option("--prompt-tokens", default=32, show_default=True, type=click.IntRange(min=1))
+@click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Timed generations per backend.")
+@click.option("--peak-seconds", default=1.0, show_default=True, type=click.FloatRange(min=0.01), help="Time per matmul peak.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch/onnxruntime threads (default: torch's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@friendly
+def bench(only, experiment, overrides, train_steps, warmup_steps, model_size, checkpoint_dir, backends,
+          prompt_tokens, new_tokens, repeats, peak_seconds, threads, as_json):
+    """Measure this machine: matmul peak, training tokens/s and MFU, generation tokens/s, time to
+    first token and memory (PyTorch, onnxruntime fp32/int8, HF and onnxruntime-genai as peers)."""
+    from gptx import bench as bench_mod
+
+    registry()
+    split = lambda text: [s.strip() for s in text.split(",") if s.strip()]  # noqa: E731
+    result = bench_mod.run(
+        sections=split(only), experiment=experiment or bench_mod.DEFAULT_EXPERIMENT, overrides=tuple(overrides),
+        train_steps=train_steps, warmup_steps=warmup_steps, model=model_size, checkpoint_dir=checkpoint_dir,
+        backends=split(backends), prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
+        peak_seconds=peak_seconds, threads=threads, log=lambda s: click.echo(s, err=True) if not as_json else None,
+    )
+    click.echo(json.dumps(result, indent=2) if as_json else bench_mod.table(result))
+
+
 def main():
     cli(prog_name="gptx")
 

@@ -1,0 +1,540 @@
+"""``gptx bench``: what this machine does, measured in one process run.
+
+Sections (``--only``):
+
+- ``peak``: practical matmul throughput, fp32 and bf16 (square GEMMs, the thread count the other
+  sections use); the reference for model-FLOPs utilization.
+- ``train``: tokens/s and MFU of the real training step (``gptx.train.make_train_step``: the same
+  code ``gptx run`` executes) for an experiment file, over a fixed number of steps after warm-up.
+  flops per token = 6N + 12·L·H·Q·T (``GPT.flops_per_token``), against the fp32 peak (the bf16
+  peak when ``training.dtype = "bfloat16"``).
+- ``generate``: batch 1, a fixed prompt (32 tokens), greedy, a fixed number of new tokens (128,
+  no early stop): tokens/s, time to first token and peak memory (RSS growth while loading and
+  generating) for PyTorch with the KV cache, onnxruntime fp32 and int8 on a ``gptx.export`` of the
+  same weights, and, when installed, Hugging Face ``generate`` on the same weights and
+  onnxruntime-genai on the same export (the peers).
+
+Timings on a shared machine are noisy: compare ratios from one run, and look at ``machine.load``.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from gptx.errors import GptxError
+
+SECTIONS = ("peak", "train", "generate")
+BACKENDS = ("torch", "ort", "ort-int8", "hf", "genai")
+MODEL_SIZES = {  # randomly initialised GPT-2-style models with GPT-2's BPE vocabulary
+    "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 1024},
+    "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},  # GPT-2 124M
+}
+DEFAULT_EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "shakespeare_char.toml"
+
+
+# ---- the machine ---------------------------------------------------------------------------
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    import torch
+
+    info = {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+    try:
+        info["load"] = [round(x, 2) for x in os.getloadavg()]  # 1, 5, 15 minutes
+    except OSError:
+        info["load"] = None
+    return info
+
+
+# ---- memory --------------------------------------------------------------------------------
+
+def _status_kib(field: str) -> Optional[int]:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+class PeakRss:
+    """Peak resident memory growth over a block: resets the kernel's high-water mark
+    (/proc/self/clear_refs, Linux) and reads VmHWM afterwards. ``mib`` is None where unsupported."""
+
+    def __enter__(self):
+        gc.collect()
+        try:  # hand freed heap back to the OS first, or a reused free list hides the growth
+            import ctypes
+
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        self.ok = False
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self.ok = True
+        except OSError:
+            pass
+        self.start = _status_kib("VmRSS")
+        return self
+
+    def __exit__(self, *exc):
+        peak = _status_kib("VmHWM")
+        self.mib = round((peak - self.start) / 1024, 1) if self.ok and peak and self.start else None
+
+
+# ---- peak ----------------------------------------------------------------------------------
+
+def matmul_peak(dtype: str = "float32", seconds: float = 1.0, max_n: int = 2048, device: str = "cpu") -> dict:
+    """Best GFLOP/s of an n x n @ n x n matmul. n doubles from 256 up to ``max_n`` while one
+    product takes under a tenth of the budget (slow bf16 emulation stops early), then the product
+    is repeated for about ``seconds``; the fastest repetition counts."""
+    import torch
+
+    dt = getattr(torch, dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+
+    def once(a, b) -> float:
+        sync()
+        t = time.perf_counter()
+        torch.mm(a, b)
+        sync()
+        return time.perf_counter() - t
+
+    n = 256
+    while True:
+        a = torch.randn(n, n, device=device).to(dt)
+        b = torch.randn(n, n, device=device).to(dt)
+        once(a, b)  # first touch / kernel selection
+        t = once(a, b)
+        if t > seconds / 10 or n >= max_n:
+            break
+        n *= 2
+    times = [t]
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 3:
+        times.append(once(a, b))
+    best = min(times)
+    return {"dtype": dtype, "n": n, "gflops": round(2 * n ** 3 / best / 1e9, 1), "repeats": len(times)}
+
+
+# ---- training ------------------------------------------------------------------------------
+
+def bench_train(experiment=DEFAULT_EXPERIMENT, overrides: tuple = (), steps: int = 50, warmup: int = 5,
+                peak: Optional[dict] = None) -> dict:
+    """Time ``steps`` optimizer steps of the experiment's real training step after ``warmup``
+    (which includes torch.compile when ``training.compile``). Nothing is written: no run
+    directory, no MLflow run, no checkpoint."""
+    import torch
+
+    from gptx import checkpoint as ckpt
+    from gptx.config import load_experiment
+    from gptx.data import load_dataset
+    from gptx.distributed import Dist
+    from gptx.model import GPT
+    from gptx.train import build_optimizer, lr_at, make_train_step, pick_device
+
+    cfg = load_experiment(experiment, list(overrides))
+    tc = cfg.training
+    device = pick_device(tc)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    tokenizer = ckpt.build_tokenizer(cfg.tokenizer)
+    dataset = load_dataset(cfg, tokenizer)
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    torch.manual_seed(tc.seed)
+    model = GPT(cfg.model).to(device)
+    model.train()
+    train_model = torch.compile(model) if tc.compile else model
+    dist = Dist()
+    optimizer = build_optimizer(model, tc, device, dist)
+    step = make_train_step(train_model, model, optimizer, tc, dist, device)
+    data_gen = torch.Generator().manual_seed(tc.seed)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    tokens_per_step = tc.grad_accum_steps * tc.batch_size * cfg.model.block_size
+
+    def one(i: int) -> float:
+        x, y = dataset.windows("train", tc.grad_accum_steps * tc.batch_size, data_gen)
+        return float(step(x, y, lr_at(i, tc)))  # float(): the step is complete (synchronised)
+
+    t0 = time.perf_counter()
+    first_loss = None
+    for i in range(warmup):
+        loss = one(i)
+        first_loss = loss if first_loss is None else first_loss
+    sync()
+    warmup_s = time.perf_counter() - t0
+    times, loss = [], first_loss
+    for i in range(warmup, warmup + steps):
+        t = time.perf_counter()
+        loss = one(i)
+        sync()
+        times.append(time.perf_counter() - t)
+    median = statistics.median(times)
+    flops_per_token = model.flops_per_token(cfg.model.block_size)
+    tok_s = tokens_per_step / median
+    out = {
+        "experiment": str(Path(experiment)),
+        "device": str(device),
+        "dtype": tc.dtype,
+        "compile": tc.compile,
+        "parameters": model.num_params(),
+        "tokens_per_step": tokens_per_step,
+        "warmup_steps": warmup,
+        "steps": steps,
+        "warmup_s": round(warmup_s, 2),
+        "step_ms_median": round(median * 1e3, 2),
+        "step_ms_min": round(min(times) * 1e3, 2),
+        "tokens_per_s": round(tok_s, 1),
+        "tokens_per_s_best": round(tokens_per_step / min(times), 1),
+        "flops_per_token": flops_per_token,
+        "model_gflops": round(flops_per_token * tok_s / 1e9, 2),
+        "loss_first": round(first_loss, 4) if first_loss is not None else None,
+        "loss_last": round(loss, 4) if loss is not None else None,
+        "mfu": None,
+        "mfu_peak": None,
+    }
+    ref = (peak or {}).get("bfloat16" if tc.dtype == "bfloat16" else "float32")
+    if ref and device.type == "cpu":
+        out["mfu"] = round(flops_per_token * tok_s / (ref["gflops"] * 1e9), 4)
+        out["mfu_peak"] = ref["dtype"]
+    return out
+
+
+# ---- generation ----------------------------------------------------------------------------
+
+def _synthetic_checkpoint(size: str, work: Path, seed: int = 0) -> Path:
+    """A randomly initialised GPT-2-style model of ``size`` with GPT-2's tokenizer, saved as a
+    gptx checkpoint under ``work``."""
+    import torch
+
+    from gptx import checkpoint as ckpt
+    from gptx.config import from_dict
+    from gptx.model import GPT
+
+    if size not in MODEL_SIZES:
+        raise GptxError(f"--model: unknown size {size!r}; choose from {', '.join(MODEL_SIZES)}")
+    cfg = from_dict({"model": dict(MODEL_SIZES[size]), "tokenizer": {"kind": "gpt2"}, "tracking": {"enabled": False}})
+    tokenizer = ckpt.build_tokenizer(cfg.tokenizer)
+    cfg.model.vocab_size = tokenizer.vocab_size
+    torch.manual_seed(seed)
+    model = GPT(cfg.model).eval()
+    return ckpt.save(work / f"random-{size}", 0, model, cfg, tokenizer)
+
+
+def hf_state_dict(model) -> dict:
+    """gptx GPT-2 weights in Hugging Face ``GPT2LMHeadModel`` names and layouts (Conv1D [in, out])."""
+    out = {"transformer.wte.weight": model.wte.weight, "transformer.wpe.weight": model.positional.wpe.weight,
+           "transformer.ln_f.weight": model.ln_f.weight, "transformer.ln_f.bias": model.ln_f.bias,
+           "lm_head.weight": model.lm_head.weight}
+    for i, b in enumerate(model.blocks):
+        h = f"transformer.h.{i}."
+        for hf_ln, norm in (("ln_1", b.attn_norm.norm), ("ln_2", b.mlp_norm.norm)):
+            out[h + hf_ln + ".weight"], out[h + hf_ln + ".bias"] = norm.weight, norm.bias
+        for hf_lin, lin in (("attn.c_attn", b.attn.c_attn), ("attn.c_proj", b.attn.c_proj),
+                            ("mlp.c_fc", b.mlp.c_fc), ("mlp.c_proj", b.mlp.c_proj)):
+            out[h + hf_lin + ".weight"], out[h + hf_lin + ".bias"] = lin.weight.t().contiguous(), lin.bias
+    return {k: v.detach() for k, v in out.items()}
+
+
+def _is_plain_gpt2(config) -> bool:
+    from gptx.config import ModelConfig
+
+    m: ModelConfig = config.model
+    return (m.attention.kind == "causal" and m.positional.kind == "learned" and m.ffn.kind == "gelu"
+            and getattr(m.ffn.options, "approximate", "tanh") == "tanh" and m.ffn.options.hidden in (None, 4 * m.n_embd)
+            and m.norm.kind == "layernorm" and m.norm.placement == "pre" and m.bias and m.tie_embeddings
+            and m.norm.options.bias and m.attention.options.n_kv_heads in (None, m.n_head)
+            and m.attention.options.window is None)
+
+
+class _Backend:
+    """One way to generate: ``load()`` returns a callable ``run(prompt, new_tokens) -> ids``."""
+
+    def __init__(self, name: str, load: Callable[[], Callable[[list[int], int], list[int]]]):
+        self.name, self.load = name, load
+
+
+def _time_backend(backend: _Backend, prompt: list[int], new_tokens: int, repeats: int) -> dict:
+    """Load, warm up, then time first-token latency (a 1-token generation: prefill + one sample)
+    and full generations of ``new_tokens``; peak RSS growth covers loading and the first run."""
+    with PeakRss() as mem:
+        t = time.perf_counter()
+        run = backend.load()
+        load_s = time.perf_counter() - t
+        ids = run(prompt, new_tokens)  # warm-up (also the tokens compared across backends)
+    ttft = []
+    for _ in range(max(3, repeats)):
+        t = time.perf_counter()
+        run(prompt, 1)
+        ttft.append(time.perf_counter() - t)
+    total = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        got = run(prompt, new_tokens)
+        total.append(time.perf_counter() - t)
+    assert len(got) == new_tokens, f"{backend.name} generated {len(got)} tokens, not {new_tokens}"
+    first, whole = statistics.median(ttft), statistics.median(total)
+    return {
+        "tokens_per_s": round(new_tokens / whole, 1),
+        "decode_tokens_per_s": round((new_tokens - 1) / (whole - first), 1) if new_tokens > 1 and whole > first else None,
+        "ttft_ms": round(first * 1e3, 2),
+        "total_s": round(whole, 3),
+        "load_s": round(load_s, 2),
+        "peak_rss_mib": mem.mib,
+        "ids": ids,
+    }
+
+
+def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, backends=BACKENDS,
+                   prompt_tokens: int = 32, new_tokens: int = 128, repeats: int = 3,
+                   log: Callable[[str], None] = lambda s: None) -> dict:
+    import numpy as np
+    import torch
+
+    from gptx import checkpoint as ckpt
+    from gptx.generate import generate_ids
+    from gptx.sampling import Sampler
+
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise GptxError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+    threads = torch.get_num_threads()
+    work = Path(tempfile.mkdtemp(prefix="gptx-bench-"))
+    results: dict = {}
+    skipped: dict = {}
+    try:
+        source = Path(checkpoint_dir) if checkpoint_dir else _synthetic_checkpoint(model, work)
+        ck = ckpt.load(source)
+        cfg = ck.config
+        vocab = cfg.model.vocab_size
+        if prompt_tokens + new_tokens > cfg.model.block_size:
+            raise GptxError(f"--prompt-tokens + --new-tokens = {prompt_tokens + new_tokens} exceeds the model's "
+                            f"context of {cfg.model.block_size}")
+        prompt = np.random.default_rng(0).integers(0, vocab, prompt_tokens).tolist()
+        info = {"model": checkpoint_dir or model, "parameters": ck.model.num_params(), "n_layer": cfg.model.n_layer,
+                "n_embd": cfg.model.n_embd, "vocab_size": vocab, "prompt_tokens": prompt_tokens,
+                "new_tokens": new_tokens, "batch": 1, "threads": threads, "repeats": repeats}
+        del ck
+        gc.collect()
+
+        def load_torch():
+            m = ckpt.load(source).model.eval()
+            return lambda p, n: generate_ids(m, [p], n, Sampler(temperature=0), None).ids[0]
+
+        onnx_dirs: dict[str, Path] = {}
+
+        def export(kind: str) -> Path:
+            if kind in onnx_dirs:
+                return onnx_dirs[kind]
+            from gptx.export.onnx_export import export_checkpoint
+
+            if "fp32" not in onnx_dirs:
+                log("exporting to ONNX (verified against PyTorch)...")
+                t = time.perf_counter()
+                export_checkpoint(source, work / "onnx-fp32", log=lambda s: None, track=False)
+                info["export_s"] = round(time.perf_counter() - t, 1)
+                onnx_dirs["fp32"] = work / "onnx-fp32"
+            if kind == "int8":
+                from gptx.export import MODEL_FILE
+                from gptx.export.quantize import quantize_int8
+
+                log("quantizing to int8...")
+                shutil.copytree(onnx_dirs["fp32"], work / "onnx-int8")
+                quantize_int8(onnx_dirs["fp32"] / MODEL_FILE, work / "onnx-int8" / MODEL_FILE, work)
+                onnx_dirs["int8"] = work / "onnx-int8"
+            return onnx_dirs[kind]
+
+        def load_ort(kind: str):
+            def load():
+                from gptx.export.runtime import OnnxGenerator
+
+                gen = OnnxGenerator(export(kind), threads=threads)
+                return lambda p, n: gen.generate([p], n, Sampler(temperature=0), eot_id=None).ids[0]
+            return load
+
+        def load_hf():
+            import transformers
+
+            config = transformers.GPT2Config(
+                vocab_size=vocab, n_positions=cfg.model.block_size, n_embd=cfg.model.n_embd,
+                n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, activation_function="gelu_new",
+                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.model.norm.options.eps,
+                tie_word_embeddings=True,
+            )
+            hf = transformers.GPT2LMHeadModel(config).eval()
+            weights = ckpt.load(source).model
+            missing, unexpected = hf.load_state_dict(hf_state_dict(weights), strict=False)
+            missing = [k for k in missing if not k.endswith(".attn.bias") and not k.endswith(".masked_bias")]
+            if missing or unexpected:
+                raise GptxError(f"HF GPT-2: weights did not map (missing {missing[:3]}, unexpected {unexpected[:3]})")
+            hf.tie_weights()
+            with torch.no_grad():
+                x = torch.tensor([prompt])
+                info["hf_logits_max_abs_diff"] = float((hf(x).logits - weights(x)[0]).abs().max())
+            del weights
+
+            def run(p, n):
+                with torch.no_grad():
+                    out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                      max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+                return out[0, len(p):].tolist()
+            return run
+
+        def load_genai():
+            import onnxruntime_genai as og
+
+            og_model = og.Model(str(export("fp32")))
+
+            def run(p, n):
+                params = og.GeneratorParams(og_model)
+                params.set_search_options(do_sample=False, max_length=len(p) + n, min_length=len(p) + n, batch_size=1)
+                gen = og.Generator(og_model, params)
+                gen.append_tokens(p)
+                got = []
+                while not gen.is_done() and len(got) < n:
+                    gen.generate_next_token()
+                    got.append(int(gen.get_next_tokens()[0]))
+                return got
+            return run
+
+        plan = {"torch": load_torch, "ort": load_ort("fp32"), "ort-int8": load_ort("int8"),
+                "hf": load_hf, "genai": load_genai}
+        for name in BACKENDS:
+            if name not in backends:
+                continue
+            if name == "hf":
+                try:
+                    import transformers  # noqa: F401
+                except ImportError:
+                    skipped[name] = "transformers is not installed"
+                    continue
+                if not _is_plain_gpt2(cfg):
+                    skipped[name] = "the model is not plain GPT-2 (HF GPT2LMHeadModel cannot hold it)"
+                    continue
+            if name == "genai":
+                try:
+                    import onnxruntime_genai  # noqa: F401
+                except ImportError:
+                    skipped[name] = "onnxruntime-genai is not installed"
+                    continue
+            if name in ("ort", "ort-int8", "genai"):
+                from gptx.export.onnx_export import check_exportable
+
+                try:
+                    check_exportable(cfg.model)
+                except GptxError as err:
+                    skipped[name] = str(err)
+                    continue
+            if name == "genai" and cfg.tokenizer.kind != "gpt2":
+                skipped[name] = "onnxruntime-genai needs tokenizer.json (GPT-2 BPE exports only)"
+                continue
+            if name in ("ort", "ort-int8", "genai"):
+                export("int8" if name == "ort-int8" else "fp32")  # export time is not generation time
+            log(f"generating with {name}...")
+            results[name] = _time_backend(_Backend(name, plan[name]), prompt, new_tokens, repeats)
+            gc.collect()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ref = results.get("torch", {}).get("ids")
+    for r in results.values():
+        ids = r.pop("ids")
+        r["same_tokens_as_torch"] = None if ref is None else next((i for i, (a, b) in enumerate(zip(ids, ref)) if a != b), len(ids))
+    hf = results.get("hf", {}).get("tokens_per_s")
+    genai = results.get("genai", {}).get("tokens_per_s")
+    for r in results.values():
+        r["vs_hf"] = round(r["tokens_per_s"] / hf, 2) if hf else None
+        r["vs_genai"] = round(r["tokens_per_s"] / genai, 2) if genai else None
+    return info | {"backends": results, "skipped": skipped}
+
+
+# ---- the whole run -------------------------------------------------------------------------
+
+def run(sections=SECTIONS, experiment=DEFAULT_EXPERIMENT, overrides: tuple = (), train_steps: int = 50,
+        warmup_steps: int = 5, model: str = "tiny", checkpoint_dir: Optional[str] = None, backends=BACKENDS,
+        prompt_tokens: int = 32, new_tokens: int = 128, repeats: int = 3, peak_seconds: float = 1.0,
+        threads: Optional[int] = None, log: Callable[[str], None] = lambda s: None) -> dict:
+    import torch
+
+    bad = [s for s in sections if s not in SECTIONS]
+    if bad:
+        raise GptxError(f"--only: unknown section {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
+    if threads:
+        torch.set_num_threads(threads)
+    out: dict = {"machine": machine()}
+    t0 = time.perf_counter()
+    peak = None
+    if "peak" in sections or "train" in sections:  # train's MFU needs the peak of this run
+        log("measuring matmul peak (fp32, bf16)...")
+        peak = {dt: matmul_peak(dt, peak_seconds) for dt in ("float32", "bfloat16")}
+        if "peak" in sections:
+            out["peak"] = peak
+    if "train" in sections:
+        log(f"training {train_steps} steps of {experiment}...")
+        out["train"] = bench_train(experiment, tuple(overrides), train_steps, warmup_steps, peak)
+    if "generate" in sections:
+        out["generate"] = bench_generate(model, checkpoint_dir, tuple(backends), prompt_tokens, new_tokens, repeats, log)
+    out["machine"]["load_after"] = machine()["load"]
+    out["seconds"] = round(time.perf_counter() - t0, 1)
+    return out
+
+
+def table(result: dict) -> str:
+    """A readable report of ``run``'s result."""
+    m = result["machine"]
+    lines = [f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']} "
+             f"({m['cpu_capability']}), load {m['load']} -> {m.get('load_after')}"]
+    if "peak" in result:
+        p = result["peak"]
+        lines.append("")
+        lines.append("matmul peak: " + ", ".join(f"{k} {v['gflops']:,.1f} GFLOP/s (n={v['n']})" for k, v in p.items()))
+    if "train" in result:
+        t = result["train"]
+        mfu = f"{t['mfu'] * 100:.1f}% of the {t['mfu_peak']} peak" if t["mfu"] is not None else "n/a"
+        lines += ["", f"training {t['experiment']} ({t['parameters'] / 1e6:.2f}M parameters, {t['dtype']}"
+                      f"{', compiled' if t['compile'] else ''}, {t['device']}):",
+                  f"  {t['tokens_per_s']:,.0f} tokens/s (median of {t['steps']} steps, {t['step_ms_median']:.1f} ms/step; "
+                  f"best {t['tokens_per_s_best']:,.0f}), {t['model_gflops']:.1f} model GFLOP/s, MFU {mfu}",
+                  f"  loss {t['loss_first']} -> {t['loss_last']}; warm-up {t['warmup_steps']} steps {t['warmup_s']} s"]
+    if "generate" in result:
+        g = result["generate"]
+        lines += ["", f"generation: {g['model']} ({g['parameters'] / 1e6:.1f}M parameters), batch 1, "
+                      f"{g['prompt_tokens']}-token prompt, {g['new_tokens']} new tokens, greedy, {g['threads']} threads"]
+        header = f"  {'backend':<10} {'tok/s':>9} {'decode':>9} {'TTFT ms':>9} {'peak MiB':>9} {'vs HF':>6} {'vs genai':>8} {'same':>5}"
+        lines.append(header)
+        for name, r in g["backends"].items():
+            fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+            lines.append(f"  {name:<10} {r['tokens_per_s']:>9,.1f} {fmt(r['decode_tokens_per_s'], ',.1f'):>9} "
+                         f"{r['ttft_ms']:>9.1f} {fmt(r['peak_rss_mib'], ',.0f'):>9} {fmt(r['vs_hf'], '.2f'):>6} "
+                         f"{fmt(r['vs_genai'], '.2f'):>8} {fmt(r['same_tokens_as_torch'], 'd'):>5}")
+        for name, why in g["skipped"].items():
+            lines.append(f"  {name}: skipped ({why})")
+        lines.append("  (same: greedy tokens identical to PyTorch's before the first difference)")
+    lines.append("")
+    lines.append(f"{result['seconds']} s in all")
+    return "\n".join(lines)

@@ -1,0 +1,47 @@
+"""gptx bench: the command runs on tiny settings and reports every field with sane values.
+No timing thresholds: speed targets are ratios measured on a quiet machine, not unit tests."""
+import json
+
+import pytest
+from helpers import gptx, write_experiment
+
+
+def test_bench_json_has_every_section_and_sane_values(tmp_path):
+    exp = write_experiment(tmp_path / "e.toml")
+    proc = gptx("bench", "--json", "--experiment", exp, "--train-steps", "2", "--warmup-steps", "1",
+                "--peak-seconds", "0.05", "--model", "tiny", "--backends", "torch,ort,ort-int8,hf,genai",
+                "--prompt-tokens", "4", "--new-tokens", "3", "--repeats", "1", check=True, timeout=900)
+    r = json.loads(proc.stdout)
+    assert r["machine"]["cores"] >= 1 and r["machine"]["threads"] >= 1
+    for dt in ("float32", "bfloat16"):
+        assert r["peak"][dt]["gflops"] > 0 and r["peak"][dt]["n"] >= 256
+    t = r["train"]
+    assert t["steps"] == 2 and t["tokens_per_step"] == 4 * 32
+    assert t["tokens_per_s"] > 0 and t["step_ms_median"] > 0
+    assert t["flops_per_token"] > 6 * 20_000  # 2 layers x 32 wide: ~25k non-embedding parameters
+    assert 0 < t["mfu"] < 1.5 and t["mfu_peak"] == "float32"
+    assert t["loss_first"] == pytest.approx(4.17, abs=0.3)  # ln(65): a char vocabulary at random init
+    g = r["generate"]
+    assert g["prompt_tokens"] == 4 and g["new_tokens"] == 3 and g["batch"] == 1
+    assert 7_000_000 < g["parameters"] < 8_000_000  # tiny: 4 x 128 with GPT-2's 50257-token vocabulary
+    expected = {"torch", "ort", "ort-int8"} | {b for b in ("hf", "genai") if b not in g["skipped"]}
+    assert set(g["backends"]) == expected
+    for name, b in g["backends"].items():
+        assert b["tokens_per_s"] > 0 and b["ttft_ms"] > 0 and b["total_s"] > 0, name
+        assert b["peak_rss_mib"] is None or b["peak_rss_mib"] >= 0, name
+    assert g["backends"]["torch"]["same_tokens_as_torch"] == 3
+    assert g["backends"]["ort"]["same_tokens_as_torch"] == 3  # the verified export decodes the same greedy tokens
+    if "hf" in g["backends"]:
+        assert g["hf_logits_max_abs_diff"] < 1e-3 and g["backends"]["hf"]["same_tokens_as_torch"] == 3
+        assert g["backends"]["hf"]["vs_hf"] == 1.0
+
+
+def test_bench_table_and_sections(tmp_path):
+    exp = write_experiment(tmp_path / "e.toml")
+    proc = gptx("bench", "--only", "train", "--experiment", exp, "--train-steps", "1", "--warmup-steps", "0",
+                "--set", "training.batch_size=2", check=True)
+    assert "tokens/s" in proc.stdout and "MFU" in proc.stdout and "generation" not in proc.stdout
+    assert "matmul peak" not in proc.stdout  # measured for MFU, shown only with --only peak
+    bad = gptx("bench", "--only", "trian")
+    assert bad.returncode == 2 and "Error: --only: unknown section trian" in bad.stderr
+    assert "Traceback" not in bad.stderr

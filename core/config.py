@@ -261,8 +261,8 @@ def load_experiment(path: str | os.PathLike, overrides: list[str] = (), registry
             check_data_path(cfg)
         return cfg
     except ConfigError as err:
-        related = lambda k: err.key and (err.key == k or err.key.startswith(k + ".") or k.startswith(err.key + "."))  # noqa: E731
-        item = next((v for k, v in origin.items() if related(k)), None)
+        key = err.key or ""  # the override that set this key, or one of its tables, is to blame
+        item = next((v for k, v in origin.items() if key and (key == k or key.startswith(k + ".") or k.startswith(key + "."))), None)
         raise err.located(f"--set {item}" if item else str(path)) from None
 
 

@@ -5,12 +5,11 @@ from __future__ import annotations
 
 from typing import Optional
 
-import numpy as np
 import torch
 
 from gptx.base import KV_CACHE
 from gptx.errors import GptxError
-from gptx.sampling import Generation, Sampler, left_pad, positions_from_mask  # noqa: F401 (Generation re-exported)
+from gptx.sampling import Collector, Generation, Sampler, left_pad, positions_from_mask  # noqa: F401 (Generation re-exported)
 
 
 def uses_kv_cache(model) -> bool:
@@ -45,17 +44,12 @@ def generate_ids(
     position_ids = torch.from_numpy(positions_from_mask(mask)).to(device)  # [B, T]
     cache = uses_kv_cache(model)
     past = model.empty_cache(len(prompts)) if cache else None
-    out = [[] for _ in prompts]
-    done = np.zeros(len(prompts), dtype=bool)
+    out = Collector(len(prompts), eot_id)
     for _ in range(max_new_tokens):
         logits, present = model(input_ids, position_ids, attention_mask, past)  # [B, T, V]
         past = present if cache else None
         nxt = sampler(logits[:, -1, :].float().cpu().numpy())  # [B]
-        for i, tok in enumerate(nxt):
-            if not done[i]:
-                out[i].append(int(tok))
-                done[i] = eot_id is not None and tok == eot_id
-        if done.all():
+        if out.add(nxt):
             break
         step_ids = torch.from_numpy(nxt).to(device)[:, None]  # [B, 1]
         step_positions = position_ids[:, -1:] + 1  # [B, 1]
@@ -65,4 +59,4 @@ def generate_ids(
             input_ids = torch.cat([input_ids, step_ids], dim=1)
             position_ids = torch.cat([position_ids, step_positions], dim=1)
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)  # [B, S+1]
-    return Generation(prompt_ids=[list(p) for p in prompts], ids=out)
+    return Generation(prompt_ids=[list(p) for p in prompts], ids=out.ids)

@@ -16,6 +16,23 @@ class Generation:
     ids: list[list[int]]  # new tokens per prompt, stopped at (and including) end-of-text
 
 
+class Collector:
+    """The new tokens of each row, each row closed at its end-of-text token."""
+
+    def __init__(self, rows: int, eot_id: Optional[int]):
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.done = np.zeros(rows, dtype=bool)
+        self.eot_id = eot_id
+
+    def add(self, tokens: np.ndarray) -> bool:
+        """Append tokens [B] to the open rows; True once every row is closed."""
+        for i, tok in enumerate(tokens):
+            if not self.done[i]:
+                self.ids[i].append(int(tok))
+                self.done[i] = self.eot_id is not None and tok == self.eot_id
+        return bool(self.done.all())
+
+
 class Sampler:
     """temperature 0 is greedy; top_k keeps the k most likely tokens; top_p keeps the smallest set
     whose probability reaches p (nucleus). One seeded generator per generation call."""

@@ -28,8 +28,8 @@ from gptx.base import ONNX_EXPORT
 from gptx.config import COMPONENT_SLOTS
 from gptx.errors import GptxError
 from gptx.export import (
-    ATTENTION_MASK, BATCH, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, INPUT_IDS, IO_CONTRACT, IO_CONTRACT_VERSION,
-    PAST, POSITION_IDS, SEQ, TOTAL, input_names, output_names, tokenizer_hash,
+    ATTENTION_MASK, BATCH, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, IO_CONTRACT, IO_CONTRACT_VERSION,
+    PAST, SEQ, TOTAL, input_names, output_names, tokenizer_hash,
 )
 
 DEFAULT_OPSET = 18

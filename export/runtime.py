@@ -21,7 +21,7 @@ from gptx.export import (
     EXPORT_FORMAT, EXPORT_FORMAT_VERSION, IO_CONTRACT, IO_CONTRACT_VERSION, META_FILE, MODEL_FILE,
     input_names, output_names, tokenizer_hash,
 )
-from gptx.sampling import Generation, Sampler, left_pad, positions_from_mask
+from gptx.sampling import Collector, Generation, Sampler, left_pad, positions_from_mask
 
 _UNSET = object()
 
@@ -143,8 +143,7 @@ class OnnxGenerator:
         pos = positions_from_mask(mask)  # [B, T]
         empty = np.zeros((B, self.kv_heads, 0, self.head_dim), dtype=np.float32)
         past = [OrtValue.ortvalue_from_numpy(empty) for _ in range(2 * self.n_layer)]
-        out = [[] for _ in prompts]
-        done = np.zeros(B, dtype=bool)
+        out = Collector(len(prompts), eot_id)
         # the mask grows by one column per step: keep one buffer and hand out views of it
         full_mask = np.ones((B, longest + max_new_tokens), dtype=np.int64)
         full_mask[:, :longest] = mask
@@ -161,13 +160,9 @@ class OnnxGenerator:
             logits = results[0].numpy()  # [B, T, V]
             past = results[1:]  # present.* -> next step's past_key_values.*, no copy
             nxt = sampler(logits[:, -1, :])  # [B]
-            for i, tok in enumerate(nxt):
-                if not done[i]:
-                    out[i].append(int(tok))
-                    done[i] = eot_id is not None and tok == eot_id
-            if done.all():
+            if out.add(nxt):
                 break
             ids = nxt[:, None].astype(np.int64)  # [B, 1]
             pos = pos[:, -1:] + 1  # [B, 1]
             length += 1
-        return Generation(prompt_ids=[list(p) for p in prompts], ids=out)
+        return Generation(prompt_ids=[list(p) for p in prompts], ids=out.ids)

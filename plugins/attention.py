@@ -28,6 +28,11 @@ class AttentionOptions:
 
 class _HeadsMixin:
     Options = AttentionOptions
+    n_kv: int  # set by the constructor: options.n_kv_heads or n_head
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.n_kv
 
     @classmethod
     def check(cls, model, options):
@@ -57,10 +62,6 @@ class CausalSelfAttention(_HeadsMixin, Attention):
         self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.n_kv
 
     def forward(self, x, positions, positional, past: Optional[KV] = None, attention_mask=None):
         B, T, C = x.shape
@@ -99,10 +100,6 @@ class EinsumAttention(_HeadsMixin, Attention):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
-
-    @property
-    def n_kv_heads(self) -> int:
-        return self.n_kv
 
     def forward(self, x, positions, positional, past: Optional[KV] = None, attention_mask=None):
         B, T, C = x.shape

@@ -13,6 +13,12 @@ import gptx
 from gptx.components import PositionalEncoding
 
 
+def inverse_frequencies(base: float, dim: int) -> torch.Tensor:
+    """base^(-2i/dim) for i < dim/2: the angle per position of each (sin, cos) pair -> [dim/2]."""
+    half = dim // 2
+    return base ** (-torch.arange(half, dtype=torch.float32) / half)
+
+
 class LearnedPositions(PositionalEncoding):
     """GPT-2: a learned [block_size, C] table added to the token embeddings."""
 
@@ -63,9 +69,7 @@ class SinusoidalPositions(PositionalEncoding):
 
     def __init__(self, config, options):
         super().__init__(config, options)
-        half = config.n_embd // 2
-        inv_freq = options.base ** (-torch.arange(half, dtype=torch.float32) / half)  # [C/2]
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inverse_frequencies(options.base, config.n_embd), persistent=False)  # [C/2]
 
     def embed(self, positions):
         angle = positions[..., None].float() * self.inv_freq  # [B, T, C/2]
@@ -100,9 +104,7 @@ class RotaryPositions(PositionalEncoding):
 
     def __init__(self, config, options):
         super().__init__(config, options)
-        half = config.head_dim // 2
-        inv_freq = options.base ** (-torch.arange(half, dtype=torch.float32) / half)  # [D/2]
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", inverse_frequencies(options.base, config.head_dim), persistent=False)  # [D/2]
 
     def rotate(self, q, k, positions):
         angle = positions[:, None, :, None].float() * self.inv_freq  # [B, 1, T, D/2]

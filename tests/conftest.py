@@ -28,40 +28,15 @@ def mlflow_sqlite(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
-    """A real ``mlflow server`` on 127.0.0.1 (the FIELD-NOTES recipe), stopped by its PID."""
+    """A real ``mlflow server`` on 127.0.0.1 for the session, stopped by its PID at the end."""
     import signal
-    import socket
     import subprocess
-    import sys
-    import time
-    import urllib.request
+
+    from helpers import start_mlflow_server
 
     d = tmp_path_factory.mktemp("mlflow-server")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    log = open(d / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
-         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.read().strip() == b"OK":
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"mlflow server did not start:\n{(d / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.5)
-    server = type("Server", (), {"url": url, "proc": proc, "dir": d})
-    yield server
+    proc, url = start_mlflow_server(d)
+    yield type("Server", (), {"url": url, "proc": proc, "dir": d})
     if proc.poll() is None:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
@@ -69,4 +44,3 @@ def mlflow_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    log.close()

@@ -7,17 +7,14 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
 import time
-import urllib.request
-from pathlib import Path
 
 import pytest
 import torch
-from helpers import gptx, write_experiment
+from helpers import gptx, start_mlflow_server, write_experiment
 
 from gptx import checkpoint
 from gptx.config import load_experiment
@@ -108,32 +105,6 @@ def test_an_exploding_learning_rate_is_one_clear_error(tmp_path):
     assert json.loads((run_dir / "run.json").read_text())["status"] == "FAILED"
     for ck in (run_dir / "checkpoints").iterdir():  # whatever was saved was saved before the loss broke
         assert ck.name.startswith("step-") and checkpoint.load_trainer_state(ck)
-
-
-def start_mlflow_server(d: Path):
-    """A real `mlflow server` of our own (the FIELD-NOTES recipe), in its own process group."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
-    log = open(d / "server.log", "w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{d}/mlflow.db",
-         "--artifacts-destination", str(d / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 180
-    while True:
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.read().strip() == b"OK":
-                    return proc, url
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            raise RuntimeError(f"mlflow server did not start:\n{(d / 'server.log').read_text()[-3000:]}")
-        time.sleep(0.3)
 
 
 def stop(proc: subprocess.Popen):

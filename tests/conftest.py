@@ -15,8 +15,11 @@ torch.set_num_threads(1)
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
-    """Token caches and downloaded runs go to a per-session directory, not ~/.cache."""
+    """Token caches and downloaded runs go to a per-session directory, not ~/.cache; and the
+    working directory is a scratch one, so whatever defaults to the working directory (MLflow's
+    ./mlruns artifacts, ./runs) never lands in the checkout. Tests use absolute paths."""
     os.environ["GPTX_CACHE_DIR"] = str(tmp_path_factory.mktemp("gptx-cache"))
+    os.chdir(tmp_path_factory.mktemp("cwd"))
 
 
 @pytest.fixture(scope="session")

@@ -35,32 +35,45 @@ class LearnedPositions(PositionalEncoding):
 
 
 @dataclasses.dataclass(frozen=True)
-class SinusoidalOptions:
+class FrequencyOptions:
+    """Options of the encodings built from sines and cosines of position * base^(-2i/dim)."""
+
     base: float = 10000.0
     max_positions: Optional[int] = None  # the longest context the model is declared for; None: unbounded
-    # amplitude of the sines/cosines. The paper adds amplitude 1 to token embeddings scaled up by
-    # sqrt(C); gptx keeps GPT-2's token embeddings (std 0.02), which amplitude 1 drowns (a 4-layer
-    # char model then sits at the unigram loss for hundreds of steps). 0.02 matches them.
-    scale: float = 0.02
 
     def __post_init__(self):
         if not self.base > 1:
             raise ValueError(("base", f"must be greater than 1, got {self.base}"))
         if self.max_positions is not None and self.max_positions < 1:
             raise ValueError(("max_positions", f"must be at least 1, got {self.max_positions}"))
-        if not self.scale > 0:
-            raise ValueError(("scale", f"must be positive, got {self.scale}"))
 
 
-class SinusoidalPositions(PositionalEncoding):
-    """"Attention is all you need": fixed sines and cosines added to the embeddings; no parameters,
-    computed from the positions so any length works."""
-
-    Options = SinusoidalOptions
+class _DeclaredLimit:
+    """The context limit is what ``options.max_positions`` declares (None: unbounded)."""
 
     @classmethod
     def max_positions(cls, config, options):
         return options.max_positions
+
+
+@dataclasses.dataclass(frozen=True)
+class SinusoidalOptions(FrequencyOptions):
+    # amplitude of the sines/cosines. The paper adds amplitude 1 to token embeddings scaled up by
+    # sqrt(C); gptx keeps GPT-2's token embeddings (std 0.02), which amplitude 1 drowns (a 4-layer
+    # char model then sits at the unigram loss for hundreds of steps). 0.02 matches them.
+    scale: float = 0.02
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not self.scale > 0:
+            raise ValueError(("scale", f"must be positive, got {self.scale}"))
+
+
+class SinusoidalPositions(_DeclaredLimit, PositionalEncoding):
+    """"Attention is all you need": fixed sines and cosines added to the embeddings; no parameters,
+    computed from the positions so any length works."""
+
+    Options = SinusoidalOptions
 
     @classmethod
     def check(cls, model, options):
@@ -76,26 +89,10 @@ class SinusoidalPositions(PositionalEncoding):
         return self.options.scale * torch.cat([angle.sin(), angle.cos()], dim=-1)  # [B, T, C]
 
 
-@dataclasses.dataclass(frozen=True)
-class RopeOptions:
-    base: float = 10000.0
-    max_positions: Optional[int] = None  # the longest context the model is declared for; None: unbounded
-
-    def __post_init__(self):
-        if not self.base > 1:
-            raise ValueError(("base", f"must be greater than 1, got {self.base}"))
-        if self.max_positions is not None and self.max_positions < 1:
-            raise ValueError(("max_positions", f"must be at least 1, got {self.max_positions}"))
-
-
-class RotaryPositions(PositionalEncoding):
+class RotaryPositions(_DeclaredLimit, PositionalEncoding):
     """RoPE (Su et al.), GPT-NeoX layout: rotate each pair (i, i + D/2) of q and k by a position-dependent angle."""
 
-    Options = RopeOptions
-
-    @classmethod
-    def max_positions(cls, config, options):
-        return options.max_positions
+    Options = FrequencyOptions
 
     @classmethod
     def check(cls, model, options):

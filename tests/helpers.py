@@ -79,3 +79,24 @@ def start_mlflow_server(d: Path) -> tuple[subprocess.Popen, str]:
             os.killpg(proc.pid, signal.SIGKILL)
             raise RuntimeError(f"mlflow server did not start:\n{(d / 'server.log').read_text()[-3000:]}")
         time.sleep(0.3)
+
+
+def tiny_checkpoint_and_export(root: Path, block_size: int = 32):
+    """A 1-layer byte-level checkpoint (random weights, seed 0) in root/run and its verified ONNX
+    export in root/export, made in-process. Returns (checkpoint dir, export dir)."""
+    import torch
+
+    from gptx import checkpoint
+    from gptx.config import from_dict
+    from gptx.export.onnx_export import export_checkpoint
+    from gptx.model import GPT
+
+    cfg = from_dict({"model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": block_size},
+                     "tokenizer": {"kind": "byte"}})
+    tok = checkpoint.build_tokenizer(cfg.tokenizer)
+    cfg.model.vocab_size = tok.vocab_size
+    torch.manual_seed(0)
+    ck = checkpoint.save(root / "run", 1, GPT(cfg.model), cfg, tok)
+    export_checkpoint(ck, root / "export", log=lambda _msg: None, track=False)
+    return ck, root / "export"
+

@@ -21,12 +21,8 @@ from typing import Callable
 
 import pytest
 import torch
-from helpers import write_experiment
+from helpers import tiny_checkpoint_and_export, write_experiment
 
-from gptx import checkpoint
-from gptx import registry as registry_mod
-from gptx.config import from_dict
-from gptx.model import GPT
 
 BLOCK = 32  # the context of the fixture checkpoint and export
 
@@ -367,16 +363,8 @@ def onnx_prompt_longer_than_the_context(d, art):
 @pytest.fixture(scope="module")
 def artefacts(tmp_path_factory):
     """A tiny byte-level checkpoint (random weights) and its ONNX export, made in-process."""
-    from gptx.export.onnx_export import export_checkpoint
-
     root = tmp_path_factory.mktemp("artefacts")
-    cfg = from_dict({"model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": BLOCK},
-                     "tokenizer": {"kind": "byte"}}, registry_mod.registry())
-    tok = checkpoint.build_tokenizer(cfg.tokenizer)
-    cfg.model.vocab_size = tok.vocab_size
-    torch.manual_seed(0)
-    ck = checkpoint.save(root / "run", 1, GPT(cfg.model), cfg, tok)
-    export_checkpoint(ck, root / "export", log=lambda _msg: None, track=False)
+    ck, _ = tiny_checkpoint_and_export(root, BLOCK)
     return type("Artefacts", (), {"ckpt": ck, "export": root / "export"})
 
 

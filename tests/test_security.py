@@ -16,12 +16,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import write_experiment
+from helpers import tiny_checkpoint_and_export, write_experiment
 
-from gptx import checkpoint
-from gptx import registry as registry_mod
-from gptx.config import from_dict, load_experiment
-from gptx.model import GPT
+from gptx.config import load_experiment
 
 pytestmark = pytest.mark.slow
 
@@ -123,7 +120,6 @@ ATTACKS = [attack_trainer_pt_on_resume, attack_trainer_pt_on_generate, attack_py
 @pytest.fixture(scope="module")
 def artefacts(tmp_path_factory):
     """A short real run (to resume) and a tiny byte-level checkpoint with its ONNX export."""
-    from gptx.export.onnx_export import export_checkpoint
     from gptx.train import train
 
     root = tmp_path_factory.mktemp("artefacts")
@@ -132,13 +128,7 @@ def artefacts(tmp_path_factory):
                                    ["training.max_steps=2", "training.sample_tokens=0"]), progress=False)
     run_file = result.run_dir / "run.json"
     run_file.write_text(json.dumps(json.loads(run_file.read_text()) | {"status": "KILLED"}))  # resumable
-    cfg = from_dict({"model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 32},
-                     "tokenizer": {"kind": "byte"}}, registry_mod.registry())
-    tok = checkpoint.build_tokenizer(cfg.tokenizer)
-    cfg.model.vocab_size = tok.vocab_size
-    torch.manual_seed(0)
-    ck = checkpoint.save(root / "run", 1, GPT(cfg.model), cfg, tok)
-    export_checkpoint(ck, root / "export", log=lambda _msg: None, track=False)
+    ck, _ = tiny_checkpoint_and_export(root, 32)
     return type("Artefacts", (), {"run_root": root / "exp" / "runs", "ckpt": ck, "export": root / "export"})
 
 

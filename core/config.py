@@ -111,6 +111,7 @@ class TrainingConfig:
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 250
     eval_steps: int = 20  # batches per validation estimate
+    final_eval_tokens: int = 1_000_000  # after the last step: val loss over the validation split, tiled (0: skip)
     log_interval: int = 10
     checkpoint_interval: Optional[int] = None  # None: every eval_interval
     seed: int = 1337
@@ -129,7 +130,7 @@ class TrainingConfig:
         for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_interval", "eval_steps", "log_interval"):
             if getattr(self, name) < 1:
                 raise ValueError((name, f"must be at least 1, got {getattr(self, name)}"))
-        for name in ("warmup_steps", "sample_tokens"):
+        for name in ("warmup_steps", "sample_tokens", "final_eval_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError((name, f"must not be negative, got {getattr(self, name)}"))
         if not self.learning_rate > 0:

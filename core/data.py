@@ -102,8 +102,10 @@ class Dataset:
     """Train and validation token arrays and deterministic random windows over them."""
 
     def __init__(self, tokens: np.ndarray, val_fraction: float, block_size: int):
-        n_val = int(len(tokens) * val_fraction)
-        self.train, self.val = tokens[: len(tokens) - n_val], tokens[len(tokens) - n_val:]
+        # nanoGPT's prepare.py split: the first int(n * (1 - val_fraction)) tokens train, so the
+        # same seed draws the same windows in both tools (tests/test_nanogpt_parity.py)
+        n_train = int(len(tokens) * (1.0 - val_fraction))
+        self.train, self.val = tokens[:n_train], tokens[n_train:]
         self.block_size = block_size
         for name, split in (("training", self.train), ("validation", self.val)):
             if len(split) <= block_size:
@@ -119,6 +121,19 @@ class Dataset:
         T = self.block_size
         starts = torch.randint(len(data) - T, (count,), generator=generator).numpy()  # [count]
         rows = np.asarray(data[starts[:, None] + np.arange(T + 1)], dtype=np.int64)  # [count, T+1]
+        rows = torch.from_numpy(rows)
+        return rows[:, :-1], rows[:, 1:]
+
+    def tiled_windows(self, split: str, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Non-overlapping windows that tile the split from its start (every one when they hold at
+        most ``max_tokens`` tokens, else that many, evenly spaced): inputs and targets [N, block]."""
+        data = self.val if split == "val" else self.train
+        T = self.block_size
+        n = (len(data) - 1) // T  # every window needs its next-token target
+        starts = np.arange(n) * T
+        if n * T > max_tokens:
+            starts = starts[np.linspace(0, n - 1, max(1, max_tokens // T)).round().astype(np.int64)]
+        rows = np.asarray(data[starts[:, None] + np.arange(T + 1)], dtype=np.int64)  # [N, T+1]
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]
 

@@ -56,11 +56,14 @@ def sweep(base: Path, vary: list[str], overrides: list[str] = (), progress: bool
             if progress:
                 print(f"== {variant.label}", flush=True)
             result = train(cfg, progress=progress)
-            row = {"variant": variant.label, "val_loss": result.val_loss, "train_loss": result.train_loss,
+            row = {"variant": variant.label, "val_loss": result.val_loss, "final_val_loss": result.final_val_loss,
+                   "train_loss": result.train_loss,
                    "tokens_per_sec": result.tokens_per_sec, "params": result.num_params, "run_id": result.run_id}
             rows.append(row)
             if parent is not None and result.val_loss is not None:
                 parent.log_metrics({"val_loss": result.val_loss}, len(rows))
+            if parent is not None and result.final_val_loss is not None:
+                parent.log_metrics({"final_val_loss": result.final_val_loss}, len(rows))
         status = "FINISHED"
     finally:
         if parent is not None:
@@ -69,9 +72,12 @@ def sweep(base: Path, vary: list[str], overrides: list[str] = (), progress: bool
 
 
 def table(rows: list[dict]) -> str:
-    head = ("variant", "val loss", "tokens/s", "params")
-    body = [(r["variant"], f"{r['val_loss']:.4f}" if r["val_loss"] is not None else "-", f"{r['tokens_per_sec']:,.0f}",
-             f"{r['params'] / 1e6:.2f}M") for r in sorted(rows, key=lambda r: (r["val_loss"] is None, r["val_loss"] or 0))]
+    """Best first, by the whole-split val loss when the runs have one (no sampling noise)."""
+    head = ("variant", "val loss", "final val loss", "tokens/s", "params")
+    loss = lambda r: r.get("final_val_loss") if r.get("final_val_loss") is not None else r["val_loss"]  # noqa: E731
+    cell = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
+    body = [(r["variant"], cell(r["val_loss"]), cell(r.get("final_val_loss")), f"{r['tokens_per_sec']:,.0f}",
+             f"{r['params'] / 1e6:.2f}M") for r in sorted(rows, key=lambda r: (loss(r) is None, loss(r) or 0))]
     widths = [max(len(x) for x in col) for col in zip(head, *body)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)])

@@ -1,6 +1,5 @@
 """Experiment files: validation, overrides, and one clear error (exit 2, nothing created)."""
 import json
-from pathlib import Path
 
 import pytest
 from helpers import REPO, gptx, write_experiment

@@ -37,7 +37,7 @@ def test_data_is_tokenized_once_cached_and_split(tmp_path):
     assert cached, "token cache not written"
     assert ds.train.dtype == np.uint16
     total = len(ds.train) + len(ds.val)
-    assert len(ds.val) == int(total * 0.1)
+    assert len(ds.train) == int(total * 0.9)  # nanoGPT's split
     assert list(ds.train[:4]) == tok.encode(cfg.data_path.read_text()[:40])[:4]
     again = load_dataset(cfg, tok)
     assert isinstance(again.train.base, np.memmap) or isinstance(again.train, np.memmap)
@@ -54,6 +54,29 @@ def test_same_config_same_loss_curve(tmp_path):
     assert a.history == b.history and len(a.history) == 2
     assert a.history[-1]["val_loss"] < 4.2  # char vocab of 65: ln(65) = 4.17 at random
     assert a.run_dir != b.run_dir
+
+
+def test_final_val_loss_is_the_mean_over_the_whole_validation_split(tmp_path):
+    from gptx import checkpoint
+
+    cfg = load_experiment(write_experiment(tmp_path / "e.toml"), ["training.max_steps=4", "training.eval_interval=4"])
+    result = train(cfg, progress=False)
+    ck = checkpoint.load(result.checkpoint)
+    ds = load_dataset(cfg, ck.tokenizer)
+    T = cfg.model.block_size
+    n = (len(ds.val) - 1) // T
+    val = torch.from_numpy(np.asarray(ds.val, dtype=np.int64))
+    x, y = val[: n * T].view(n, T), val[1: n * T + 1].view(n, T)  # every window, independently cut
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(ck.model(x)[0].reshape(n * T, -1), y.reshape(-1)).item()
+    assert result.final_val_loss == pytest.approx(expected, abs=1e-5)
+    assert result.final_val_loss != pytest.approx(result.val_loss, abs=1e-6)  # not the sampled estimate
+    assert json.loads((result.run_dir / "run.json").read_text())["final_val_loss"] == result.final_val_loss
+    capped, _ = ds.tiled_windows("val", 3 * T)  # over the cap: that many windows, spread over the split
+    assert len(capped) == 3 and torch.equal(capped[0], x[0]) and torch.equal(capped[2], x[-1])
+    assert any(torch.equal(capped[1], w) for w in x[n // 2 - 1: n // 2 + 2])
+    off = train(load_experiment(cfg.source, ["training.max_steps=2", "training.final_eval_tokens=0"]), progress=False)
+    assert off.final_val_loss is None and "final_val_loss" not in json.loads((off.run_dir / "run.json").read_text())
 
 
 def _wait_for(pred, timeout=300):
@@ -121,6 +144,8 @@ def test_mlflow_embedded_store_records_the_run(tmp_path, mlflow_sqlite):
     assert run.data.params["model.attention.kind"] == "causal"
     assert len(client.get_metric_history(result.run_id, "train_loss")) == 10
     assert [m.step for m in client.get_metric_history(result.run_id, "val_loss")] == [5, 10]
+    assert [(m.step, m.value) for m in client.get_metric_history(result.run_id, "final_val_loss")] == [
+        (10, pytest.approx(result.final_val_loss))]
     assert len(client.get_metric_history(result.run_id, "tokens_per_sec")) == 10
     assert len(client.get_metric_history(result.run_id, "lr")) == 10
     tags = run.data.tags

@@ -3,11 +3,16 @@
 Sections (``--only``):
 
 - ``peak``: practical matmul throughput, fp32 and bf16 (square GEMMs, the thread count the other
-  sections use); the reference for model-FLOPs utilization.
+  sections use), the reference for model-FLOPs utilization; and memory bandwidth (reading a
+  buffer far larger than the caches), the bound of batch-1 decoding, which reads every weight
+  once per token.
 - ``train``: tokens/s and MFU of the real training step (``gptx.train.make_train_step``: the same
   code ``gptx run`` executes) for an experiment file, over a fixed number of steps after warm-up.
   flops per token = 6N + 12·L·H·Q·T (``GPT.flops_per_token``), against the fp32 peak (the bf16
-  peak when ``training.dtype = "bfloat16"``).
+  peak when ``training.dtype = "bfloat16"``). Also the step's GEMM floor: the matrix products
+  one step runs (recorded at the dispatcher), replayed alone with the same shapes and strides:
+  the step time if everything else were free, so ``step / floor`` bounds any speed-up that
+  does not make the products themselves faster.
 - ``generate``: batch 1, a fixed prompt (32 tokens), greedy, a fixed number of new tokens (128,
   no early stop): tokens/s, time to first token and peak memory (RSS growth while loading and
   generating) for PyTorch with the KV cache, onnxruntime fp32 and int8 on a ``gptx.export`` of the
@@ -142,7 +147,68 @@ def matmul_peak(dtype: str = "float32", seconds: float = 1.0, max_n: int = 2048,
     return {"dtype": dtype, "n": n, "gflops": round(2 * n ** 3 / best / 1e9, 1), "repeats": len(times)}
 
 
+def memory_bandwidth(seconds: float = 1.0, mib: int = 512) -> dict:
+    """Best GB/s of summing a ``mib`` MiB fp32 buffer (read once per pass; far beyond any cache)."""
+    import torch
+
+    x = torch.ones(mib * 2**20 // 4)
+    x.sum()
+    times = []
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 3:
+        t = time.perf_counter()
+        x.sum()
+        times.append(time.perf_counter() - t)
+    return {"mib": mib, "gbps": round(x.numel() * 4 / min(times) / 1e9, 1), "repeats": len(times)}
+
+
 # ---- training ------------------------------------------------------------------------------
+
+GEMM_OPS = ("mm", "addmm", "bmm", "baddbmm")
+
+
+def gemm_floor(run_step: Callable[[], object], device, repeats: int = 5) -> dict:
+    """Record the matrix products of one ``run_step()`` at the dispatcher (forward, backward and
+    optimizer alike), then replay them alone on fresh tensors of the same shapes and strides:
+    the best time of the replay is the step's floor. Products inside fused kernels (attention)
+    are not GEMM calls and count as the rest of the step."""
+    import torch
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    ops = {getattr(torch.ops.aten, name).default for name in GEMM_OPS}
+    calls: list = []
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in ops:
+                calls.append((func, [(a.shape, a.stride(), a.dtype) if isinstance(a, torch.Tensor) else a for a in args],
+                              dict(kwargs or {})))
+            return func(*args, **(kwargs or {}))
+
+    with Record():
+        run_step()
+
+    def tensor(shape, stride, dtype):  # [shape] with these strides (0 strides: broadcast views)
+        size = 1 + sum((n - 1) * st for n, st in zip(shape, stride) if n > 0)
+        return torch.randn(size, device=device).to(dtype).as_strided(shape, stride)
+
+    replay = [(func, [tensor(*a) if isinstance(a, tuple) else a for a in args], kw) for func, args, kw in calls]
+    flops = 0
+    for func, args, _ in replay:
+        a, b = (args[1], args[2]) if func in (torch.ops.aten.addmm.default, torch.ops.aten.baddbmm.default) else args[:2]
+        flops += 2 * a.shape[:-1].numel() * a.shape[-1] * b.shape[-1]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    best = float("inf")
+    for _ in range(repeats + 1):  # the first pass warms up
+        sync()
+        t = time.perf_counter()
+        for func, args, kw in replay:
+            func(*args, **kw)
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return {"gemms": len(replay), "gflop": round(flops / 1e9, 6), "ms": round(best * 1e3, 2),
+            "gflops": round(flops / best / 1e9, 1) if replay else None}
+
 
 def bench_train(experiment=DEFAULT_EXPERIMENT, overrides: tuple = (), steps: int = 50, warmup: int = 5,
                 peak: Optional[dict] = None) -> dict:
@@ -196,6 +262,7 @@ def bench_train(experiment=DEFAULT_EXPERIMENT, overrides: tuple = (), steps: int
         sync()
         times.append(time.perf_counter() - t)
     median = statistics.median(times)
+    floor = gemm_floor(lambda: one(warmup + steps), device)
     flops_per_token = model.flops_per_token(cfg.model.block_size)
     tok_s = tokens_per_step / median
     out = {
@@ -218,6 +285,8 @@ def bench_train(experiment=DEFAULT_EXPERIMENT, overrides: tuple = (), steps: int
         "loss_last": round(loss, 4) if loss is not None else None,
         "mfu": None,
         "mfu_peak": None,
+        "gemm_floor": floor | {"share_of_step": round(floor["ms"] / (median * 1e3), 3),
+                               "max_speedup": round(median * 1e3 / floor["ms"], 2) if floor["ms"] else None},
     }
     ref = (peak or {}).get("bfloat16" if tc.dtype == "bfloat16" else "float32")
     if ref and device.type == "cpu":
@@ -313,12 +382,12 @@ def _time_backend(backend: _Backend, prompt: list[int], new_tokens: int, repeats
 
 def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, backends=BACKENDS,
                    prompt_tokens: int = 32, new_tokens: int = 128, repeats: int = 3,
-                   log: Callable[[str], None] = lambda s: None) -> dict:
+                   log: Callable[[str], None] = lambda s: None, bandwidth: Optional[dict] = None) -> dict:
     import numpy as np
     import torch
 
     from gptx import checkpoint as ckpt
-    from gptx.generate import generate_ids
+    from gptx.generate import decoding_layout, generate_ids
     from gptx.sampling import Sampler
 
     unknown = [b for b in backends if b not in BACKENDS]
@@ -339,12 +408,16 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
         prompt = np.random.default_rng(0).integers(0, vocab, prompt_tokens).tolist()
         info = {"model": checkpoint_dir or model, "parameters": ck.model.num_params(), "n_layer": cfg.model.n_layer,
                 "n_embd": cfg.model.n_embd, "vocab_size": vocab, "prompt_tokens": prompt_tokens,
-                "new_tokens": new_tokens, "batch": 1, "threads": threads, "repeats": repeats}
+                "new_tokens": new_tokens, "batch": 1, "threads": threads, "repeats": repeats,
+                # batch-1 decoding reads every weight once per token: fp32 bytes / bandwidth bounds it
+                "fp32_weights_mib": round(ck.model.num_params() * 4 / 2**20, 1)}
+        if bandwidth:
+            info["fp32_bandwidth_bound_tok_s"] = round(bandwidth["gbps"] * 1e9 / (ck.model.num_params() * 4), 1)
         del ck
         gc.collect()
 
         def load_torch():
-            m = ckpt.load(source).model.eval()
+            m = decoding_layout(ckpt.load(source).model.eval())
             return lambda p, n: generate_ids(m, [p], n, Sampler(temperature=0), None).ids[0]
 
         onnx_dirs: dict[str, Path] = {}
@@ -490,17 +563,23 @@ def run(sections=SECTIONS, experiment=DEFAULT_EXPERIMENT, overrides: tuple = (),
         torch.set_num_threads(threads)
     out: dict = {"machine": machine()}
     t0 = time.perf_counter()
-    peak = None
+    peak = bandwidth = None
     if "peak" in sections or "train" in sections:  # train's MFU needs the peak of this run
         log("measuring matmul peak (fp32, bf16)...")
         peak = {dt: matmul_peak(dt, peak_seconds) for dt in ("float32", "bfloat16")}
         if "peak" in sections:
             out["peak"] = peak
+    if "peak" in sections or "generate" in sections:  # the bound of batch-1 decoding
+        log("measuring memory bandwidth...")
+        bandwidth = memory_bandwidth(peak_seconds)
+        if "peak" in sections:
+            out["memory_bandwidth"] = bandwidth
     if "train" in sections:
         log(f"training {train_steps} steps of {experiment}...")
         out["train"] = bench_train(experiment, tuple(overrides), train_steps, warmup_steps, peak)
     if "generate" in sections:
-        out["generate"] = bench_generate(model, checkpoint_dir, tuple(backends), prompt_tokens, new_tokens, repeats, log)
+        out["generate"] = bench_generate(model, checkpoint_dir, tuple(backends), prompt_tokens, new_tokens, repeats, log,
+                                         bandwidth)
     out["machine"]["load_after"] = machine()["load"]
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
@@ -515,6 +594,8 @@ def table(result: dict) -> str:
         p = result["peak"]
         lines.append("")
         lines.append("matmul peak: " + ", ".join(f"{k} {v['gflops']:,.1f} GFLOP/s (n={v['n']})" for k, v in p.items()))
+    if "memory_bandwidth" in result:
+        lines.append(f"memory bandwidth: {result['memory_bandwidth']['gbps']:.1f} GB/s (reading {result['memory_bandwidth']['mib']} MiB)")
     if "train" in result:
         t = result["train"]
         mfu = f"{t['mfu'] * 100:.1f}% of the {t['mfu_peak']} peak" if t["mfu"] is not None else "n/a"
@@ -523,10 +604,18 @@ def table(result: dict) -> str:
                   f"  {t['tokens_per_s']:,.0f} tokens/s (median of {t['steps']} steps, {t['step_ms_median']:.1f} ms/step; "
                   f"best {t['tokens_per_s_best']:,.0f}), {t['model_gflops']:.1f} model GFLOP/s, MFU {mfu}",
                   f"  loss {t['loss_first']} -> {t['loss_last']}; warm-up {t['warmup_steps']} steps {t['warmup_s']} s"]
+        f = t["gemm_floor"]
+        if f["gemms"]:
+            lines.append(f"  GEMM floor: its {f['gemms']} matrix products alone take {f['ms']:.1f} ms ({f['gflops']:,.1f} GFLOP/s), "
+                         f"{f['share_of_step'] * 100:.0f}% of the step: at most {f['max_speedup']:.2f}x faster "
+                         "without faster products")
     if "generate" in result:
         g = result["generate"]
         lines += ["", f"generation: {g['model']} ({g['parameters'] / 1e6:.1f}M parameters), batch 1, "
                       f"{g['prompt_tokens']}-token prompt, {g['new_tokens']} new tokens, greedy, {g['threads']} threads"]
+        if g.get("fp32_bandwidth_bound_tok_s"):
+            lines.append(f"  fp32 weights {g['fp32_weights_mib']:,.0f} MiB, read once per token: at most "
+                         f"{g['fp32_bandwidth_bound_tok_s']:,.1f} tok/s at the measured bandwidth (int8 reads 1/4 of it)")
         header = f"  {'backend':<10} {'tok/s':>9} {'decode':>9} {'TTFT ms':>9} {'peak MiB':>9} {'vs HF':>6} {'vs genai':>8} {'same':>5}"
         lines.append(header)
         for name, r in g["backends"].items():

@@ -15,8 +15,13 @@ def test_bench_json_has_every_section_and_sane_values(tmp_path):
     assert r["machine"]["cores"] >= 1 and r["machine"]["threads"] >= 1
     for dt in ("float32", "bfloat16"):
         assert r["peak"][dt]["gflops"] > 0 and r["peak"][dt]["n"] >= 256
+    assert r["memory_bandwidth"]["gbps"] > 0
     t = r["train"]
     assert t["steps"] == 2 and t["tokens_per_step"] == 4 * 32
+    floor = t["gemm_floor"]  # every Linear runs 3 products a step: forward, input grad, weight grad
+    assert floor["gemms"] == 3 * (4 * 2 + 1)  # 4 per block x 2 blocks + the (tied) LM head
+    assert floor["gflop"] == pytest.approx(6 * 128 * (2 * 12 * 32 * 32 + 65 * 32) / 1e9, rel=1e-4)
+    assert floor["ms"] > 0 and 0 < floor["share_of_step"] < 1 < floor["max_speedup"]  # a tiny model: mostly overhead
     assert t["tokens_per_s"] > 0 and t["step_ms_median"] > 0
     assert t["flops_per_token"] > 6 * 20_000  # 2 layers x 32 wide: ~25k non-embedding parameters
     assert 0 < t["mfu"] < 1.5 and t["mfu_peak"] == "float32"
@@ -24,6 +29,9 @@ def test_bench_json_has_every_section_and_sane_values(tmp_path):
     g = r["generate"]
     assert g["prompt_tokens"] == 4 and g["new_tokens"] == 3 and g["batch"] == 1
     assert 7_000_000 < g["parameters"] < 8_000_000  # tiny: 4 x 128 with GPT-2's 50257-token vocabulary
+    assert g["fp32_weights_mib"] == pytest.approx(g["parameters"] * 4 / 2**20, abs=0.1)
+    assert g["fp32_bandwidth_bound_tok_s"] == pytest.approx(
+        r["memory_bandwidth"]["gbps"] * 1e9 / (g["parameters"] * 4), rel=0.01)
     expected = {"torch", "ort", "ort-int8"} | {b for b in ("hf", "genai") if b not in g["skipped"]}
     assert set(g["backends"]) == expected
     for name, b in g["backends"].items():

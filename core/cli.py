@@ -188,14 +188,14 @@ def generate(source, prompts, max_new_tokens, temperature, top_k, top_p, seed, d
         result = gen.generate(prompt_ids, max_new_tokens, sampler)
     else:
         from gptx import checkpoint
-        from gptx.generate import generate_ids
+        from gptx.generate import decoding_layout, generate_ids
 
         ck = checkpoint.load(source, device=device)
         tokenizer = ck.tokenizer
         prompt_ids = [tokenizer.encode(p) for p in prompts]
         if any(not p for p in prompt_ids):
             raise GptxError("--prompt: a prompt must not be empty")
-        result = generate_ids(ck.model, prompt_ids, max_new_tokens, sampler, tokenizer.eot_id)
+        result = generate_ids(decoding_layout(ck.model), prompt_ids, max_new_tokens, sampler, tokenizer.eot_id)
     for p_ids, new in zip(result.prompt_ids, result.ids):
         text = tokenizer.decode(new)
         if as_json:

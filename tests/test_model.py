@@ -174,6 +174,27 @@ def test_generate_greedy_matches_argmax_of_full_recompute():
         assert new == seq[len(p):]
 
 
+def test_decoding_layout_keeps_values_ties_and_tokens():
+    from gptx.generate import decoding_layout, generate_ids
+    from gptx.sampling import Sampler
+
+    model = make_model(bias=True)
+    perturb(model)
+    ids = torch.tensor([[5, 17, 42, 7, 3]])
+    with torch.no_grad():
+        before = model(ids)[0]
+    greedy = generate_ids(model, [[5, 17, 42]], 8, Sampler(temperature=0)).ids
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    assert decoding_layout(decoding_layout(model)) is model  # idempotent
+    assert model.lm_head.weight is model.wte.weight  # still one tensor
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.t().is_contiguous() and not m.weight.is_contiguous() for m in linears)
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids)[0], before, rtol=0, atol=1e-5)
+    assert generate_ids(model, [[5, 17, 42]], 8, Sampler(temperature=0)).ids == greedy
+
+
 def test_generate_recomputes_when_a_component_declares_no_kv_cache():
     """A third-party attention without KV_CACHE support is never handed a cache."""
     import gptx

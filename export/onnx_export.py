@@ -274,7 +274,7 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
     from gptx import checkpoint
     from gptx.export import GENAI_FILE, META_FILE, MODEL_FILE
     from gptx.export import genai, tokenizer_json
-    from gptx.export.verify import session, verify
+    from gptx.export.verify import session
 
     if quantize not in (None, "int8"):
         raise GptxError(f"--quantize: unknown scheme {quantize!r}; supported: int8")
@@ -300,7 +300,7 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
         fp32_path = tmp / MODEL_FILE
         t0 = time.perf_counter()
         try:
-            export_onnx(model, fp32_path, opset, meta)
+            plain = export_onnx(model, fp32_path, opset, meta)
         except GptxError:
             raise
         except Exception as err:
@@ -309,8 +309,9 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
         log(f"exported model.onnx, opset {opset} ({meta['export_seconds']:.1f} s, {fp32_path.stat().st_size / 2**20:.1f} MiB)")
 
         t0 = time.perf_counter()
-        fp32_session = session(fp32_path)
-        report = verify(model, fp32_session)
+        report = _fuse_and_verify(model, plain, fp32_path, log)
+        meta["fusions"] = report.fusions
+        del plain
         meta["verification"] = report.to_dict() | {"seconds": round(time.perf_counter() - t0, 2)}
         cases = ", ".join(f"{k} {v:.2e}" for k, v in report.cases.items())
         log(f"verified against PyTorch: max abs diff {report.max_abs_diff:.2e} in {report.worst} ({cases})")
@@ -356,6 +357,35 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
     log(f"wrote {out_dir}: {', '.join(meta['files'])} ({meta['total_seconds']:.1f} s)")
     _log_to_mlflow(source, ck, out_dir, track, log)
     return meta
+
+
+def _fuse_and_verify(model, plain: onnx.ModelProto, path: Path, log: Callable[[str], None]):
+    """Verify the fused graph (``gptx.export.fuse``) and keep it, else fall back to ``plain``
+    (already saved at ``path``) and verify that; a VerificationError of the plain graph stands.
+    Returns the verification report with ``fusions`` (operator -> count; empty: not fused)."""
+    from gptx.export.fuse import fuse
+    from gptx.export.verify import VerificationError, session, verify
+
+    cfg = model.config
+    try:
+        fused, counts = fuse(plain, cfg.n_head, cfg.n_embd)
+    except Exception as err:  # the fusion pass is an optimisation: a graph it cannot read stays plain
+        log(f"operator fusion skipped ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+        fused, counts = None, {}
+    if counts:
+        save(fused, path)
+        del fused
+        try:
+            report = verify(model, session(path))
+            report.fusions = counts
+            log("fused for onnxruntime: " + ", ".join(f"{n} {op}" for op, n in sorted(counts.items())))
+            return report
+        except VerificationError as err:
+            log(f"fused graph not kept ({err}); using the unfused graph")
+            save(plain, path)
+    report = verify(model, session(path))
+    report.fusions = {}
+    return report
 
 
 def meta_for_graph(meta: dict) -> dict:

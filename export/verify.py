@@ -30,6 +30,7 @@ class Report:
     max_abs_diff: float = 0.0
     worst: str = ""  # "case: output"
     cases: dict = dataclasses.field(default_factory=dict)  # case -> max abs diff
+    fusions: dict = dataclasses.field(default_factory=dict)  # fused operator -> count (gptx.export.fuse)
 
     def to_dict(self) -> dict:
         return {"max_abs_diff": self.max_abs_diff, "worst": self.worst, "cases": self.cases, "tolerance": TOLERANCE}

@@ -298,6 +298,42 @@ def test_failed_verification_exits_2_naming_the_output_and_leaves_nothing(tmp_pa
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no OUT_DIR, no temp dir
 
 
+def test_gpt2_graph_is_fused_for_onnxruntime(gpt2):
+    L = 2
+    assert gpt2["meta"]["fusions"] == {"SkipLayerNormalization": 2 * L + 1, "FastGelu": L}  # + the final norm
+    model = onnx.load(str(gpt2["out"] / "model.onnx"), load_external_data=False)
+    ops = [(n.domain, n.op_type) for n in model.graph.node]
+    assert ops.count(("com.microsoft", "SkipLayerNormalization")) == 2 * L + 1
+    assert ("", "Tanh") not in ops  # the GELU formula is one FastGelu kernel now
+    assert any(o.domain == "com.microsoft" for o in model.opset_import)
+    assert any(x.startswith("fused for onnxruntime: 2 FastGelu, 5 SkipLayerNormalization") for x in gpt2["logs"])
+
+
+def test_a_fused_graph_off_tolerance_falls_back_to_the_plain_one(tmp_path, byte_ckpt, monkeypatch):
+    from onnx import numpy_helper
+
+    from gptx.export import fuse as fuse_mod
+
+    real = fuse_mod.fuse
+
+    def fuse_wrong(proto, n_head, n_embd):  # the real fusion, then one weight off by 5%
+        fused, counts = real(proto, n_head, n_embd)
+        inits = {t.name: t for t in fused.graph.initializer}
+        t = inits[next(n.input[1] for n in fused.graph.node if n.op_type == "MatMul" and n.input[1] in inits)]
+        t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t) * 1.05, t.name))
+        return fused, counts
+
+    monkeypatch.setattr(fuse_mod, "fuse", fuse_wrong)
+    logs = []
+    meta = export_checkpoint(byte_ckpt, tmp_path / "out", log=logs.append)
+    assert meta["fusions"] == {} and meta["verification"]["max_abs_diff"] <= 1e-4
+    assert any(x.startswith("fused graph not kept (export verification failed") for x in logs), logs
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert not [n for n in graph.graph.node if n.domain == "com.microsoft"]
+    torch_ids, onnx_ids = greedy_both(byte_ckpt, tmp_path / "out", [[1, 2, 3]])
+    assert onnx_ids == torch_ids
+
+
 def test_verification_catches_a_wrong_graph(gpt2):
     from gptx.export.verify import VerificationError, verify
 

@@ -60,7 +60,7 @@ def generate_ids(
     past = model.empty_cache(len(prompts)) if cache else None
     out = Collector(len(prompts), eot_id)
     for _ in range(max_new_tokens):
-        logits, present = model(input_ids, position_ids, attention_mask, past)  # [B, T, V]
+        logits, present = model(input_ids, position_ids, attention_mask, past, last_logits_only=True)  # [B, 1, V]
         past = present if cache else None
         nxt = sampler(logits[:, -1, :].float().cpu().numpy())  # [B]
         if out.add(nxt):

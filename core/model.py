@@ -92,7 +92,8 @@ class GPT(nn.Module):
         position_ids: Optional[torch.Tensor] = None,  # [B, T]; None: P..P+T-1
         attention_mask: Optional[torch.Tensor] = None,  # [B, P+T], 1 real / 0 left padding
         past_key_values: Optional[list[KV]] = None,  # n_layer x ([B, K, P, D], [B, K, P, D])
-    ) -> tuple[torch.Tensor, list[KV]]:  # logits [B, T, V], presents n_layer x ([B, K, P+T, D] x2)
+        last_logits_only: bool = False,  # decoding: the LM head on the last position alone
+    ) -> tuple[torch.Tensor, list[KV]]:  # logits [B, T or 1, V], presents n_layer x ([B, K, P+T, D] x2)
         B, T = input_ids.shape
         if position_ids is None:
             start = 0 if past_key_values is None else past_key_values[0][0].shape[2]
@@ -107,7 +108,9 @@ class GPT(nn.Module):
             past = None if past_key_values is None else past_key_values[i]
             x, present = block(x, position_ids, self.positional, past, attention_mask)  # [B, T, C]
             presents.append(present)
-        logits = self.lm_head(self.ln_f(x))  # [B, T, V]
+        if last_logits_only:
+            x = x[:, -1:]  # [B, 1, C]: a prefill needs the next token only, not T x V logits
+        logits = self.lm_head(self.ln_f(x))  # [B, T or 1, V]
         return logits, presents
 
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -174,6 +174,17 @@ def test_generate_greedy_matches_argmax_of_full_recompute():
         assert new == seq[len(p):]
 
 
+def test_last_logits_only_is_the_last_row_of_the_full_logits():
+    model = make_model()
+    ids = torch.tensor([[5, 17, 42, 7], [3, 1, 4, 1]])
+    with torch.no_grad():
+        full, presents = model(ids)
+        last, presents_last = model(ids, last_logits_only=True)
+    assert last.shape == (2, 1, VOCAB)
+    torch.testing.assert_close(last, full[:, -1:], rtol=0, atol=1e-6)
+    assert all(torch.equal(a, b) for p, q in zip(presents, presents_last) for a, b in zip(p, q))
+
+
 def test_decoding_layout_keeps_values_ties_and_tokens():
     from gptx.generate import decoding_layout, generate_ids
     from gptx.sampling import Sampler

@@ -29,8 +29,36 @@ if TYPE_CHECKING:
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (key, value), each [B, K, P, D]
 
+
+
+class KVBuffer(tuple):
+    """A (key, value) past whose tensors are the first P slots of preallocated [B, K, capacity, D]
+    buffers (``GPT.empty_cache(..., capacity=...)``, used by ``gptx.generate``): ``append_kv``
+    writes each new entry in place instead of copying the whole cache every token. It is still a
+    (key, value) tuple, so an attention that concatenates stays correct, only slower."""
+
+    def __new__(cls, keys: torch.Tensor, values: torch.Tensor, length: int):  # buffers [B, K, capacity, D]
+        kv = super().__new__(cls, (keys[:, :, :length], values[:, :, :length]))  # [B, K, P, D] views
+        kv.buffers, kv.length = (keys, values), length
+        return kv
+
+
+def append_kv(past: Optional[KV], k: torch.Tensor, v: torch.Tensor) -> KV:
+    """The cache extended by the new keys and values [B, K, T, D]: ([B, K, P+T, D], [B, K, P+T, D]).
+    In place when ``past`` is a KVBuffer with room, else one concatenation (and in exported graphs)."""
+    if past is None:
+        return k, v
+    if isinstance(past, KVBuffer) and past.length + k.shape[2] <= past.buffers[0].shape[2]:
+        keys, values = past.buffers
+        start, end = past.length, past.length + k.shape[2]
+        keys[:, :, start:end] = k  # the slots after every earlier view: no view sees them change
+        values[:, :, start:end] = v
+        return KVBuffer(keys, values, end)
+    return torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, K, P+T, D] x2
+
+
 __all__ = [
-    "CAPABILITIES", "KV_CACHE", "ONNX_EXPORT", "KV", "Component",
+    "CAPABILITIES", "KV_CACHE", "ONNX_EXPORT", "KV", "KVBuffer", "append_kv", "Component",
     "PositionalEncoding", "Attention", "FeedForward", "Norm", "NormPlacement", "Tokenizer",
 ]
 

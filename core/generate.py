@@ -57,7 +57,7 @@ def generate_ids(
     attention_mask = torch.from_numpy(mask).to(device)  # [B, T]
     position_ids = torch.from_numpy(positions_from_mask(mask)).to(device)  # [B, T]
     cache = uses_kv_cache(model)
-    past = model.empty_cache(len(prompts)) if cache else None
+    past = model.empty_cache(len(prompts), capacity=longest + max_new_tokens) if cache else None
     out = Collector(len(prompts), eot_id)
     for _ in range(max_new_tokens):
         logits, present = model(input_ids, position_ids, attention_mask, past, last_logits_only=True)  # [B, 1, V]

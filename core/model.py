@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptx.components import KV, gpt2_init_std
+from gptx.components import KV, KVBuffer, gpt2_init_std
 from gptx.config import ModelConfig
 
 
@@ -118,13 +118,15 @@ class GPT(nn.Module):
         logits, _ = self(input_ids)  # [B, T, V]
         return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
 
-    def empty_cache(self, batch: int, device=None, dtype=None) -> list[KV]:
-        """A zero-length past for every layer: ([B, K, 0, D], [B, K, 0, D])."""
-        shape = (batch, self.kv_heads, 0, self.config.head_dim)
+    def empty_cache(self, batch: int, device=None, dtype=None, capacity: int = 0) -> list[KV]:
+        """A zero-length past for every layer: ([B, K, 0, D], [B, K, 0, D]); with ``capacity``, as
+        KVBuffers that later tokens are written into in place (up to that many positions)."""
         p = self.wte.weight
-        return [
-            (torch.zeros(shape, device=device or p.device, dtype=dtype or p.dtype),) * 2 for _ in self.blocks
-        ]
+        make = lambda n: torch.zeros((batch, self.kv_heads, n, self.config.head_dim),  # noqa: E731
+                                     device=device or p.device, dtype=dtype or p.dtype)  # [B, K, n, D]
+        if capacity:
+            return [KVBuffer(make(capacity), make(capacity), 0) for _ in self.blocks]
+        return [(make(0),) * 2 for _ in self.blocks]
 
 
 def build_model(config: ModelConfig) -> GPT:

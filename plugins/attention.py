@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gptx
-from gptx.components import KV, Attention, attention_allowed, slot_indices
+from gptx.components import KV, Attention, append_kv, attention_allowed, slot_indices
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,12 +71,9 @@ class CausalSelfAttention(_HeadsMixin, Attention):
         k = k.view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
         v = v.view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
         q, k = positional.rotate(q, k, positions)
-        past_len = None
-        if past is not None:
-            past_len = past[0].shape[2]
-            k = torch.cat([past[0], k], dim=2)  # [B, K, S, D]
-            v = torch.cat([past[1], v], dim=2)  # [B, K, S, D]
-        present = (k, v)
+        past_len = None if past is None else past[0].shape[2]
+        present = append_kv(past, k, v)  # ([B, K, S, D], [B, K, S, D])
+        k, v = present
         if K != H:  # grouped-query: each key/value head serves H // K query heads
             k = k.repeat_interleave(H // K, dim=1)  # [B, H, S, D]
             v = v.repeat_interleave(H // K, dim=1)  # [B, H, S, D]
@@ -108,12 +105,9 @@ class EinsumAttention(_HeadsMixin, Attention):
         k = self.key(x).view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
         v = self.value(x).view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
         q, k = positional.rotate(q, k, positions)
-        past_len = 0
-        if past is not None:
-            past_len = past[0].shape[2]
-            k = torch.cat([past[0], k], dim=2)  # [B, K, S, D]
-            v = torch.cat([past[1], v], dim=2)  # [B, K, S, D]
-        present = (k, v)
+        past_len = 0 if past is None else past[0].shape[2]
+        present = append_kv(past, k, v)  # ([B, K, S, D], [B, K, S, D])
+        k, v = present
         q = q.view(B, K, H // K, T, D)  # [B, K, G, T, D]: G query heads share one key/value head
         scores = torch.einsum("bkgtd,bksd->bkgts", q, k) / math.sqrt(D)  # [B, K, G, T, S]
         scores = scores.reshape(B, H, T, -1)  # [B, H, T, S]

@@ -174,6 +174,27 @@ def test_generate_greedy_matches_argmax_of_full_recompute():
         assert new == seq[len(p):]
 
 
+def test_preallocated_cache_writes_in_place_and_equals_concatenation():
+    from gptx.components import KVBuffer
+
+    model = make_model()
+    ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        plain = cached_logits(model, ids, [4])  # concatenating cache
+        past = model.empty_cache(2, capacity=7)  # room for 7 of the 9 positions: the rest concatenates
+        buffer_ptr = past[0].buffers[0].data_ptr()
+        out, start = [], 0
+        for n in [4, 1, 1, 1, 1, 1]:
+            logits, past = model(ids[:, start:start + n], past_key_values=past)  # [B, n, V]
+            out.append(logits)
+            start += n
+            in_place = start <= 7
+            assert isinstance(past[0], KVBuffer) == in_place and past[0][0].shape[2] == start
+            if in_place:
+                assert past[0][0].data_ptr() == buffer_ptr  # the same storage, no copy of the cache
+    torch.testing.assert_close(torch.cat(out, dim=1), plain, rtol=0, atol=1e-6)
+
+
 def test_last_logits_only_is_the_last_row_of_the_full_logits():
     model = make_model()
     ids = torch.tensor([[5, 17, 42, 7], [3, 1, 4, 1]])

@@ -25,7 +25,7 @@ import torch
 
 from gptx import __version__
 from gptx.config import ExperimentConfig, from_dict
-from gptx.errors import ConfigError, GptxError
+from gptx.errors import ConfigError, GptxError, read_format_json
 
 FORMAT = "gptx.checkpoint"
 FORMAT_VERSION = 1
@@ -189,17 +189,7 @@ def _download_run_checkpoint(uri: str) -> Path:
 
 
 def read_meta(path: Path) -> dict:
-    try:
-        meta = json.loads((path / "gptx.json").read_text())
-    except FileNotFoundError:
-        raise GptxError(f"{path}: missing gptx.json") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GptxError(f"{path / 'gptx.json'}: corrupted ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-        raise GptxError(f"{path / 'gptx.json'}: not a gptx checkpoint (format is {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("format_version", 0) > FORMAT_VERSION:
-        raise GptxError(f"{path}: written by a newer gptx (format {meta['format_version']}); upgrade gptx")
-    return meta
+    return read_format_json(path / "gptx.json", FORMAT, FORMAT_VERSION, "gptx checkpoint")
 
 
 def load(source: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:

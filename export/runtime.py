@@ -8,7 +8,6 @@ shared with the PyTorch generator, so the same seed gives the same tokens).
 from __future__ import annotations
 
 import importlib
-import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -16,7 +15,7 @@ from typing import Optional
 import numpy as np
 
 from gptx.base import Tokenizer
-from gptx.errors import GptxError
+from gptx.errors import GptxError, read_format_json
 from gptx.export import (
     EXPORT_FORMAT, EXPORT_FORMAT_VERSION, IO_CONTRACT, IO_CONTRACT_VERSION, META_FILE, MODEL_FILE,
     input_names, output_names, tokenizer_hash,
@@ -42,17 +41,7 @@ def make_session(path, threads: Optional[int] = None):
 
 
 def read_meta(directory: Path) -> dict:
-    path = Path(directory) / META_FILE
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GptxError(f"{directory}: not a gptx export (no {META_FILE})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GptxError(f"{path}: corrupted ({err})") from None
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
-        raise GptxError(f"{path}: not a gptx export")
-    if meta.get("format_version", 0) > EXPORT_FORMAT_VERSION:
-        raise GptxError(f"{directory}: written by a newer gptx (export format {meta['format_version']}); upgrade gptx")
+    meta = read_format_json(Path(directory) / META_FILE, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, "gptx export")
     contract = meta.get("io_contract", {})
     if contract.get("name") != IO_CONTRACT or contract.get("version") != IO_CONTRACT_VERSION:
         raise GptxError(f"{directory}: I/O contract {contract.get('name')}/{contract.get('version')} is not "

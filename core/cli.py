@@ -40,15 +40,23 @@ def friendly(fn):
     return wrapper
 
 
+_warned: set[str] = set()
+
+
+def _warn(lines) -> None:
+    """Each broken-plugin line once per process, however many loaders met it."""
+    for line in lines:
+        if line not in _warned:
+            _warned.add(line)
+            click.echo(f"Warning: {line}", err=True)
+
+
 def registry():
     """The plugin registry; broken third-party plugins are reported once on stderr, never fatal."""
     from gptx import registry as registry_mod
 
     reg = registry_mod.registry()
-    if reg.errors and not getattr(reg, "_reported", False):
-        for line in reg.errors:
-            click.echo(f"Warning: {line}", err=True)
-        reg._reported = True
+    _warn(reg.errors)
     return reg
 
 
@@ -65,16 +73,17 @@ class GptxGroup(click.Group):
         self._plugins_added = True
         from gptx import registry as registry_mod
 
-        reg = registry()
-        for impl in reg.pm.hook.register_commands.get_hookimpls():
+        pm, plugins, errors = registry_mod.load_third_party()  # no torch unless a plugin imports it
+        _warn(errors)
+        for impl in pm.hook.register_commands.get_hookimpls():
             before = dict(self.commands)
             try:
                 impl.function(cli=self)
             except Exception as err:
                 self.commands = before  # nothing half-added
-                info = reg.plugins.get(impl.plugin_name) or registry_mod.PluginInfo(
+                info = plugins.get(impl.plugin_name) or registry_mod.PluginInfo(
                     impl.plugin_name, impl.plugin_name, "unknown distribution", "?", False)
-                click.echo(f"Warning: {registry_mod._describe(info, err, 'register_commands')}", err=True)
+                _warn([registry_mod._describe(info, err, "register_commands")])
 
     def list_commands(self, ctx):
         self._add_plugin_commands()

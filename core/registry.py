@@ -19,7 +19,6 @@ from typing import Optional
 
 import pluggy
 
-from gptx import components as c
 from gptx import hookspecs
 from gptx.errors import GptxError
 from gptx.options import did_you_mean
@@ -34,14 +33,15 @@ BUILTIN_PLUGINS = (
     "gptx.plugins.tokenizers",
 )
 
-# kind -> (hook name, interface every registered class must subclass)
-KINDS: dict[str, tuple[str, type]] = {
-    "attention": ("register_attention", c.Attention),
-    "positional": ("register_positional", c.PositionalEncoding),
-    "ffn": ("register_ffn", c.FeedForward),
-    "norm": ("register_norm", c.Norm),
-    "norm_placement": ("register_norm_placement", c.NormPlacement),
-    "tokenizer": ("register_tokenizer", c.Tokenizer),
+# kind -> (hook name, the gptx.components interface every registered class must subclass); by
+# name, so that loading plugins for their commands alone (``gptx --help``) never imports torch
+KINDS: dict[str, tuple[str, str]] = {
+    "attention": ("register_attention", "Attention"),
+    "positional": ("register_positional", "PositionalEncoding"),
+    "ffn": ("register_ffn", "FeedForward"),
+    "norm": ("register_norm", "Norm"),
+    "norm_placement": ("register_norm_placement", "NormPlacement"),
+    "tokenizer": ("register_tokenizer", "Tokenizer"),
 }
 
 @dataclasses.dataclass(frozen=True)
@@ -103,6 +103,18 @@ def _selected_from_env() -> Optional[set[str]]:
 def load(extra_plugins: tuple = ()) -> Registry:
     """Load every plugin and collect their registrations. ``extra_plugins`` (objects or modules
     with hook implementations) are registered too; tests use it to add components in-process."""
+    pm, plugins, errors = _plugin_manager(True, extra_plugins)
+    entries = _collect(pm, plugins, errors)
+    return Registry(pm, plugins, entries, errors)
+
+
+def load_third_party() -> tuple[pluggy.PluginManager, dict[str, PluginInfo], list[str]]:
+    """The third-party plugins alone, their component hooks not called: enough for the commands
+    they add (the built-in plugins add none), without importing torch for ``gptx --help``."""
+    return _plugin_manager(False, ())
+
+
+def _plugin_manager(builtins: bool, extra_plugins: tuple):
     pm = pluggy.PluginManager(ENTRY_POINT_GROUP)
     pm.add_hookspecs(hookspecs)
     plugins: dict[str, PluginInfo] = {}
@@ -124,7 +136,7 @@ def load(extra_plugins: tuple = ()) -> Registry:
         plugins[info.name] = info
         return True
 
-    for module_name in BUILTIN_PLUGINS:
+    for module_name in BUILTIN_PLUGINS if builtins else ():
         add(importlib.import_module(module_name), PluginInfo(module_name, module_name, "gptx", gptx_version, True))
     for ep in _third_party_entry_points(_selected_from_env()):
         dist = ep.dist.name if ep.dist else "unknown distribution"
@@ -138,17 +150,18 @@ def load(extra_plugins: tuple = ()) -> Registry:
     for i, obj in enumerate(extra_plugins):
         name = getattr(obj, "__name__", f"extra-{i}")
         add(obj, PluginInfo(name, name, "in-process", "-", False))
-
-    entries = _collect(pm, plugins, errors)
-    return Registry(pm, plugins, entries, errors)
+    return pm, plugins, errors
 
 def _collect(pm, plugins: dict[str, PluginInfo], errors: list[str]) -> dict[str, dict[str, Entry]]:
     """Call each plugin's register hooks with a callback bound to that plugin, then resolve names.
     Resolution does not depend on load order: an ``override=True`` registration beats a plain
     one; two plain (or two overriding) registrations of one name are an error."""
+    from gptx import components
+
     pending: dict[str, dict[str, list[tuple[type, PluginInfo, bool]]]] = {k: {} for k in KINDS}
     failed: set[str] = set()
-    for kind, (hook_name, interface) in KINDS.items():
+    for kind, (hook_name, interface_name) in KINDS.items():
+        interface = getattr(components, interface_name)
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             info = plugins[impl.plugin_name]
             if info.name in failed:

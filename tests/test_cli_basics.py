@@ -51,6 +51,16 @@ def run_gptx(*args):
 
 # ---- plugins / components --------------------------------------------------------------------
 
+def test_help_lists_every_command_without_importing_torch():
+    code = ("import sys\nfrom click.testing import CliRunner\nfrom gptx.cli import cli\n"
+            "r = CliRunner().invoke(cli, ['--help'])\nprint(r.exit_code, 'torch' in sys.modules)\nprint(r.output)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    status, _, help_text = proc.stdout.partition("\n")
+    assert status == "0 False"  # built-in plugins add no commands: --help needs neither them nor torch
+    commands = help_text.split("Commands:")[1].split()
+    assert {"run", "generate", "export", "bench", "plugins", "components", "validate", "sweep", "import-hf"} <= set(commands)
+
+
 def test_plugins_lists_the_builtins_with_their_hooks():
     r = invoke("plugins")
     assert r.exit_code == 0

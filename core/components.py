@@ -30,7 +30,6 @@ if TYPE_CHECKING:
 KV = tuple[torch.Tensor, torch.Tensor]  # (key, value), each [B, K, P, D]
 
 
-
 class KVBuffer(tuple):
     """A (key, value) past whose tensors are the first P slots of preallocated [B, K, capacity, D]
     buffers (``GPT.empty_cache(..., capacity=...)``, used by ``gptx.generate``): ``append_kv``

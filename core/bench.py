@@ -577,6 +577,12 @@ def run(sections=SECTIONS, experiment=DEFAULT_EXPERIMENT, overrides: tuple = (),
     if "train" in sections:
         log(f"training {train_steps} steps of {experiment}...")
         out["train"] = bench_train(experiment, tuple(overrides), train_steps, warmup_steps, peak)
+        t = out["train"]
+        if t["mfu_peak"] == "float32":  # a neighbour's burst can depress one peak reading: take the better of two
+            again = matmul_peak("float32", peak_seconds)
+            if again["gflops"] > peak["float32"]["gflops"]:
+                peak["float32"] = again
+                t["mfu"] = round(t["model_gflops"] / again["gflops"], 4)
     if "generate" in sections:
         out["generate"] = bench_generate(model, checkpoint_dir, tuple(backends), prompt_tokens, new_tokens, repeats, log,
                                          bandwidth)

@@ -114,6 +114,15 @@ class PeakRss:
 
 # ---- peak ----------------------------------------------------------------------------------
 
+def _timings(once: Callable[[], float], seconds: float, times: Optional[list] = None) -> list[float]:
+    """``times`` plus the durations ``once()`` returns, repeated for about ``seconds`` (at least 3)."""
+    times = list(times or [])
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline or len(times) < 3:
+        times.append(once())
+    return times
+
+
 def matmul_peak(dtype: str = "float32", seconds: float = 1.0, max_n: int = 2048, device: str = "cpu") -> dict:
     """Best GFLOP/s of an n x n @ n x n matmul. n doubles from 256 up to ``max_n`` while one
     product takes under a tenth of the budget (slow bf16 emulation stops early), then the product
@@ -139,10 +148,7 @@ def matmul_peak(dtype: str = "float32", seconds: float = 1.0, max_n: int = 2048,
         if t > seconds / 10 or n >= max_n:
             break
         n *= 2
-    times = [t]
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < 3:
-        times.append(once(a, b))
+    times = _timings(lambda: once(a, b), seconds, [t])
     best = min(times)
     return {"dtype": dtype, "n": n, "gflops": round(2 * n ** 3 / best / 1e9, 1), "repeats": len(times)}
 
@@ -153,12 +159,13 @@ def memory_bandwidth(seconds: float = 1.0, mib: int = 512) -> dict:
 
     x = torch.ones(mib * 2**20 // 4)
     x.sum()
-    times = []
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline or len(times) < 3:
+
+    def once() -> float:
         t = time.perf_counter()
         x.sum()
-        times.append(time.perf_counter() - t)
+        return time.perf_counter() - t
+
+    times = _timings(once, seconds)
     return {"mib": mib, "gbps": round(x.numel() * 4 / min(times) / 1e9, 1), "repeats": len(times)}
 
 

@@ -60,10 +60,9 @@ def sweep(base: Path, vary: list[str], overrides: list[str] = (), progress: bool
                    "train_loss": result.train_loss,
                    "tokens_per_sec": result.tokens_per_sec, "params": result.num_params, "run_id": result.run_id}
             rows.append(row)
-            if parent is not None and result.val_loss is not None:
-                parent.log_metrics({"val_loss": result.val_loss}, len(rows))
-            if parent is not None and result.final_val_loss is not None:
-                parent.log_metrics({"final_val_loss": result.final_val_loss}, len(rows))
+            losses = {k: row[k] for k in ("val_loss", "final_val_loss") if row[k] is not None}
+            if parent is not None and losses:
+                parent.log_metrics(losses, len(rows))
         status = "FINISHED"
     finally:
         if parent is not None:

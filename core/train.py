@@ -352,37 +352,32 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
                 show.say(f"gptx run {cfg.name}: {n / 1e6:.2f}M parameters, {tokens_per_step:,} tokens/step, "
                          f"{dist.world} process(es) on {device}, run dir {run_dir}")
 
+            def mean_loss(batches) -> float:
+                """Row-weighted mean loss over (x, y) batches [n, T]. Ranks share the batches (under
+                FSDP every rank joins every forward), so every rank must be handed the same ones."""
+                total, rows = torch.zeros((), device=device), 0
+                model.eval()
+                with torch.no_grad(), autocast:
+                    for i, (x, y) in enumerate(batches):
+                        rows += len(x)
+                        if dist.sharded or i % dist.world == dist.rank:
+                            total += model.loss(x.to(device), y.to(device)).float() * len(x)
+                model.train()
+                if not dist.sharded:
+                    total = dist.mean(total) * dist.world
+                return float(total) / rows
+
             def evaluate() -> dict[str, float]:
                 gen = torch.Generator().manual_seed(tc.seed + 1)  # the same eval batches at every evaluation
-                model.eval()
-                out = {}
-                with torch.no_grad(), autocast:
-                    for split in ("train", "val"):
-                        losses = torch.zeros(tc.eval_steps)
-                        for i in range(tc.eval_steps):
-                            x, y = dataset.windows(split, tc.batch_size, gen)
-                            if dist.sharded or i % dist.world == dist.rank:  # FSDP: every rank joins every forward
-                                losses[i] = model.loss(x.to(device), y.to(device)).float().cpu()
-                        total = losses.sum() if dist.sharded else dist.mean(losses.sum().to(device)) * dist.world
-                        out[split] = float(total) / tc.eval_steps
-                model.train()
-                return out
+                return {split: mean_loss(dataset.windows(split, tc.batch_size, gen) for _ in range(tc.eval_steps))
+                        for split in ("train", "val")}
 
             def final_evaluate() -> tuple[float, int]:
                 """Mean loss over non-overlapping windows tiling the validation split: no sampling
                 noise, so runs compare to the third decimal (20 sampled batches: about +-0.02)."""
                 x_all, y_all = dataset.tiled_windows("val", tc.final_eval_tokens)  # [N, T] x2
-                total = torch.zeros((), device=device)
-                model.eval()
-                with torch.no_grad(), autocast:
-                    for i, start in enumerate(range(0, len(x_all), tc.batch_size)):
-                        if dist.sharded or i % dist.world == dist.rank:  # FSDP: every rank joins every forward
-                            x, y = x_all[start:start + tc.batch_size], y_all[start:start + tc.batch_size]
-                            total += model.loss(x.to(device), y.to(device)).float() * len(x)
-                model.train()
-                if not dist.sharded:
-                    total = dist.mean(total) * dist.world
-                return float(total) / len(x_all), x_all.numel()
+                bs = tc.batch_size
+                return mean_loss((x_all[i:i + bs], y_all[i:i + bs]) for i in range(0, len(x_all), bs)), x_all.numel()
 
             def save(step: int) -> Optional[Path]:
                 weights = distributed.full_model_state(model, dist)  # collectives under FSDP: all ranks

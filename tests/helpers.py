@@ -99,4 +99,3 @@ def tiny_checkpoint_and_export(root: Path, block_size: int = 32):
     ck = checkpoint.save(root / "run", 1, GPT(cfg.model), cfg, tok)
     export_checkpoint(ck, root / "export", log=lambda _msg: None, track=False)
     return ck, root / "export"
-

@@ -7,8 +7,11 @@ fails (say the server died), the tracker warns once, stops calling MLflow and tr
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import secrets
+import shutil
 import subprocess
 import sys
 import time
@@ -20,12 +23,114 @@ from typing import Optional
 from gptx import __version__
 from gptx.errors import GptxError
 
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 # A tracking server that dies mid-run must cost the run seconds, not MLflow's default of 7 retries
 # with exponential backoff (about 4 minutes stalled in the first call that fails). Users' settings win.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+MLFLOW_DEFAULTS = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+def client(uri: Optional[str] = None):
+    """An ``MlflowClient`` for ``uri`` (None: $MLFLOW_TRACKING_URI, else MLflow's default
+    ``./mlflow.db``); a local sqlite store is created whole first (``ensure_sqlite_store``).
+    The one way gptx opens MLflow."""
+    for key, value in MLFLOW_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    if uri:
+        mlflow.set_tracking_uri(uri)
+    ensure_sqlite_store(mlflow.get_tracking_uri())
+    return MlflowClient()
+
+
+def sqlite_file(uri: str) -> Optional[Path]:
+    """The database file of a ``sqlite:///path`` tracking URI; None for any other store."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri[len("sqlite:///"):].split("?")[0]
+    return None if path in ("", ":memory:") else Path(path).resolve()
+
+
+def ensure_sqlite_store(uri: str) -> None:
+    """Make sure the sqlite store at ``uri`` exists with MLflow's current schema, creating it
+    atomically: built in a temporary file beside it, then renamed into place, under a lock on its
+    directory. So a ``kill -9`` while MLflow creates its tables (3-8 s) leaves no half-migrated
+    ``mlflow.db``, and two runs started at once in a fresh folder do not race MLflow's
+    migrations. A store left incomplete by an older gptx and holding no runs is rebuilt; one
+    that holds runs is left to MLflow (which migrates it or says why not)."""
+    path = sqlite_file(uri)
+    if path is None or _store_is_current(path):
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with _directory_lock(path.parent):
+            if _store_is_current(path) or (path.exists() and _store_holds_runs(path)):
+                return
+            _create_store(path)
+    except OSError as err:
+        raise GptxError(f"tracking.uri: cannot create the MLflow store {uri}: {err.strerror or err}") from None
+
+
+def _store_is_current(path: Path) -> bool:
+    import sqlite3
+
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    if not path.is_file():
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            if any(t.startswith("_alembic_tmp") for t in tables) or "alembic_version" not in tables:
+                return False
+            versions = [r[0] for r in db.execute("SELECT version_num FROM alembic_version")]
+    except sqlite3.Error:
+        return False
+    return versions == [_get_latest_schema_revision()]
+
+
+def _store_holds_runs(path: Path) -> bool:
+    import sqlite3
+
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
+            return db.execute("SELECT count(*) FROM runs").fetchone()[0] > 0
+    except sqlite3.Error:  # no runs table: nothing recorded yet
+        return False
+
+
+def _create_store(path: Path) -> None:
+    from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    from gptx.fsutil import remove_stale_siblings
+
+    remove_stale_siblings(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        store = SqlAlchemyStore(f"sqlite:///{tmp}", DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
+        store.engine.dispose()
+        os.replace(tmp, path)  # replaces an incomplete store that holds no runs
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _directory_lock(directory: Path):
+    """An exclusive lock held on the directory itself (nothing is left behind in it)."""
+    import fcntl
+
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -82,15 +187,11 @@ class MlflowTracker(NullTracker):
     def __init__(self, uri: Optional[str], experiment: str, run_name: Optional[str], run_id: Optional[str] = None,
                  parent_run_id: Optional[str] = None):
         import mlflow
-        from mlflow.tracking import MlflowClient
 
-        self._mlflow = mlflow
-        if uri:
-            mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient()
         self.broken: Optional[str] = None
         self._buffer: list = []
         try:
+            self.client = client(uri)
             if run_id is None:
                 exp = self.client.get_experiment_by_name(experiment)
                 exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
@@ -100,6 +201,8 @@ class MlflowTracker(NullTracker):
             else:  # --resume: the same MLflow run continues
                 self.client.update_run(run_id, status="RUNNING")
                 self.run_id = run_id
+        except GptxError:
+            raise
         except Exception as err:
             raise GptxError(f"tracking: cannot start an MLflow run at {mlflow.get_tracking_uri()}: {_short(err)}") from None
 
@@ -181,19 +284,40 @@ def run_tags(cfg, registry) -> dict[str, str]:
     return tags
 
 
-def download_checkpoint(uri: str) -> Path:
-    """``runs:/<run_id>`` -> a local copy of that run's logged checkpoint directory."""
-    import mlflow
-
-    run_id = uri[len("runs:/"):].strip("/").split("/")[0]
+def run_id_of(source) -> Optional[str]:
+    """The run id of an MLflow run URI ``runs:/<run_id>[/...]``; None for anything else."""
+    src = str(source)
+    if not src.startswith("runs:/"):
+        return None
+    run_id = src[len("runs:/"):].strip("/").split("/")[0]
     if not run_id:
-        raise GptxError(f"{uri}: expected runs:/<run_id>")
-    dest = Path(os.environ.get("GPTX_CACHE_DIR") or Path.home() / ".cache" / "gptx") / "mlflow-runs" / run_id
+        raise GptxError(f"{src}: expected runs:/<run_id>")
+    return run_id
+
+
+def download_checkpoint(uri: str) -> Path:
+    """``runs:/<run_id>`` -> a local copy of that run's logged checkpoint directory (cached:
+    downloaded into a temporary sibling and renamed into place only when whole)."""
+    from gptx.fsutil import cache_root, remove_stale_siblings, temp_sibling
+
+    run_id = run_id_of(uri)
+    dest = cache_root() / "mlflow-runs" / run_id
     if (dest / "checkpoint" / "gptx.json").is_file():
         return dest / "checkpoint"
-    dest.mkdir(parents=True, exist_ok=True)
+    mlflow_client = client()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(dest)
+    tmp = temp_sibling(dest)
     try:
-        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path="checkpoint", dst_path=str(dest))
+        mlflow_client.download_artifacts(run_id, "checkpoint", str(tmp))
+        os.replace(tmp, dest)  # a concurrent download of the same run may have won: same files
+    except OSError:
+        if not (dest / "checkpoint" / "gptx.json").is_file():
+            raise
     except Exception as err:
+        import mlflow
+
         raise GptxError(f"{uri}: cannot fetch the run's checkpoint from {mlflow.get_tracking_uri()}: {_short(err)}") from None
-    return Path(local)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return dest / "checkpoint"

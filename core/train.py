@@ -118,14 +118,22 @@ def find_resumable(cfg: ExperimentConfig) -> Path:
 
 
 def new_run_dir(cfg: ExperimentConfig) -> Path:
+    """A directory no other run has: ``<run_name>`` (or a timestamp), with ``-2``, ``-3``, ...
+    appended when taken. ``mkdir`` without ``exist_ok`` claims it atomically, so neither a rerun
+    with the same ``tracking.run_name`` nor a concurrent run ever writes into another run's directory."""
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    name = cfg.tracking.run_name or f"{stamp}-{secrets.token_hex(2)}"
-    run_dir = experiment_dir(cfg) / name
-    try:
-        run_dir.mkdir(parents=True, exist_ok=cfg.tracking.run_name is not None)
-    except OSError as err:
-        raise GptxError(f"training.out_dir: cannot create {run_dir}: {err.strerror}") from None
-    return run_dir
+    base = cfg.tracking.run_name or f"{stamp}-{secrets.token_hex(2)}"
+    root = experiment_dir(cfg)
+    for n in range(1, 10_000):
+        run_dir = root / (base if n == 1 else f"{base}-{n}")
+        try:
+            run_dir.mkdir(parents=True)
+            return run_dir
+        except FileExistsError:
+            continue
+        except OSError as err:
+            raise GptxError(f"training.out_dir: cannot create {run_dir}: {err.strerror}") from None
+    raise GptxError(f"training.out_dir: {root} already holds 9,999 runs named {base!r}; choose another tracking.run_name")
 
 
 def check_writable(cfg: ExperimentConfig) -> None:

@@ -27,6 +27,7 @@ from gptx import __version__
 from gptx.base import ONNX_EXPORT
 from gptx.config import COMPONENT_SLOTS
 from gptx.errors import GptxError
+from gptx.fsutil import remove_stale_siblings, temp_sibling
 from gptx.export import (
     ATTENTION_MASK, BATCH, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, IO_CONTRACT, IO_CONTRACT_VERSION,
     PAST, SEQ, TOTAL, input_names, output_names, tokenizer_hash,
@@ -258,8 +259,27 @@ def _check_out_dir(out_dir: Path, force: bool, protected: list[Path]) -> None:
             raise GptxError(f"{out_dir}: refusing to replace a directory that contains {p}")
     if out_dir.exists() and not out_dir.is_dir():
         raise GptxError(f"{out_dir}: exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / META_FILE).is_file() and not force:
+    if force or not out_dir.is_dir() or not any(out_dir.iterdir()):
+        return
+    if not (out_dir / META_FILE).is_file():
         raise GptxError(f"{out_dir}: not empty and not a previous gptx export; choose another -o or pass --force to replace it")
+    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _written_by_export(out_dir))
+    if foreign:  # replacing the export would delete them: only ever remove what gptx wrote
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise GptxError(f"{out_dir}: a previous gptx export, but it also holds files gptx did not write ({shown}); "
+                        "move them, choose another -o, or pass --force to replace the whole directory")
+
+
+def _written_by_export(out_dir: Path) -> set[str]:
+    """The names a previous export in ``out_dir`` wrote (its gptx_export.json lists them)."""
+    from gptx.export import META_FILE, MODEL_FILE
+
+    try:
+        files = json.loads((out_dir / META_FILE).read_text(encoding="utf-8")).get("files")
+    except (OSError, ValueError, AttributeError):
+        files = None
+    listed = {f for f in files if isinstance(f, str)} if isinstance(files, list) else set()
+    return listed | {META_FILE, MODEL_FILE, MODEL_FILE + ".data"}
 
 
 def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Optional[str] = None,
@@ -269,7 +289,6 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
     sibling directory that replaces ``out_dir`` only once everything passed."""
     import os
     import shutil
-    import tempfile
 
     from gptx import checkpoint
     from gptx.export import GENAI_FILE, META_FILE, MODEL_FILE
@@ -290,12 +309,9 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
     meta = metadata_for(ck, opset, quantize)
     log(f"exporting {ck.path} ({meta['model']['parameters']:,} parameters, {ck.config.model.n_layer} layers) to {out_dir}")
 
-    parent = out_dir.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the export is an ordinary directory
+    out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(out_dir.resolve())  # what an export killed with -9 left behind
+    tmp = temp_sibling(out_dir.resolve())
     try:
         fp32_path = tmp / MODEL_FILE
         t0 = time.perf_counter()
@@ -396,10 +412,9 @@ def meta_for_graph(meta: dict) -> dict:
 def _replace_dir(new: Path, out_dir: Path) -> None:
     import os
     import shutil
-    import tempfile
 
     if out_dir.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.resolve().parent))
+        trash = temp_sibling(out_dir.resolve(), "old")
         os.rename(out_dir, trash / "old")
         try:
             os.rename(new, out_dir)
@@ -414,18 +429,16 @@ def _replace_dir(new: Path, out_dir: Path) -> None:
 def _log_to_mlflow(source, ck, out_dir: Path, track: Optional[bool], log) -> None:
     """Log the export to the MLflow run the checkpoint came from (``runs:/<id>`` or a run id in the
     checkpoint's metadata), under artifacts ``onnx/``. A tracking failure is a warning, not an error."""
-    src = str(source)
-    run_id = src[len("runs:/"):].strip("/").split("/")[0] if src.startswith("runs:/") else None
-    run_id = run_id or ck.meta.get("mlflow_run_id") or ck.meta.get("run_id")
+    from gptx import tracking
+
+    run_id = tracking.run_id_of(source) or ck.meta.get("mlflow_run_id") or ck.meta.get("run_id")
     if track is False or (track is None and not run_id):
         return
     if not run_id:
         log("tracking: the checkpoint names no MLflow run; export not logged")
         return
     try:
-        import mlflow
-
-        mlflow.MlflowClient().log_artifacts(run_id, str(out_dir), "onnx")
+        tracking.client().log_artifacts(run_id, str(out_dir), "onnx")
         log(f"logged to MLflow run {run_id} (artifacts onnx/)")
     except Exception as err:  # the export itself succeeded
         log(f"Warning: could not log the export to MLflow run {run_id}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")

@@ -273,10 +273,14 @@ def test_cli_export_refuses_a_foreign_dir_and_replaces_a_previous_export(tmp_pat
     assert not (out / "notes.txt").exists()
     assert not (out / "tokenizer.json").exists()  # byte tokenizer: no HF tokenizer.json
 
-    (out / "stale.txt").write_text("from an older export")
+    (out / "mine.txt").write_text("the user's, not gptx's")
+    r = invoke("export", byte_ckpt, "-o", out)  # replacing would delete a file gptx did not write
+    assert r.exit_code == 2 and "mine.txt" in r.output
+    assert (out / "mine.txt").read_text() == "the user's, not gptx's"
+    (out / "mine.txt").unlink()
     r = invoke("export", byte_ckpt, "-o", out)  # a previous gptx export is replaced without --force
     assert r.exit_code == 0, r.output
-    assert not (out / "stale.txt").exists() and (out / "model.onnx").is_file()
+    assert (out / "model.onnx").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "run"]  # no temp dirs left behind
 
 

@@ -1,0 +1,64 @@
+"""Writing files so that a crash never leaves a half-written result where a whole one is expected.
+
+Everything gptx publishes (a checkpoint, an export, a prepared dataset, a cache entry) is built
+in a hidden sibling named ``.<name>.tmp-<pid>-<random>`` and renamed into place when complete.
+A process killed with -9 leaves its temporary behind; the next writer of the same name removes
+the temporaries whose process is gone (and never one a live process is still writing).
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """Where gptx caches tokenized data and downloaded runs: $GPTX_CACHE_DIR, else ~/.cache/gptx."""
+    return Path(os.environ.get("GPTX_CACHE_DIR") or Path.home() / ".cache" / "gptx")
+
+
+def temp_sibling(final: Path, kind: str = "tmp") -> Path:
+    """A new hidden directory beside ``final`` for building it (mode as an ordinary mkdir)."""
+    for _ in range(100):
+        path = final.parent / f".{final.name}.{kind}-{os.getpid()}-{secrets.token_hex(3)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"cannot create a temporary directory beside {final}")
+
+
+def remove_stale_siblings(final: Path) -> list[Path]:
+    """Remove ``.<name>.<kind>-<pid>-*`` leftovers beside ``final`` whose process has exited."""
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.[a-z]+-(\d+)-[0-9a-f]+$")
+    removed = []
+    try:
+        entries = list(final.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.match(entry.name)
+        if m and not pid_alive(int(m.group(1))):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+            removed.append(entry)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    except OverflowError:
+        return False
+    return True

@@ -6,7 +6,7 @@ Sections (``--only``):
   sections use), the reference for model-FLOPs utilization; and memory bandwidth (reading a
   buffer far larger than the caches), the bound of batch-1 decoding, which reads every weight
   once per token.
-- ``train``: tokens/s and MFU of the real training step (``gptx.train.make_train_step``: the same
+- ``train``: tokens/s and MFU of the real training step (``gptx.train.TrainStep``: the same
   code ``gptx run`` executes) for an experiment file, over a fixed number of steps after warm-up.
   flops per token = 6N + 12·L·H·Q·T (``GPT.flops_per_token``), against the fp32 peak (the bf16
   peak when ``training.dtype = "bfloat16"``). Also the step's GEMM floor: the matrix products
@@ -41,7 +41,11 @@ MODEL_SIZES = {  # randomly initialised GPT-2-style models with GPT-2's BPE voca
     "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 1024},
     "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},  # GPT-2 124M
 }
-DEFAULT_EXPERIMENT = Path(__file__).resolve().parents[1] / "experiments" / "shakespeare_char.toml"
+def default_experiment() -> Path:
+    """nanoGPT's Shakespeare recipe, as shipped in the package (found from any folder, wheel or checkout)."""
+    from importlib import resources
+
+    return Path(str(resources.files("gptx.experiments"))) / "shakespeare_char.toml"
 
 
 # ---- the machine ---------------------------------------------------------------------------
@@ -217,43 +221,38 @@ def gemm_floor(run_step: Callable[[], object], device, repeats: int = 5) -> dict
             "gflops": round(flops / best / 1e9, 1) if replay else None}
 
 
-def bench_train(experiment=DEFAULT_EXPERIMENT, overrides: tuple = (), steps: int = 50, warmup: int = 5,
+def bench_train(experiment=None, overrides: tuple = (), steps: int = 50, warmup: int = 5,
                 peak: Optional[dict] = None) -> dict:
     """Time ``steps`` optimizer steps of the experiment's real training step after ``warmup``
     (which includes torch.compile when ``training.compile``). Nothing is written: no run
     directory, no MLflow run, no checkpoint."""
     import torch
 
-    from gptx import checkpoint as ckpt
     from gptx.config import load_experiment
-    from gptx.data import load_dataset
     from gptx.distributed import Dist
     from gptx.model import GPT
-    from gptx.train import build_optimizer, lr_at, make_train_step, pick_device
+    from gptx.train import BatchSplit, TrainStep, build_optimizer, build_schedule, prepare, set_lr
 
+    experiment = experiment or default_experiment()
     cfg = load_experiment(experiment, list(overrides))
     tc = cfg.training
-    device = pick_device(tc)
+    plan = prepare(cfg, outputs=False)
+    device, dataset = plan.device, plan.dataset
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    tokenizer = ckpt.build_tokenizer(cfg.tokenizer)
-    dataset = load_dataset(cfg, tokenizer)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = tokenizer.vocab_size
     torch.manual_seed(tc.seed)
     model = GPT(cfg.model).to(device)
     model.train()
     train_model = torch.compile(model) if tc.compile else model
-    dist = Dist()
-    optimizer = build_optimizer(model, tc, device, dist)
-    step = make_train_step(train_model, model, optimizer, tc, dist, device)
-    data_gen = torch.Generator().manual_seed(tc.seed)
+    optimizer, schedule = build_optimizer(cfg, model, device), build_schedule(cfg)
+    step = TrainStep(train_model, optimizer, tc, Dist(), device, BatchSplit.plan(tc))
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tokens_per_step = tc.grad_accum_steps * tc.batch_size * cfg.model.block_size
 
     def one(i: int) -> float:
-        x, y = dataset.windows("train", tc.grad_accum_steps * tc.batch_size, data_gen)
-        return float(step(x, y, lr_at(i, tc)))  # float(): the step is complete (synchronised)
+        set_lr(optimizer, schedule.factor(i))
+        x, y = dataset.batch(tc.grad_accum_steps * tc.batch_size)
+        return float(step(x, y)[0])  # float(): the step is complete (synchronised)
 
     t0 = time.perf_counter()
     first_loss = None
@@ -344,7 +343,7 @@ def _is_plain_gpt2(config) -> bool:
     m: ModelConfig = config.model
     return (m.attention.kind == "causal" and m.positional.kind == "learned" and m.ffn.kind == "gelu"
             and getattr(m.ffn.options, "approximate", "tanh") == "tanh" and m.ffn.options.hidden in (None, 4 * m.n_embd)
-            and m.norm.kind == "layernorm" and m.norm.placement == "pre" and m.bias and m.tie_embeddings
+            and m.norm.kind == "layernorm" and m.block.kind == "sequential" and m.block.options.placement == "pre" and m.bias and m.tie_embeddings
             and m.norm.options.bias and m.attention.options.n_kv_heads in (None, m.n_head)
             and m.attention.options.window is None)
 
@@ -557,7 +556,7 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
 
 # ---- the whole run -------------------------------------------------------------------------
 
-def run(sections=SECTIONS, experiment=DEFAULT_EXPERIMENT, overrides: tuple = (), train_steps: int = 50,
+def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: int = 50,
         warmup_steps: int = 5, model: str = "tiny", checkpoint_dir: Optional[str] = None, backends=BACKENDS,
         prompt_tokens: int = 32, new_tokens: int = 128, repeats: int = 3, peak_seconds: float = 1.0,
         threads: Optional[int] = None, log: Callable[[str], None] = lambda s: None) -> dict:

@@ -1,19 +1,24 @@
 """The ``gptx`` command line. Thin: each command parses flags and calls a library function.
 
-Errors a user can fix (GptxError) print one line and exit with code 2, no traceback. Heavy
-imports (torch, mlflow) happen inside commands, so ``gptx --help`` and the onnxruntime
-generation path stay fast and torch-free.
+Every error ends the same way, in one place (``GptxGroup.main``): a mistake in what the user
+gave (GptxError, a usage error of Click, the machine refusing a path) prints one line
+``Error: ...`` on stderr and exits 2; anything unforeseen prints one line asking for a report and
+exits 1 (``GPTX_DEBUG=1`` shows the traceback). Heavy imports (torch, mlflow) happen inside
+commands, so ``gptx --help`` and the onnxruntime generation path stay fast and torch-free.
 """
 from __future__ import annotations
 
-import functools
 import json
+import os
 import sys
 
 import click
 
 from gptx import __version__
 from gptx.errors import GptxError
+from gptx.kinds import KINDS
+
+REPORT_URL = "https://github.com/gptx-dev/gptx/issues"
 
 
 def fail(message: str, code: int = 2):
@@ -21,23 +26,22 @@ def fail(message: str, code: int = 2):
     sys.exit(code)
 
 
-def friendly(fn):
-    """Turn GptxError (and an OSError from the machine: disk full, permissions) into
-    'Error: message' + exit 2 (the one place that does)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except GptxError as err:
-            fail(str(err), err.exit_code)
-        except OSError as err:  # the machine said no (disk full, read-only, a path through a file)
-            name = err.filename
-            if isinstance(err, FileExistsError) and name and not __import__("os").path.isdir(name):
-                fail(f"{name}: exists and is not a directory")
-            fail(f"{name}: {err.strerror or err}" if name else f"{err.strerror or err}")
-
-    return wrapper
+def error_line(err: BaseException) -> tuple[str, int]:
+    """The one line and the exit code for an exception that reached the command line."""
+    if isinstance(err, GptxError):
+        return str(err), err.exit_code
+    if isinstance(err, click.ClickException):
+        return " ".join(err.format_message().split()), 2
+    if isinstance(err, OSError):  # the machine said no (disk full, read-only, a path through a file)
+        name = err.filename
+        if isinstance(err, FileExistsError) and name and not os.path.isdir(name):
+            return f"{name}: exists and is not a directory", 2
+        return (f"{name}: {err.strerror or err}" if name else f"{err.strerror or err}"), 2
+    if isinstance(err, (MemoryError, RecursionError)):
+        return f"{type(err).__name__}: the input is too large or too deeply nested for this machine", 2
+    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    return (f"internal error: {type(err).__name__}: {first[:300]} (please report it at {REPORT_URL}; "
+            "GPTX_DEBUG=1 shows the traceback)"), 1
 
 
 _warned: set[str] = set()
@@ -61,9 +65,29 @@ def registry():
 
 
 class GptxGroup(click.Group):
-    """Adds the commands that plugins contribute through the ``register_commands`` hook."""
+    """Adds the commands that plugins contribute through the ``register_commands`` hook, and
+    turns every error into one line."""
 
     _plugins_added = False
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort:
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        except KeyboardInterrupt:
+            click.echo("Aborted.", err=True)
+            sys.exit(130)
+        except Exception as err:  # noqa: BLE001 - the one place every error becomes one line
+            if os.environ.get("GPTX_DEBUG") and not isinstance(err, (GptxError, click.ClickException)):
+                raise
+            message, code = error_line(err)
+            click.echo(f"Error: {message}", err=True)
+            sys.exit(code)
+        sys.exit(code if isinstance(code, int) else 0)
 
     def _add_plugin_commands(self):
         """Call each plugin's hook on its own: one that raises is reported on one line and adds
@@ -132,39 +156,49 @@ def plugins(as_json):
 
 
 @cli.command()
-@click.argument("kind", required=False)
+@click.argument("what", required=False, metavar="[KIND|NAME]")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-@friendly
-def components(kind, as_json):
-    """List registered components (optionally of one KIND): name, kind, plugin, capabilities."""
-    from gptx.options import did_you_mean
-    from gptx.registry import KINDS
+def components(what, as_json):
+    """List the registered components: kind, name, plugin, capabilities and options. WHAT is a
+    kind (attention, optimizer, ...) to list those, or a component's name to show it alone."""
+    from gptx import catalog
 
     reg = registry()
-    if kind is not None and kind not in KINDS:
-        raise GptxError(f"unknown component kind '{kind}'{did_you_mean(kind, KINDS)}; kinds: {', '.join(KINDS)}")
-    rows = [
-        {
-            "kind": e.kind,
-            "name": e.name,
-            "plugin": e.plugin.name,
-            "distribution": e.plugin.distribution,
-            "version": e.plugin.version,
-            "supports": sorted(e.supports),
-            "overrides": e.overrides.name if e.overrides else None,
-            "class": f"{e.cls.__module__}.{e.cls.__qualname__}",
-        }
-        for k in ([kind] if kind else KINDS)
-        for e in sorted(reg.entries[k].values(), key=lambda e: e.name)
-    ]
+    entries = catalog.select(reg, what)
+    rows = [catalog.describe(e) for e in entries]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
-        return
-    width = max((len(r["name"]) for r in rows), default=4)
-    for r in rows:
-        extra = f"  (overrides {r['overrides']})" if r["overrides"] else ""
-        origin = f"{r['plugin']} ({r['distribution']} {r['version']})"
-        click.echo(f"{r['kind']:<15} {r['name']:<{width}}  {origin:<44} {','.join(r['supports']) or '-'}{extra}")
+    else:
+        click.echo(catalog.table(rows, detailed=what is not None))
+
+
+@cli.command("check-plugin")
+@click.argument("names", nargs=-1, metavar="[NAME]...")
+@click.option("--kind", type=click.Choice([k.name for k in KINDS]),
+              default=None, help="Only components of this kind.")
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def check_plugin(names, kind, as_json):
+    """Check that installed components keep gptx's contracts: each NAME (or every component of
+    --kind, or every installed component) in its own slot of a tiny model, defaults elsewhere.
+    Forward shapes, cached decoding and left padding (when it declares kv_cache), ONNX export
+    parity (onnx_export), a short training run whose loss must fall, determinism, a checkpoint
+    round trip; tokenizers, optimizers, schedules and datasets their own. Exit 0 only when every
+    check that applies passes."""
+    from gptx import conformance
+
+    reg = registry()
+    entries = conformance.select(reg, list(names), kind)
+    say = (lambda s: None) if as_json else (lambda s: click.echo(f"  checking {s}", err=True))
+    results = [r for e in entries for r in conformance.run(e, reg, say)]
+    failed = [r for r in results if r.status == "fail"]
+    if as_json:
+        click.echo(json.dumps({"passed": not failed, "results": [r.to_dict() for r in results]}, indent=2))
+    else:
+        click.echo(conformance.table(results))
+        click.echo(f"\n{len(entries)} component(s): {sum(r.status == 'pass' for r in results)} checks passed, "
+                   f"{len(failed)} failed, {sum(r.status == 'n/a' for r in results)} not applicable")
+    if failed:
+        sys.exit(1)
 
 
 # ---- generation -----------------------------------------------------------------------------
@@ -179,7 +213,6 @@ def components(kind, as_json):
 @click.option("--seed", default=None, type=int)
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--json", "as_json", is_flag=True, help='Print {"prompt_ids", "ids", "text"} per prompt.')
-@friendly
 def generate(source, prompts, max_new_tokens, temperature, top_k, top_p, seed, device, as_json):
     """Generate text from SOURCE: a checkpoint directory, a run directory, an MLflow run
     (runs:/<id>) or an ONNX export directory (runs on onnxruntime, without torch)."""
@@ -218,7 +251,6 @@ def generate(source, prompts, max_new_tokens, temperature, top_k, top_p, seed, d
 @cli.command("import-hf")
 @click.argument("hf_dir")
 @click.option("-o", "--out", "out_dir", required=True, help="New directory for the gptx checkpoint (a run directory).")
-@friendly
 def import_hf(hf_dir, out_dir):
     """Convert the Hugging Face GPT-2 model in HF_DIR (config.json + model.safetensors or
     pytorch_model.bin) into a gptx checkpoint that `gptx generate OUT_DIR` runs."""
@@ -233,26 +265,38 @@ def _load(file, overrides):
     from gptx.config import load_experiment
 
     registry()  # report broken plugins before validating
-    return load_experiment(file, overrides)
+    cfg = load_experiment(file, overrides)
+    for note in cfg.notes:
+        click.echo(f"Note: {file}: {note}", err=True)
+    return cfg
 
 
 @cli.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a config value (TOML syntax); repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the resolved config as JSON.")
-@friendly
 def validate(file, overrides, as_json):
-    """Check an experiment FILE (and its data) without training."""
+    """Check an experiment FILE without training: every check `gptx run` makes before it creates
+    anything (components, data read and tokenized, sample prompt, memory, output directory,
+    tracking store)."""
+    from gptx.errors import ConfigError
+    from gptx.train import prepare
+
     cfg = _load(file, overrides)
+    try:
+        plan = prepare(cfg)
+    except ConfigError as err:
+        raise err.located(file) from None
     if as_json:
         click.echo(json.dumps(cfg.to_dict(), indent=2))
-    else:
-        m = cfg.model
-        click.echo(
-            f"{file}: OK — {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}; "
-            f"attention {m.attention.kind}, positional {m.positional.kind}, ffn {m.ffn.kind}, "
-            f"norm {m.norm.kind}/{m.norm.placement}; tokenizer {cfg.tokenizer.kind}; data {cfg.data_path}"
-        )
+        return
+    m, d = cfg.model, plan.dataset
+    click.echo(
+        f"{file}: OK — {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}; "
+        + ", ".join(f"{k.name} {spec.kind}" for k, spec in cfg.components() if k.name != "tokenizer")
+        + f"; tokenizer {cfg.tokenizer.kind} ({m.vocab_size:,} tokens); "
+        f"{d.tokens('train'):,} training and {d.tokens('val'):,} validation tokens"
+    )
 
 
 def _run_forwarding_signals(args: list[str]) -> int:
@@ -278,10 +322,9 @@ def _run_forwarding_signals(args: list[str]) -> int:
 @click.option("--resume", is_flag=True, help="Continue the newest interrupted run of this experiment.")
 @click.option("--nproc", type=click.IntRange(min=1), default=None, help="Launch N processes on this machine through torchrun (DDP).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-@friendly
 def run(file, overrides, resume, nproc, quiet):
     """Train the experiment in FILE, tracked in MLflow; print a sample at the end."""
-    if nproc is not None and "WORLD_SIZE" not in __import__("os").environ:
+    if nproc is not None and "WORLD_SIZE" not in os.environ:
         _load(file, overrides)  # bad input fails here, once, not in N processes
         args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                 "-m", "gptx", "run", file, *[f"--set={o}" for o in overrides]]
@@ -295,7 +338,7 @@ def run(file, overrides, resume, nproc, quiet):
     except Interrupted as err:
         click.echo(f"Stopped: {err}. Continue with: gptx run {file} --resume", err=True)
         sys.exit(err.exit_code)
-    if int(__import__("os").environ.get("RANK", "0")) != 0:
+    if int(os.environ.get("RANK", "0")) != 0:
         return
     if result.sample is not None:
         click.echo("\n---- sample ----")
@@ -318,7 +361,6 @@ def run(file, overrides, resume, nproc, quiet):
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Dynamic int8 weights for the matmuls.")
 @click.option("--force", is_flag=True, help="Replace OUT even if it is a non-empty directory that is not a gptx export.")
 @click.option("--track/--no-track", default=None, help="Log the export to the source's MLflow run (default: when it has one).")
-@friendly
 def export(source, out_dir, opset, quantize, force, track):
     """Export SOURCE (a checkpoint or run directory, or runs:/<id>) to ONNX in OUT: model.onnx with
     a KV cache, genai_config.json, tokenizer.json (GPT-2 BPE) and gptx_export.json; verified
@@ -334,7 +376,6 @@ def export(source, out_dir, opset, quantize, force, track):
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a value in every variant.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result rows as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-@friendly
 def sweep(base, vary, overrides, as_json, quiet):
     """Train every combination of --vary values over BASE (one MLflow run each, under one
     parent run) and compare them: val loss, tokens/s, parameters."""
@@ -358,7 +399,7 @@ def sweep(base, vary, overrides, as_json, quiet):
 @click.option("--only", default="peak,train,generate", show_default=True, metavar="SECTIONS",
               help="Comma-separated sections: peak, train, generate.")
 @click.option("--experiment", type=click.Path(dir_okay=False), default=None,
-              help="Experiment file for the train section (default: experiments/shakespeare_char.toml).")
+              help="Experiment file for the train section (default: the shipped shakespeare_char.toml).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a value of the experiment; repeatable.")
 @click.option("--train-steps", default=50, show_default=True, type=click.IntRange(min=1), help="Timed training steps.")
 @click.option("--warmup-steps", default=5, show_default=True, type=click.IntRange(min=0), help="Untimed steps first (compile, caches).")
@@ -373,7 +414,6 @@ def sweep(base, vary, overrides, as_json, quiet):
 @click.option("--peak-seconds", default=1.0, show_default=True, type=click.FloatRange(min=0.01), help="Time per matmul peak.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch/onnxruntime threads (default: torch's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-@friendly
 def bench(only, experiment, overrides, train_steps, warmup_steps, model_size, checkpoint_dir, backends,
           prompt_tokens, new_tokens, repeats, peak_seconds, threads, as_json):
     """Measure this machine: matmul peak, training tokens/s and MFU, generation tokens/s, time to
@@ -383,7 +423,7 @@ def bench(only, experiment, overrides, train_steps, warmup_steps, model_size, ch
     registry()
     split = lambda text: [s.strip() for s in text.split(",") if s.strip()]  # noqa: E731
     result = bench_mod.run(
-        sections=split(only), experiment=experiment or bench_mod.DEFAULT_EXPERIMENT, overrides=tuple(overrides),
+        sections=split(only), experiment=experiment, overrides=tuple(overrides),
         train_steps=train_steps, warmup_steps=warmup_steps, model=model_size, checkpoint_dir=checkpoint_dir,
         backends=split(backends), prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
         peak_seconds=peak_seconds, threads=threads, log=lambda s: click.echo(s, err=True) if not as_json else None,

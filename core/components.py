@@ -1,4 +1,5 @@
-"""The five component interfaces a gptx model is assembled from.
+"""The component interfaces a gptx model and its training are assembled from (one per kind in
+``gptx.kinds.KINDS``; the torch-free ``Component`` and ``Tokenizer`` live in ``gptx.base``).
 
 A plugin implements one of these classes and registers it under a name (see ``hookspecs``).
 Shapes use: B batch, T new tokens, P cached (past) tokens, S = P + T keys, C = n_embd,
@@ -7,17 +8,21 @@ H = n_head, K = key/value heads (H for multi-head, fewer for grouped-query), D =
 Contracts every component keeps:
 - ``Options`` is a small dataclass owned by the component; experiment files set its fields
   next to ``kind``. Validate in ``__post_init__`` (raise ``ValueError("problem")`` or
-  ``ValueError(("field", "problem"))``); check combinations with the model in ``check``.
+  ``ValueError(("field", "problem"))``); check combinations in the classmethod ``check``.
 - ``supports`` declares what the component can do (``KV_CACHE``, ``ONNX_EXPORT``); tools refuse
   with a clear message instead of producing something wrong.
 - No Python branch on a tensor's size in ``forward``: exported ONNX graphs bake such branches
   in. Branch on options or on ``None`` only.
+- A model component may report auxiliary losses and metrics by returning an ``Aux`` next to
+  its output (see ``Aux``); the model adds the weighted losses to the training objective.
 """
 from __future__ import annotations
 
 import abc
+import dataclasses
 import math
-from typing import TYPE_CHECKING, Callable, ClassVar, Optional
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -25,40 +30,127 @@ from torch import nn
 from gptx.base import CAPABILITIES, KV_CACHE, ONNX_EXPORT, Component, Tokenizer
 
 if TYPE_CHECKING:
-    from gptx.config import ModelConfig
+    from gptx.config import ModelConfig, TrainingConfig
 
-KV = tuple[torch.Tensor, torch.Tensor]  # (key, value), each [B, K, P, D]
+KV = tuple[torch.Tensor, torch.Tensor]  # (key, value), each [B, K, P, D]: the default cache of a layer
+Cache = tuple[torch.Tensor, ...]  # one layer's cache: the tensors its attention declares (``CacheTensor``)
 
 
-class KVBuffer(tuple):
-    """A (key, value) past whose tensors are the first P slots of preallocated [B, K, capacity, D]
-    buffers (``GPT.empty_cache(..., capacity=...)``, used by ``gptx.generate``): ``append_kv``
-    writes each new entry in place instead of copying the whole cache every token. It is still a
-    (key, value) tuple, so an attention that concatenates stays correct, only slower."""
+# ---- auxiliary losses and metrics ----------------------------------------------------------
 
-    def __new__(cls, keys: torch.Tensor, values: torch.Tensor, length: int):  # buffers [B, K, capacity, D]
-        kv = super().__new__(cls, (keys[:, :, :length], values[:, :, :length]))  # [B, K, P, D] views
-        kv.buffers, kv.length = (keys, values), length
-        return kv
+@dataclasses.dataclass
+class Aux:
+    """What a component reports besides its output. ``losses``: name -> (0-d tensor, weight); the
+    training objective is cross-entropy + the sum of weight * loss over every component. ``metrics``:
+    name -> 0-d tensor, logged only. Both are logged to MLflow per step as
+    ``aux/<layer>.<part>/<name>`` (averaged over the logging interval), losses unweighted.
+
+    Return it next to the output: a feed-forward returns ``(y, aux)`` instead of ``y``; an
+    attention ``(y, present, aux)``; a block ``(x, present, aux)``. Compute it only when it is
+    needed (``self.training``), so decoding and ONNX export carry no extra work."""
+
+    losses: dict[str, tuple[torch.Tensor, float]] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+
+
+    @staticmethod
+    def merged(**parts: Optional["Aux"]) -> Optional["Aux"]:
+        """One Aux from several parts' (None where a part reported none), names prefixed
+        ``<part>/``: ``Aux.merged(attn=a, ffn=f)`` -> ``ffn/load_balance``, ...; None if all are None."""
+        present = {part: aux for part, aux in parts.items() if aux is not None}
+        if not present:
+            return None
+        out = Aux()
+        for part, aux in present.items():
+            out.losses.update({f"{part}/{name}": value for name, value in aux.losses.items()})
+            out.metrics.update({f"{part}/{name}": value for name, value in aux.metrics.items()})
+        return out
+
+
+def split_aux(out, parts: int) -> tuple[tuple, Optional[Aux]]:
+    """A component's return value -> (its ``parts`` outputs, its Aux or None)."""
+    if parts == 1 and not isinstance(out, tuple):
+        return (out,), None
+    if len(out) == parts + 1 and (out[-1] is None or isinstance(out[-1], Aux)):
+        return tuple(out[:-1]), out[-1]
+    return tuple(out), None
+
+
+# ---- caches declared by attention ----------------------------------------------------------
+
+BATCH, SEQ = "batch", "seq"  # symbolic axes of a cache tensor; the other axes are fixed sizes
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheTensor:
+    """One tensor of a layer's cache, as the attention declares it. ``dims`` holds ``BATCH``,
+    ``SEQ`` (the axis that grows by one entry per token) and fixed sizes, e.g. the default key:
+    ``("batch", K, "seq", D)``. The exported graph names it ``past_key_values.<layer>.<name>``
+    (input) and ``present.<layer>.<name>`` (output)."""
+
+    name: str
+    dims: tuple
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def seq_axis(self) -> int:
+        return self.dims.index(SEQ)
+
+    def empty(self, batch: int, length: int, device=None, dtype=None) -> torch.Tensor:
+        """Zeros with ``length`` entries along the growing axis: [..., length, ...]."""
+        shape = [batch if d == BATCH else length if d == SEQ else d for d in self.dims]
+        return torch.zeros(shape, device=device, dtype=dtype or self.dtype)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dims": list(self.dims), "seq_axis": self.seq_axis,
+                "dtype": str(self.dtype).removeprefix("torch.")}
+
+
+def kv_layout(kv_heads: int, head_dim: int) -> tuple[CacheTensor, CacheTensor]:
+    """The default (GPT-2) cache: key and value [B, K, S, D]."""
+    return (CacheTensor("key", (BATCH, kv_heads, SEQ, head_dim)), CacheTensor("value", (BATCH, kv_heads, SEQ, head_dim)))
+
+
+class CacheBuffer(tuple):
+    """A layer's cache whose tensors are views of the first P entries of preallocated buffers
+    (``GPT.empty_cache(..., capacity=...)``, used by ``gptx.generate``): ``append_cache`` writes
+    new entries in place instead of copying the whole cache every token. It is still a tuple of
+    tensors, so an attention that concatenates stays correct, only slower."""
+
+    def __new__(cls, buffers: Sequence[torch.Tensor], axes: Sequence[int], length: int):
+        views = (b.narrow(axis, 0, length) for b, axis in zip(buffers, axes))
+        cache = super().__new__(cls, views)
+        cache.buffers, cache.axes, cache.length = tuple(buffers), tuple(axes), length
+        return cache
+
+
+KVBuffer = CacheBuffer  # the name before caches were declared by attention
+
+
+def append_cache(past: Optional[Cache], new: Sequence[torch.Tensor], axes: Sequence[int]) -> Cache:
+    """The cache extended by ``new`` (each tensor's entries along its growing axis in ``axes``).
+    In place when ``past`` is a CacheBuffer with room, else one concatenation per tensor (also
+    in exported graphs)."""
+    if past is None:
+        return tuple(new)
+    T = new[0].shape[axes[0]]
+    if isinstance(past, CacheBuffer) and past.length + T <= past.buffers[0].shape[past.axes[0]]:
+        for buffer, t, axis in zip(past.buffers, new, axes):
+            buffer.narrow(axis, past.length, T).copy_(t)  # slots after every earlier view: no view sees them change
+        return CacheBuffer(past.buffers, axes, past.length + T)
+    return tuple(torch.cat([p, t], dim=axis) for p, t, axis in zip(past, new, axes))
 
 
 def append_kv(past: Optional[KV], k: torch.Tensor, v: torch.Tensor) -> KV:
-    """The cache extended by the new keys and values [B, K, T, D]: ([B, K, P+T, D], [B, K, P+T, D]).
-    In place when ``past`` is a KVBuffer with room, else one concatenation (and in exported graphs)."""
-    if past is None:
-        return k, v
-    if isinstance(past, KVBuffer) and past.length + k.shape[2] <= past.buffers[0].shape[2]:
-        keys, values = past.buffers
-        start, end = past.length, past.length + k.shape[2]
-        keys[:, :, start:end] = k  # the slots after every earlier view: no view sees them change
-        values[:, :, start:end] = v
-        return KVBuffer(keys, values, end)
-    return torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)  # [B, K, P+T, D] x2
+    """The default cache extended by the new keys and values [B, K, T, D]: ([B, K, P+T, D], [B, K, P+T, D])."""
+    return append_cache(past, (k, v), (2, 2))
 
 
 __all__ = [
-    "CAPABILITIES", "KV_CACHE", "ONNX_EXPORT", "KV", "KVBuffer", "append_kv", "Component",
-    "PositionalEncoding", "Attention", "FeedForward", "Norm", "NormPlacement", "Tokenizer",
+    "CAPABILITIES", "KV_CACHE", "ONNX_EXPORT", "KV", "Cache", "Aux", "split_aux", "CacheTensor", "kv_layout",
+    "CacheBuffer", "KVBuffer", "append_cache", "append_kv", "Component",
+    "PositionalEncoding", "Attention", "FeedForward", "Norm", "NormPlacement", "Block", "Tokenizer",
+    "Dataset", "Optimizer", "Schedule",
 ]
 
 
@@ -110,8 +202,15 @@ class Attention(Component, nn.Module, abc.ABC):
 
     @property
     def n_kv_heads(self) -> int:
-        """K, the number of key/value heads kept in the cache."""
+        """K, the number of key/value heads kept in the default cache."""
         return self.config.n_head
+
+    def cache_layout(self) -> tuple[CacheTensor, ...]:
+        """The tensors of this layer's cache, in the order ``past`` and ``present`` hold them.
+        Default: key and value [B, K, S, D] (GPT-2's layout, which onnxruntime-genai reads).
+        An attention that caches something else (a compressed latent) declares it here; the
+        model, the ONNX export, the onnxruntime generator, Node and the browser follow it."""
+        return kv_layout(self.n_kv_heads, self.config.head_dim)
 
     @abc.abstractmethod
     def forward(
@@ -119,9 +218,9 @@ class Attention(Component, nn.Module, abc.ABC):
         x: torch.Tensor,  # [B, T, C]
         positions: torch.Tensor,  # [B, T] int64 position ids of the new tokens
         positional: PositionalEncoding,
-        past: Optional[KV] = None,  # ([B, K, P, D], [B, K, P, D]) or None for no cache
+        past: Optional[Cache] = None,  # the declared cache with P entries (default ([B, K, P, D], [B, K, P, D])) or None
         attention_mask: Optional[torch.Tensor] = None,  # [B, S] 1 = real token, 0 = padding
-    ) -> tuple[torch.Tensor, KV]:  # ([B, T, C], present ([B, K, S, D], [B, K, S, D]))
+    ) -> tuple[torch.Tensor, Cache]:  # ([B, T, C], present: the cache with S entries); optionally a third item, Aux
         ...
 
 
@@ -158,6 +257,131 @@ class NormPlacement(Component, nn.Module, abc.ABC):
     @abc.abstractmethod
     def forward(self, x: torch.Tensor, branch: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
         """x [B, T, C], branch maps [B, T, C] -> [B, T, C]; returns the new residual stream [B, T, C]."""
+
+
+class Block(Component, nn.Module, abc.ABC):
+    """One layer of the model: how attention, the feed-forward network and norms are wired
+    around the residual stream. Built once per layer as ``cls(config, options, layer)``; the
+    ``make_*`` helpers build the configured components (a block may build several of each).
+
+    ``forward`` takes the residual stream of the new tokens and this layer's cache, and returns
+    the new stream and the extended cache (and optionally an ``Aux``). ``final_norm``: whether
+    the model applies one more norm before the LM head."""
+
+    final_norm: bool = True
+
+    def __init__(self, config: "ModelConfig", options, layer: int):
+        super().__init__()
+        self.config, self.options, self.layer = config, options, layer
+
+    def make_attention(self) -> Attention:
+        spec = self.config.attention
+        return spec.cls(self.config, spec.options)
+
+    def make_ffn(self) -> FeedForward:
+        spec = self.config.ffn
+        return spec.cls(self.config, spec.options)
+
+    def make_norm(self) -> Norm:
+        spec = self.config.norm
+        return spec.cls(self.config.n_embd, spec.options)
+
+    def cache_layout(self) -> tuple[CacheTensor, ...]:
+        """This layer's cache: its attention's declaration (a block with no ``attn`` declares its own)."""
+        return self.attn.cache_layout()
+
+    @abc.abstractmethod
+    def forward(
+        self,
+        x: torch.Tensor,  # [B, T, C]
+        positions: torch.Tensor,  # [B, T]
+        positional: PositionalEncoding,
+        past: Optional[Cache],  # this layer's cache with P entries, or None
+        attention_mask: Optional[torch.Tensor],  # [B, S] or None
+    ) -> tuple:  # (x [B, T, C], present) or (x, present, Aux)
+        ...
+
+
+class Dataset(Component, abc.ABC):
+    """Training and validation tokens, served as windows of ``block_size + 1`` tokens. Its
+    ``Options`` are the ``[data]`` table (paths in it are relative to the experiment file:
+    ``base_dir``). Not a torch module.
+
+    ``prepare()`` does everything that can fail on bad data (read, check, tokenize or map,
+    fit a tokenizer that learns from data) before anything is created, reporting progress
+    through ``progress(line)``; raise ``ConfigError(problem, "data.<key>")`` there.
+    Training batches come from the dataset's own generator, seeded by ``seed``:
+    ``batch(count, rows)`` draws the next ``count`` windows and returns the rows ``rows`` of
+    them (every rank of a distributed run draws the same global batch and reads only its
+    rows); ``state_dict()`` is its position in that stream (saved in every checkpoint, plain
+    data and tensors only), so a resumed run continues the very same batches."""
+
+    supports = frozenset()
+
+    def __init__(self, options, *, base_dir: Path, tokenizer: Tokenizer, block_size: int, seed: int,
+                 progress: Optional[Callable[[str], None]] = None):
+        self.options, self.base_dir, self.tokenizer = options, Path(base_dir), tokenizer
+        self.block_size, self.seed, self.progress = block_size, seed, progress or (lambda line: None)
+
+    @abc.abstractmethod
+    def prepare(self) -> None: ...
+
+    @abc.abstractmethod
+    def tokens(self, split: str) -> int:
+        """How many tokens the split ("train" or "val") holds."""
+
+    @abc.abstractmethod
+    def batch(self, count: int, rows: Optional[Sequence[int]] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The next ``count`` training windows; inputs and targets [len(rows) or count, T] int64."""
+
+    @abc.abstractmethod
+    def windows(self, split: str, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``count`` random windows of a split drawn with ``generator``: inputs, targets [count, T]."""
+
+    @abc.abstractmethod
+    def tiled_windows(self, split: str, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Non-overlapping windows tiling the split (evenly spaced ones when they hold more than
+        ``max_tokens`` tokens): inputs, targets [N, T]."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> dict: ...
+
+    @abc.abstractmethod
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class Optimizer(Component, abc.ABC):
+    """Builds the torch optimizer for a model. Its ``Options`` are the ``[training.optimizer]``
+    table; ``check(training, options)`` receives the ``TrainingConfig``.
+
+    ``build`` gets the model's trainable parameters by name and returns one
+    ``torch.optim.Optimizer`` (several can be joined with ``gptx.optim.Chain``). Each parameter
+    group's ``lr`` at build time is its peak learning rate: the schedule multiplies it every
+    step. The optimizer's whole ``state_dict()`` goes into ``trainer.pt`` and is restored on
+    ``--resume`` (bitwise on CPU)."""
+
+    supports = frozenset()
+    sharded_ok: ClassVar[bool] = True  # works on FSDP-sharded parameters (DTensors)
+
+    def __init__(self, options, training: "TrainingConfig"):
+        self.options, self.training = options, training
+
+    @abc.abstractmethod
+    def build(self, named_parameters: list[tuple[str, nn.Parameter]], device: torch.device) -> torch.optim.Optimizer: ...
+
+
+class Schedule(Component, abc.ABC):
+    """The learning rate over the run: ``factor(step)`` multiplies every parameter group's peak
+    learning rate at optimizer step ``step`` (0-based). Its ``Options`` are the
+    ``[training.schedule]`` table; ``check(training, options)`` receives the ``TrainingConfig``."""
+
+    supports = frozenset()
+
+    def __init__(self, options, training: "TrainingConfig"):
+        self.options, self.training = options, training
+
+    @abc.abstractmethod
+    def factor(self, step: int) -> float: ...
 
 
 # ---- helpers shared by attention implementations -------------------------------------------

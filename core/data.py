@@ -7,6 +7,7 @@ when the vocabulary fits (else uint32) and memory-mapped on use.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -21,13 +22,17 @@ from gptx.errors import ConfigError
 from gptx.fsutil import cache_root
 
 
-CACHE_FORMAT = "gptx-tokens-2"  # part of every cache key: bump when tokenization changes
+CACHE_FORMAT = "gptx-tokens-3"  # part of every cache key: bump when tokenization changes
 
 
 def read_text(path: Path) -> str:
     """The text of a file, or of a directory's .txt files (sorted, joined by blank lines).
     Empty, binary or non-UTF-8 input is a ConfigError on ``data.path``."""
     files = sorted(f for f in path.rglob("*.txt") if f.is_file()) if path.is_dir() else [path]
+    if not files:
+        raise ConfigError(f"directory holds no .txt files: {path}", "data.path")
+    if not path.is_dir() and path.is_file() and path.stat().st_size == 0:
+        raise ConfigError(f"data file is empty: {path}", "data.path")
     parts = []
     for f in files:
         try:
@@ -64,14 +69,17 @@ def split_for_bpe(text: str, lines_per_chunk: int = 2000) -> list[str]:
     return chunks
 
 
-def tokenizer_identity(spec, tokenizer) -> str:
-    """What makes two tokenizers produce the same ids: name, options, learned state."""
-    return json.dumps({"kind": spec.kind, "options": spec.to_dict(), "state": tokenizer.state()}, sort_keys=True)
+def tokenizer_identity(tokenizer) -> str:
+    """What makes two tokenizers produce the same ids: class, options, learned state."""
+    cls = type(tokenizer)
+    options = dataclasses.asdict(tokenizer.options) if dataclasses.is_dataclass(tokenizer.options) else None
+    return json.dumps({"class": f"{cls.__module__}.{cls.__qualname__}", "options": options, "state": tokenizer.state()},
+                      sort_keys=True)
 
 
-def tokenize_cached(text: str, spec, tokenizer) -> np.ndarray:
+def tokenize_cached(text: str, tokenizer) -> np.ndarray:
     """Token ids of ``text`` (uint16/uint32), computed once per (text, tokenizer) and cached."""
-    identity = f"{CACHE_FORMAT}\0{tokenizer_identity(spec, tokenizer)}"
+    identity = f"{CACHE_FORMAT}\0{tokenizer_identity(tokenizer)}"
     key = hashlib.sha256(text.encode("utf-8") + b"\0" + identity.encode()).hexdigest()[:32]
     dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
     root = cache_root() / "tokens"
@@ -95,7 +103,7 @@ def tokenize_cached(text: str, spec, tokenizer) -> np.ndarray:
     return tokens
 
 
-class Dataset:
+class Splits:
     """Train and validation token arrays and deterministic random windows over them."""
 
     def __init__(self, tokens: np.ndarray, val_fraction: float, block_size: int):
@@ -133,12 +141,3 @@ class Dataset:
         rows = np.asarray(data[starts[:, None] + np.arange(T + 1)], dtype=np.int64)  # [N, T+1]
         rows = torch.from_numpy(rows)
         return rows[:, :-1], rows[:, 1:]
-
-
-def load_dataset(cfg, tokenizer, block_size: Optional[int] = None) -> Dataset:
-    """Read, fit the tokenizer if it learns from data (on the whole text), tokenize (cached), split."""
-    text = read_text(cfg.data_path)
-    if tokenizer.requires_fit and not tokenizer.state():
-        tokenizer.fit(text)
-    tokens = tokenize_cached(text, cfg.tokenizer, tokenizer)
-    return Dataset(tokens, cfg.data.val_fraction, block_size or cfg.model.block_size)

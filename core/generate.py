@@ -29,9 +29,7 @@ def decoding_layout(model):
 def uses_kv_cache(model) -> bool:
     """Whether every component of the model declares ``KV_CACHE``. A model with one that does not
     is decoded by recomputing the whole sequence each step: slower, but never a wrong cache."""
-    c = model.config
-    classes = [c.attention.cls, c.positional.cls, c.ffn.cls, c.norm.cls, c.norm.placement_cls]
-    return all(KV_CACHE in cls.supports for cls in classes)
+    return all(KV_CACHE in cls.supports for _, _, cls in model.config.classes())
 
 
 @torch.inference_mode()

@@ -93,7 +93,8 @@ def gptx_config_dict(cfg: dict) -> dict:
             "attention": {"kind": "causal"},
             "positional": {"kind": "learned"},
             "ffn": {"kind": "gelu", "hidden": cfg.get("n_inner")},
-            "norm": {"kind": "layernorm", "placement": "pre", "eps": float(cfg.get("layer_norm_epsilon", 1e-5))},
+            "norm": {"kind": "layernorm", "eps": float(cfg.get("layer_norm_epsilon", 1e-5))},
+            "block": {"kind": "sequential", "placement": "pre"},
         },
         "tokenizer": {"kind": "gpt2"},
     }

@@ -1,6 +1,10 @@
 """The hooks a gptx plugin may implement.
 
-Every component hook hands the plugin a ``register`` callback and nothing else:
+One component hook per kind in ``gptx.kinds.KINDS`` (``register_attention``,
+``register_positional``, ``register_ffn``, ``register_norm``, ``register_block``,
+``register_norm_placement``, ``register_tokenizer``, ``register_dataset``,
+``register_optimizer``, ``register_schedule``). Each hands the plugin a ``register`` callback
+and nothing else:
 
     register(name: str, cls: type, *, override: bool = False)
 
@@ -17,43 +21,24 @@ expose the module through the ``gptx`` entry-point group in your package's pypro
 """
 import pluggy
 
+from gptx.kinds import KINDS
+
 hookspec = pluggy.HookspecMarker("gptx")
 
 
-@hookspec
-def register_attention(register):
-    """Register attention implementations (subclasses of ``gptx.components.Attention``),
-    selected by ``[model.attention] kind = "<name>"``."""
+def _component_hook(kind):
+    def hook(register):
+        pass
+
+    hook.__name__ = hook.__qualname__ = kind.hook
+    where = f'``[{kind.table}] kind = "<name>"``' if kind.table else "name in another component's options"
+    hook.__doc__ = (f"Register {kind.name} components: {kind.doc}. Subclasses of "
+                    f"``gptx.components.{kind.interface}``, selected by {where}.")
+    return hookspec(hook)
 
 
-@hookspec
-def register_positional(register):
-    """Register positional encodings (subclasses of ``gptx.components.PositionalEncoding``),
-    selected by ``[model.positional] kind = "<name>"``."""
-
-
-@hookspec
-def register_ffn(register):
-    """Register feed-forward networks (subclasses of ``gptx.components.FeedForward``),
-    selected by ``[model.ffn] kind = "<name>"``."""
-
-
-@hookspec
-def register_norm(register):
-    """Register normalisation layers (subclasses of ``gptx.components.Norm``),
-    selected by ``[model.norm] kind = "<name>"``."""
-
-
-@hookspec
-def register_norm_placement(register):
-    """Register norm placements (subclasses of ``gptx.components.NormPlacement``),
-    selected by ``[model.norm] placement = "<name>"``."""
-
-
-@hookspec
-def register_tokenizer(register):
-    """Register tokenizers (subclasses of ``gptx.components.Tokenizer``),
-    selected by ``[tokenizer] kind = "<name>"``."""
+for _kind in KINDS:
+    globals()[_kind.hook] = _component_hook(_kind)
 
 
 @hookspec

@@ -1,44 +1,34 @@
 """The decoder-only transformer, assembled from the components a ModelConfig names.
 
-    tokens -> wte (+ positional.embed) -> n_layer x Block -> final norm -> lm_head -> logits
-    Block:  x = attn_placement(x, attention);  x = ffn_placement(x, ffn)
+    tokens -> wte (+ positional.embed) -> n_layer x block -> final norm -> lm_head -> logits
+    block (sequential, the default): x = placement(x, attention); x = placement(x, ffn)
 
 With the defaults (learned positions, causal attention, GELU MLP, pre-norm LayerNorm, tied
 embeddings) this is exactly GPT-2, and Hugging Face GPT-2 weights load into it (gptx.hf).
+The model owns the one loss every path trains and evaluates with: ``model(x, targets=y)``.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptx.components import KV, KVBuffer, gpt2_init_std
+from gptx.components import Aux, Cache, CacheBuffer, gpt2_init_std, split_aux
 from gptx.config import ModelConfig
 
 
-class Block(nn.Module):
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        norm, attn, ffn = config.norm, config.attention, config.ffn
-        make_norm = lambda: norm.cls(config.n_embd, norm.options)  # noqa: E731
-        self.attn = attn.cls(config, attn.options)
-        self.mlp = ffn.cls(config, ffn.options)
-        self.attn_norm = norm.placement_cls(make_norm, None)  # owns the norm(s) around attention
-        self.mlp_norm = norm.placement_cls(make_norm, None)  # owns the norm(s) around the MLP
+class Loss(NamedTuple):
+    """What ``model(x, targets=y)`` returns: ``loss`` the training objective (cross-entropy + each
+    auxiliary loss times its weight), ``ce`` the cross-entropy alone (what is printed and
+    compared), ``aux`` the unweighted auxiliary losses and ``metrics`` the components' metrics,
+    each named ``aux/layer<i>.<part>/<name>`` (0-d tensors)."""
 
-    def forward(self, x, positions, positional, past: Optional[KV], attention_mask):
-        present: list[KV] = []
-
-        def attention(h):  # [B, T, C] -> [B, T, C], keeping the extended cache
-            y, kv = self.attn(h, positions, positional, past, attention_mask)
-            present.append(kv)
-            return y
-
-        x = self.attn_norm(x, attention)  # [B, T, C]
-        x = self.mlp_norm(x, self.mlp)  # [B, T, C]
-        return x, present[0]
+    loss: torch.Tensor
+    ce: torch.Tensor
+    aux: dict
+    metrics: dict
 
 
 class GPT(nn.Module):
@@ -50,8 +40,8 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.positional = config.positional.cls(config, config.positional.options)
         self.drop = nn.Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        final = config.norm.placement_cls.final_norm
+        self.blocks = nn.ModuleList(config.block.cls(config, config.block.options, i) for i in range(config.n_layer))
+        final = self.blocks[0].final_norm
         self.ln_f = config.norm.cls(config.n_embd, config.norm.options) if final else nn.Identity()
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
@@ -60,6 +50,7 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # residual output projections: GPT-2's scaled init
                 nn.init.normal_(p, mean=0.0, std=gpt2_init_std(config, residual=True))
+        self.seq_axis = self.blocks[0].cache_layout()[0].seq_axis  # where the first cache tensor grows
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -69,6 +60,7 @@ class GPT(nn.Module):
 
     @property
     def kv_heads(self) -> int:
+        """K of the default cache layout (what genai_config.json and the export metadata name)."""
         return self.blocks[0].attn.n_kv_heads
 
     def num_params(self, non_embedding: bool = False) -> int:
@@ -80,63 +72,82 @@ class GPT(nn.Module):
             n -= sum(p.numel() for p in self.positional.parameters())
         return n
 
+    def active_params(self, non_embedding: bool = False) -> int:
+        """Parameters one token passes through: ``num_params`` less what a component declares
+        inactive per token (a mixture of experts' unchosen experts, ``inactive_params()``)."""
+        inactive = sum(m.inactive_params() for m in self.modules() if m is not self and hasattr(m, "inactive_params"))
+        return self.num_params(non_embedding) - inactive
+
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
-        """Training flops per token: 6N + 12 * L * H * Q * T (PaLM appendix B, nanoGPT's MFU)."""
+        """Training flops per token: 6N + 12 * L * H * Q * T (PaLM appendix B, nanoGPT's MFU), N the
+        active non-embedding parameters."""
         c = self.config
         T = seq_len or c.block_size
-        return 6 * self.num_params(non_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * T
+        return 6 * self.active_params(non_embedding=True) + 12 * c.n_layer * c.n_head * c.head_dim * T
 
     def forward(
         self,
         input_ids: torch.Tensor,  # [B, T]
         position_ids: Optional[torch.Tensor] = None,  # [B, T]; None: P..P+T-1
         attention_mask: Optional[torch.Tensor] = None,  # [B, P+T], 1 real / 0 left padding
-        past_key_values: Optional[list[KV]] = None,  # n_layer x ([B, K, P, D], [B, K, P, D])
+        past_key_values: Optional[list[Cache]] = None,  # n_layer x the declared cache with P entries
         last_logits_only: bool = False,  # decoding: the LM head on the last position alone
-    ) -> tuple[torch.Tensor, list[KV]]:  # logits [B, T or 1, V], presents n_layer x ([B, K, P+T, D] x2)
+        targets: Optional[torch.Tensor] = None,  # [B, T]: return the Loss instead
+    ):  # (logits [B, T or 1, V], presents n_layer x cache with P+T entries), or Loss with targets
         B, T = input_ids.shape
         if position_ids is None:
-            start = 0 if past_key_values is None else past_key_values[0][0].shape[2]
+            start = 0 if past_key_values is None else past_key_values[0][0].shape[self.seq_axis]
             position_ids = torch.arange(start, start + T, device=input_ids.device).expand(B, T)  # [B, T]
         x = self.wte(input_ids)  # [B, T, C]
         pos = self.positional.embed(position_ids)  # [B, T, C] or None
         if pos is not None:
             x = x + pos
         x = self.drop(x)
-        presents = []
+        presents, auxes = [], {}
         for i, block in enumerate(self.blocks):
             past = None if past_key_values is None else past_key_values[i]
-            x, present = block(x, position_ids, self.positional, past, attention_mask)  # [B, T, C]
+            (x, present), aux = split_aux(block(x, position_ids, self.positional, past, attention_mask), 2)  # [B, T, C]
             presents.append(present)
+            if aux is not None:
+                auxes[f"layer{i}"] = aux
         if last_logits_only:
             x = x[:, -1:]  # [B, 1, C]: a prefill needs the next token only, not T x V logits
         logits = self.lm_head(self.ln_f(x))  # [B, T or 1, V]
-        return logits, presents
+        if targets is None:
+            return logits, presents
+        return self.objective(logits, targets, auxes)
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean next-token cross-entropy; input_ids, targets [B, T]."""
-        logits, _ = self(input_ids)  # [B, T, V]
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1))
+    @staticmethod
+    def objective(logits: torch.Tensor, targets: torch.Tensor, auxes: dict[str, Aux]) -> Loss:
+        """Cross-entropy in fp32 (logits may be bf16 under autocast) plus the weighted auxiliary losses."""
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
+        loss, aux, metrics = ce, {}, {}
+        for where, a in auxes.items():
+            for name, (value, weight) in a.losses.items():
+                loss = loss + weight * value
+                aux[f"aux/{where}.{name}"] = value.detach()
+            metrics.update({f"aux/{where}.{name}": value.detach() for name, value in a.metrics.items()})
+        return Loss(loss, ce, aux, metrics)
 
-    def empty_cache(self, batch: int, device=None, dtype=None, capacity: int = 0) -> list[KV]:
-        """A zero-length past for every layer: ([B, K, 0, D], [B, K, 0, D]); with ``capacity``, as
-        KVBuffers that later tokens are written into in place (up to that many positions)."""
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> Loss:
+        """``self(input_ids, targets=targets)``: input_ids, targets [B, T]."""
+        return self(input_ids, targets=targets)
+
+    def cache_layouts(self) -> list:
+        return [block.cache_layout() for block in self.blocks]
+
+    def empty_cache(self, batch: int, device=None, dtype=None, capacity: int = 0) -> list[Cache]:
+        """A zero-length past for every layer, as each layer's attention declares it; with
+        ``capacity``, CacheBuffers that later tokens are written into in place (up to that many)."""
         p = self.wte.weight
-        make = lambda n: torch.zeros((batch, self.kv_heads, n, self.config.head_dim),  # noqa: E731
-                                     device=device or p.device, dtype=dtype or p.dtype)  # [B, K, n, D]
-        if capacity:
-            return [KVBuffer(make(capacity), make(capacity), 0) for _ in self.blocks]
-        return [(make(0),) * 2 for _ in self.blocks]
+        device, dtype = device or p.device, dtype or p.dtype
+        caches = []
+        for layout in self.cache_layouts():
+            if capacity:
+                buffers = [t.empty(batch, capacity, device, dtype) for t in layout]
+                caches.append(CacheBuffer(buffers, [t.seq_axis for t in layout], 0))
+            else:
+                caches.append(tuple(t.empty(batch, 0, device, dtype) for t in layout))
+        return caches
 
-
-def build_model(config: ModelConfig) -> GPT:
-    return GPT(config)
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay 2-D weights (matmuls, embeddings); never biases or norm gains."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Union, get_args, get_origin
@@ -21,20 +22,29 @@ def did_you_mean(word: str, choices) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _type_name(tp) -> str:
+def type_name(tp) -> str:
     if get_origin(tp) is Literal:
         return " or ".join(repr(a) for a in get_args(tp))
     if get_origin(tp) in (Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in get_args(tp))
+        return " or ".join(type_name(a) for a in get_args(tp))
     if get_origin(tp) in (list, tuple):
-        return f"array of {_type_name(get_args(tp)[0])}"
+        return f"array of {type_name(get_args(tp)[0])}"
     return {int: "integer", float: "number", bool: "boolean", str: "string", type(None): "none", dict: "table"}.get(
         tp, getattr(tp, "__name__", str(tp))
     )
 
 
+INT64 = 2**63
+
+
 def _check(value: Any, tp, key: str):
-    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key``."""
+    """Return ``value`` converted to ``tp`` or raise ConfigError naming ``key``. Whatever the
+    type, a float must be finite and an integer must fit 64 bits: nothing downstream can run on
+    NaN, infinity or 2**70."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"must be a finite number, got {value}", key)
+    if isinstance(value, int) and not isinstance(value, bool) and not -INT64 <= value < INT64:
+        raise ConfigError(f"{value} is beyond the 64-bit integer range", key)
     origin = get_origin(tp)
     if tp is Any:
         return value
@@ -44,7 +54,7 @@ def _check(value: Any, tp, key: str):
                 return _check(value, arg, key)
             except ConfigError:
                 pass
-        raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", key)
+        raise ConfigError(f"expected {type_name(tp)}, got {value!r}", key)
     if origin is Literal:
         if value in get_args(tp):
             return value
@@ -53,7 +63,7 @@ def _check(value: Any, tp, key: str):
         raise ConfigError(f"must be one of {choices}, got {value!r}{hint}", key)
     if origin in (list, tuple):
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", key)
+            raise ConfigError(f"expected {type_name(tp)}, got {value!r}", key)
         args = get_args(tp)
         if origin is tuple and args and args[-1] is not Ellipsis:
             if len(value) != len(args):
@@ -79,17 +89,22 @@ def _check(value: Any, tp, key: str):
             return value
     elif isinstance(value, tp):
         return value
-    raise ConfigError(f"expected {_type_name(tp)}, got {value!r}", key)
+    raise ConfigError(f"expected {type_name(tp)}, got {value!r}", key)
+
+
+def fields_of(cls) -> dict[str, dataclasses.Field]:
+    """The settable fields of an options dataclass, by name."""
+    return {f.name: f for f in dataclasses.fields(cls) if f.init}
 
 
 def parse(cls, data: dict | None, prefix: str = ""):
     """Build dataclass ``cls`` from ``data``; every problem is a ConfigError naming its key path."""
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    fields = fields_of(cls)
     join = (lambda k: f"{prefix}.{k}") if prefix else (lambda k: k)
     for k in data:
-        if k not in fields:
+        if k not in fields or fields[k].metadata.get("component"):
             raise ConfigError(f"unknown key{did_you_mean(k, fields)}", join(k))
     kwargs = {}
     for name, f in fields.items():
@@ -99,6 +114,8 @@ def parse(cls, data: dict | None, prefix: str = ""):
             raise ConfigError("required key is missing", join(name))
     try:
         return cls(**kwargs)
+    except (TypeError, ArithmeticError) as err:  # a component's own check that did not expect this value
+        raise ConfigError(f"invalid value ({type(err).__name__}: {err})", prefix or None) from None
     except ValueError as err:
         detail = err.args[0] if err.args else "invalid value"
         if isinstance(detail, tuple):

@@ -21,28 +21,24 @@ import pluggy
 
 from gptx import hookspecs
 from gptx.errors import GptxError
+from gptx.kinds import KINDS
 from gptx.options import did_you_mean
 
 ENTRY_POINT_GROUP = "gptx"
 
 BUILTIN_PLUGINS = (
     "gptx.plugins.attention",
+    "gptx.plugins.latent",
     "gptx.plugins.positional",
     "gptx.plugins.ffn",
+    "gptx.plugins.moe",
     "gptx.plugins.norm",
+    "gptx.plugins.blocks",
     "gptx.plugins.tokenizers",
+    "gptx.plugins.datasets",
+    "gptx.plugins.optimizers",
+    "gptx.plugins.schedules",
 )
-
-# kind -> (hook name, the gptx.components interface every registered class must subclass); by
-# name, so that loading plugins for their commands alone (``gptx --help``) never imports torch
-KINDS: dict[str, tuple[str, str]] = {
-    "attention": ("register_attention", "Attention"),
-    "positional": ("register_positional", "PositionalEncoding"),
-    "ffn": ("register_ffn", "FeedForward"),
-    "norm": ("register_norm", "Norm"),
-    "norm_placement": ("register_norm_placement", "NormPlacement"),
-    "tokenizer": ("register_tokenizer", "Tokenizer"),
-}
 
 @dataclasses.dataclass(frozen=True)
 class PluginInfo:
@@ -158,10 +154,10 @@ def _collect(pm, plugins: dict[str, PluginInfo], errors: list[str]) -> dict[str,
     one; two plain (or two overriding) registrations of one name are an error."""
     from gptx import components
 
-    pending: dict[str, dict[str, list[tuple[type, PluginInfo, bool]]]] = {k: {} for k in KINDS}
+    pending: dict[str, dict[str, list[tuple[type, PluginInfo, bool]]]] = {k.name: {} for k in KINDS}
     failed: set[str] = set()
-    for kind, (hook_name, interface_name) in KINDS.items():
-        interface = getattr(components, interface_name)
+    for k in KINDS:
+        kind, hook_name, interface = k.name, k.hook, getattr(components, k.interface)
         for impl in getattr(pm.hook, hook_name).get_hookimpls():
             info = plugins[impl.plugin_name]
             if info.name in failed:
@@ -185,7 +181,7 @@ def _collect(pm, plugins: dict[str, PluginInfo], errors: list[str]) -> dict[str,
                 pending[kind].setdefault(name, []).append((cls, info, override))
 
     # a plugin that failed in any hook contributes nothing, so no half-registered plugin remains
-    entries: dict[str, dict[str, Entry]] = {k: {} for k in KINDS}
+    entries: dict[str, dict[str, Entry]] = {k.name: {} for k in KINDS}
     for kind, by_name in pending.items():
         for name, regs in by_name.items():
             regs = [r for r in regs if r[1].name not in failed]

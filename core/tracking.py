@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import secrets
 import shutil
@@ -112,11 +113,15 @@ def _create_store(path: Path) -> None:
 
     remove_stale_siblings(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
+    quiet = logging.getLogger("mlflow.store.db.utils")
+    level = quiet.level
+    quiet.setLevel(logging.WARNING)  # "Creating initial MLflow database tables..." is not the user's business
     try:
         store = SqlAlchemyStore(f"sqlite:///{tmp}", DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
         store.engine.dispose()
         os.replace(tmp, path)  # replaces an incomplete store that holds no runs
     finally:
+        quiet.setLevel(level)
         tmp.unlink(missing_ok=True)
 
 
@@ -150,15 +155,25 @@ def tracking_uri(configured: Optional[str]) -> Optional[str]:
 
 
 def check_reachable(uri: Optional[str]) -> None:
-    """Fail fast (exit 2, before anything is created) when a tracking server does not answer."""
+    """Fail fast (exit 2, before anything is created) when a tracking server does not answer, or
+    answers but is not an MLflow tracking server."""
     if not uri or not uri.startswith(("http://", "https://")):
         return
+    base = uri.rstrip("/")
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as resp:
+        with urllib.request.urlopen(base + "/health", timeout=5) as resp:
             resp.read()
     except (urllib.error.URLError, OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
         raise GptxError(f"tracking.uri: MLflow tracking server {uri} is unreachable ({reason})") from None
+    try:  # MLflow answers its REST API with JSON; another web server does not
+        with urllib.request.urlopen(base + "/api/2.0/mlflow/experiments/search?max_results=1", timeout=10) as resp:
+            json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        raise GptxError(f"tracking.uri: {uri} answers but is not an MLflow tracking server (HTTP {err.code} "
+                        "on its REST API)") from None
+    except (urllib.error.URLError, OSError, ValueError) as err:
+        raise GptxError(f"tracking.uri: {uri} answers but is not an MLflow tracking server ({type(err).__name__})") from None
 
 
 def git_commit(path: Path) -> Optional[str]:
@@ -174,6 +189,8 @@ class NullTracker:
 
     run_id: Optional[str] = None
 
+    def log_params(self, params: dict[str, str]) -> None: ...
+    def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_metrics(self, metrics: dict, step: int) -> None: ...
     def flush(self) -> None: ...
     def log_artifacts(self, local_dir: Path, artifact_path: str) -> None: ...
@@ -267,21 +284,47 @@ def start(cfg, run_id: Optional[str] = None, rank: int = 0):
     return MlflowTracker(tracking_uri(t.uri), cfg.name, t.run_name, run_id, t.parent_run_id)
 
 
-def run_tags(cfg, registry) -> dict[str, str]:
+def run_tags(cfg, registry, init_from=None) -> dict[str, str]:
+    """The gptx version, every component used with its plugin's distribution and version, the
+    git commit of the experiment's folder and the checkpoint the weights started from."""
     used = {}
-    for slot, spec in [("attention", cfg.model.attention), ("positional", cfg.model.positional), ("ffn", cfg.model.ffn),
-                       ("norm", cfg.model.norm), ("tokenizer", cfg.tokenizer)]:
-        kind = "tokenizer" if slot == "tokenizer" else slot
-        e = registry.get(kind, spec.kind)
-        used[slot] = f"{spec.kind} ({e.plugin.distribution} {e.plugin.version})"
-    if cfg.model.norm.placement:
-        e = registry.get("norm_placement", cfg.model.norm.placement)
-        used["norm_placement"] = f"{cfg.model.norm.placement} ({e.plugin.distribution} {e.plugin.version})"
+    for kind, spec in cfg.components():
+        e = registry.get(kind.name, spec.kind)
+        used[kind.name] = f"{spec.kind} ({e.plugin.distribution} {e.plugin.version})"
+        for field, ref in spec.refs.items():
+            used[f"{kind.name}.{field}"] = f"{ref.name} ({ref.plugin.distribution} {ref.plugin.version})"
     tags = {"gptx.version": __version__, "gptx.plugins": json.dumps(used)}
+    if init_from is not None:
+        tags["gptx.init_from"] = str(init_from)
     commit = git_commit(cfg.source.parent if cfg.source else Path.cwd())
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
+
+
+def check_store(uri: Optional[str]) -> None:
+    """Fail fast, creating nothing, when runs could not be tracked at ``uri``: an unknown scheme,
+    a server that does not answer or is not MLflow, a sqlite file that cannot be created."""
+    if uri is None:
+        return
+    scheme = uri.split(":", 1)[0] if ":" in uri else ""
+    if scheme in ("http", "https"):
+        return check_reachable(uri)
+    if scheme == "sqlite":
+        path = sqlite_file(uri)
+        if path is not None and not path.exists():
+            parent = path.parent
+            while not parent.exists():
+                parent = parent.parent
+            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+                raise GptxError(f"tracking.uri: cannot create the MLflow store {uri}: {parent} is not writable")
+        return
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except Exception as err:
+        raise GptxError(f"tracking.uri: MLflow cannot track to {uri!r} ({_short(err)})") from None
 
 
 def run_id_of(source) -> Optional[str]:

@@ -1,26 +1,26 @@
-"""Training: one loop for a single process and for torchrun (DDP), CPU or CUDA.
+"""Training: one loop for a single process and for torchrun (DDP, FSDP), CPU or CUDA.
 
-What a run does, in order: validate everything that can fail on bad input (before anything is
-written), tokenize (cached), build the model, open the run directory and the MLflow run, train
-with AdamW + warmup/cosine + clipping + accumulation, evaluate and checkpoint periodically,
-then save the final checkpoint, write a sample and close the run.
+    plan = prepare(cfg, resume)     # everything that can fail on bad input; nothing is created
+    result = Trainer(plan).fit()    # the loop, then the final evaluation and a sample
 
-Determinism: the global batch of every step is drawn from one generator seeded by
-``training.seed`` (the same draws on every rank; each rank takes its share of micro-batches),
-evaluation uses its own fixed batches, and checkpoints carry optimizer, RNG and data-generator
-state, so a resumed run continues the very same loss curve (bitwise on CPU).
+The loop reads like nanoGPT's (``Trainer.fit``): set the learning rate from the schedule, take
+this rank's rows of the global batch, run the step, log, evaluate, checkpoint, stop on a signal.
+
+Determinism: the global batch of every step comes from the dataset's own generator seeded by
+``training.seed`` (the same draws on every rank; each rank reads its rows), evaluation uses its
+own fixed batches, and checkpoints carry optimizer, RNG and data-stream state, so a resumed run
+continues the very same loss curve (bitwise on CPU).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import datetime
 import json
 import math
 import os
-import secrets
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -28,11 +28,9 @@ from typing import Optional
 import torch
 
 from gptx import checkpoint as ckpt
-from gptx import distributed
-from gptx.config import ExperimentConfig
+from gptx import distributed, runs
+from gptx.config import ExperimentConfig, from_dict
 from gptx.errors import ConfigError, GptxError
-
-RUN_FILE = "run.json"  # <run_dir>/run.json: status, MLflow run id, step
 
 
 @dataclasses.dataclass
@@ -42,18 +40,21 @@ class TrainResult:
     step: int
     train_loss: float
     val_loss: Optional[float]
-    tokens_per_sec: float  # median over the run's steps
+    tokens_per_sec: float  # median over the run's steps (evaluation and checkpoint time excluded)
     run_id: Optional[str]
     sample: Optional[str]
     history: list[dict]  # one record per evaluation: step, train_loss, val_loss
     num_params: int = 0
     final_val_loss: Optional[float] = None  # over the tiled validation split (training.final_eval_tokens)
+    best_val_loss: Optional[float] = None
+    seconds: float = 0.0  # training wall clock (compile warm-up excluded)
+    target: Optional[dict] = None  # steps_to_target, tokens_to_target, seconds_to_target
 
 
 class Interrupted(Exception):
     """Training stopped by SIGINT/SIGTERM after writing a checkpoint."""
 
-    def __init__(self, signum: int, checkpoint: Path):
+    def __init__(self, signum: int, checkpoint: Optional[Path]):
         self.signum, self.checkpoint = signum, checkpoint
         super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved to {checkpoint}")
 
@@ -62,19 +63,7 @@ class Interrupted(Exception):
         return 128 + self.signum
 
 
-def lr_at(step: int, tc) -> float:
-    """Linear warmup over warmup_steps, cosine decay to final_lr by lr_decay_steps, then flat
-    (nanoGPT's schedule; ``step`` counts optimizer steps from 0)."""
-    decay_steps = tc.lr_decay_steps or tc.max_steps
-    if step < tc.warmup_steps:
-        return tc.learning_rate * (step + 1) / (tc.warmup_steps + 1)
-    if step > decay_steps:
-        return tc.final_lr
-    ratio = (step - tc.warmup_steps) / max(1, decay_steps - tc.warmup_steps)
-    return tc.final_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (tc.learning_rate - tc.final_lr)
-
-
-# ---- devices -------------------------------------------------------------------------------
+# ---- devices, batches, steps (shared with gptx bench) -----------------------------------------
 
 def pick_device(tc) -> torch.device:
     if tc.device == "auto":
@@ -84,68 +73,274 @@ def pick_device(tc) -> torch.device:
     dev = torch.device(tc.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError("is 'cuda' but no CUDA device is available", "training.device")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"is {tc.device!r} but this machine has {torch.cuda.device_count()} CUDA device(s)", "training.device")
+    if dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("is 'mps' but no Apple GPU is available", "training.device")
     return dev
 
 
-# ---- run directories -----------------------------------------------------------------------
-
-def experiment_dir(cfg: ExperimentConfig) -> Path:
-    return Path(cfg.training.out_dir).expanduser().resolve() / cfg.name
-
-
-def read_run_file(run_dir: Path) -> dict:
-    try:
-        return json.loads((run_dir / RUN_FILE).read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
+def autocast_context(tc, device: torch.device):
+    """bf16 autocast when ``training.dtype = "bfloat16"``, else nothing (reusable)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if tc.dtype == "bfloat16" else contextlib.nullcontext()
 
 
-def write_run_file(run_dir: Path, **fields) -> None:
-    data = read_run_file(run_dir) | fields
-    tmp = run_dir / f".{RUN_FILE}.tmp"
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, run_dir / RUN_FILE)
+@dataclasses.dataclass(frozen=True)
+class BatchSplit:
+    """Which rows of the global batch [grad_accum_steps * batch_size, T] one rank trains on, in
+    micro-batch order. N processes train the global batch the file describes: each takes whole
+    micro-batches when grad_accum_steps divides by N, else a 1/N share of every micro-batch's
+    rows when batch_size does (DDP averages the gradients, so both equal one process's step)."""
+
+    micro_batches: int  # per optimizer step, on this rank
+    rows_per_micro: int
+    rows: tuple[int, ...]  # indices into the global batch
+
+    @property
+    def subset(self) -> Optional[tuple[int, ...]]:
+        """The rows to read, or None when they are the whole batch in order (one process)."""
+        return None if self.rows == tuple(range(len(self.rows))) else self.rows
+
+    @classmethod
+    def plan(cls, tc, rank: int = 0, world: int = 1) -> "BatchSplit":
+        A, bs = tc.grad_accum_steps, tc.batch_size
+        if A % world == 0:
+            micros = [m * world + rank for m in range(A // world)]  # whole micro-batches
+            return cls(A // world, bs, tuple(r for m in micros for r in range(m * bs, (m + 1) * bs)))
+        if bs % world == 0:
+            share = bs // world  # this rank's rows of every micro-batch
+            return cls(A, share, tuple(m * bs + rank * share + r for m in range(A) for r in range(share)))
+        accum = sorted({world * k for k in range(1, 4)} | {A * world})
+        sizes = [bs - bs % world, bs - bs % world + world] if bs >= world else [world]
+        raise ConfigError(
+            f"neither grad_accum_steps = {A} nor batch_size = {bs} is divisible by the {world} processes, so the "
+            f"global batch would change; use grad_accum_steps in {', '.join(map(str, accum))}, ... or batch_size in "
+            f"{', '.join(str(s) for s in sizes if s > 0)}, ...", "training.grad_accum_steps")
 
 
-def find_resumable(cfg: ExperimentConfig) -> Path:
-    """The newest run of this experiment that did not finish and has a checkpoint."""
-    root = experiment_dir(cfg)
-    candidates = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name) if root.is_dir() else []
-    for run_dir in reversed(candidates):
-        if read_run_file(run_dir).get("status") != "FINISHED" and ckpt.complete_checkpoints(run_dir / "checkpoints"):
-            return run_dir
-    raise GptxError(f"--resume: no interrupted run of '{cfg.name}' with a checkpoint under {root}")
+class TrainStep:
+    """One optimizer step on this rank's rows of the global batch: forward and backward per
+    micro-batch (the model's own loss: cross-entropy + auxiliary losses), clip, optimizer step.
+    Returns the cross-entropy and the auxiliary values averaged over micro-batches and ranks, as
+    0-d device tensors, unsynchronised (the loop reads them in batches). ``gptx bench`` times
+    this very object."""
+
+    def __init__(self, train_model, optimizer, tc, dist, device: torch.device, split: BatchSplit):
+        self.train_model, self.optimizer, self.tc, self.dist, self.split = train_model, optimizer, tc, dist, split
+        self.autocast = autocast_context(tc, device)
+        self.device = device
+        self.params = [p for p in train_model.parameters() if p.requires_grad]
+        self.foreach = device.type in ("cpu", "cuda") and not dist.sharded  # one multi-tensor norm, not one per parameter
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, dict]:  # x, y [rows, T]
+        n, rows = self.split.micro_batches, self.split.rows_per_micro
+        ce_sum, aux_sum = torch.zeros((), device=self.device), {}
+        for m in range(n):
+            xm = x[m * rows:(m + 1) * rows].to(self.device, non_blocking=True)  # [rows, T]
+            ym = y[m * rows:(m + 1) * rows].to(self.device, non_blocking=True)
+            with distributed.gradient_sync(self.train_model, self.dist, m == n - 1), self.autocast:
+                out = self.train_model(xm, targets=ym)
+            (out.loss / n).backward()
+            ce_sum += out.ce.detach()
+            for name, value in (out.aux | out.metrics).items():
+                aux_sum[name] = aux_sum.get(name, 0.0) + value.float()
+        if self.tc.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.params, self.tc.grad_clip, foreach=self.foreach or None)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        values = self.dist.mean(torch.stack([ce_sum, *aux_sum.values()]) / n)  # one all-reduce for all of them
+        return values[0], dict(zip(aux_sum, values[1:]))
 
 
-def new_run_dir(cfg: ExperimentConfig) -> Path:
-    """A directory no other run has: ``<run_name>`` (or a timestamp), with ``-2``, ``-3``, ...
-    appended when taken. ``mkdir`` without ``exist_ok`` claims it atomically, so neither a rerun
-    with the same ``tracking.run_name`` nor a concurrent run ever writes into another run's directory."""
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = cfg.tracking.run_name or f"{stamp}-{secrets.token_hex(2)}"
-    root = experiment_dir(cfg)
-    for n in range(1, 10_000):
-        run_dir = root / (base if n == 1 else f"{base}-{n}")
+def set_lr(optimizer, factor: float) -> None:
+    """Every group at ``factor`` times its peak learning rate (its ``lr`` when it was built)."""
+    for group in optimizer.param_groups:
+        group.setdefault("peak_lr", group["lr"])
+        group["lr"] = group["peak_lr"] * factor
+
+
+def build_optimizer(cfg: ExperimentConfig, model: torch.nn.Module, device: torch.device):
+    spec = cfg.training.optimizer
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return spec.cls(spec.options, cfg.training).build(named, device)
+
+
+def build_schedule(cfg: ExperimentConfig):
+    spec = cfg.training.schedule
+    return spec.cls(spec.options, cfg.training)
+
+
+# ---- before anything is created ---------------------------------------------------------------
+
+@dataclasses.dataclass
+class Plan:
+    """What ``prepare`` checked and built; the Trainer starts from it."""
+
+    cfg: ExperimentConfig
+    device: torch.device
+    tokenizer: object
+    dataset: object
+    resume_dir: Optional[Path] = None
+    init_from: Optional[Path] = None  # the checkpoint the weights start from
+
+
+def prepare(cfg: ExperimentConfig, resume: bool = False, progress=None, outputs: bool = True) -> Plan:
+    """Every check a run makes on its input, before anything is created: device, batch split,
+    the run to resume or the weights to start from, tokenizer, data (read and tokenized here),
+    the sample prompt, the memory the model needs and (``outputs``) where it writes: the output
+    directory and the tracking store. ``gptx validate`` runs exactly this. Problems are
+    ConfigErrors naming the key."""
+    from gptx import tracking
+
+    tc = cfg.training
+    device = pick_device(tc)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    BatchSplit.plan(tc, 0, world)
+    if world > 1 and tc.parallel == "fsdp" and not tc.optimizer.cls.sharded_ok:
+        raise ConfigError(f"'{tc.optimizer.kind}' cannot update FSDP-sharded parameters; use training.parallel = "
+                          "\"ddp\" or another optimizer", "training.optimizer.kind")
+    resume_dir = runs.find_resumable(cfg, ckpt.complete_checkpoints) if resume else None
+    init_from = _apply_init_from(cfg) if tc.init_from and resume_dir is None else None
+    tokenizer_state = _resume_checks(cfg, resume_dir) if resume_dir else None
+    if init_from is not None:
+        tokenizer_state = ckpt.read_meta(init_from).get("tokenizer_state") or None
+    tokenizer = ckpt.build_tokenizer(cfg.tokenizer, tokenizer_state)
+    dataset = cfg.data.cls(cfg.data.options, base_dir=cfg.base_dir, tokenizer=tokenizer, block_size=cfg.model.block_size,
+                           seed=tc.seed, progress=progress)
+    dataset.prepare()
+    if cfg.model.vocab_size is None:
+        cfg.model.vocab_size = tokenizer.vocab_size
+    elif cfg.model.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"{cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}", "model.vocab_size")
+    if tc.sample_tokens:
         try:
-            run_dir.mkdir(parents=True)
-            return run_dir
-        except FileExistsError:
-            continue
-        except OSError as err:
-            raise GptxError(f"training.out_dir: cannot create {run_dir}: {err.strerror}") from None
-    raise GptxError(f"training.out_dir: {root} already holds 9,999 runs named {base!r}; choose another tracking.run_name")
+            tokenizer.encode(tc.sample_prompt)
+        except GptxError as err:
+            raise ConfigError(f"{err}; choose a prompt the tokenizer can encode (or sample_tokens = 0)",
+                              "training.sample_prompt") from None
+    check_memory(cfg, device)
+    if outputs:
+        runs.check_writable(cfg)
+        if cfg.tracking.enabled:
+            tracking.check_store(tracking.tracking_uri(cfg.tracking.uri))
+    return Plan(cfg, device, tokenizer, dataset, resume_dir, init_from)
 
 
-def check_writable(cfg: ExperimentConfig) -> None:
-    """Fail before training when the run directory cannot be created, creating nothing."""
-    p = experiment_dir(cfg)
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
-        raise ConfigError(f"{p} is not a writable directory", "training.out_dir")
+def _resume_checks(cfg: ExperimentConfig, resume_dir: Path) -> Optional[dict]:
+    """The run to resume must have the file's model and tokenizer; returns its tokenizer state."""
+    meta = ckpt.read_meta(ckpt.complete_checkpoints(resume_dir / "checkpoints")[-1])
+    stored = meta.get("config") if isinstance(meta.get("config"), dict) else {}
+    stored = from_dict(stored).to_dict() if stored else {}
+    mine = cfg.to_dict()
+    if stored.get("model", {}) | {"vocab_size": None} != mine["model"] | {"vocab_size": None}:
+        raise GptxError(f"--resume: {resume_dir} was trained with another model config; start a new run instead")
+    if stored.get("tokenizer") != mine["tokenizer"]:
+        raise GptxError(f"--resume: {resume_dir} was trained with tokenizer {stored.get('tokenizer')}, the file says "
+                        f"{mine['tokenizer']}; start a new run instead")
+    if isinstance(stored.get("model", {}).get("vocab_size"), int):
+        cfg.model.vocab_size = stored["model"]["vocab_size"]
+    return meta.get("tokenizer_state") or None
 
 
-# ---- progress ------------------------------------------------------------------------------
+def _apply_init_from(cfg: ExperimentConfig) -> Path:
+    """``training.init_from``: the model (and tokenizer) come from the source checkpoint; a
+    ``[model]`` or ``[tokenizer]`` key the file sets to something else is an error naming it."""
+    from gptx import tracking
+
+    source = cfg.training.init_from
+    if tracking.run_id_of(source) is None:
+        source = str((cfg.base_dir / os.path.expanduser(source)).resolve())
+    try:
+        path = ckpt.resolve(source)
+        meta = ckpt.read_meta(path)
+        stored = from_dict(meta["config"])
+    except (GptxError, KeyError, TypeError) as err:
+        raise ConfigError(f"cannot start from {cfg.training.init_from}: {err}", "training.init_from") from None
+    for section in ("model", "tokenizer"):
+        theirs = stored.to_dict()[section]
+        for key in sorted(k for k in cfg.explicit if k.startswith(section + ".")):
+            name = key.split(".", 1)[1]
+            mine = _lookup(cfg.to_dict()[section], name)
+            if mine != _lookup(theirs, name):
+                raise ConfigError(f"is {mine!r} in the file, but training.init_from's model has {_lookup(theirs, name)!r}; "
+                                  f"remove it (the {section} comes from {path})", key)
+    cfg.model, cfg.tokenizer = stored.model, stored.tokenizer
+    return path
+
+
+def _lookup(d: dict, dotted: str):
+    for part in dotted.split("."):
+        if not isinstance(d, dict):
+            return None
+        d = d.get(part)
+    return d
+
+
+def check_memory(cfg: ExperimentConfig, device: torch.device) -> None:
+    """Refuse a model or batch that cannot fit before anything is allocated: the weights with
+    their gradients and two optimizer moments (16 bytes a parameter) and the logits of one
+    micro-batch with their gradient (8 bytes each) are a floor of what training needs."""
+    import psutil
+
+    from gptx.model import GPT
+
+    try:
+        with torch.device("meta"):
+            n_params = GPT(cfg.model).num_params()
+    except Exception:  # a component that cannot be built on the meta device: the allocator has the last word
+        return
+    tc = cfg.training
+    state = 16 * n_params
+    logits = 8 * tc.batch_size * cfg.model.block_size * cfg.model.vocab_size
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
+    if state + logits <= free:
+        return
+    gib = lambda b: f"{b / 2**30:,.1f} GiB"  # noqa: E731
+    if state >= logits:
+        raise ConfigError(f"a model of {n_params:,} parameters needs at least {gib(state)} for its weights, gradients and "
+                          f"optimizer state; {gib(free)} is free (lower n_layer, n_embd or vocab_size)", "model.n_embd")
+    raise ConfigError(f"a micro-batch of {tc.batch_size} x {cfg.model.block_size} tokens needs at least {gib(logits)} "
+                      f"for its logits alone; {gib(free)} is free (lower batch_size, raise grad_accum_steps)",
+                      "training.batch_size")
+
+
+# ---- signals -----------------------------------------------------------------------------------
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag the loop checks after each step; a second signal acts at once.
+    Once the last checkpoint is written (``now``), a signal stops the run at once."""
+
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self.checkpoint: Optional[Path] = None
+        self.immediate = False
+        self._old = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def now(self, checkpoint: Optional[Path]) -> None:
+        """From here on a signal raises Interrupted at once: ``checkpoint`` holds everything."""
+        self.checkpoint, self.immediate = checkpoint, True
+        if self.signum:
+            raise Interrupted(self.signum, checkpoint)
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+        for s, old in self._old.items():
+            signal.signal(s, old)
+        if self.immediate:
+            raise Interrupted(signum, self.checkpoint)
+
+    def __exit__(self, *exc):
+        for s, old in self._old.items():
+            signal.signal(s, old)
+
+
+# ---- progress ----------------------------------------------------------------------------------
 
 class Progress:
     """A live status line on a terminal; plain periodic lines otherwise (logs, CI)."""
@@ -181,332 +376,339 @@ def _hms(seconds: float) -> str:
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
-# ---- one optimizer step (shared with gptx.bench) ----------------------------------------------
+# ---- the run -----------------------------------------------------------------------------------
 
-def build_optimizer(model, tc, device: torch.device, dist=None) -> torch.optim.Optimizer:
-    """AdamW over ``param_groups``: the fused kernel on CPU and CUDA (not for FSDP's sharded parameters)."""
-    from gptx.model import param_groups
+class Trainer:
+    """One training run. ``__init__`` builds the model, optimizer and schedule and restores a
+    resumed run; ``fit`` runs the loop; each part of the loop is one method."""
 
-    fused = device.type in ("cuda", "cpu") and not (dist is not None and dist.sharded)
-    return torch.optim.AdamW(
-        param_groups(model, tc.weight_decay), lr=tc.learning_rate, betas=(tc.beta1, tc.beta2),
-        **({"fused": True} if fused else {}),
-    )
+    def __init__(self, plan: Plan, progress: bool = True):
+        from gptx.model import GPT
 
+        self.plan, self.cfg, self.tc = plan, plan.cfg, plan.cfg.training
+        self.device, self.tokenizer, self.dataset = plan.device, plan.tokenizer, plan.dataset
+        self.dist = distributed.setup(self.device, self.tc.parallel)
+        if self.tc.threads:
+            torch.set_num_threads(self.tc.threads)
+        torch.manual_seed(self.tc.seed)
+        self.model = _allocating(lambda: GPT(self.cfg.model).to(self.device))
+        if plan.init_from is not None:
+            self.model.load_state_dict(ckpt.load_weights(plan.init_from), strict=False)  # a tied lm_head is stored once
+        self.train_model = distributed.wrap(self.model, self.dist, self.device)  # FSDP shards ``model`` in place
+        self.optimizer = build_optimizer(self.cfg, self.model, self.device)
+        self.schedule = build_schedule(self.cfg)
+        self.split = BatchSplit.plan(self.tc, self.dist.rank, self.dist.world)
+        self.step0, self.history, self.seconds0, self.target = 0, [], 0.0, None
+        if plan.resume_dir is not None:
+            self.restore(ckpt.complete_checkpoints(plan.resume_dir / "checkpoints")[-1])
+        if self.tc.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.train_step = TrainStep(self.train_model, self.optimizer, self.tc, self.dist, self.device, self.split)
+        self.autocast = autocast_context(self.tc, self.device)
+        self.tokens_per_step = self.tc.grad_accum_steps * self.tc.batch_size * self.cfg.model.block_size
+        self.show = Progress(self.tc.max_steps, self.tc.log_interval, progress and self.dist.main)
+        self.stop = StopFlag()
+        self.tracker = None
+        self.run_dir: Optional[Path] = None
+        self.last_ckpt: Optional[Path] = None
+        self.saved_step: Optional[int] = None
+        self.final_val_loss: Optional[float] = None
+        self.pending: list = []  # (step, loss, aux, lr, seconds) not yet read from the device
+        self.step_times: list[float] = []
+        self.last_train_loss = float("nan")
+        self.val_loss = self.history[-1]["val_loss"] if self.history else None
+        self.best_val_loss = min((h["val_loss"] for h in self.history), default=None)
 
-def autocast_context(tc, device: torch.device):
-    """bf16 autocast when ``training.dtype = "bfloat16"``, else nothing (reusable)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16) if tc.dtype == "bfloat16" else contextlib.nullcontext()
+    def restore(self, path: Path) -> None:
+        """Weights, optimizer, data stream, RNG, step and history from a checkpoint."""
+        state = ckpt.load_trainer_state(path)
+        if state is None:
+            raise GptxError(f"--resume: {path} has no trainer state")
+        try:
+            distributed.load_full_state(self.model, self.optimizer, ckpt.load_weights(path), state["optimizer"], self.dist)
+            self.dataset.load_state_dict(state["dataset"])
+            torch.set_rng_state(state["torch_rng"])
+            self.step0, self.history = int(state["step"]), list(json.loads(state.get("history", "[]")))
+            self.seconds0 = float(state.get("seconds", 0.0))
+            self.target = json.loads(state["target"]) if state.get("target") else None
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise GptxError(f"{path / 'trainer.pt'}: corrupted or from another run ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0] if str(err) else ''})") from None
 
+    # -- the loop --
 
-def make_train_step(train_model, model, optimizer, tc, dist, device: torch.device):
-    """The training step that ``train`` runs and ``gptx bench`` times. ``step(x_all, y_all, lr)``
-    takes the global batch [grad_accum_steps * batch_size, T] (this rank uses its share), runs
-    forward and backward per micro-batch, clips, steps the optimizer and returns the mean loss as
-    a 0-d device tensor, unsynchronised (the loop reads losses in batches)."""
-    micro_per_rank = tc.grad_accum_steps // dist.world
-    autocast = autocast_context(tc, device)
-    params = [p for p in model.parameters() if p.requires_grad]
-    foreach = device.type in ("cpu", "cuda") and not dist.sharded  # one multi-tensor norm, not one per parameter
+    def fit(self) -> TrainResult:
+        status = "FAILED"
+        try:
+            with self.stop:  # from here on a signal ends the run cleanly
+                self.open()
+                self.clock = time.perf_counter() - self.seconds0
+                self.model.train()
+                step = self.step0
+                for step in range(self.step0 + 1, self.tc.max_steps + 1):
+                    self.set_lr(step)
+                    x, y = self.dataset.batch(self.tc.grad_accum_steps * self.tc.batch_size, self.split.subset)
+                    self.run_step(step, x, y)
+                    if self.due(step, self.tc.eval_interval):
+                        self.evaluate(step)
+                    reached = self.tc.stop_at_target and self.target is not None
+                    if self.due(step, self.tc.checkpoint_interval or self.tc.eval_interval) or reached:
+                        self.checkpoint(step)
+                    if self.dist.agree_max(self.stop.signum or 0):  # ranks stop together, or collectives hang
+                        self.interrupt(step)
+                    if reached:
+                        self.show.say(f"reached training.target_val_loss {self.tc.target_val_loss} at step {step}; stopping")
+                        break
+                sample = self.finish(step)
+                status = "FINISHED"
+        except Interrupted:
+            status = "KILLED"
+            raise
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        finally:
+            self.close(status)
+        return self.result(step, sample)
 
-    def step(x_all: torch.Tensor, y_all: torch.Tensor, lr: float) -> torch.Tensor:
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device)
-        for m in range(micro_per_rank):
-            i = m * dist.world + dist.rank  # this rank's share of the global batch
-            x = x_all[i * tc.batch_size:(i + 1) * tc.batch_size].to(device, non_blocking=True)
-            y = y_all[i * tc.batch_size:(i + 1) * tc.batch_size].to(device, non_blocking=True)
-            sync = m == micro_per_rank - 1 or dist.world == 1
-            with distributed.gradient_sync(train_model, dist, sync), autocast:
-                logits, _ = train_model(x)  # [B, T, V]
-                if logits.dtype != torch.float32:  # bf16 under autocast: the loss in fp32
-                    logits = logits.float()
-                loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)), y.reshape(-1))
-            (loss / micro_per_rank).backward()
-            loss_sum += loss.detach()
-        if tc.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip, foreach=foreach or None)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return dist.mean(loss_sum / micro_per_rank)
+    def due(self, step: int, every: int) -> bool:
+        return step % every == 0 or step == self.tc.max_steps
 
-    return step
+    def set_lr(self, step: int) -> None:
+        self.lr_factor = self.schedule.factor(step - 1)
+        set_lr(self.optimizer, self.lr_factor)
 
+    def run_step(self, step: int, x, y) -> None:
+        t0 = time.perf_counter()
+        loss, aux = _allocating(lambda: self.train_step(x, y))
+        dt = time.perf_counter() - t0
+        if step == self.step0 + 1 and self.tc.compile:  # the first step compiles: keep it off the clock
+            self.clock += dt
+        self.pending.append((step, loss, aux, self.optimizer.param_groups[0]["lr"], dt))
+        if self.due(step, self.tc.log_interval):
+            self.flush()
 
-# ---- the loop ------------------------------------------------------------------------------
+    def flush(self) -> None:
+        """Read the pending losses (one device sync), stop on a non-finite one, log the rest."""
+        if not self.pending:
+            return
+        flat = torch.cat([torch.stack([loss, *aux.values()]) for _, loss, aux, _, _ in self.pending]).tolist()
+        totals: dict[str, list[float]] = {}
+        i = 0
+        for s, _, aux, lr, dt in self.pending:
+            loss, values = flat[i], flat[i + 1:i + 1 + len(aux)]
+            i += 1 + len(aux)
+            if not math.isfinite(loss):  # stop before a checkpoint could store the broken weights
+                self.pending.clear()
+                raise GptxError(f"training diverged: loss is {loss} at step {s}; the last good checkpoint is "
+                                f"{self.last_ckpt or 'none (no checkpoint yet)'}; try a lower training.learning_rate")
+            tok_s = self.tokens_per_step / dt
+            self.step_times.append(dt)
+            self.tracker.log_metrics({"train_loss": loss, "lr": lr, "tokens_per_sec": tok_s}, s)
+            self.show.step(s, loss, lr, tok_s)
+            self.last_train_loss = loss
+            for name, v in zip(aux, values):
+                totals.setdefault(name, []).append(v)
+        last, _, _, lr, dt = self.pending[-1]
+        aux_means = {name: sum(v) / len(v) for name, v in totals.items()}  # over the logging interval
+        if aux_means:
+            self.tracker.log_metrics(aux_means, last)
+        self.metrics_log.append({"step": last, "seconds": round(self.seconds(), 3), "train_loss": self.last_train_loss,
+                                 "lr": lr, "tokens_per_sec": self.tokens_per_step / dt} | aux_means)
+        self.pending.clear()
 
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag the loop checks after each step; a second signal acts at once."""
+    def seconds(self) -> float:
+        return time.perf_counter() - self.clock
 
-    def __init__(self):
-        self.signum: Optional[int] = None
-        self._old = {}
+    def evaluate(self, step: int) -> None:
+        self.flush()
+        gen = torch.Generator().manual_seed(self.tc.seed + 1)  # the same eval batches at every evaluation
+        losses = {split: self.mean_loss(self.dataset.windows(split, self.tc.batch_size, gen) for _ in range(self.tc.eval_steps))
+                  for split in ("train", "val")}
+        self.val_loss = losses["val"]
+        self.best_val_loss = min(self.val_loss, self.best_val_loss if self.best_val_loss is not None else math.inf)
+        self.history.append({"step": step, "train_loss": losses["train"], "val_loss": self.val_loss})
+        metrics = {"val_loss": self.val_loss, "eval_train_loss": losses["train"], "best_val_loss": self.best_val_loss}
+        target = self.tc.target_val_loss
+        if target is not None and self.target is None and self.val_loss <= target:
+            self.target = {"steps_to_target": step, "tokens_to_target": step * self.tokens_per_step,
+                           "seconds_to_target": round(self.seconds(), 3)}
+            metrics |= self.target
+            self.show.say(f"step {step}: val loss {self.val_loss:.4f} reached the target {target} "
+                          f"after {self.target['seconds_to_target']:.1f} s")
+            if self.dist.main:
+                runs.write_run_file(self.run_dir, **self.target)
+        self.tracker.log_metrics(metrics, step)
+        self.tracker.flush()
+        self.metrics_log.append({"step": step, "seconds": round(self.seconds(), 3), "val_loss": self.val_loss,
+                                 "eval_train_loss": losses["train"]})
+        self.show.say(f"step {step}: train loss {losses['train']:.4f}, val loss {self.val_loss:.4f}")
 
-    def __enter__(self):
-        if threading_main():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._old[s] = signal.signal(s, self._handle)
-        return self
+    def mean_loss(self, batches) -> float:
+        """Row-weighted mean cross-entropy over (x, y) batches [n, T]. Ranks share the batches
+        (under FSDP every rank joins every forward), so every rank is handed the same ones."""
+        total, rows = torch.zeros((), device=self.device), 0
+        self.model.eval()
+        with torch.no_grad(), self.autocast:
+            for i, (x, y) in enumerate(batches):
+                rows += len(x)
+                if self.dist.sharded or i % self.dist.world == self.dist.rank:
+                    total += self.model(x.to(self.device), targets=y.to(self.device)).ce.float() * len(x)
+        self.model.train()
+        if not self.dist.sharded:
+            total = self.dist.mean(total) * self.dist.world
+        return float(total) / rows
 
-    def _handle(self, signum, frame):
-        self.signum = signum
-        for s, old in self._old.items():
-            signal.signal(s, old)
+    def checkpoint(self, step: int) -> None:
+        self.flush()
+        weights = distributed.full_model_state(self.model, self.dist)  # collectives under FSDP: all ranks
+        optim_state = distributed.full_optimizer_state(self.model, self.optimizer, self.dist)
+        if self.dist.main:
+            state = {
+                "optimizer": optim_state,
+                "step": step,
+                "dataset": self.dataset.state_dict(),
+                "torch_rng": torch.get_rng_state(),
+                "history": json.dumps(self.history),
+                "seconds": self.seconds(),
+                "target": json.dumps(self.target) if self.target else "",
+            }
+            extra = {"mlflow_run_id": self.tracker.run_id}
+            if self.plan.init_from is not None:
+                extra["init_from"] = str(self.plan.init_from)
+            self.last_ckpt = ckpt.save(self.run_dir, step, weights, self.cfg, self.tokenizer, state, extra=extra)
+            runs.write_run_file(self.run_dir, step=step, checkpoint=str(self.last_ckpt))
+        self.saved_step = step
+        self.dist.barrier()
 
-    def __exit__(self, *exc):
-        for s, old in self._old.items():
-            signal.signal(s, old)
+    def interrupt(self, step: int) -> None:
+        self.flush()
+        if self.saved_step != step:
+            self.checkpoint(step)
+        raise Interrupted(self.stop.signum or signal.SIGTERM, self.last_ckpt)
 
+    def finish(self, step: int) -> Optional[str]:
+        """After the last step: the final whole-split evaluation and a sample. The checkpoint
+        holds everything by now, so a signal here stops at once (exit 128 + signal)."""
+        self.flush()
+        if step <= self.step0 and self.dist.main:  # resumed a run that had already reached max_steps
+            self.last_ckpt = ckpt.complete_checkpoints(self.run_dir / "checkpoints")[-1]
+        self.stop.now(self.last_ckpt)
+        self.final_val_loss = None
+        if self.tc.final_eval_tokens > 0:
+            x_all, y_all = self.dataset.tiled_windows("val", self.tc.final_eval_tokens)  # [N, T] x2
+            bs = self.tc.batch_size
+            self.final_val_loss = self.mean_loss((x_all[i:i + bs], y_all[i:i + bs]) for i in range(0, len(x_all), bs))
+            self.tracker.log_metrics({"final_val_loss": self.final_val_loss}, step)
+            self.metrics_log.append({"step": step, "seconds": round(self.seconds(), 3), "final_val_loss": self.final_val_loss})
+            if self.dist.main:
+                runs.write_run_file(self.run_dir, final_val_loss=self.final_val_loss)
+            self.show.say(f"final val loss {self.final_val_loss:.4f} on {x_all.numel():,} tokens of the validation split")
+        sample = self.sample()
+        if self.dist.main:
+            runs.write_run_file(self.run_dir, best_val_loss=self.best_val_loss, seconds=round(self.seconds(), 3))
+            if self.last_ckpt is not None:
+                self.tracker.log_artifacts(self.last_ckpt, "checkpoint")
+        return sample
 
-def threading_main() -> bool:
-    import threading
+    def sample(self) -> Optional[str]:
+        from gptx.generate import generate_ids
+        from gptx.model import GPT
+        from gptx.sampling import Sampler
 
-    return threading.current_thread() is threading.main_thread()
+        tc, block = self.tc, self.cfg.model.block_size
+        if tc.sample_tokens <= 0:
+            return None
+        model = self.model
+        if self.dist.sharded:  # a plain copy: rank 0 decodes alone
+            weights = distributed.full_model_state(self.model, self.dist)
+            model = GPT(self.cfg.model)
+            if self.dist.main:
+                model.load_state_dict(weights, strict=False)  # tied lm_head: stored once
+        if not self.dist.main:
+            return None
+        prompt = self.tokenizer.encode(tc.sample_prompt) or [self.tokenizer.eot_id or 0]
+        prompt = prompt[-(block - 1):]
+        n_new = min(tc.sample_tokens, block - len(prompt))
+        gen = generate_ids(model, [prompt], n_new, Sampler(tc.sample_temperature, tc.sample_top_k, None, tc.seed), None)
+        text = self.tokenizer.decode(gen.prompt_ids[0] + gen.ids[0])
+        self.tracker.log_text(text, "sample.txt")
+        return text
 
+    # -- opening and closing the run --
 
-def prepare(cfg: ExperimentConfig, resume: bool):
-    """Everything that can fail on bad input, before anything is created: data, tokenizer,
-    output directory, resumable run, tracking server."""
-    from gptx import tracking
-    from gptx.data import load_dataset
+    def open(self) -> None:
+        """The MLflow run, then the run directory (rank 0 creates both), run.json and the params."""
+        from gptx import registry as registry_mod
+        from gptx import tracking
 
-    tc = cfg.training
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if tc.grad_accum_steps % world:
-        raise ConfigError(
-            f"{tc.grad_accum_steps} is not divisible by the {world} processes; the global batch would change",
-            "training.grad_accum_steps",
+        run_id = runs.read_run_file(self.plan.resume_dir).get("mlflow_run_id") if self.plan.resume_dir else None
+        created = runs.new_run_dir(self.cfg) if self.dist.main and self.plan.resume_dir is None else None
+        try:
+            self.tracker = tracking.start(self.cfg, run_id=run_id, rank=self.dist.rank)
+        except BaseException:
+            if created is not None:
+                created.rmdir()  # still empty: a run that could not be tracked leaves nothing behind
+            raise
+        self.run_dir = self.dist.broadcast(created or self.plan.resume_dir)
+        self.metrics_log = runs.MetricsLog(self.run_dir if self.dist.main else None)
+        if self.plan.resume_dir and self.dist.main:
+            self.last_ckpt = ckpt.complete_checkpoints(self.run_dir / "checkpoints")[-1]
+        if not self.dist.main:
+            return
+        runs.write_run_file(self.run_dir, status="RUNNING", experiment=self.cfg.name, mlflow_run_id=self.tracker.run_id,
+                            config=self.cfg.to_dict(), pid=os.getpid())
+        if run_id is None:
+            self.tracker.log_params(tracking.flatten(self.cfg.to_dict()))
+            self.tracker.set_tags(tracking.run_tags(self.cfg, registry_mod.registry(), self.plan.init_from))
+            self.tracker.log_text(json.dumps(self.cfg.to_dict(), indent=2), "config.json")
+        self.show.say(f"gptx run {self.cfg.name}: {self.model.num_params() / 1e6:.2f}M parameters, "
+                      f"{self.tokens_per_step:,} tokens/step, {self.dist.world} process(es) on {self.device}, "
+                      f"run dir {self.run_dir}")
+
+    def close(self, status: str) -> None:
+        if self.tracker is not None:
+            self.tracker.finish(status)
+        if self.dist.main and self.run_dir is not None:
+            try:
+                runs.write_run_file(self.run_dir, status=status)
+            except OSError:  # e.g. the disk that just refused a checkpoint: keep the error that matters
+                pass
+        self.dist.close()
+
+    def result(self, step: int, sample: Optional[str]) -> TrainResult:
+        times = sorted(self.step_times)
+        return TrainResult(
+            run_dir=self.run_dir, checkpoint=self.last_ckpt, step=step, train_loss=self.last_train_loss,
+            val_loss=self.val_loss, tokens_per_sec=self.tokens_per_step / times[len(times) // 2] if times else 0.0,
+            run_id=self.tracker.run_id, sample=sample, history=self.history, num_params=self.model.num_params(),
+            final_val_loss=self.final_val_loss, best_val_loss=self.best_val_loss, seconds=self.seconds(),
+            target=self.target,
         )
-    resume_dir = find_resumable(cfg) if resume else None
-    tokenizer_state = None
-    if resume_dir is not None:
-        meta = ckpt.read_meta(ckpt.complete_checkpoints(resume_dir / "checkpoints")[-1])
-        if meta["config"]["model"] != cfg.to_dict()["model"] | {"vocab_size": meta["config"]["model"]["vocab_size"]}:
-            raise GptxError(f"--resume: {resume_dir} was trained with another model config; start a new run instead")
-        tokenizer_state = meta.get("tokenizer_state") or None
-    tokenizer = ckpt.build_tokenizer(cfg.tokenizer, tokenizer_state)
-    dataset = load_dataset(cfg, tokenizer)
-    if cfg.model.vocab_size is None:
-        cfg.model.vocab_size = tokenizer.vocab_size
-    elif cfg.model.vocab_size < tokenizer.vocab_size:
-        raise ConfigError(f"{cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}", "model.vocab_size")
-    check_writable(cfg)
-    if cfg.tracking.enabled:
-        tracking.check_reachable(tracking.tracking_uri(cfg.tracking.uri))
-    return tokenizer, dataset, resume_dir
+
+
+def _allocating(fn):
+    """``fn()``, with the allocator's refusal (an absurd size that got past the estimate) as one line."""
+    try:
+        return fn()
+    except (MemoryError, torch.OutOfMemoryError) as err:
+        raise GptxError(f"out of memory ({type(err).__name__}); lower training.batch_size or the model size") from None
+    except RuntimeError as err:
+        if "can't allocate memory" in str(err) or "out of memory" in str(err):
+            raise GptxError("out of memory; lower training.batch_size or the model size") from None
+        raise
 
 
 def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    from gptx import registry as registry_mod
-    from gptx import tracking
-    from gptx.generate import generate_ids
-    from gptx.model import GPT
-    from gptx.sampling import Sampler
-
-    tc = cfg.training
+    """Validate everything, then train: ``Trainer(prepare(cfg, resume)).fit()``."""
     try:
-        device = pick_device(tc)
-        tokenizer, dataset, resume_dir = prepare(cfg, resume)
+        plan = prepare(cfg, resume, progress=_progress_printer(progress))
     except ConfigError as err:  # name the experiment file, as the loader's own errors do
         raise err.located(str(cfg.source) if cfg.source else None) from None
-    dist = distributed.setup(device, tc.parallel)
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
+    return Trainer(plan, progress).fit()
 
-    torch.manual_seed(tc.seed)
-    model = GPT(cfg.model).to(device)
-    train_model = distributed.wrap(model, dist, device)  # FSDP shards ``model`` in place
-    optimizer = build_optimizer(model, tc, device, dist)
-    data_gen = torch.Generator().manual_seed(tc.seed)
-    start_step, history = 0, []
-    run_id = None
-    if resume_dir is not None:
-        last = ckpt.complete_checkpoints(resume_dir / "checkpoints")[-1]
-        state = ckpt.load_trainer_state(last)
-        if state is None:
-            raise GptxError(f"--resume: {last} has no trainer state")
-        distributed.load_full_state(model, optimizer, ckpt.load_weights(last), state["optimizer"], dist)
-        data_gen.set_state(state["data_rng"])
-        torch.set_rng_state(state["torch_rng"])
-        start_step, history = int(state["step"]), list(json.loads(state.get("history", "[]")))
-        run_id = read_run_file(resume_dir).get("mlflow_run_id")
-    run_dir = dist.broadcast(
-        (resume_dir or new_run_dir(cfg)) if dist.main else None
-    )
 
-    tracker = tracking.NullTracker()
-    status = "FAILED"
-    try:
-        with _StopFlag() as stop:  # from here on a signal ends the run cleanly
-            tracker = tracking.start(cfg, run_id=run_id, rank=dist.rank)
-            reg = registry_mod.registry()
-            if dist.main:
-                write_run_file(run_dir, status="RUNNING", experiment=cfg.name, mlflow_run_id=tracker.run_id,
-                               config=cfg.to_dict(), pid=os.getpid())
-                if run_id is None and hasattr(tracker, "log_params"):
-                    tracker.log_params(tracking.flatten(cfg.to_dict()))
-                    tracker.set_tags(tracking.run_tags(cfg, reg))
-                    tracker.log_text(json.dumps(cfg.to_dict(), indent=2), "config.json")
-
-            if tc.compile:
-                train_model = torch.compile(train_model)
-            autocast = autocast_context(tc, device)
-            train_step = make_train_step(train_model, model, optimizer, tc, dist, device)
-            tokens_per_step = tc.grad_accum_steps * tc.batch_size * cfg.model.block_size
-            show = Progress(tc.max_steps, tc.log_interval, progress and dist.main)
-            if dist.main:
-                n = model.num_params()
-                show.say(f"gptx run {cfg.name}: {n / 1e6:.2f}M parameters, {tokens_per_step:,} tokens/step, "
-                         f"{dist.world} process(es) on {device}, run dir {run_dir}")
-
-            def mean_loss(batches) -> float:
-                """Row-weighted mean loss over (x, y) batches [n, T]. Ranks share the batches (under
-                FSDP every rank joins every forward), so every rank must be handed the same ones."""
-                total, rows = torch.zeros((), device=device), 0
-                model.eval()
-                with torch.no_grad(), autocast:
-                    for i, (x, y) in enumerate(batches):
-                        rows += len(x)
-                        if dist.sharded or i % dist.world == dist.rank:
-                            total += model.loss(x.to(device), y.to(device)).float() * len(x)
-                model.train()
-                if not dist.sharded:
-                    total = dist.mean(total) * dist.world
-                return float(total) / rows
-
-            def evaluate() -> dict[str, float]:
-                gen = torch.Generator().manual_seed(tc.seed + 1)  # the same eval batches at every evaluation
-                return {split: mean_loss(dataset.windows(split, tc.batch_size, gen) for _ in range(tc.eval_steps))
-                        for split in ("train", "val")}
-
-            def final_evaluate() -> tuple[float, int]:
-                """Mean loss over non-overlapping windows tiling the validation split: no sampling
-                noise, so runs compare to the third decimal (20 sampled batches: about +-0.02)."""
-                x_all, y_all = dataset.tiled_windows("val", tc.final_eval_tokens)  # [N, T] x2
-                bs = tc.batch_size
-                return mean_loss((x_all[i:i + bs], y_all[i:i + bs]) for i in range(0, len(x_all), bs)), x_all.numel()
-
-            def save(step: int) -> Optional[Path]:
-                weights = distributed.full_model_state(model, dist)  # collectives under FSDP: all ranks
-                optim_state = distributed.full_optimizer_state(model, optimizer, dist)
-                path = None
-                if dist.main:
-                    state = {
-                        "optimizer": optim_state,
-                        "step": step,
-                        "data_rng": data_gen.get_state(),
-                        "torch_rng": torch.get_rng_state(),
-                        "history": json.dumps(history),
-                    }
-                    path = ckpt.save(run_dir, step, weights, cfg, tokenizer, state, extra={"mlflow_run_id": tracker.run_id})
-                    write_run_file(run_dir, step=step, checkpoint=str(path))
-                dist.barrier()
-                return path
-
-            step_times: list[float] = []
-            pending: list[tuple[int, torch.Tensor, float, float]] = []  # (step, loss, lr, seconds) not yet read
-            # the newest complete checkpoint: after --resume, the one this run continued from
-            last_ckpt: Optional[Path] = ckpt.complete_checkpoints(run_dir / "checkpoints")[-1] if resume_dir and dist.main else None
-            last_train_loss = float("nan")
-            val_loss = history[-1]["val_loss"] if history else None
-            ck_every = tc.checkpoint_interval or tc.eval_interval
-
-            def flush() -> None:
-                nonlocal last_train_loss
-                if not pending:
-                    return
-                values = torch.stack([p[1] for p in pending]).tolist()  # one device sync per flush
-                for (s, _, lr, dt), loss in zip(pending, values):
-                    if not math.isfinite(loss):  # stop before a checkpoint could store the broken weights
-                        pending.clear()
-                        raise GptxError(
-                            f"training diverged: loss is {loss} at step {s}; the last good checkpoint is "
-                            f"{last_ckpt or 'none (no checkpoint yet)'}; try a lower training.learning_rate"
-                        )
-                    tok_s = tokens_per_step / dt
-                    step_times.append(dt)
-                    tracker.log_metrics({"train_loss": loss, "lr": lr, "tokens_per_sec": tok_s}, s)
-                    show.step(s, loss, lr, tok_s)
-                    last_train_loss = loss
-                pending.clear()
-
-            model.train()
-            for step in range(start_step + 1, tc.max_steps + 1):
-                t0 = time.perf_counter()
-                lr = lr_at(step - 1, tc)
-                x_all, y_all = dataset.windows("train", tc.grad_accum_steps * tc.batch_size, data_gen)
-                step_loss = train_step(x_all, y_all, lr)
-                pending.append((step, step_loss, lr, time.perf_counter() - t0))
-                if step % tc.log_interval == 0 or step == tc.max_steps:
-                    flush()
-                if step % tc.eval_interval == 0 or step == tc.max_steps:
-                    flush()
-                    losses = evaluate()
-                    val_loss = losses["val"]
-                    history.append({"step": step, "train_loss": losses["train"], "val_loss": val_loss})
-                    tracker.log_metrics({"val_loss": val_loss, "eval_train_loss": losses["train"]}, step)
-                    tracker.flush()
-                    show.say(f"step {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}")
-                if step % ck_every == 0 or step == tc.max_steps:
-                    flush()
-                    last_ckpt = save(step) or last_ckpt
-                signum = dist.agree_max(stop.signum or 0)  # ranks stop together, or collectives hang
-                if signum:
-                    flush()
-                    path = save(step) if step % ck_every else last_ckpt
-                    status = "KILLED"
-                    raise Interrupted(signum, path or last_ckpt)
-            if tc.max_steps <= start_step:  # resumed a run that had already reached max_steps
-                last_ckpt = ckpt.complete_checkpoints(run_dir / "checkpoints")[-1]
-            flush()
-            final_val_loss = None
-            if tc.final_eval_tokens > 0:
-                final_val_loss, n_tokens = final_evaluate()
-                tracker.log_metrics({"final_val_loss": final_val_loss}, tc.max_steps)
-                if dist.main:
-                    write_run_file(run_dir, final_val_loss=final_val_loss)
-                show.say(f"final val loss {final_val_loss:.4f} on {n_tokens:,} tokens of the validation split")
-            sample = None
-            sampler_model = model
-            if dist.sharded and tc.sample_tokens > 0:  # a plain copy: rank 0 decodes alone
-                weights = distributed.full_model_state(model, dist)
-                sampler_model = GPT(cfg.model)
-                if dist.main:
-                    sampler_model.load_state_dict(weights, strict=False)  # tied lm_head: stored once
-            if dist.main and tc.sample_tokens > 0:
-                prompt = tokenizer.encode(tc.sample_prompt) or [tokenizer.eot_id or 0]
-                n_new = min(tc.sample_tokens, cfg.model.block_size - len(prompt))
-                if n_new > 0:
-                    gen = generate_ids(sampler_model, [prompt[-(cfg.model.block_size - 1):]], n_new,
-                                       Sampler(tc.sample_temperature, tc.sample_top_k, None, tc.seed), None)
-                    sample = tokenizer.decode(gen.prompt_ids[0] + gen.ids[0])
-                    tracker.log_text(sample, "sample.txt")
-            if dist.main and last_ckpt is not None:
-                tracker.log_artifacts(last_ckpt, "checkpoint")
-            status = "FINISHED"
-    except KeyboardInterrupt:
-        status = "KILLED"
-        raise
-    finally:
-        tracker.finish(status)
-        if dist.main:
-            try:
-                write_run_file(run_dir, status=status)
-            except OSError:  # e.g. the disk that just refused a checkpoint: keep the error that matters
-                pass
-        dist.close()
-    times = sorted(step_times)
-    return TrainResult(
-        run_dir=run_dir,
-        checkpoint=last_ckpt,
-        step=tc.max_steps,
-        train_loss=last_train_loss,
-        val_loss=val_loss,
-        tokens_per_sec=tokens_per_step / times[len(times) // 2] if times else 0.0,
-        run_id=tracker.run_id,
-        sample=sample,
-        history=history,
-        num_params=model.num_params(),
-        final_val_loss=final_val_loss,
-    )
+def _progress_printer(enabled: bool):
+    if not enabled or int(os.environ.get("RANK", "0")) != 0:
+        return None
+    return lambda line: print(line, file=sys.stderr, flush=True)

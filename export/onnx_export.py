@@ -25,7 +25,6 @@ from onnx import numpy_helper
 
 from gptx import __version__
 from gptx.base import ONNX_EXPORT
-from gptx.config import COMPONENT_SLOTS
 from gptx.errors import GptxError
 from gptx.fsutil import remove_stale_siblings, temp_sibling
 from gptx.export import (
@@ -50,12 +49,8 @@ class _Decoder(torch.nn.Module):
 
 def check_exportable(config) -> None:
     """Refuse, naming every component that does not declare ONNX_EXPORT."""
-    missing = []
-    for slot in COMPONENT_SLOTS:
-        spec = getattr(config, slot)
-        for cls, what in ((spec.cls, spec.kind), (spec.placement_cls, spec.placement)):
-            if cls is not None and ONNX_EXPORT not in cls.supports:
-                missing.append(f"model.{slot} '{what}' ({cls.__module__}.{cls.__qualname__})")
+    missing = [f"{key.removesuffix('.kind')} '{name}' ({cls.__module__}.{cls.__qualname__})"
+               for key, name, cls in config.classes() if ONNX_EXPORT not in cls.supports]
     if missing:
         raise GptxError(f"cannot export to ONNX: {', '.join(missing)} does not support ONNX export (no '{ONNX_EXPORT}' in its supports)")
 
@@ -384,7 +379,8 @@ def _fuse_and_verify(model, plain: onnx.ModelProto, path: Path, log: Callable[[s
 
     cfg = model.config
     try:
-        fused, counts = fuse(plain, cfg.n_head, cfg.n_embd)
+        with contextlib.redirect_stdout(io.StringIO()):  # its shape inference prints its failures
+            fused, counts = fuse(plain, cfg.n_head, cfg.n_embd)
     except Exception as err:  # the fusion pass is an optimisation: a graph it cannot read stays plain
         log(f"operator fusion skipped ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
         fused, counts = None, {}

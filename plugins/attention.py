@@ -18,6 +18,7 @@ from gptx.components import KV, Attention, append_kv, attention_allowed, slot_in
 class AttentionOptions:
     n_kv_heads: Optional[int] = None  # key/value heads; None: n_head (multi-head), 1: multi-query
     window: Optional[int] = None  # sliding window: each query sees at most this many keys (itself included)
+    qk_norm: bool = False  # RMSNorm on each head's queries and keys before the dot product (OLMo 2, modded-nanogpt)
 
     def __post_init__(self):
         if self.n_kv_heads is not None and self.n_kv_heads < 1:
@@ -29,6 +30,17 @@ class AttentionOptions:
 class _HeadsMixin:
     Options = AttentionOptions
     n_kv: int  # set by the constructor: options.n_kv_heads or n_head
+
+    def _make_qk_norms(self, config, options):
+        """Learned per-channel gains shared by the heads, as Dehghani et al. 2023 / OLMo 2."""
+        if options.qk_norm:
+            self.q_norm = nn.RMSNorm(config.head_dim, eps=1e-6)
+            self.k_norm = nn.RMSNorm(config.head_dim, eps=1e-6)
+
+    def _qk_normed(self, q, k):  # q [B, H, T, D], k [B, K, T, D]
+        if not self.options.qk_norm:
+            return q, k
+        return self.q_norm(q), self.k_norm(k)  # same shapes, each head's vector at unit RMS
 
     @property
     def n_kv_heads(self) -> int:
@@ -62,6 +74,7 @@ class CausalSelfAttention(_HeadsMixin, Attention):
         self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self._make_qk_norms(config, options)
 
     def forward(self, x, positions, positional, past: Optional[KV] = None, attention_mask=None):
         B, T, C = x.shape
@@ -70,6 +83,7 @@ class CausalSelfAttention(_HeadsMixin, Attention):
         q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
         k = k.view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
         v = v.view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
+        q, k = self._qk_normed(q, k)
         q, k = positional.rotate(q, k, positions)
         past_len = None if past is None else past[0].shape[2]
         present = append_kv(past, k, v)  # ([B, K, S, D], [B, K, S, D])
@@ -97,6 +111,7 @@ class EinsumAttention(_HeadsMixin, Attention):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self._make_qk_norms(config, options)
 
     def forward(self, x, positions, positional, past: Optional[KV] = None, attention_mask=None):
         B, T, C = x.shape
@@ -104,6 +119,7 @@ class EinsumAttention(_HeadsMixin, Attention):
         q = self.query(x).view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
         k = self.key(x).view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
         v = self.value(x).view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
+        q, k = self._qk_normed(q, k)
         q, k = positional.rotate(q, k, positions)
         past_len = 0 if past is None else past[0].shape[2]
         present = append_kv(past, k, v)  # ([B, K, S, D], [B, K, S, D])

@@ -1,4 +1,5 @@
-"""Feed-forward networks: GPT-2's GELU MLP, GPT-Lite's ReLU MLP, and the gated SwiGLU/GEGLU."""
+"""Feed-forward networks: GPT-2's GELU MLP, GPT-Lite's ReLU MLP, squared ReLU, the gated
+SwiGLU/GEGLU, and a mixture of experts (``gptx.plugins.moe``)."""
 from __future__ import annotations
 
 import dataclasses
@@ -57,6 +58,16 @@ class ReluMLP(GeluMLP):
     activation = staticmethod(F.relu)
 
 
+class Relu2MLP(GeluMLP):
+    """Primer's squared ReLU (So et al. 2021), as in the modded-nanogpt speedrun: relu(x) ** 2."""
+
+    Options = MLPOptions
+
+    @staticmethod
+    def activation(x):
+        return F.relu(x).square()
+
+
 @dataclasses.dataclass(frozen=True)
 class GatedOptions:
     hidden: Optional[int] = None  # hidden width; None: 8/3 * n_embd rounded up to a multiple of 64 (same parameters as 4C)
@@ -94,5 +105,6 @@ class GeGLU(SwiGLU):
 def register_ffn(register):
     register("gelu", GeluMLP)
     register("relu", ReluMLP)
+    register("relu2", Relu2MLP)
     register("swiglu", SwiGLU)
     register("geglu", GeGLU)

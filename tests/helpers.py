@@ -99,3 +99,34 @@ def tiny_checkpoint_and_export(root: Path, block_size: int = 32):
     ck = checkpoint.save(root / "run", 1, GPT(cfg.model), cfg, tok)
     export_checkpoint(ck, root / "export", log=lambda _msg: None, track=False)
     return ck, root / "export"
+
+
+PLUGIN_PACKAGES = Path(__file__).resolve().parent / "plugin_packages"
+
+
+def install_plugin_packages(tmp: Path, names: list[str]) -> Path:
+    """pip-install the packages under tests/plugin_packages named ``names`` into a fresh
+    ``--target`` directory (offline with this environment's setuptools); returns it. Put it on
+    PYTHONPATH (``plugin_env``) for a subprocess to see the plugins."""
+    import importlib.util
+    import shutil
+
+    sources = []
+    for name in names:  # build from copies: setuptools writes build/ and *.egg-info in place
+        shutil.copytree(PLUGIN_PACKAGES / name, tmp / name, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+        sources.append(str(tmp / name))
+    target = tmp / "site"
+    cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps", "--target", str(target)]
+    if importlib.util.find_spec("setuptools") is not None:
+        cmd += ["--no-build-isolation", "--no-index"]
+    proc = subprocess.run(cmd + sources, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"pip install failed:\n{proc.stdout}\n{proc.stderr}"
+    return target
+
+
+def plugin_env(site: Path, load: str | None = None) -> dict:
+    """Environment variables for a subprocess that sees the plugins installed in ``site``."""
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    if load is not None:
+        env["GPTX_LOAD_PLUGINS"] = load
+    return env

@@ -1,5 +1,6 @@
 """Experiment files: validation, overrides, and one clear error (exit 2, nothing created)."""
 import json
+from pathlib import Path
 
 import pytest
 from helpers import REPO, gptx, write_experiment
@@ -11,15 +12,15 @@ from gptx.errors import ConfigError
 def test_shipped_experiments_validate():
     for f in sorted((REPO / "experiments").glob("*.toml")):
         cfg = load_experiment(f)
-        assert cfg.data_path.is_file(), f
+        assert Path(cfg.data.options.path).is_file(), f
         assert cfg.model.n_embd % cfg.model.n_head == 0
 
 
 def test_baseline_is_gpt2_architecture():
     cfg = load_experiment(REPO / "experiments" / "baseline.toml")
     m = cfg.model
-    assert (m.attention.kind, m.positional.kind, m.ffn.kind, m.norm.kind, m.norm.placement) == (
-        "causal", "learned", "gelu", "layernorm", "pre")
+    assert (m.attention.kind, m.positional.kind, m.ffn.kind, m.norm.kind, m.block.kind, m.block.options.placement) == (
+        "causal", "learned", "gelu", "layernorm", "sequential", "pre")
     assert m.tie_embeddings and m.bias and cfg.tokenizer.kind == "gpt2"
     assert m.norm.options.eps == 1e-5
 
@@ -42,13 +43,13 @@ def test_data_path_resolves_relative_to_the_file(tmp_path, monkeypatch):
     write_experiment(f)
     f.write_text(f.read_text().replace(str(REPO / "experiments" / "data" / "tinyshakespeare.txt"), "corpus.txt"))
     monkeypatch.chdir("/")
-    assert load_experiment(f).data_path == (tmp_path / "sub" / "corpus.txt").resolve()
+    assert Path(load_experiment(f).data.options.path) == (tmp_path / "sub" / "corpus.txt").resolve()
 
 
 def test_resolved_config_round_trips(tmp_path):
     from gptx.config import from_dict
 
-    cfg = load_experiment(write_experiment(tmp_path / "e.toml"), ["model.ffn.kind=swiglu", "model.norm.placement=post"])
+    cfg = load_experiment(write_experiment(tmp_path / "e.toml"), ["model.ffn.kind=swiglu", "model.block.placement=post"])
     again = from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert again.to_dict() == cfg.to_dict()
 
@@ -64,7 +65,8 @@ def test_resolved_config_round_trips(tmp_path):
         ("training.max_steps=0", "training.max_steps", "at least 1"),
         ("model.attention.kind=casual", "model.attention.kind", "did you mean 'causal'"),
         ("model.attention.n_kv_heads=3", "model.attention.n_kv_heads", "not divisible"),
-        ("model.norm.placement=middle", "model.norm.placement", "unknown norm_placement"),
+        ("model.block.placement=middle", "model.block.placement", "unknown norm_placement"),
+        ("model.norm.placement=middle", "model.block.placement", "unknown norm_placement"),  # the key before 0.2
         ("model.positional.kind=rope", "model.n_embd", None),  # valid: rope with head size 16
         ("training.dtype=float16", "training.dtype", "must be one of"),
         ("data.path=missing.txt", "data.path", "not found"),

@@ -105,7 +105,7 @@ def test_the_guides_example_plugin_works(tmp_path, monkeypatch):
     from gptx import registry
     from gptx.config import from_dict
     from gptx.errors import ConfigError
-    from gptx.model import build_model
+    from gptx.model import GPT
 
     (code,) = [b for b in _blocks("python") if "@gptx.hookimpl" in b and "import gptx" in b]
     path = tmp_path / "gptx_guide_example.py"
@@ -122,9 +122,9 @@ def test_the_guides_example_plugin_works(tmp_path, monkeypatch):
     model_table = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "vocab_size": 32}
     cfg = from_dict({"model": {**model_table, "ffn": {"kind": "squared_relu", "hidden": 24}}}, registry=reg)
     torch.manual_seed(0)
-    model = build_model(cfg.model)
+    model = GPT(cfg.model)
     ids = torch.randint(0, 32, (2, 8))
     assert model(ids)[0].shape == (2, 8, 32)
-    model.loss(ids[:, :-1], ids[:, 1:]).backward()
+    model.loss(ids[:, :-1], ids[:, 1:]).loss.backward()
     with pytest.raises(ConfigError, match="model.ffn.hidden: must be at least 1"):
         from_dict({"model": {**model_table, "ffn": {"kind": "squared_relu", "hidden": 0}}}, registry=reg)

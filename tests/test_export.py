@@ -14,11 +14,12 @@ from gptx import checkpoint
 from gptx import registry as registry_mod
 from gptx.base import KV_CACHE, ONNX_EXPORT
 from gptx.cli import cli
-from gptx.config import COMPONENT_SLOTS, DEFAULT_PLACEMENT, from_dict
+from gptx.config import from_dict
 from gptx.errors import GptxError
 from gptx.export import IO_CONTRACT, IO_CONTRACT_VERSION, input_names, output_names
 from gptx.export.onnx_export import export_checkpoint
 from gptx.export.runtime import OnnxGenerator, make_session
+from gptx.kinds import BY_NAME, KINDS
 from gptx.generate import generate_ids
 from gptx.model import GPT
 from gptx.sampling import Sampler
@@ -54,13 +55,14 @@ def component_matrix():
     (and each norm placement) that declares ONNX_EXPORT, with defaults elsewhere."""
     reg = registry_mod.registry()
     combos = []  # the defaults (GPT-2) are covered by the gpt2 fixture below, with the real vocabulary
-    for slot, (kind, default) in COMPONENT_SLOTS.items():
-        for name in reg.names(kind):
-            if name != default and ONNX_EXPORT in reg.get(kind, name).supports:
+    for kind in (k for k in KINDS if k.path[:1] == ("model",)):
+        slot = kind.path[1]
+        for name in reg.names(kind.name):
+            if name != kind.default and ONNX_EXPORT in reg.get(kind.name, name).supports:
                 combos.append((f"{slot}={name}", {slot: {"kind": name}}))
     for name in reg.names("norm_placement"):
-        if name != DEFAULT_PLACEMENT and ONNX_EXPORT in reg.get("norm_placement", name).supports:
-            combos.append((f"placement={name}", {"norm": {"placement": name}}))
+        if name != BY_NAME["norm_placement"].default and ONNX_EXPORT in reg.get("norm_placement", name).supports:
+            combos.append((f"placement={name}", {"block": {"placement": name}}))
     # grouped-query attention and a sliding window ride along on the attention variants
     combos.append(("attention=causal(gqa,window)", {"attention": {"kind": "causal", "n_kv_heads": 2, "window": 6}}))
     return combos
@@ -85,7 +87,7 @@ def test_matrix_covers_every_builtin_component():
     assert len(ids) == len(MATRIX)
     for expected in ("attention=einsum", "positional=rope", "positional=alibi", "positional=sinusoidal",
                      "positional=none", "ffn=swiglu", "ffn=geglu", "ffn=relu", "norm=rmsnorm",
-                     "placement=post", "placement=sandwich"):
+                     "block=parallel", "placement=post", "placement=sandwich"):
         assert expected in ids
 
 

@@ -1,14 +1,12 @@
-"""The whole menu: every registered component, in every slot, paired with the defaults elsewhere.
+"""The whole menu: every registered component, in its slot, paired with the defaults elsewhere,
+keeps the contract that ``gptx check-plugin`` checks: this module runs that very kit
+(``gptx.conformance``), so the two can never drift. A component an installed plugin registers is
+tested here too: install your plugin and run ``pytest tests/test_menu.py -k <name>`` (or simply
+``gptx check-plugin <name>``).
 
-The cases come from the plugin registry, so a component that an installed plugin registers is
-tested here too, with no change to this file: install your plugin and run
-``pytest tests/test_menu.py`` (``-k <name>`` to pick yours).
-
-For each component: a forward pass with the documented shapes, cached decoding that matches the
-uncached forward (empty past, chunked prefill, one token at a time, left padding), and a short
-training run on real text whose loss goes down clearly. Below the menu, checks of the
-alternatives against their papers (RoPE, ALiBi, sinusoidal, SwiGLU, sandwich norm, sliding
-window, grouped-query attention).
+Below the menu, checks of the alternatives against their papers (RoPE, ALiBi, sinusoidal,
+SwiGLU, sandwich norm, sliding window, grouped-query attention, mixture of experts, latent
+attention).
 """
 from __future__ import annotations
 
@@ -18,45 +16,33 @@ from pathlib import Path
 import pytest
 import torch
 
+from gptx import conformance
 from gptx import registry as registry_mod
-from gptx.base import KV_CACHE
-from gptx.config import COMPONENT_SLOTS, from_dict
+from gptx.config import from_dict
 from gptx.errors import GptxError
-from gptx.model import build_model
+from gptx.model import GPT
 
 ROOT = Path(__file__).resolve().parents[1]
-TEXT_FILES = [ROOT / "experiments" / "data" / "tinyshakespeare.txt", ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"]
-
 TINY = {"n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 64}
-B, T = 2, 20  # forward / decoding checks
-TRAIN_B, TRAIN_T, TRAIN_STEPS = 8, 32, 30
 
-
-def _text() -> str:
-    for path in TEXT_FILES:
-        if path.is_file():
-            return path.read_text(encoding="utf-8")[:20_000]
-    pytest.skip("tiny Shakespeare not found")  # pragma: no cover
+# option variants the built-in attention offers, checked like components of their own
+VARIANTS = [("attention", kind, extra) for kind in ("causal", "einsum")
+            for extra in ({"n_kv_heads": 1}, {"n_kv_heads": 2}, {"window": 5}, {"n_kv_heads": 2, "window": 3},
+                          {"qk_norm": True})]
+VARIANTS += [("attention", "latent", {"qk_norm": True, "kv_rank": 4}), ("ffn", "moe", {"n_experts": 3, "top_k": 1})]
 
 
 def _menu() -> list:
-    """(slot, table) for every registered component of every model slot, plus the option variants
-    of the built-in attention and every norm placement (with the default norm)."""
     reg = registry_mod.registry()
     cases = []
-    for slot, (kind, _default) in COMPONENT_SLOTS.items():
-        for name in reg.names(kind):
-            cases.append(pytest.param(slot, {"kind": name}, id=f"{slot}={name}"))
-    for placement in reg.names("norm_placement"):
-        cases.append(pytest.param("norm", {"kind": "layernorm", "placement": placement}, id=f"norm.placement={placement}"))
-    for attention in ("causal", "einsum"):
-        for extra in ({"n_kv_heads": 1}, {"n_kv_heads": 2}, {"window": 5}, {"n_kv_heads": 2, "window": 3}):
-            label = ",".join(f"{k}={v}" for k, v in extra.items())
-            cases.append(pytest.param("attention", {"kind": attention, **extra}, id=f"attention={attention},{label}"))
+    for entry in conformance.select(reg, [], None):
+        for check, fn in conformance.checks_for(entry, reg):
+            cases.append(pytest.param(entry.kind, entry.name, None, check, id=f"{entry.kind}={entry.name}-{check}"))
+    for kind, name, options in VARIANTS:
+        label = ",".join(f"{k}={v}" for k, v in options.items())
+        for check, fn in conformance.checks_for(reg.get(kind, name), reg, options):
+            cases.append(pytest.param(kind, name, options, check, id=f"{kind}={name},{label}-{check}"))
     return cases
-
-
-MENU = _menu()
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -69,6 +55,23 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.mark.parametrize("kind,name,options,check", _menu())
+def test_component_keeps_the_contract(kind, name, options, check):
+    reg = registry_mod.registry()
+    fn = dict(conformance.checks_for(reg.get(kind, name), reg, options))[check]
+    if fn is None:
+        pytest.skip(f"{kind} '{name}' does not declare what '{check}' checks")
+    torch.manual_seed(0)
+    try:
+        fn()
+    except conformance.CheckFailed as err:
+        pytest.fail(f"{kind} '{name}': {check}: {err}")
+    except GptxError as err:
+        if kind == "tokenizer" and "offline" in str(err):  # a tiktoken encoding whose files are not here
+            pytest.skip(f"tokenizer '{name}' cannot be built offline here: {err}")
+        raise
+
+
 def make_config(slot: str | None = None, table: dict | None = None, vocab_size: int = 256, **model):
     raw_model = {**TINY, "vocab_size": vocab_size, **model}
     if slot is not None:
@@ -78,162 +81,14 @@ def make_config(slot: str | None = None, table: dict | None = None, vocab_size: 
 
 def make_model(slot=None, table=None, seed=0, **model):
     torch.manual_seed(seed)
-    return build_model(make_config(slot, table, **model)).eval()
-
-
-def _entry(slot, table):
-    kind = COMPONENT_SLOTS[slot][0]
-    return registry_mod.registry().get(kind, table["kind"])
-
-
-# ---- the menu ---------------------------------------------------------------------------------
-
-@pytest.mark.parametrize("slot,table", MENU)
-def test_forward_shapes(slot, table):
-    model = make_model(slot, table)
-    cfg = model.config
-    ids = torch.randint(0, cfg.vocab_size, (B, T))
-    logits, presents = model(ids)
-    assert logits.shape == (B, T, cfg.vocab_size)
-    assert torch.isfinite(logits).all()
-    assert len(presents) == cfg.n_layer
-    K = model.kv_heads
-    assert K == (table.get("n_kv_heads") or cfg.n_head)
-    for k, v in presents:
-        assert k.shape == v.shape == (B, K, T, cfg.head_dim)
-
-
-@pytest.mark.parametrize("slot,table", MENU)
-def test_cached_decoding_matches_uncached(slot, table):
-    entry = _entry(slot, table)
-    if KV_CACHE not in entry.supports:
-        pytest.skip(f"{slot} '{table['kind']}' does not declare {KV_CACHE}")
-    model = make_model(slot, table, seed=1)
-    ids = torch.randint(0, model.config.vocab_size, (B, T))
-    with torch.no_grad():
-        full, _ = model(ids)
-
-        def decode(chunks):
-            past, out = model.empty_cache(B), []
-            for a, b in chunks:
-                logits, past = model(ids[:, a:b], past_key_values=past)
-                out.append(logits)
-            assert past[0][0].shape[2] == T
-            return torch.cat(out, dim=1)
-
-        at_once = decode([(0, T)])  # an empty (zero-length) past
-        chunked = decode([(0, 7), (7, 8), (8, 13), (13, T)])  # chunked prefill, including a 1-token chunk
-        stepwise = decode([(0, 5)] + [(t, t + 1) for t in range(5, T)])  # prefill, then 1-token steps
-    for got in (at_once, chunked, stepwise):
-        torch.testing.assert_close(got, full, atol=2e-5, rtol=1e-4)
-
-
-@pytest.mark.parametrize("slot,table", MENU)
-def test_left_padding_matches_unpadded(slot, table):
-    """A left-padded batch (attention_mask, position ids from the mask) gives each real token the
-    logits it gets alone, prefill and then cached steps: masks come from slots, not sizes."""
-    entry = _entry(slot, table)
-    if KV_CACHE not in entry.supports:
-        pytest.skip(f"{slot} '{table['kind']}' does not declare {KV_CACHE}")
-    model = make_model(slot, table, seed=2)
-    V, pad, steps = model.config.vocab_size, 4, 3
-    long = torch.randint(0, V, (1, 12 + steps))
-    short = torch.randint(0, V, (1, 12 - pad + steps))
-    with torch.no_grad():
-        alone = [model(long)[0], model(short)[0]]
-        ids = torch.cat([long[:, :12], torch.cat([torch.zeros(1, pad, dtype=torch.long), short[:, : 12 - pad]], 1)])
-        mask = torch.ones(2, 12, dtype=torch.long)
-        mask[1, :pad] = 0
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        logits, past = model(ids, pos, mask, model.empty_cache(2))
-        got = [logits[0], logits[1, pad:]]
-        for s in range(steps):
-            nxt = torch.stack([long[0, 12 + s], short[0, 12 - pad + s]])[:, None]
-            pos = pos[:, -1:] + 1
-            mask = torch.cat([mask, mask.new_ones(2, 1)], 1)
-            step, past = model(nxt, pos, mask, past)
-            got = [torch.cat([got[0], step[0]]), torch.cat([got[1], step[1]])]
-    torch.testing.assert_close(got[0], alone[0][0], atol=2e-5, rtol=1e-4)
-    torch.testing.assert_close(got[1], alone[1][0], atol=2e-5, rtol=1e-4)
-
-
-def train(model, ids: torch.Tensor, steps: int = TRAIN_STEPS, lr: float = 1e-2) -> list[float]:
-    """AdamW on one fixed batch; returns the loss at every step."""
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    losses = []
-    for _ in range(steps):
-        loss = model.loss(ids[:, :-1], ids[:, 1:])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        losses.append(loss.item())
-    return losses
-
-
-def text_batch(tokenizer, b=TRAIN_B, t=TRAIN_T) -> torch.Tensor:
-    ids = torch.tensor(tokenizer.encode(_text()[: 40 * b * t]))
-    starts = torch.arange(b) * (len(ids) // b)
-    return torch.stack([ids[s : s + t + 1] for s in starts])  # [b, t + 1]
-
-
-@pytest.fixture(scope="module")
-def byte_batch():
-    return text_batch(registry_mod.registry().get("tokenizer", "byte").cls(None))
-
-
-def assert_learns(losses: list[float]):
-    first, last = losses[0], min(losses[-3:])
-    assert all(math.isfinite(x) for x in losses), losses
-    assert last < 0.7 * first, f"loss {first:.3f} -> {last:.3f}: not clearly down ({[round(x, 2) for x in losses]})"
-
-
-@pytest.mark.parametrize("slot,table", MENU)
-def test_short_training_run_learns(slot, table, byte_batch):
-    model = make_model(slot, table, seed=3)
-    assert_learns(train(model, byte_batch))
-
-
-# ---- tokenizers -------------------------------------------------------------------------------
-
-TOKENIZERS = [pytest.param(name, id=f"tokenizer={name}") for name in registry_mod.registry().names("tokenizer")]
-
-
-def build_tokenizer(name: str, options: dict | None = None):
-    spec = from_dict({"tokenizer": {"kind": name, **(options or {})}}).tokenizer
-    try:
-        tok = spec.cls(spec.options, None)
-    except GptxError as err:  # e.g. a tiktoken encoding whose files cannot be fetched offline
-        pytest.skip(f"tokenizer '{name}' cannot be built here: {err}")
-    if tok.requires_fit:
-        assert tok.state() == {}, "a tokenizer that learns from data must have an empty state() until fitted"
-        tok.fit(_text())
-        assert tok.state(), "a fitted tokenizer's state() must hold its vocabulary"
-    return tok
-
-
-@pytest.mark.parametrize("name", TOKENIZERS)
-def test_tokenizer_round_trip_and_training(name):
-    tok = build_tokenizer(name)
-    text = _text()[:2000].rsplit("\n", 1)[0] + "\n"  # whole lines: a learned vocabulary may be word-level
-    ids = tok.encode(text)
-    assert ids and all(isinstance(i, int) and 0 <= i < tok.vocab_size for i in ids)
-    assert tok.decode(ids) == text
-    assert tok.eot_id is None or 0 <= tok.eot_id < tok.vocab_size
-    state = tok.state()
-    again = type(tok)(tok.options, state)  # the checkpoint path: options + state rebuild it
-    assert again.encode(text) == ids
-    # a tiny model on this vocabulary trains (fewer, shorter sequences: vocabularies can be 50k+)
-    torch.manual_seed(4)
-    model = build_model(make_config(vocab_size=tok.vocab_size, n_layer=1))
-    assert_learns(train(model, text_batch(tok, b=4, t=16), steps=20, lr=2e-2))
+    return GPT(make_config(slot, table, **model)).eval()
 
 
 def test_tiktoken_by_name_offline_or_clear_error():
     """``tiktoken`` with ``encoding = "gpt2"`` works offline from the shipped files; another
     encoding either loads (files cached or network) or fails naming TIKTOKEN_CACHE_DIR."""
-    gpt2 = build_tokenizer("tiktoken", {"encoding": "gpt2"})
+    spec = from_dict({"tokenizer": {"kind": "tiktoken", "encoding": "gpt2"}}).tokenizer
+    gpt2 = spec.cls(spec.options, None)
     assert gpt2.vocab_size == 50257 and gpt2.encode("Hello world") == [15496, 995]
     spec = from_dict({"tokenizer": {"kind": "tiktoken", "encoding": "cl100k_base"}}).tokenizer
     try:
@@ -445,7 +300,8 @@ def test_invalid_options_are_refused_with_their_key():
         ({"positional": {"kind": "sinusoidal", "scale": 0}}, "model.positional.scale"),
         ({"ffn": {"kind": "swiglu", "hidden": 0}}, "model.ffn.hidden"),
         ({"norm": {"kind": "rmsnorm", "eps": 0}}, "model.norm.eps"),
-        ({"norm": {"kind": "layernorm", "placement": "middle"}}, "model.norm.placement"),
+        ({"block": {"kind": "sequential", "placement": "middle"}}, "model.block.placement"),
+        ({"norm": {"kind": "layernorm", "placement": "middle"}}, "model.block.placement"),  # a config of gptx < 0.2
         ({"positional": {"kind": "rope"}, "n_head": 4, "n_embd": 12}, "model.n_embd"),  # odd head size 3
     ]
     for model, key in cases:
@@ -457,20 +313,66 @@ def test_invalid_options_are_refused_with_their_key():
 @pytest.mark.parametrize(
     "name,choices",
     [
-        ("gpt_lite", {"attention": ("einsum", None), "positional": ("sinusoidal", None), "ffn": ("relu", None),
-                      "norm": ("layernorm", "post")}),
-        ("modern", {"attention": ("causal", None), "positional": ("rope", None), "ffn": ("swiglu", None),
-                    "norm": ("rmsnorm", "pre")}),
+        ("gpt_lite", {"attention": "einsum", "positional": "sinusoidal", "ffn": "relu", "norm": "layernorm",
+                      "block": "sequential"}),
+        ("modern", {"attention": "causal", "positional": "rope", "ffn": "swiglu", "norm": "rmsnorm",
+                    "block": "sequential"}),
     ],
 )
 def test_experiment_files_make_the_choices_they_describe(name, choices):
     from gptx.config import load_experiment
 
     cfg = load_experiment(ROOT / "experiments" / f"{name}.toml")
-    for slot, (kind, placement) in choices.items():
-        spec = getattr(cfg.model, slot)
-        assert (spec.kind, spec.placement) == (kind, placement), slot
+    for slot, kind in choices.items():
+        assert getattr(cfg.model, slot).kind == kind, slot
+    assert cfg.model.block.options.placement == {"gpt_lite": "post", "modern": "pre"}[name]
     assert cfg.tokenizer.kind == "char"
-    assert cfg.data_path == (ROOT / "experiments" / "data" / "tinyshakespeare.txt").resolve()
+    assert Path(cfg.data.options.path) == (ROOT / "experiments" / "data" / "tinyshakespeare.txt").resolve()
     if name == "modern":
         assert 1 < cfg.model.attention.options.n_kv_heads < cfg.model.n_head  # grouped-query, not MHA or MQA
+
+
+def test_mixture_of_experts_routes_top_k_and_balances_the_load():
+    """Switch/GShard: each token's output mixes its top-k experts by renormalised router
+    probabilities; the load-balancing loss is E * sum_i f_i * P_i; the export's dense form (every
+    expert, weighted) equals the training dispatch; flops count the active experts only."""
+    cfg = make_config("ffn", {"kind": "moe", "n_experts": 4, "top_k": 2, "hidden": 16})
+    torch.manual_seed(0)
+    moe = cfg.ffn.cls(cfg, cfg.ffn.options).train()
+    x = torch.randn(2, 5, cfg.n_embd)
+    y, aux = moe(x)
+    flat = x.reshape(10, -1)
+    probs = moe.router(flat).softmax(-1)  # [10, 4]
+    w, idx = probs.topk(2, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    want = torch.stack([sum(w[n, j] * moe.expert(int(idx[n, j]), flat[n:n + 1])[0] for j in range(2)) for n in range(10)])
+    torch.testing.assert_close(y.reshape(10, -1), want, atol=1e-6, rtol=1e-5)
+    f = torch.bincount(idx.reshape(-1), minlength=4).float() / idx.numel()
+    value, weight = aux.losses["load_balance"]
+    assert value.item() == pytest.approx(4 * (f * probs.mean(0)).sum().item(), rel=1e-6) and weight == 0.01
+    assert [aux.metrics[f"expert_load.{e}"].item() for e in range(4)] == pytest.approx(f.tolist())
+    torch.testing.assert_close(moe.dense(flat, *moe.route(flat)[2:]), moe.dispatch(flat, *moe.route(flat)[2:]))
+    model = GPT(make_config("ffn", {"kind": "moe", "n_experts": 4, "top_k": 2, "hidden": 16}))
+    per_expert = sum(p.numel() for p in model.blocks[0].mlp.experts[0].parameters())
+    assert model.num_params() - model.active_params() == TINY["n_layer"] * 2 * per_expert
+
+
+def test_latent_attention_caches_a_latent_much_smaller_than_keys_and_values():
+    """DeepSeek-V2's MLA: the cache is a [B, S, kv_rank] latent (+ a [B, S, head_dim] rotated key
+    under RoPE), not keys and values [B, H, S, D] x 2."""
+    causal = make_model(n_embd=64, n_head=4)
+    latent = make_model("attention", {"kind": "latent", "kv_rank": 16}, n_embd=64, n_head=4)
+    rope = make_model("attention", {"kind": "latent", "kv_rank": 16}, n_embd=64, n_head=4, positional={"kind": "rope"})
+    per_token = lambda m: sum(math.prod(d for d in t.dims if isinstance(d, int)) for t in m.cache_layouts()[0])  # noqa: E731
+    assert per_token(causal) == 2 * 64 and per_token(latent) == 16 and per_token(rope) == 16 + 16
+    with pytest.raises(Exception, match="rope_dim"):
+        make_config("attention", {"kind": "latent", "rope_dim": 4}, positional={"kind": "rope"})  # head size 8
+
+
+def test_qk_norm_gives_queries_and_keys_unit_rms_per_head():
+    model = make_model("attention", {"kind": "causal", "qk_norm": True})
+    attn = model.blocks[0].attn
+    q = torch.randn(2, 4, 5, 8) * 7
+    k = torch.randn(2, 4, 5, 8) * 0.1
+    qn, kn = attn._qk_normed(q, k)
+    assert qn.pow(2).mean(-1).sqrt().sub(1).abs().max() < 1e-3 and kn.pow(2).mean(-1).sqrt().sub(1).abs().max() < 1e-3

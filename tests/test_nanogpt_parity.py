@@ -26,10 +26,9 @@ from helpers import REPO
 
 from gptx import distributed
 from gptx.config import load_experiment
-from gptx.data import load_dataset
 from gptx.model import GPT
 from gptx.plugins.tokenizers import CharTokenizer
-from gptx.train import build_optimizer, lr_at, make_train_step
+from gptx.train import BatchSplit, TrainStep, build_optimizer, build_schedule, set_lr
 
 # step: (train loss, val loss), as nanoGPT logged them
 EXPECTED = {
@@ -44,7 +43,10 @@ def test_gptx_fed_nanogpts_batches_reproduces_its_log():
     cfg = load_experiment(REPO / "experiments" / "shakespeare_char.toml")
     tc = cfg.training
     tokenizer = CharTokenizer(None)
-    data = load_dataset(cfg, tokenizer)
+    dataset = cfg.data.cls(cfg.data.options, base_dir=cfg.base_dir, tokenizer=tokenizer,
+                           block_size=cfg.model.block_size, seed=tc.seed)
+    dataset.prepare()
+    data = dataset.splits  # the token arrays: nanoGPT samples its windows from them itself
     cfg.model.vocab_size = tokenizer.vocab_size
     n = len(data.train) + len(data.val)
     assert (tokenizer.vocab_size, len(data.train), len(data.val)) == (65, int(n * 0.9), n - int(n * 0.9))
@@ -53,7 +55,8 @@ def test_gptx_fed_nanogpts_batches_reproduces_its_log():
     model = GPT(cfg.model)
     device = torch.device("cpu")
     dist = distributed.setup(device, "ddp")
-    train_step = make_train_step(model, model, build_optimizer(model, tc, device, dist), tc, dist, device)
+    optimizer, schedule = build_optimizer(cfg, model, device), build_schedule(cfg)
+    train_step = TrainStep(model, optimizer, tc, dist, device, BatchSplit.plan(tc))
     T, B = cfg.model.block_size, tc.batch_size
 
     def nanogpt_batch(split):  # [B, T] inputs and targets, from the global generator
@@ -65,7 +68,7 @@ def test_gptx_fed_nanogpts_batches_reproduces_its_log():
     def estimate():  # nanoGPT's estimate_loss: the mean of 20 fresh batches per split
         model.eval()
         with torch.no_grad():
-            out = tuple(float(torch.stack([model.loss(*nanogpt_batch(s)) for _ in range(tc.eval_steps)]).mean())
+            out = tuple(float(torch.stack([model.loss(*nanogpt_batch(s)).ce for _ in range(tc.eval_steps)]).mean())
                         for s in ("train", "val"))
         model.train()
         return out
@@ -78,7 +81,8 @@ def test_gptx_fed_nanogpts_batches_reproduces_its_log():
         if it == steps:
             break
         batch, (x, y) = (x, y), nanogpt_batch("train")
-        train_step(*batch, lr_at(it, tc))
+        set_lr(optimizer, schedule.factor(it))
+        train_step(*batch)
     expected = {it: EXPECTED[it] for it in seen}
     assert len(expected) >= 2
     assert seen == {it: pytest.approx(v, abs=6e-4) for it, v in expected.items()}, (seen, expected)

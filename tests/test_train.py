@@ -15,19 +15,27 @@ import torch
 from helpers import REPO, gptx, write_experiment
 
 from gptx.config import load_experiment
-from gptx.data import load_dataset
 from gptx.plugins.tokenizers import GPT2Tokenizer
-from gptx.train import lr_at, train
+from gptx.train import build_schedule, train
 
 
 def test_lr_schedule_warmup_cosine_floor():
     cfg = load_experiment(REPO / "experiments" / "shakespeare_char.toml")
-    tc = cfg.training
-    assert lr_at(0, tc) == pytest.approx(1e-3 / 101)
-    assert lr_at(99, tc) == pytest.approx(1e-3 * 100 / 101)
-    assert lr_at(100, tc) == pytest.approx(1e-3)
-    assert lr_at(1050, tc) == pytest.approx(1e-4 + 0.5 * 0.9e-3)
-    assert lr_at(2000, tc) == pytest.approx(1e-4) and lr_at(5000, tc) == pytest.approx(1e-4)
+    lr = cfg.training.learning_rate
+    lr_at = lambda step: lr * build_schedule(cfg).factor(step)  # noqa: E731
+    assert lr_at(0) == pytest.approx(1e-3 / 101)
+    assert lr_at(99) == pytest.approx(1e-3 * 100 / 101)
+    assert lr_at(100) == pytest.approx(1e-3)
+    assert lr_at(1050) == pytest.approx(1e-4 + 0.5 * 0.9e-3)
+    assert lr_at(2000) == pytest.approx(1e-4) and lr_at(5000) == pytest.approx(1e-4)
+
+
+def load_dataset(cfg, tokenizer):
+    """The experiment's dataset, prepared (read, tokenized through the cache, split)."""
+    ds = cfg.data.cls(cfg.data.options, base_dir=cfg.base_dir, tokenizer=tokenizer,
+                      block_size=cfg.model.block_size, seed=cfg.training.seed)
+    ds.prepare()
+    return ds
 
 
 def test_data_is_tokenized_once_cached_and_split(tmp_path):
@@ -36,12 +44,13 @@ def test_data_is_tokenized_once_cached_and_split(tmp_path):
     ds = load_dataset(cfg, tok)
     cached = list((Path(os.environ["GPTX_CACHE_DIR"]) / "tokens").glob("*.uint16"))
     assert cached, "token cache not written"
-    assert ds.train.dtype == np.uint16
-    total = len(ds.train) + len(ds.val)
-    assert len(ds.train) == int(total * 0.9)  # nanoGPT's split
-    assert list(ds.train[:4]) == tok.encode(cfg.data_path.read_text()[:40])[:4]
+    train_tokens, val_tokens = ds.splits.train, ds.splits.val
+    assert train_tokens.dtype == np.uint16
+    total = len(train_tokens) + len(val_tokens)
+    assert len(train_tokens) == int(total * 0.9)  # nanoGPT's split
+    assert list(train_tokens[:4]) == tok.encode(Path(cfg.data.options.path).read_text()[:40])[:4]
     again = load_dataset(cfg, tok)
-    assert isinstance(again.train.base, np.memmap) or isinstance(again.train, np.memmap)
+    assert isinstance(again.splits.train.base, np.memmap) or isinstance(again.splits.train, np.memmap)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     x1, y1 = ds.windows("train", 5, g1)
     x2, y2 = again.windows("train", 5, g2)
@@ -65,8 +74,8 @@ def test_final_val_loss_is_the_mean_over_the_whole_validation_split(tmp_path):
     ck = checkpoint.load(result.checkpoint)
     ds = load_dataset(cfg, ck.tokenizer)
     T = cfg.model.block_size
-    n = (len(ds.val) - 1) // T
-    val = torch.from_numpy(np.asarray(ds.val, dtype=np.int64))
+    n = (len(ds.splits.val) - 1) // T
+    val = torch.from_numpy(np.asarray(ds.splits.val, dtype=np.int64))
     x, y = val[: n * T].view(n, T), val[1: n * T + 1].view(n, T)  # every window, independently cut
     with torch.no_grad():
         expected = torch.nn.functional.cross_entropy(ck.model(x)[0].reshape(n * T, -1), y.reshape(-1)).item()

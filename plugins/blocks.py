@@ -1,0 +1,78 @@
+"""Blocks: how one layer wires attention, the feed-forward network and norms around the residual
+stream. ``sequential`` is GPT-2's layer (attention, then FFN, each wrapped by a norm placement);
+``parallel`` is GPT-J's and PaLM's (both branches read one normalised input)."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+
+import gptx
+from gptx.components import Aux, Block, split_aux
+
+
+class Captured:
+    """A placement's branch: calls a component on [B, T, C] and keeps what it returns besides the
+    new [B, T, C] (an attention's present, anyone's Aux) for the block to hand on."""
+
+    def __init__(self, component: Callable, parts: int):
+        self.component, self.parts = component, parts
+        self.rest: tuple = ()
+        self.aux: Optional[Aux] = None
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:  # [B, T, C] -> [B, T, C]
+        outs, self.aux = split_aux(self.component(h), self.parts)
+        self.rest = outs[1:]
+        return outs[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class SequentialOptions:
+    # where the norms sit around each branch: pre (GPT-2), post (original Transformer), sandwich, or a plugin's
+    placement: str = dataclasses.field(default="pre", metadata={"kind": "norm_placement"})
+
+
+class SequentialBlock(Block):
+    """GPT-2's layer: x = placement(x, attention); x = placement(x, ffn)."""
+
+    Options = SequentialOptions
+
+    def __init__(self, config, options: SequentialOptions, layer: int):
+        super().__init__(config, options, layer)
+        placement = config.block.refs["placement"].cls  # the NormPlacement class the option names
+        self.attn = self.make_attention()
+        self.mlp = self.make_ffn()
+        self.attn_norm = placement(self.make_norm, None)  # owns the norm(s) around attention
+        self.mlp_norm = placement(self.make_norm, None)  # owns the norm(s) around the MLP
+        self.final_norm = placement.final_norm
+
+    def forward(self, x, positions, positional, past, attention_mask):
+        attention = Captured(lambda h: self.attn(h, positions, positional, past, attention_mask), parts=2)
+        ffn = Captured(self.mlp, parts=1)
+        x = self.attn_norm(x, attention)  # [B, T, C]
+        x = self.mlp_norm(x, ffn)  # [B, T, C]
+        return x, attention.rest[0], Aux.merged(attn=attention.aux, ffn=ffn.aux)
+
+
+class ParallelBlock(Block):
+    """GPT-J / PaLM (Chowdhery et al. 2022, sec. 2): x + attn(norm(x)) + ffn(norm(x)), one shared
+    pre-norm; the model adds a final norm."""
+
+    def __init__(self, config, options, layer: int):
+        super().__init__(config, options, layer)
+        self.attn = self.make_attention()
+        self.mlp = self.make_ffn()
+        self.norm = self.make_norm()
+
+    def forward(self, x, positions, positional, past, attention_mask):
+        h = self.norm(x)  # [B, T, C]
+        (y, present), attn_aux = split_aux(self.attn(h, positions, positional, past, attention_mask), 2)  # [B, T, C]
+        (m,), ffn_aux = split_aux(self.mlp(h), 1)  # [B, T, C]
+        return x + y + m, present, Aux.merged(attn=attn_aux, ffn=ffn_aux)  # [B, T, C]
+
+
+@gptx.hookimpl(trylast=True)
+def register_block(register):
+    register("sequential", SequentialBlock)
+    register("parallel", ParallelBlock)

@@ -1,0 +1,126 @@
+"""Optimizers: AdamW (nanoGPT's, the default) and Muon (the optimizer behind the modded-nanogpt
+speedrun records), each building torch's own implementation."""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Optional
+
+import torch
+
+import gptx
+from gptx.components import Optimizer
+from gptx.optim import Chain
+
+
+def _check_betas(beta1: float, beta2: float, eps: float) -> None:
+    for name, value in (("beta1", beta1), ("beta2", beta2)):
+        if not 0 <= value < 1:
+            raise ValueError((name, f"must be in [0, 1), got {value}"))
+    if not eps > 0:
+        raise ValueError(("eps", f"must be positive, got {eps}"))
+
+
+def _is_sharded(params) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in params)
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamWOptions:
+    beta1: float = 0.9
+    beta2: float = 0.95
+    weight_decay: float = 0.1  # on 2-D weights only (matmuls, embeddings); never biases or norm gains
+    eps: float = 1e-8
+    fused: Optional[bool] = None  # None: torch's fused kernel on CPU and CUDA (not on FSDP-sharded parameters)
+
+    def __post_init__(self):
+        _check_betas(self.beta1, self.beta2, self.eps)
+        if self.weight_decay < 0:
+            raise ValueError(("weight_decay", f"must not be negative, got {self.weight_decay}"))
+
+
+class AdamW(Optimizer):
+    """AdamW (Loshchilov & Hutter 2019) with nanoGPT's two groups: decay on 2-D weights only."""
+
+    Options = AdamWOptions
+
+    def build(self, named_parameters, device):
+        o = self.options
+        decay = [p for _, p in named_parameters if p.dim() >= 2]  # matmuls and embeddings
+        no_decay = [p for _, p in named_parameters if p.dim() < 2]  # biases and norm gains
+        fused = o.fused if o.fused is not None else device.type in ("cuda", "cpu") and not _is_sharded(decay)
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        return torch.optim.AdamW(groups, lr=self.training.learning_rate, betas=(o.beta1, o.beta2), eps=o.eps,
+                                 **({"fused": True} if fused else {}))
+
+
+@dataclasses.dataclass(frozen=True)
+class MuonOptions:
+    lr: float = 0.02  # Muon's learning rate for the hidden 2-D matrices (attention and FFN weights)
+    momentum: float = 0.95
+    nesterov: bool = True
+    ns_steps: int = 5  # Newton-Schulz iterations per update
+    weight_decay: float = 0.0  # decoupled, on the Muon matrices
+    adjust_lr_fn: Literal["original", "match_rms_adamw"] = "original"  # Keller's sqrt(max(1, A/B)) or Moonshot's 0.2 sqrt(max(A, B))
+    # AdamW on everything else, each group with its own peak learning rate (None: training.learning_rate)
+    embedding_lr: Optional[float] = None  # token (and learned position) embeddings; the tied LM head with them
+    head_lr: Optional[float] = None  # an untied LM head
+    scalar_lr: Optional[float] = None  # norm gains, biases, and any parameter that is not a 2-D matrix
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+    def __post_init__(self):
+        _check_betas(self.beta1, self.beta2, self.eps)
+        for name in ("lr", "embedding_lr", "head_lr", "scalar_lr"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError((name, f"must be positive, got {value}"))
+        if not 0 <= self.momentum < 1:
+            raise ValueError(("momentum", f"must be in [0, 1), got {self.momentum}"))
+        if not 1 <= self.ns_steps <= 100:
+            raise ValueError(("ns_steps", f"must be between 1 and 100, got {self.ns_steps}"))
+        if self.weight_decay < 0:
+            raise ValueError(("weight_decay", f"must not be negative, got {self.weight_decay}"))
+
+
+class Muon(Optimizer):
+    """Muon (Jordan et al. 2024; ``torch.optim.Muon``): momentum orthogonalised by Newton-Schulz
+    iterations, for the 2-D weight matrices inside the blocks; AdamW for the embeddings, the LM
+    head, and every gain, bias or other tensor (Muon is defined for matrices only)."""
+
+    Options = MuonOptions
+    sharded_ok = False  # Newton-Schulz needs whole matrices, not FSDP shards
+
+    def groups(self, named_parameters) -> dict[str, list]:
+        """Parameters by role: matrices (Muon), embeddings, head, scalars (AdamW)."""
+        roles: dict[str, list] = {"matrices": [], "embeddings": [], "head": [], "scalars": []}
+        for name, p in named_parameters:
+            if name.startswith("lm_head."):
+                roles["head"].append(p)
+            elif name.startswith(("wte.", "positional.")) and p.dim() == 2:
+                roles["embeddings"].append(p)
+            elif name.startswith("blocks.") and p.dim() == 2:
+                roles["matrices"].append(p)
+            else:
+                roles["scalars"].append(p)
+        return roles
+
+    def build(self, named_parameters, device):
+        o, base = self.options, self.training.learning_rate
+        roles = self.groups(named_parameters)
+        muon = torch.optim.Muon(roles["matrices"], lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
+                                nesterov=o.nesterov, ns_steps=o.ns_steps, adjust_lr_fn=o.adjust_lr_fn)
+        adam_groups = [{"params": roles[role], "lr": lr or base}
+                       for role, lr in (("embeddings", o.embedding_lr), ("head", o.head_lr), ("scalars", o.scalar_lr))
+                       if roles[role]]
+        adamw = torch.optim.AdamW(adam_groups, lr=base, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0,
+                                  **({"fused": True} if device.type in ("cuda", "cpu") else {}))
+        return Chain(muon, adamw)
+
+
+@gptx.hookimpl(trylast=True)
+def register_optimizer(register):
+    register("adamw", AdamW)
+    register("muon", Muon)

@@ -1,0 +1,1 @@
+"""Example gptx model plugin (see plugin.py)."""

@@ -1,0 +1,1 @@
+"""Example gptx training plugin (see plugin.py)."""

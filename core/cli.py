@@ -97,6 +97,71 @@ class GptxGroup(click.Group):
         return cmd
 
 
+class OneLineUsageError(click.ClickException):
+    """A usage error printed as ``Error: --option: problem`` (exit 2), like every other gptx error."""
+
+    exit_code = 2
+
+
+def one_line(err: click.UsageError) -> str:
+    if isinstance(err, click.BadParameter) and not isinstance(err, click.MissingParameter) and err.param is not None:
+        param = err.param
+        where = max(param.opts, key=len) if isinstance(param, click.Option) and param.opts else param.human_readable_name
+        return f"{where}: {err.message}"
+    return " ".join(err.format_message().split())
+
+
+class GptxCommand(click.Command):
+    """A command whose usage errors (a bad option value, a missing argument, an unknown option)
+    are one line and exit 2, instead of click's Usage/Try/Error block. Reusable: pass
+    ``cls=GptxCommand`` (the lead may make it the group's default ``command_class``)."""
+
+    def make_context(self, info_name, args, parent=None, **extra):
+        try:
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as err:
+            raise OneLineUsageError(one_line(err)) from None
+
+
+class BoundedInt(click.ParamType):
+    """An integer in [low, high]; anything else (text, 2**70, a float) is a one-line error."""
+
+    name = "integer"
+
+    def __init__(self, low: int, high: int):
+        self.low, self.high = low, high
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            text = str(value).strip()
+            if not text.lstrip("+-").isdigit():
+                self.fail(f"expected an integer, got {value!r}", param, ctx)
+            number = int(text)
+        if not self.low <= number <= self.high:
+            self.fail(f"must be from {self.low} to {self.high}, got {number}", param, ctx)
+        return number
+
+
+class OpenUnitFloat(click.ParamType):
+    """A number strictly between 0 and 1 (a significance level): NaN, inf, 0, 1 are errors."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"expected a number, got {value!r}", param, ctx)
+        if not 0.0 < number < 1.0:  # NaN fails too
+            self.fail(f"must be a number strictly between 0 and 1, got {value}", param, ctx)
+        return number
+
+
+OPEN_UNIT = OpenUnitFloat()
+
+
 @click.group(cls=GptxGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="gptx")
 def cli():
@@ -328,28 +393,71 @@ def export(source, out_dir, opset, quantize, force, track):
     export_checkpoint(source, out_dir, opset=opset, quantize=quantize, force=force, track=track, log=click.echo)
 
 
-@cli.command()
+@cli.command(cls=GptxCommand)
 @click.argument("base", type=click.Path(dir_okay=False))
 @click.option("--vary", multiple=True, required=True, metavar="KEY.PATH=V1,V2,...", help="Values to try for one key; several --vary make a grid.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a value in every variant.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result rows as JSON.")
+@click.option("--seeds", default=1, show_default=True, type=BoundedInt(1, 1000),
+              help="Train every variant with N seeds: training.seed, +1, ... (the same for every variant).")
+@click.option("--alpha", default=0.05, show_default=True, type=OPEN_UNIT,
+              help="Mark differences to the base variant significant below this p-value (Welch's t-test).")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 @friendly
-def sweep(base, vary, overrides, as_json, quiet):
-    """Train every combination of --vary values over BASE (one MLflow run each, under one
-    parent run) and compare them: val loss, tokens/s, parameters."""
+def sweep(base, vary, overrides, seeds, alpha, as_json, quiet):
+    """Train every combination of --vary values over BASE, each with --seeds seeds (one MLflow run
+    each, under one parent run; one run directory each in runs/<experiment>/sweep-<timestamp>/),
+    and compare them against the first variant: mean ± std of the final val loss, 95% CI, difference
+    and p-value, tokens/s, wall time; loss curves in loss_curves.png."""
     from pathlib import Path
 
+    from gptx import compare
     from gptx import sweep as sweep_mod
+    from gptx.train import Interrupted
 
     registry()
-    parent, rows = sweep_mod.sweep(Path(base), list(vary), list(overrides), progress=not quiet)
+    try:
+        result = sweep_mod.sweep(Path(base), list(vary), list(overrides), seeds=seeds, alpha=alpha, progress=not quiet)
+    except Interrupted as err:
+        click.echo(f"Stopped: {err}. The sweep's finished runs stay in its folder; compare them with: gptx compare FOLDER", err=True)
+        sys.exit(err.exit_code)
+    _print_comparison(result, as_json)
+
+
+@cli.command(cls=GptxCommand)
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--alpha", default=0.05, show_default=True, type=OPEN_UNIT,
+              help="Mark differences to the base group significant below this p-value (Welch's t-test).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=__import__("pathlib").Path), default=None,
+              help="New (or empty) folder for compare.json and loss_curves.png [default: runs/compare-<timestamp>].")
+@click.option("--tracking-uri", default=None, help="MLflow store of run ids [default: $MLFLOW_TRACKING_URI, else ./mlflow.db].")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@friendly
+def compare(runs, alpha, out, tracking_uri, as_json):
+    """Compare finished RUNS (run directories, sweep folders, MLflow run ids or runs:/<id>; a
+    sweep's parent run id stands for its runs): grouped by the settings that differ between them
+    (runs differing only in training.seed form one group), each group against the first as in
+    gptx sweep: table, JSON and loss curves."""
+    from gptx import compare as compare_mod
+
+    result, warnings = compare_mod.compare(list(runs), alpha, out, tracking_uri)
+    for line in warnings:
+        click.echo(f"Warning: {line}", err=True)
+    _print_comparison(result, as_json)
+
+
+def _print_comparison(result: dict, as_json: bool) -> None:
+    from gptx.compare import table
+
     if as_json:
-        click.echo(json.dumps({"parent_run_id": parent, "variants": rows}, indent=2))
-    else:
-        click.echo(sweep_mod.table(rows))
-        if parent:
-            click.echo(f"MLflow parent run: {parent}")
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(table(result))
+    click.echo(f"\nfolder: {result['folder']}")
+    for path in result.get("plots", []):
+        click.echo(f"plot: {path}")
+    if result.get("parent_run_id"):
+        click.echo(f"MLflow parent run: {result['parent_run_id']}")
 
 
 # ---- bench ----------------------------------------------------------------------------------

@@ -289,7 +289,9 @@ def prepare(cfg: ExperimentConfig, resume: bool):
     return tokenizer, dataset, resume_dir
 
 
-def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) -> TrainResult:
+def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True,
+          run_dir: Optional[Path] = None) -> TrainResult:  # [compare] run_dir: a new, empty folder the caller made (gptx sweep)
+    from gptx import metrics_log  # [compare]
     from gptx import registry as registry_mod
     from gptx import tracking
     from gptx.generate import generate_ids
@@ -324,7 +326,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
         start_step, history = int(state["step"]), list(json.loads(state.get("history", "[]")))
         run_id = read_run_file(resume_dir).get("mlflow_run_id")
     run_dir = dist.broadcast(
-        (resume_dir or new_run_dir(cfg)) if dist.main else None
+        (resume_dir or run_dir or new_run_dir(cfg)) if dist.main else None  # [compare] run_dir
     )
 
     tracker = tracking.NullTracker()
@@ -335,9 +337,10 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
             reg = registry_mod.registry()
             if dist.main:
                 write_run_file(run_dir, status="RUNNING", experiment=cfg.name, mlflow_run_id=tracker.run_id,
-                               config=cfg.to_dict(), pid=os.getpid())
+                               config=cfg.to_dict(), pid=os.getpid(), num_params=model.num_params())  # [compare] num_params
                 if run_id is None and hasattr(tracker, "log_params"):
                     tracker.log_params(tracking.flatten(cfg.to_dict()))
+                    tracker.log_metrics({"num_params": model.num_params()}, 0)  # [compare] gptx compare <run id>
                     tracker.set_tags(tracking.run_tags(cfg, reg))
                     tracker.log_text(json.dumps(cfg.to_dict(), indent=2), "config.json")
 
@@ -397,7 +400,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
                 return path
 
             step_times: list[float] = []
-            pending: list[tuple[int, torch.Tensor, float, float]] = []  # (step, loss, lr, seconds) not yet read
+            pending: list[tuple[int, torch.Tensor, float, float, float]] = []  # (step, loss, lr, seconds, at) not yet read  # [compare] at
             # the newest complete checkpoint: after --resume, the one this run continued from
             last_ckpt: Optional[Path] = ckpt.complete_checkpoints(run_dir / "checkpoints")[-1] if resume_dir and dist.main else None
             last_train_loss = float("nan")
@@ -409,7 +412,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
                 if not pending:
                     return
                 values = torch.stack([p[1] for p in pending]).tolist()  # one device sync per flush
-                for (s, _, lr, dt), loss in zip(pending, values):
+                for (s, _, lr, dt, at), loss in zip(pending, values):  # [compare] at
                     if not math.isfinite(loss):  # stop before a checkpoint could store the broken weights
                         pending.clear()
                         raise GptxError(
@@ -419,17 +422,19 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
                     tok_s = tokens_per_step / dt
                     step_times.append(dt)
                     tracker.log_metrics({"train_loss": loss, "lr": lr, "tokens_per_sec": tok_s}, s)
+                    mlog.write(s, at, train_loss=loss, lr=lr, tokens_per_sec=tok_s)  # [compare]
                     show.step(s, loss, lr, tok_s)
                     last_train_loss = loss
                 pending.clear()
 
+            mlog = metrics_log.MetricsLog(run_dir, start_step, enabled=dist.main)  # [compare] the clock starts here
             model.train()
             for step in range(start_step + 1, tc.max_steps + 1):
                 t0 = time.perf_counter()
                 lr = lr_at(step - 1, tc)
                 x_all, y_all = dataset.windows("train", tc.grad_accum_steps * tc.batch_size, data_gen)
                 step_loss = train_step(x_all, y_all, lr)
-                pending.append((step, step_loss, lr, time.perf_counter() - t0))
+                pending.append((step, step_loss, lr, time.perf_counter() - t0, mlog.seconds()))  # [compare] at
                 if step % tc.log_interval == 0 or step == tc.max_steps:
                     flush()
                 if step % tc.eval_interval == 0 or step == tc.max_steps:
@@ -438,6 +443,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
                     val_loss = losses["val"]
                     history.append({"step": step, "train_loss": losses["train"], "val_loss": val_loss})
                     tracker.log_metrics({"val_loss": val_loss, "eval_train_loss": losses["train"]}, step)
+                    mlog.write(step, mlog.seconds(), val_loss=val_loss, eval_train_loss=losses["train"])  # [compare]
                     tracker.flush()
                     show.say(f"step {step}: train loss {losses['train']:.4f}, val loss {val_loss:.4f}")
                 if step % ck_every == 0 or step == tc.max_steps:
@@ -456,6 +462,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
             if tc.final_eval_tokens > 0:
                 final_val_loss, n_tokens = final_evaluate()
                 tracker.log_metrics({"final_val_loss": final_val_loss}, tc.max_steps)
+                mlog.write(tc.max_steps, mlog.seconds(), final_val_loss=final_val_loss)  # [compare]
                 if dist.main:
                     write_run_file(run_dir, final_val_loss=final_val_loss)
                 show.say(f"final val loss {final_val_loss:.4f} on {n_tokens:,} tokens of the validation split")
@@ -476,6 +483,9 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
                     tracker.log_text(sample, "sample.txt")
             if dist.main and last_ckpt is not None:
                 tracker.log_artifacts(last_ckpt, "checkpoint")
+            if dist.main:  # [compare] metrics.jsonl + loss_curves.png to MLflow; never fails the run
+                from gptx.plots import log_run_curves  # [compare]
+                log_run_curves(run_dir, tracker)  # [compare]
             status = "FINISHED"
     except KeyboardInterrupt:
         status = "KILLED"

@@ -130,7 +130,7 @@ def _p(p: Optional[float]) -> str:
 def _count(n: Optional[int]) -> str:
     if not n:
         return "-"
-    return f"{n / 1e6:.2f}M" if n >= 1e6 else (f"{n / 1e3:.1f}k" if n >= 1e3 else str(n))
+    return f"{n:,}" if n < 10_000_000 else f"{n / 1e6:.1f}M"  # small models differ in the thousands
 
 
 def _hms(seconds: Optional[float]) -> str:

@@ -61,11 +61,18 @@ class MetricsLog:
         return time.perf_counter() - self._start
 
     def write(self, step: int, seconds: float, **metrics: float) -> None:
+        """Append one record. Like tracking, the curves must never cost the run: a write that
+        fails (a full disk) is one warning, and the file takes no more records."""
         if not self.enabled:
             return
         record = {"step": int(step), "seconds": round(float(seconds), 3)} | {k: float(v) for k, v in metrics.items()}
-        with open(self.path, "a", encoding="utf-8") as f:  # open per record: nothing to close, nothing lost on a crash
-            f.write(json.dumps(record) + "\n")
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:  # open per record: nothing to close, nothing lost on a crash
+                f.write(json.dumps(record) + "\n")
+        except OSError as err:
+            self.enabled = False
+            print(f"Warning: {self.path}: {err.strerror or err}; no more curve records, training continues",
+                  file=sys.stderr, flush=True)
 
 
 def read(path: Path) -> list[dict]:

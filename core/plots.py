@@ -43,7 +43,7 @@ class Curve:
     """One variant's curve of one metric: mean over seeds and the min–max band, on common steps."""
 
     steps: np.ndarray  # [N]
-    seconds: np.ndarray  # [N] mean over seeds
+    seconds: np.ndarray  # [N] median over seeds (as the table's wall time: robust to one slowed run)
     mean: np.ndarray  # [N]
     low: np.ndarray  # [N]
     high: np.ndarray  # [N]
@@ -62,7 +62,7 @@ class Curve:
         pick = [np.searchsorted(steps, common) for steps, _, _ in parts]
         secs = np.stack([s[i] for (_, s, _), i in zip(parts, pick)])  # [seeds, N]
         vals = np.stack([smooth(v, window)[i] for (_, _, v), i in zip(parts, pick)])  # [seeds, N]
-        return cls(common, secs.mean(0), vals.mean(0), vals.min(0), vals.max(0))
+        return cls(common, np.median(secs, 0), vals.mean(0), vals.min(0), vals.max(0))
 
 
 def _figure(rows: int, cols: int, width: float, height: float):
@@ -101,18 +101,15 @@ def _final_marker(ax, runs: Sequence[list[dict]], x: str, color) -> None:
     if not finals:
         return
     step, secs, vals = (np.array(v, dtype=float) for v in zip(*finals))  # [seeds] each
-    pos = step.mean() if x == "step" else secs.mean()
+    pos = step.mean() if x == "step" else np.median(secs)
     ax.errorbar([pos], [vals.mean()], yerr=[[vals.mean() - vals.min()], [vals.max() - vals.mean()]], color=color,
                 marker="D", ms=6, mec="black", mew=0.6, capsize=3, lw=1.2, zorder=5)
 
 
-def _style(ax, x: str, ylabel: str, log_steps: bool) -> None:
-    if x == "step":
-        ax.set_xlabel("step" + (" (log scale)" if log_steps else ""))
-        if log_steps:
-            ax.set_xscale("log")
-    else:
-        ax.set_xlabel("wall-clock seconds since the first step")
+def _style(ax, x: str, ylabel: str, over_seeds: bool = True) -> None:
+    """Steps stay linear: the variants part ways late in training, which a log axis squeezes."""
+    seconds = "wall-clock seconds since the first step" + (" (median over seeds)" if over_seeds else "")
+    ax.set_xlabel("step" if x == "step" else seconds)
     ax.set_ylabel(ylabel)
     ax.grid(True, which="major", alpha=0.35)
     ax.grid(True, which="minor", alpha=0.12)
@@ -143,8 +140,8 @@ def plot_groups(groups: list[tuple[str, dict[str, str], list[list[dict]]]], path
             _draw(axes[row, 0], train[i], x, color, f"{name}  ({n_seeds} seed{'s' * (n_seeds != 1)})" if row == 0 else None)
             _draw(axes[row, 1], val[i], x, color, None, marker="o")
             _final_marker(axes[row, 1], groups[i][2], x, color)
-        _style(axes[row, 0], x, _train_label(window), log_steps=False)
-        _style(axes[row, 1], x, "val loss", log_steps=False)
+        _style(axes[row, 0], x, _train_label(window))
+        _style(axes[row, 1], x, "val loss")
         _zoom(axes[row, 0], train)
         _zoom(axes[row, 1], val + [None])
     axes[0, 0].set_title("train loss by step")
@@ -174,7 +171,7 @@ def plot_run(source: Union[Path, list[dict]], path: Path, title: Optional[str] =
         _draw(ax, train, x, "C0", _train_label(window))
         _draw(ax, val, x, "C1", "val loss (sampled batches)", marker="o")
         _final_marker(ax, [records], x, "C1")
-        _style(ax, x, "loss", log_steps=False)
+        _style(ax, x, "loss", over_seeds=False)
         _zoom(ax, [train, val])
     axes[0, 0].set_title("by step")
     axes[0, 1].set_title("by wall-clock time")

@@ -37,6 +37,16 @@ def test_writer_and_reader_round_trip(tmp_path):
     assert not (tmp_path / "other").exists()
 
 
+def test_a_write_that_fails_warns_once_and_training_goes_on(tmp_path, capsys):
+    log = metrics_log.MetricsLog(tmp_path)
+    (tmp_path / "metrics.jsonl").unlink()
+    (tmp_path / "metrics.jsonl").mkdir()  # a real OSError on open (IsADirectoryError), as a full disk gives ENOSPC
+    log.write(1, 0.1, train_loss=3.0)
+    log.write(2, 0.2, train_loss=2.9)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("Warning: ") and "training continues" in err[0]
+
+
 def test_a_resumed_run_drops_what_came_after_its_checkpoint_and_continues_the_clock(tmp_path):
     write(tmp_path / "metrics.jsonl", records(steps=30, evals=10, final=False))  # killed after step 30
     log = metrics_log.MetricsLog(tmp_path, resume_step=20)  # resumed from the step-20 checkpoint

@@ -370,6 +370,8 @@ def run(file, overrides, resume, nproc, quiet):
     final = f" (whole validation split: {result.final_val_loss:.4f})" if result.final_val_loss is not None else ""
     click.echo(f"val loss {val}{final} after {result.step} steps, {result.tokens_per_sec:,.0f} tokens/s")
     click.echo(f"checkpoint: {result.checkpoint}")
+    if (result.run_dir / "loss_curves.png").is_file():
+        click.echo(f"loss curves: {result.run_dir / 'loss_curves.png'}")
     if result.run_id:
         click.echo(f"MLflow run: {result.run_id} (browse with: mlflow ui; generate with: gptx generate runs:/{result.run_id} --prompt ...)")
 

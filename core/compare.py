@@ -18,14 +18,14 @@ from typing import Optional
 
 from gptx import stats
 from gptx.errors import GptxError
-from gptx.runs import RESULT_KEYS, FinishedRun
+from gptx.runs import TARGET_KEYS, FinishedRun
 
-METRIC = "final_val_loss"
+METRIC = "final_val_loss"  # the whole validation split: no sampling noise
+FALLBACK = "val_loss"  # the last sampled estimate, for runs that skipped the final evaluation
 TEST = "Welch's two-sample t-test (two-sided, unequal variances) of each variant against the base"
 # Settings that name or file a run rather than change what it trains.
 IGNORED = {"training.seed", "training.out_dir", "tracking.run_name", "tracking.parent_run_id", "tracking.uri",
            "tracking.enabled"}
-TARGET_KEYS = tuple(k for k in RESULT_KEYS if k != METRIC)
 
 
 @dataclasses.dataclass
@@ -73,10 +73,11 @@ def _label(groups: list[Group], runs: list[FinishedRun], differing: list[str]) -
 
 def summarize(groups: list[Group], alpha: float) -> dict:
     """The comparison as plain data (what ``--json`` prints and sweep.json/compare.json hold)."""
-    base_values = _values(groups[0])
+    metric = METRIC if any(METRIC in r.results for g in groups for r in g.runs) else FALLBACK
+    base_values = _values(groups[0], metric)
     variants = []
     for i, g in enumerate(groups):
-        values = _values(g)
+        values = _values(g, metric)
         s = stats.summarize(values)
         entry = {"variant": g.label, "settings": g.settings, "base": i == 0, "n": s.n, "mean": s.mean, "std": s.std,
                  "ci95": list(s.ci95) if s.ci95 else None, "diff": None, "diff_ci95": None, "p_value": None,
@@ -88,19 +89,19 @@ def summarize(groups: list[Group], alpha: float) -> dict:
         entry |= {"tokens_per_sec": _median([v for r in g.runs for v in _tok_s(r)]),
                   "wall_seconds": _median([r.wall_seconds for r in g.runs if r.wall_seconds is not None]),
                   "params": next((r.num_params for r in g.runs if r.num_params), None),
-                  "runs": [_run_entry(r) for r in g.runs]}
+                  "runs": [_run_entry(r, metric) for r in g.runs]}
         for key in TARGET_KEYS:
             got = [r.results[key] for r in g.runs if key in r.results]
             if got:
                 entry[key] = {"mean": statistics.fmean(got), "std": statistics.stdev(got) if len(got) > 1 else None,
                               "runs_with_it": len(got)}
         variants.append(entry)
-    return {"metric": METRIC, "alpha": alpha, "test": TEST, "base": groups[0].label,
+    return {"metric": metric, "alpha": alpha, "test": TEST, "base": groups[0].label,
             "seeds": sorted({r.seed for g in groups for r in g.runs if r.seed is not None}), "variants": variants}
 
 
-def _values(g: Group) -> list[float]:
-    return [r.results[METRIC] for r in g.runs if METRIC in r.results and math.isfinite(r.results[METRIC])]
+def _values(g: Group, metric: str) -> list[float]:
+    return [r.results[metric] for r in g.runs if metric in r.results and math.isfinite(r.results[metric])]
 
 
 def _tok_s(run: FinishedRun) -> list[float]:
@@ -111,9 +112,9 @@ def _median(values: list[float]) -> Optional[float]:
     return statistics.median(values) if values else None
 
 
-def _run_entry(run: FinishedRun) -> dict:
+def _run_entry(run: FinishedRun, metric: str) -> dict:
     return {"run_id": run.run_id, "run_dir": str(run.run_dir) if run.run_dir else None, "name": run.name,
-            "seed": run.seed, METRIC: run.results.get(METRIC), "tokens_per_sec": run.median_tokens_per_sec(),
+            "seed": run.seed, metric: run.results.get(metric), "tokens_per_sec": run.median_tokens_per_sec(),
             "wall_seconds": run.wall_seconds} | {k: run.results[k] for k in TARGET_KEYS if k in run.results}
 
 
@@ -152,7 +153,8 @@ def _target_cell(key: str, entry: dict) -> str:
 def table(result: dict) -> str:
     """Best mean first; the base marked; '*' where the difference is significant at alpha."""
     targets = [k for k in TARGET_KEYS if any(k in v for v in result["variants"])]
-    head = ["variant", "n", "final val loss", "95% CI", "diff vs base", "p", "tok/s (median step)", "wall/run",
+    final = result["metric"] == METRIC
+    head = ["variant", "n", "final val loss" if final else "val loss (sampled)", "95% CI", "diff vs base", "p", "tok/s (median step)", "wall/run",
             "params", *[k.replace("_", " ") for k in targets]]
     rows = []
     order = sorted(result["variants"], key=lambda v: (v["mean"] is None, v["mean"] or 0.0))
@@ -167,9 +169,11 @@ def table(result: dict) -> str:
                      *[_target_cell(k, v) for k in targets]])
     widths = [max(len(x) for x in col) for col in zip(head, *rows)]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+    loss = ("final val loss: mean ± sample std over the n seeds ({}) of the loss on the whole validation split"
+            if final else "val loss (sampled): mean ± sample std over the n seeds ({}) of the last evaluation's val loss "
+            "(sampled batches: the runs skipped the whole-split evaluation, training.final_eval_tokens = 0)")
     notes = [
-        f"final val loss: mean ± sample std over the n seeds ({', '.join(map(str, result['seeds'])) or '-'}) of the loss on the "
-        "whole validation split; 95% CI of the mean (Student t).",
+        loss.format(", ".join(map(str, result["seeds"])) or "-") + "; 95% CI of the mean (Student t).",
         f"p: Welch's t-test (two-sided) against the base; * marks p < {result['alpha']:g}.",
         "tok/s: the median over all training steps of all seeds of tokens / step time (the progress lines show "
         "single steps); wall/run: median time from a run's first step to its final evaluation, evaluations included.",

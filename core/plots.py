@@ -143,7 +143,7 @@ def plot_groups(groups: list[tuple[str, dict[str, str], list[list[dict]]]], path
         _style(axes[row, 0], x, _train_label(window))
         _style(axes[row, 1], x, "val loss")
         _zoom(axes[row, 0], train)
-        _zoom(axes[row, 1], val + [None])
+        _zoom(axes[row, 1], val)
     axes[0, 0].set_title("train loss by step")
     axes[0, 1].set_title("val loss by step (◆ whole validation split after the last step)")
     axes[1, 0].set_title("train loss by wall-clock time")

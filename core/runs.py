@@ -19,8 +19,10 @@ from gptx.errors import GptxError
 
 RUN_FILE = "run.json"
 SWEEP_FILE = "sweep.json"
-# What a run reports once: the whole-split val loss, and the target metrics when the run had a target.
-RESULT_KEYS = ("final_val_loss", "best_val_loss", "steps_to_target", "tokens_to_target", "seconds_to_target")
+# What a run reports once: the whole-split val loss (the last sampled one where a run skipped it), and
+# the target metrics when the run had a target.
+TARGET_KEYS = ("best_val_loss", "steps_to_target", "tokens_to_target", "seconds_to_target")
+RESULT_KEYS = ("final_val_loss", "val_loss", *TARGET_KEYS)
 # MLflow metric -> the metrics.jsonl record it belongs to (records of one kind share a timestamp).
 RECORD_KINDS = {"train_loss": "train", "lr": "train", "tokens_per_sec": "train",
                 "val_loss": "eval", "eval_train_loss": "eval", "final_val_loss": "final"}

@@ -87,7 +87,7 @@ def sweep(base: Path, vary: list[str], overrides: list[str] = (), seeds: int = 1
     variant × seed into its own new run directory, then compare (table data, sweep.json,
     loss_curves.png; both logged to the parent run). Returns the comparison."""
     from gptx import compare, tracking
-    from gptx.train import check_writable, experiment_dir
+    from gptx.train import Interrupted, check_writable, experiment_dir
 
     alpha = compare.check_alpha(alpha)
     check_seeds(seeds, vary)
@@ -95,22 +95,25 @@ def sweep(base: Path, vary: list[str], overrides: list[str] = (), seeds: int = 1
     base_cfg = planned[0].cfg
     check_writable(base_cfg)
     uri = tracking.tracking_uri(base_cfg.tracking.uri)
-    if base_cfg.tracking.enabled:
-        tracking.check_reachable(uri)
-    folder = compare.new_folder(experiment_dir(base_cfg), "sweep")
     parent = None
     if base_cfg.tracking.enabled:
+        tracking.check_reachable(uri)
         parent = tracking.MlflowTracker(uri, base_cfg.name, f"sweep {' '.join(vary)}" + (f" × {seeds} seeds" if seeds > 1 else ""))
-        parent.log_params({"sweep.vary": " ; ".join(vary), "sweep.variants": str(len(planned) // seeds),
-                           "sweep.seeds": str(seeds), "sweep.alpha": str(alpha), "sweep.folder": str(folder)})
-    result = {"status": "RUNNING", "parent_run_id": parent.run_id if parent else None, "folder": str(folder)}
-    status = "FAILED"
+    status, folder, result = "FAILED", None, {}
     try:
+        folder = compare.new_folder(experiment_dir(base_cfg), "sweep")
+        result = {"parent_run_id": parent.run_id if parent else None, "folder": str(folder)}
+        if parent is not None:
+            parent.log_params({"sweep.vary": " ; ".join(vary), "sweep.variants": str(len(planned) // seeds),
+                               "sweep.seeds": str(seeds), "sweep.alpha": str(alpha), "sweep.folder": str(folder)})
         runs = _train_all(planned, folder, parent, progress)
         result = _finish(planned, runs, folder, parent, alpha, base_cfg.name) | {"status": "FINISHED"}
         status = "FINISHED"
+    except (Interrupted, KeyboardInterrupt):
+        status = "KILLED"
+        raise
     finally:
-        if status != "FINISHED":
+        if status != "FINISHED" and folder is not None:  # what finished stays comparable: gptx compare FOLDER
             compare.write_json(folder / "sweep.json", result | {"status": status})
         if parent is not None:
             parent.finish(status)

@@ -170,3 +170,20 @@ def test_an_unknown_run_id_in_a_real_store_is_one_line_and_changes_nothing(tmp_p
         f"Error: 0123456789abcdef0123456789abcdef: no such MLflow run in {mlflow_sqlite}")
     assert list(tmp_path.iterdir()) == []
     assert count() == before
+
+
+def test_runs_without_a_whole_split_loss_compare_their_last_sampled_val_loss(tmp_path):
+    """training.final_eval_tokens = 0: no final_val_loss; the table says what it compares instead."""
+    runs = []
+    for i, v in enumerate(LEARNED):
+        d = run_dir(tmp_path, f"l{i}", v, seed=i)
+        info = json.loads((d / "run.json").read_text())
+        del info["final_val_loss"]
+        (d / "run.json").write_text(json.dumps(info))
+        (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in curve(v) if "final_val_loss" not in r))
+        runs.append(d)
+    p, out = compare(*runs, "--json", "--out", tmp_path / "out", cwd=tmp_path)
+    assert out["metric"] == "val_loss" and out["variants"][0]["mean"] == pytest.approx(np.mean(LEARNED) + 0.02)
+    assert [r["val_loss"] for r in out["variants"][0]["runs"]] == pytest.approx([v + 0.02 for v in LEARNED])
+    table = compare(*runs, "--out", tmp_path / "out2", cwd=tmp_path)[0].stdout
+    assert "val loss (sampled)" in table.splitlines()[0] and "final_eval_tokens = 0" in table

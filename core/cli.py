@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -411,9 +412,6 @@ def sweep(base, vary, overrides, seeds, alpha, as_json, quiet):
     each, under one parent run; one run directory each in runs/<experiment>/sweep-<timestamp>/),
     and compare them against the first variant: mean ± std of the final val loss, 95% CI, difference
     and p-value, tokens/s, wall time; loss curves in loss_curves.png."""
-    from pathlib import Path
-
-    from gptx import compare
     from gptx import sweep as sweep_mod
     from gptx.train import Interrupted
 
@@ -430,7 +428,7 @@ def sweep(base, vary, overrides, seeds, alpha, as_json, quiet):
 @click.argument("runs", nargs=-1, required=True)
 @click.option("--alpha", default=0.05, show_default=True, type=OPEN_UNIT,
               help="Mark differences to the base group significant below this p-value (Welch's t-test).")
-@click.option("--out", type=click.Path(file_okay=False, path_type=__import__("pathlib").Path), default=None,
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="New (or empty) folder for compare.json and loss_curves.png [default: runs/compare-<timestamp>].")
 @click.option("--tracking-uri", default=None, help="MLflow store of run ids [default: $MLFLOW_TRACKING_URI, else ./mlflow.db].")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")

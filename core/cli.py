@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -26,10 +27,20 @@ def fail(message: str, code: int = 2):
     sys.exit(code)
 
 
+def one_line(err: click.UsageError) -> str:
+    if isinstance(err, click.BadParameter) and not isinstance(err, click.MissingParameter) and err.param is not None:
+        param = err.param
+        where = max(param.opts, key=len) if isinstance(param, click.Option) and param.opts else param.human_readable_name
+        return f"{where}: {err.message}"
+    return " ".join(err.format_message().split())
+
+
 def error_line(err: BaseException) -> tuple[str, int]:
     """The one line and the exit code for an exception that reached the command line."""
     if isinstance(err, GptxError):
         return str(err), err.exit_code
+    if isinstance(err, click.UsageError):
+        return one_line(err), 2
     if isinstance(err, click.ClickException):
         return " ".join(err.format_message().split()), 2
     if isinstance(err, OSError):  # the machine said no (disk full, read-only, a path through a file)
@@ -119,6 +130,45 @@ class GptxGroup(click.Group):
             self._add_plugin_commands()
             cmd = super().get_command(ctx, name)
         return cmd
+
+
+class BoundedInt(click.ParamType):
+    """An integer in [low, high]; anything else (text, 2**70, a float) is a one-line error."""
+
+    name = "integer"
+
+    def __init__(self, low: int, high: int):
+        self.low, self.high = low, high
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        else:
+            text = str(value).strip()
+            if not text.lstrip("+-").isdigit():
+                self.fail(f"expected an integer, got {value!r}", param, ctx)
+            number = int(text)
+        if not self.low <= number <= self.high:
+            self.fail(f"must be from {self.low} to {self.high}, got {number}", param, ctx)
+        return number
+
+
+class OpenUnitFloat(click.ParamType):
+    """A number strictly between 0 and 1 (a significance level): NaN, inf, 0, 1 are errors."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"expected a number, got {value!r}", param, ctx)
+        if not 0.0 < number < 1.0:  # NaN fails too
+            self.fail(f"must be a number strictly between 0 and 1, got {value}", param, ctx)
+        return number
+
+
+OPEN_UNIT = OpenUnitFloat()
 
 
 @click.group(cls=GptxGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -348,6 +398,8 @@ def run(file, overrides, resume, nproc, quiet):
     final = f" (whole validation split: {result.final_val_loss:.4f})" if result.final_val_loss is not None else ""
     click.echo(f"val loss {val}{final} after {result.step} steps, {result.tokens_per_sec:,.0f} tokens/s")
     click.echo(f"checkpoint: {result.checkpoint}")
+    if (result.run_dir / "loss_curves.png").is_file():
+        click.echo(f"loss curves: {result.run_dir / 'loss_curves.png'}")
     if result.run_id:
         click.echo(f"MLflow run: {result.run_id} (browse with: mlflow ui; generate with: gptx generate runs:/{result.run_id} --prompt ...)")
 
@@ -374,23 +426,62 @@ def export(source, out_dir, opset, quantize, force, track):
 @click.argument("base", type=click.Path(dir_okay=False))
 @click.option("--vary", multiple=True, required=True, metavar="KEY.PATH=V1,V2,...", help="Values to try for one key; several --vary make a grid.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a value in every variant.")
-@click.option("--json", "as_json", is_flag=True, help="Print the result rows as JSON.")
+@click.option("--seeds", default=1, show_default=True, type=BoundedInt(1, 1000),
+              help="Train every variant with N seeds: training.seed, +1, ... (the same for every variant).")
+@click.option("--alpha", default=0.05, show_default=True, type=OPEN_UNIT,
+              help="Mark differences to the base variant significant below this p-value (Welch's t-test).")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def sweep(base, vary, overrides, as_json, quiet):
-    """Train every combination of --vary values over BASE (one MLflow run each, under one
-    parent run) and compare them: val loss, tokens/s, parameters."""
-    from pathlib import Path
-
+def sweep(base, vary, overrides, seeds, alpha, as_json, quiet):
+    """Train every combination of --vary values over BASE, each with --seeds seeds (one MLflow run
+    each, under one parent run; one run directory each in runs/<experiment>/sweep-<timestamp>/),
+    and compare them against the first variant: mean ± std of the final val loss, 95% CI, difference
+    and p-value, tokens/s, wall time; loss curves in loss_curves.png."""
     from gptx import sweep as sweep_mod
+    from gptx.train import Interrupted
 
     registry()
-    parent, rows = sweep_mod.sweep(Path(base), list(vary), list(overrides), progress=not quiet)
+    try:
+        result = sweep_mod.sweep(Path(base), list(vary), list(overrides), seeds=seeds, alpha=alpha, progress=not quiet)
+    except Interrupted as err:
+        click.echo(f"Stopped: {err}. The sweep's finished runs stay in its folder; compare them with: gptx compare FOLDER", err=True)
+        sys.exit(err.exit_code)
+    _print_comparison(result, as_json)
+
+
+@cli.command()
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--alpha", default=0.05, show_default=True, type=OPEN_UNIT,
+              help="Mark differences to the base group significant below this p-value (Welch's t-test).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="New (or empty) folder for compare.json and loss_curves.png [default: runs/compare-<timestamp>].")
+@click.option("--tracking-uri", default=None, help="MLflow store of run ids [default: $MLFLOW_TRACKING_URI, else ./mlflow.db].")
+@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+def compare(runs, alpha, out, tracking_uri, as_json):
+    """Compare finished RUNS (run directories, sweep folders, MLflow run ids or runs:/<id>; a
+    sweep's parent run id stands for its runs): grouped by the settings that differ between them
+    (runs differing only in training.seed form one group), each group against the first as in
+    gptx sweep: table, JSON and loss curves."""
+    from gptx import compare as compare_mod
+
+    result, warnings = compare_mod.compare(list(runs), alpha, out, tracking_uri)
+    for line in warnings:
+        click.echo(f"Warning: {line}", err=True)
+    _print_comparison(result, as_json)
+
+
+def _print_comparison(result: dict, as_json: bool) -> None:
+    from gptx.compare import table
+
     if as_json:
-        click.echo(json.dumps({"parent_run_id": parent, "variants": rows}, indent=2))
-    else:
-        click.echo(sweep_mod.table(rows))
-        if parent:
-            click.echo(f"MLflow parent run: {parent}")
+        click.echo(json.dumps(result, indent=2))
+        return
+    click.echo(table(result))
+    click.echo(f"\nfolder: {result['folder']}")
+    for path in result.get("plots", []):
+        click.echo(f"plot: {path}")
+    if result.get("parent_run_id"):
+        click.echo(f"MLflow parent run: {result['parent_run_id']}")
 
 
 # ---- bench ----------------------------------------------------------------------------------

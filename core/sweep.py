@@ -1,14 +1,20 @@
-"""Sweeps: one base experiment, a grid of variants, each its own MLflow run under one parent,
-compared in one table (val loss, tokens/s, parameters)."""
+"""Sweeps: one base experiment, a grid of variants, each trained with the same N seeds; every
+variant × seed is its own MLflow run nested under one parent run and its own run directory in
+the sweep's folder ``<out_dir>/<experiment>/sweep-<timestamp>/``; one table (``gptx.compare``)
+and one plot compare the variants over their seeds."""
 from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
+import sys
 from pathlib import Path
 from typing import Optional
 
 from gptx.config import load_experiment
-from gptx.errors import ConfigError
+from gptx.errors import ConfigError, GptxError
+
+MAX_SEEDS = 1000
 
 
 @dataclasses.dataclass
@@ -18,6 +24,10 @@ class Variant:
     @property
     def label(self) -> str:
         return " ".join(self.overrides) or "base"
+
+    @property
+    def settings(self) -> dict[str, str]:
+        return dict(o.split("=", 1) for o in self.overrides)
 
 
 def parse_vary(items: list[str]) -> list[Variant]:
@@ -31,52 +41,119 @@ def parse_vary(items: list[str]) -> list[Variant]:
     return [Variant(list(combo)) for combo in itertools.product(*axes)] if axes else [Variant([])]
 
 
-def sweep(base: Path, vary: list[str], overrides: list[str] = (), progress: bool = True) -> tuple[Optional[str], list[dict]]:
-    """Validate every variant first (a typo costs nothing), then train them one by one.
-    Returns the parent MLflow run id (None without tracking) and one row per variant."""
-    from gptx import tracking
-    from gptx.train import train
+def check_seeds(seeds: int, vary: list[str]) -> int:
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or not 1 <= seeds <= MAX_SEEDS:
+        raise GptxError(f"--seeds: must be an integer from 1 to {MAX_SEEDS}, got {seeds}")
+    if seeds > 1 and any(v.partition("=")[0].strip() == "training.seed" for v in vary):
+        raise GptxError("--seeds: the seeds come from training.seed; do not --vary training.seed as well")
+    return seeds
 
+
+@dataclasses.dataclass
+class Planned:
+    variant: Variant
+    seed: Optional[int]  # None: the variant's own training.seed (a single-seed sweep)
+    cfg: object  # ExperimentConfig
+    dir_name: str
+
+
+def plan(base: Path, vary: list[str], overrides: list[str], seeds: int) -> list[Planned]:
+    """Every variant × seed, validated (a typo costs nothing), seed-major: the first seed of
+    every variant trains first, so an interrupted sweep still compares every variant, and a
+    machine that slows down slows all variants alike."""
     variants = parse_vary(vary)
-    configs = [load_experiment(base, [*overrides, *v.overrides]) for v in variants]
-    base_cfg = configs[0]
+    base_seed = load_experiment(base, [*overrides, *variants[0].overrides]).training.seed
+    seed_list = [base_seed + i for i in range(seeds)] if seeds > 1 else [None]
+    planned = []
+    for seed in seed_list:
+        for v in variants:
+            extra = [f"training.seed={seed}"] if seed is not None else []
+            cfg = load_experiment(base, [*overrides, *v.overrides, *extra])
+            planned.append(Planned(v, seed, cfg, _slug(f"{v.label}-seed{cfg.training.seed}")))
+    names = [p.dir_name for p in planned]
+    for i, p in enumerate(planned):
+        if names.count(p.dir_name) > 1:  # two labels that read alike once made safe for a file name
+            p.dir_name = f"{p.dir_name}-{i}"
+    return planned
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._=,+-]+", "_", text)[:120]
+
+
+def sweep(base: Path, vary: list[str], overrides: list[str] = (), seeds: int = 1, alpha: float = 0.05,
+          progress: bool = True) -> dict:
+    """Validate everything, create the sweep folder and the parent MLflow run, train each
+    variant × seed into its own new run directory, then compare (table data, sweep.json,
+    loss_curves.png; both logged to the parent run). Returns the comparison."""
+    from gptx import compare, tracking
+    from gptx.runs import check_writable, experiment_dir
+    from gptx.train import Interrupted
+
+    alpha = compare.check_alpha(alpha)
+    check_seeds(seeds, vary)
+    planned = plan(base, vary, list(overrides), seeds)
+    base_cfg = planned[0].cfg
+    check_writable(base_cfg)
+    uri = tracking.tracking_uri(base_cfg.tracking.uri)
     parent = None
     if base_cfg.tracking.enabled:
-        tracking.check_reachable(tracking.tracking_uri(base_cfg.tracking.uri))
-        parent = tracking.MlflowTracker(tracking.tracking_uri(base_cfg.tracking.uri), base_cfg.name,
-                                        f"sweep {' '.join(vary)}")
-        parent.log_params({"sweep.vary": " ; ".join(vary), "sweep.variants": str(len(variants))})
-    rows = []
-    status = "FAILED"
+        tracking.check_store(uri)
+        parent = tracking.MlflowTracker(uri, base_cfg.name, f"sweep {' '.join(vary)}" + (f" × {seeds} seeds" if seeds > 1 else ""))
+    status, folder, result = "FAILED", None, {}
     try:
-        for variant, cfg in zip(variants, configs):
-            if parent is not None:
-                cfg.tracking.parent_run_id = parent.run_id
-                cfg.tracking.run_name = cfg.tracking.run_name or variant.label
-            if progress:
-                print(f"== {variant.label}", flush=True)
-            result = train(cfg, progress=progress)
-            row = {"variant": variant.label, "val_loss": result.val_loss, "final_val_loss": result.final_val_loss,
-                   "train_loss": result.train_loss,
-                   "tokens_per_sec": result.tokens_per_sec, "params": result.num_params, "run_id": result.run_id}
-            rows.append(row)
-            losses = {k: row[k] for k in ("val_loss", "final_val_loss") if row[k] is not None}
-            if parent is not None and losses:
-                parent.log_metrics(losses, len(rows))
+        folder = compare.new_folder(experiment_dir(base_cfg), "sweep")
+        result = {"parent_run_id": parent.run_id if parent else None, "folder": str(folder)}
+        if parent is not None:
+            parent.log_params({"sweep.vary": " ; ".join(vary), "sweep.variants": str(len(planned) // seeds),
+                               "sweep.seeds": str(seeds), "sweep.alpha": str(alpha), "sweep.folder": str(folder)})
+        runs = _train_all(planned, folder, parent, progress)
+        result = _finish(planned, runs, folder, parent, alpha, base_cfg.name) | {"status": "FINISHED"}
         status = "FINISHED"
+    except (Interrupted, KeyboardInterrupt):
+        status = "KILLED"
+        raise
     finally:
+        if status != "FINISHED" and folder is not None:  # what finished stays comparable: gptx compare FOLDER
+            compare.write_json(folder / "sweep.json", result | {"status": status})
         if parent is not None:
             parent.finish(status)
-    return (parent.run_id if parent else None), rows
+    return result
 
 
-def table(rows: list[dict]) -> str:
-    """Best first, by the whole-split val loss when the runs have one (no sampling noise)."""
-    head = ("variant", "val loss", "final val loss", "tokens/s", "params")
-    loss = lambda r: r.get("final_val_loss") if r.get("final_val_loss") is not None else r["val_loss"]  # noqa: E731
-    cell = lambda v: f"{v:.4f}" if v is not None else "-"  # noqa: E731
-    body = [(r["variant"], cell(r["val_loss"]), cell(r.get("final_val_loss")), f"{r['tokens_per_sec']:,.0f}",
-             f"{r['params'] / 1e6:.2f}M") for r in sorted(rows, key=lambda r: (loss(r) is None, loss(r) or 0))]
-    widths = [max(len(x) for x in col) for col in zip(head, *body)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, body)])
+def _train_all(planned: list[Planned], folder: Path, parent, progress: bool) -> list:
+    from gptx.runs import from_run_dir
+    from gptx.train import train
+
+    runs = []
+    for i, p in enumerate(planned, 1):
+        cfg = p.cfg
+        cfg.tracking.run_name = " ".join(filter(None, [cfg.tracking.run_name, p.variant.label, f"seed={cfg.training.seed}"]))
+        if parent is not None:
+            cfg.tracking.parent_run_id = parent.run_id
+        run_dir = folder / p.dir_name
+        run_dir.mkdir()  # new, or an error: a sweep never reuses a run directory
+        if progress:
+            print(f"== [{i}/{len(planned)}] {cfg.tracking.run_name}", file=sys.stderr, flush=True)
+        train(cfg, progress=progress, run_dir=run_dir)
+        runs.append(from_run_dir(run_dir))
+    return runs
+
+
+def _finish(planned: list[Planned], runs: list, folder: Path, parent, alpha: float, experiment: str) -> dict:
+    from gptx import compare
+
+    labels = list(dict.fromkeys(p.variant.label for p in planned))
+    by_label = {label: [r for p, r in zip(planned, runs) if p.variant.label == label] for label in labels}
+    settings = {p.variant.label: p.variant.settings for p in planned}
+    groups = [compare.Group(label, settings[label], by_label[label]) for label in labels]
+    result = compare.summarize(groups, alpha) | {"parent_run_id": parent.run_id if parent else None, "folder": str(folder)}
+    n_seeds = len(runs) // len(groups)
+    title = f"{experiment} sweep: {len(groups)} variants × {n_seeds} seed{'s' * (n_seeds != 1)}"
+    result["plots"] = [str(compare.plot(groups, folder, title))]
+    compare.write_json(folder / "sweep.json", result | {"status": "FINISHED"})
+    if parent is not None:
+        parent.log_artifact(folder / "sweep.json")
+        parent.log_artifact(Path(result["plots"][0]))
+        parent.log_text(compare.table(result), "table.txt")
+    return result

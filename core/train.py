@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 from gptx import checkpoint as ckpt
-from gptx import distributed, runs
+from gptx import distributed, metrics_log, runs
 from gptx.config import ExperimentConfig, from_dict
 from gptx.errors import ConfigError, GptxError
 
@@ -182,6 +182,7 @@ class Plan:
     dataset: object
     resume_dir: Optional[Path] = None
     init_from: Optional[Path] = None  # the checkpoint the weights start from
+    run_dir: Optional[Path] = None  # a new, empty directory the caller made for the run (gptx sweep)
 
 
 def prepare(cfg: ExperimentConfig, resume: bool = False, progress=None, outputs: bool = True) -> Plan:
@@ -413,7 +414,7 @@ class Trainer:
         self.last_ckpt: Optional[Path] = None
         self.saved_step: Optional[int] = None
         self.final_val_loss: Optional[float] = None
-        self.pending: list = []  # (step, loss, aux, lr, seconds) not yet read from the device
+        self.pending: list = []  # (step, loss, aux, lr, step seconds, clock) not yet read from the device
         self.step_times: list[float] = []
         self.last_train_loss = float("nan")
         self.val_loss = self.history[-1]["val_loss"] if self.history else None
@@ -484,7 +485,7 @@ class Trainer:
         dt = time.perf_counter() - t0
         if step == self.step0 + 1 and self.tc.compile:  # the first step compiles: keep it off the clock
             self.clock += dt
-        self.pending.append((step, loss, aux, self.optimizer.param_groups[0]["lr"], dt))
+        self.pending.append((step, loss, aux, self.optimizer.param_groups[0]["lr"], dt, self.seconds()))
         if self.due(step, self.tc.log_interval):
             self.flush()
 
@@ -492,10 +493,10 @@ class Trainer:
         """Read the pending losses (one device sync), stop on a non-finite one, log the rest."""
         if not self.pending:
             return
-        flat = torch.cat([torch.stack([loss, *aux.values()]) for _, loss, aux, _, _ in self.pending]).tolist()
+        flat = torch.cat([torch.stack([loss, *aux.values()]) for _, loss, aux, _, _, _ in self.pending]).tolist()
         totals: dict[str, list[float]] = {}
         i = 0
-        for s, _, aux, lr, dt in self.pending:
+        for s, _, aux, lr, dt, at in self.pending:
             loss, values = flat[i], flat[i + 1:i + 1 + len(aux)]
             i += 1 + len(aux)
             if not math.isfinite(loss):  # stop before a checkpoint could store the broken weights
@@ -505,16 +506,14 @@ class Trainer:
             tok_s = self.tokens_per_step / dt
             self.step_times.append(dt)
             self.tracker.log_metrics({"train_loss": loss, "lr": lr, "tokens_per_sec": tok_s}, s)
+            self.metrics_log.write(s, at, train_loss=loss, lr=lr, tokens_per_sec=tok_s, **dict(zip(aux, values)))
             self.show.step(s, loss, lr, tok_s)
             self.last_train_loss = loss
             for name, v in zip(aux, values):
                 totals.setdefault(name, []).append(v)
-        last, _, _, lr, dt = self.pending[-1]
         aux_means = {name: sum(v) / len(v) for name, v in totals.items()}  # over the logging interval
         if aux_means:
-            self.tracker.log_metrics(aux_means, last)
-        self.metrics_log.append({"step": last, "seconds": round(self.seconds(), 3), "train_loss": self.last_train_loss,
-                                 "lr": lr, "tokens_per_sec": self.tokens_per_step / dt} | aux_means)
+            self.tracker.log_metrics(aux_means, self.pending[-1][0])
         self.pending.clear()
 
     def seconds(self) -> float:
@@ -540,8 +539,7 @@ class Trainer:
                 runs.write_run_file(self.run_dir, **self.target)
         self.tracker.log_metrics(metrics, step)
         self.tracker.flush()
-        self.metrics_log.append({"step": step, "seconds": round(self.seconds(), 3), "val_loss": self.val_loss,
-                                 "eval_train_loss": losses["train"]})
+        self.metrics_log.write(step, self.seconds(), val_loss=self.val_loss, eval_train_loss=losses["train"])
         self.show.say(f"step {step}: train loss {losses['train']:.4f}, val loss {self.val_loss:.4f}")
 
     def mean_loss(self, batches) -> float:
@@ -600,15 +598,18 @@ class Trainer:
             bs = self.tc.batch_size
             self.final_val_loss = self.mean_loss((x_all[i:i + bs], y_all[i:i + bs]) for i in range(0, len(x_all), bs))
             self.tracker.log_metrics({"final_val_loss": self.final_val_loss}, step)
-            self.metrics_log.append({"step": step, "seconds": round(self.seconds(), 3), "final_val_loss": self.final_val_loss})
+            self.metrics_log.write(step, self.seconds(), final_val_loss=self.final_val_loss)
             if self.dist.main:
                 runs.write_run_file(self.run_dir, final_val_loss=self.final_val_loss)
             self.show.say(f"final val loss {self.final_val_loss:.4f} on {x_all.numel():,} tokens of the validation split")
         sample = self.sample()
         if self.dist.main:
+            from gptx.plots import log_run_curves
+
             runs.write_run_file(self.run_dir, best_val_loss=self.best_val_loss, seconds=round(self.seconds(), 3))
             if self.last_ckpt is not None:
                 self.tracker.log_artifacts(self.last_ckpt, "checkpoint")
+            log_run_curves(self.run_dir, self.tracker)  # metrics.jsonl and loss_curves.png; never fails the run
         return sample
 
     def sample(self) -> Optional[str]:
@@ -643,23 +644,25 @@ class Trainer:
         from gptx import tracking
 
         run_id = runs.read_run_file(self.plan.resume_dir).get("mlflow_run_id") if self.plan.resume_dir else None
-        created = runs.new_run_dir(self.cfg) if self.dist.main and self.plan.resume_dir is None else None
+        made = self.plan.resume_dir or self.plan.run_dir
+        created = runs.new_run_dir(self.cfg) if self.dist.main and made is None else None
         try:
             self.tracker = tracking.start(self.cfg, run_id=run_id, rank=self.dist.rank)
         except BaseException:
             if created is not None:
                 created.rmdir()  # still empty: a run that could not be tracked leaves nothing behind
             raise
-        self.run_dir = self.dist.broadcast(created or self.plan.resume_dir)
-        self.metrics_log = runs.MetricsLog(self.run_dir if self.dist.main else None)
+        self.run_dir = self.dist.broadcast(created or made)
+        self.metrics_log = metrics_log.MetricsLog(self.run_dir, self.step0, enabled=self.dist.main)
         if self.plan.resume_dir and self.dist.main:
             self.last_ckpt = ckpt.complete_checkpoints(self.run_dir / "checkpoints")[-1]
         if not self.dist.main:
             return
         runs.write_run_file(self.run_dir, status="RUNNING", experiment=self.cfg.name, mlflow_run_id=self.tracker.run_id,
-                            config=self.cfg.to_dict(), pid=os.getpid())
+                            config=self.cfg.to_dict(), pid=os.getpid(), num_params=self.model.num_params())
         if run_id is None:
             self.tracker.log_params(tracking.flatten(self.cfg.to_dict()))
+            self.tracker.log_metrics({"num_params": self.model.num_params()}, 0)  # gptx compare <run id> reads it
             self.tracker.set_tags(tracking.run_tags(self.cfg, registry_mod.registry(), self.plan.init_from))
             self.tracker.log_text(json.dumps(self.cfg.to_dict(), indent=2), "config.json")
         self.show.say(f"gptx run {self.cfg.name}: {self.model.num_params() / 1e6:.2f}M parameters, "
@@ -699,12 +702,14 @@ def _allocating(fn):
         raise
 
 
-def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) -> TrainResult:
-    """Validate everything, then train: ``Trainer(prepare(cfg, resume)).fit()``."""
+def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True, run_dir: Optional[Path] = None) -> TrainResult:
+    """Validate everything, then train: ``Trainer(prepare(cfg, resume)).fit()``. ``run_dir``: a
+    new, empty directory the caller made for the run (gptx sweep), instead of a fresh one."""
     try:
         plan = prepare(cfg, resume, progress=_progress_printer(progress))
     except ConfigError as err:  # name the experiment file, as the loader's own errors do
         raise err.located(str(cfg.source) if cfg.source else None) from None
+    plan.run_dir = run_dir
     return Trainer(plan, progress).fit()
 
 

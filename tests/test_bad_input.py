@@ -358,6 +358,82 @@ def onnx_prompt_longer_than_the_context(d, art):
     return gen(art.export, "x" * 40)
 
 
+# ---- sweeps and comparisons (nothing trained, no sweep folder, no MLflow parent run) ----------
+
+def sweep(d, *options):
+    return ["sweep", experiment(d), "--vary", "model.positional.kind=learned,rope", *options]
+
+
+@case("--seeds: must be from 1 to 1000, got 0")
+def sweep_zero_seeds(d, art):
+    return sweep(d, "--seeds", "0")
+
+
+@case("--seeds: must be from 1 to 1000, got -1")
+def sweep_negative_seeds(d, art):
+    return sweep(d, "--seeds", "-1")
+
+
+@case("--seeds: must be from 1 to 1000, got 1180591620717411303424")
+def sweep_2_pow_70_seeds(d, art):
+    return sweep(d, "--seeds", str(2**70))
+
+
+@case("--seeds: expected an integer, got '2**70'")
+def sweep_seeds_not_a_number(d, art):
+    return sweep(d, "--seeds", "2**70")
+
+
+@case("--alpha: must be a number strictly between 0 and 1, got 2")
+def sweep_alpha_above_one(d, art):
+    return sweep(d, "--seeds", "3", "--alpha", "2")
+
+
+@case("--alpha: must be a number strictly between 0 and 1, got nan")
+def sweep_alpha_nan(d, art):
+    return sweep(d, "--seeds", "3", "--alpha", "nan")
+
+
+@case("--seeds", "do not --vary training.seed as well")
+def sweep_seeds_and_varied_seed(d, art):
+    return ["sweep", experiment(d), "--vary", "training.seed=1,2", "--seeds", "3"]
+
+
+@case("0123456789abcdef0123456789abcdef", "no MLflow store", "mlflow.db")
+def compare_unknown_run_id(d, art):
+    return ["compare", "0123456789abcdef0123456789abcdef"]
+
+
+@case("runs/e/nope", "no such run directory, and not an MLflow run id")
+def compare_missing_run_directory(d, art):
+    return ["compare", "runs/e/nope"]
+
+
+@case("not a run directory or a folder of runs")
+def compare_a_folder_without_runs(d, art):
+    (d / "folder").mkdir()
+    return ["compare", d / "folder"]
+
+
+@case("--alpha: must be a number strictly between 0 and 1, got inf")
+def compare_alpha_inf(d, art):
+    return ["compare", art.ckpt, "--alpha", "inf"]
+
+
+@case("--out", "exists and is not an empty folder")
+def compare_into_a_used_folder(d, art):
+    (d / "used").mkdir()
+    (d / "used" / "keep.txt").write_text("mine")
+    return ["compare", art.ckpt, "--out", d / "used"]
+
+
+@case("run.json: corrupted")
+def compare_a_corrupted_run(d, art):
+    (d / "r").mkdir()
+    (d / "r" / "run.json").write_text('{"status": "FINISHED", "conf')
+    return ["compare", d / "r"]
+
+
 # ---- running them ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

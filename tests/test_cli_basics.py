@@ -59,7 +59,7 @@ def test_help_lists_every_command_without_importing_torch():
     status, _, help_text = proc.stdout.partition("\n")
     assert status == "0 False"  # built-in plugins add no commands: --help needs neither them nor torch
     commands = help_text.split("Commands:")[1].split()
-    assert {"run", "generate", "export", "bench", "plugins", "components", "validate", "sweep", "import-hf"} <= set(commands)
+    assert {"run", "generate", "export", "bench", "plugins", "components", "validate", "sweep", "compare", "import-hf"} <= set(commands)
 
 
 def test_plugins_lists_the_builtins_with_their_hooks():

@@ -65,6 +65,18 @@ def wait_for(pred, proc: subprocess.Popen, timeout=300, poll=0.005):
     return found
 
 
+def assert_one_curve(run_dir: Path) -> None:
+    """metrics.jsonl after interruptions and resumes: every step once, the wall clock never going
+    back, one final evaluation (records past the resumed checkpoint were dropped)."""
+    from gptx.metrics_log import read, series
+
+    records = read(run_dir / "metrics.jsonl")
+    steps, seconds, _ = series(records, "train_loss")
+    assert [r["step"] for r in records if "train_loss" in r] == list(range(1, STEPS + 1))
+    assert (seconds[1:] >= seconds[:-1]).all()
+    assert [r["step"] for r in records if "final_val_loss" in r] == [STEPS]
+
+
 def steps_saved(run_root: Path) -> list[int]:
     return sorted(int(p.name.split("-")[1]) for p in run_root.glob("*/checkpoints/step-*"))
 
@@ -99,6 +111,7 @@ def test_sigint_checkpoints_marks_mlflow_killed_and_resumes_bitwise(tmp_path, re
     steps_logged = [m.step for m in client.get_metric_history(info["mlflow_run_id"], "train_loss")]
     assert steps_logged[-1] == STEPS
     assert_same_weights(reference, run_dir / "checkpoints" / f"step-{STEPS:06d}")
+    assert_one_curve(run_dir)
 
 
 def test_kill_9_at_any_moment_leaves_a_loadable_resumable_checkpoint(tmp_path, reference):
@@ -146,3 +159,4 @@ def test_kill_9_at_any_moment_leaves_a_loadable_resumable_checkpoint(tmp_path, r
     assert not list(ckpts.glob(".*")), "leftover temporary directories were not cleaned by the next save"
     assert [p.name for p in sorted(ckpts.iterdir())] == [f"step-{STEPS - 1:06d}", f"step-{STEPS:06d}"]
     assert_same_weights(reference, ckpts / f"step-{STEPS:06d}")
+    assert_one_curve(run_dir)

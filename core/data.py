@@ -18,13 +18,10 @@ import numpy as np
 import torch
 
 from gptx.errors import ConfigError
+from gptx.paths import cache_root
 
 
 CACHE_FORMAT = "gptx-tokens-2"  # part of every cache key: bump when tokenization changes
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("GPTX_CACHE_DIR") or Path.home() / ".cache" / "gptx")
 
 
 def read_text(path: Path) -> str:

@@ -188,7 +188,9 @@ def download_checkpoint(uri: str) -> Path:
     run_id = uri[len("runs:/"):].strip("/").split("/")[0]
     if not run_id:
         raise GptxError(f"{uri}: expected runs:/<run_id>")
-    dest = Path(os.environ.get("GPTX_CACHE_DIR") or Path.home() / ".cache" / "gptx") / "mlflow-runs" / run_id
+    from gptx.paths import cache_root
+
+    dest = cache_root() / "mlflow-runs" / run_id
     if (dest / "checkpoint" / "gptx.json").is_file():
         return dest / "checkpoint"
     dest.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,6 @@ import http.server
 import ipaddress
 import json
 import mimetypes
-import os
 import shutil
 import signal
 import subprocess
@@ -82,7 +81,7 @@ def find_node_modules(explicit: Optional[Path] = None) -> Path:
     pins = " ".join(f"{p}@{v}" for p, v in pinned_versions().items())
     where = f"--node-modules: {explicit}" if explicit else f"{candidates[-1]}"
     raise GptxError(f"{where}: the page's JavaScript packages ({pins}) are not installed there; "
-                    "run `gptx web --install` (needs npm) or `npm install` in " + str(WEB_DIR))
+                    f"run gptx web --install (needs npm), or npm install in {WEB_DIR}")
 
 
 def install(prefix: Optional[Path] = None, log=print) -> Path:
@@ -100,8 +99,8 @@ def install(prefix: Optional[Path] = None, log=print) -> Path:
     except subprocess.TimeoutExpired:
         raise GptxError("--install: npm install did not finish in 10 minutes") from None
     if r.returncode != 0 or not usable(prefix / NODE_MODULES):
-        last = (r.stderr.strip().splitlines() or ["the packages are incomplete after it"])[-1]
-        raise GptxError(f"--install: npm install failed ({last})")
+        said = [line for line in r.stderr.splitlines() if line.startswith("npm error") and "complete log" not in line]
+        raise GptxError(f"--install: npm install failed ({'; '.join(said[:2]) or 'the packages are incomplete after it'})")
     return prefix / NODE_MODULES
 
 
@@ -119,6 +118,8 @@ def check_export(out_dir: Path) -> dict:
     if tok.get("gpt2_bpe"):
         if not (out_dir / TOKENIZER_FILE).is_file():
             raise GptxError(f"{out_dir}: missing {TOKENIZER_FILE} (the GPT-2 BPE tokenizer the page reads)")
+    elif tok.get("kind") == "char" and not isinstance((tok.get("state") or {}).get("chars"), list):
+        raise GptxError(f"{out_dir / META_FILE}: tokenizer.state.chars: missing (the char tokenizer's vocabulary)")
     elif tok.get("kind") not in ("char", "byte"):
         raise GptxError(f"{out_dir / META_FILE}: tokenizer '{tok.get('kind')}' has no JavaScript implementation "
                         "(the page runs GPT-2 BPE, char and byte)")

@@ -150,7 +150,10 @@ def test_wheel_contains_every_package_and_the_bpe_files(wheel):
         for py in folder.glob("*.py"):
             assert f"{pkg.replace('.', '/')}/{py.name}" in names, f"{py.relative_to(ROOT)} missing from the wheel"
     for needed in ("gptx/__init__.py", "gptx/cli.py", "gptx/plugins/__init__.py", "gptx/export/__init__.py",
-                   "gptx/plugins/data/gpt2-bpe/vocab.bpe", "gptx/plugins/data/gpt2-bpe/encoder.json"):
+                   "gptx/plugins/data/gpt2-bpe/vocab.bpe", "gptx/plugins/data/gpt2-bpe/encoder.json",
+                   "gptx/export/node/generate.js", "gptx/export/node/package.json", "gptx/export/web/index.html",
+                   "gptx/export/web/app.mjs", "gptx/export/web/gptx.mjs", "gptx/export/web/gptx.css",
+                   "gptx/export/web/package.json"):
         assert needed in names
     assert not [n for n in names if n.split("/")[0] in FOLDERS], "the folder names leaked into the wheel"
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))

@@ -78,6 +78,34 @@ def test_node_example_stops_at_end_of_text(node_modules, gpt2_out):
 
 
 @pytest.mark.xdist_group("node")
+def test_node_example_reads_the_cache_declaration(node_modules, gpt2_out, tmp_path):
+    """gptx_export.json's `cache` (each layer's cache tensors) drives the past/present names and the
+    empty past's shape; without it the GPT-2 key/value layout is assumed (the tests above)."""
+    out = tmp_path / "declared"
+    shutil.copytree(gpt2_out, out)
+    meta = json.loads((out / "gptx_export.json").read_text())
+    K, D = meta["model"]["kv_heads"], meta["model"]["head_dim"]
+    meta["cache"] = [{"name": n, "dims": ["batch_size", K, "past_sequence_length", D], "seq_axis": 2, "dtype": "float32"}
+                     for n in ("key", "value")]
+    (out / "gptx_export.json").write_text(json.dumps(meta))
+    want, _ = python_greedy(gpt2_out, PROMPTS[:2], 8)
+    assert [r["ids"] for r in run_node(node_modules, out, PROMPTS[:2], 8)] == want
+    script = resources.files("gptx.export") / "node" / "generate.js"
+    key, value = meta["cache"]
+    for cache, message in [([key], "inputs/outputs do not follow gptx.decoder/1"),  # the graph has values too
+                           ([key, {**value, "name": "latent"}], "inputs/outputs do not follow gptx.decoder/1"),
+                           ([key, {**value, "seq_axis": 4}], "cache[1].seq_axis"),
+                           ([key, {**value, "dtype": "float64"}], "cache[1].dtype"),
+                           ([key, {**value, "dims": ["batch_size", "heads", "past_sequence_length", D]}], "unknown symbolic dimension"),
+                           ([key, {**value, "name": "../x"}], "cache[1].name"),
+                           ({}, "cache: expected a list")]:
+        (out / "gptx_export.json").write_text(json.dumps(meta | {"cache": cache}))
+        r = subprocess.run(["node", str(script), str(out), "--prompt", "Hi"], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, NODE_PATH=str(node_modules)))
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (cache, r.stderr)
+
+
+@pytest.mark.xdist_group("node")
 def test_node_example_with_a_char_tokenizer(node_modules, tmp_path):
     out = wandering_export(tmp_path, "char", seed=5, state={"chars": list("\n !',.?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")})
     prompts = ["To be, or not to be", "Ay"]

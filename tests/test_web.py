@@ -180,6 +180,8 @@ def test_bad_export_directories_are_one_line(tmp_path, out_dir, node_modules):
     one_line_error(gptx("web", bad), "tokenizer 'tiktoken' has no JavaScript implementation")
     (bad / "gptx_export.json").write_text(json.dumps(meta | {"tokenizer": {"kind": "gpt2", "gpt2_bpe": True}}))
     one_line_error(gptx("web", bad), "missing tokenizer.json")
+    (bad / "gptx_export.json").write_text(json.dumps(meta | {"tokenizer": {"kind": "char", "state": {}}}))
+    one_line_error(gptx("web", bad), "tokenizer.state.chars: missing")
 
 
 def test_missing_packages_say_how_to_install_them(out_dir, tmp_path):

@@ -150,6 +150,19 @@ def test_page_streams_the_text_as_it_is_generated(page, byte_site):
     assert len({len(s) for s in seen}) >= 10
 
 
+def test_the_stop_button_ends_a_generation_early(page, byte_site):
+    open_page(page, byte_site)
+    page.fill("#prompt", "To be")
+    page.fill("input[name=max_new_tokens]", "90")
+    # press Stop as the first token appears (a tiny model writes 90 tokens faster than a click from here)
+    page.evaluate("""new MutationObserver((_, observer) => { observer.disconnect(); document.getElementById('stop').click(); })
+                     .observe(document.getElementById('out-new'), {childList: true, characterData: true, subtree: true})""")
+    page.click("#go")
+    row = state(page)
+    assert row["status"] == "done" and len(row["result"]["ids"]) == 1
+    assert "stopped" in page.inner_text("#status") and page.is_enabled("#go") and not page.is_enabled("#stop")
+
+
 def test_page_sampling_settings(page, gpt2_site):
     gen, [greedy] = python_greedy(site_dir(gpt2_site), ["Hello world"], 12)
     top1 = open_page(page, gpt2_site, prompt="Hello world", max_new_tokens=12, temperature=1.0, top_k=1)

@@ -184,6 +184,8 @@ async function submit(event) {
     const form = new FormData($("form"));
     const settings = readSettings((name) => form.get(name));
     const query = new URLSearchParams([...form].filter(([, v]) => v !== ""));
+    const threads = new URLSearchParams(location.search).get("threads"); // a load setting, not in the form
+    if (threads) query.set("threads", threads);
     history.replaceState(null, "", `?${query}`); // the URL repeats this generation
     await generate(settings);
   } catch (err) { fail(err); }

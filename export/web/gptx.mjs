@@ -45,6 +45,8 @@ function cacheEntry(entry, where) {
   if (!Array.isArray(dims) || !dims.every(dimOk)) throw new Error(`gptx_export.json: ${where}.dims: expected names and sizes, got ${JSON.stringify(dims)}`);
   if (!Number.isInteger(seqAxis) || seqAxis < 0 || seqAxis >= dims.length) throw new Error(`gptx_export.json: ${where}.seq_axis: expected an axis of dims, got ${JSON.stringify(seqAxis)}`);
   if (!(dtype in EMPTY_ARRAY)) throw new Error(`gptx_export.json: ${where}.dtype: ${JSON.stringify(dtype)} is not one of ${Object.keys(EMPTY_ARRAY).join(", ")}`);
+  const unknown = dims.find((d, axis) => typeof d === "string" && d !== BATCH && axis !== seqAxis);
+  if (unknown !== undefined) throw new Error(`gptx_export.json: ${where}.dims: unknown symbolic dimension ${JSON.stringify(unknown)} (${BATCH} or the sequence axis)`);
   return { name, dims, seqAxis, dtype };
 }
 
@@ -56,12 +58,7 @@ const EMPTY_ARRAY = {
 
 // A past with no tokens in it: 0 along the sequence axis, B along batch_size, fixed sizes as declared.
 function emptyPast(ort, entry, B) {
-  const dims = entry.dims.map((d, axis) => {
-    if (axis === entry.seqAxis) return 0;
-    if (d === BATCH) return B;
-    if (typeof d === "number") return d;
-    throw new Error(`gptx_export.json: cache ${entry.name}: unknown symbolic dimension ${JSON.stringify(d)}`);
-  });
+  const dims = entry.dims.map((d, axis) => (axis === entry.seqAxis ? 0 : d === BATCH ? B : d));
   return new ort.Tensor(entry.dtype, EMPTY_ARRAY[entry.dtype](), dims);
 }
 
@@ -252,11 +249,8 @@ export class Decoder {
     }
   }
 
-  emptyCache(B) {
-    const feeds = {};
-    const layers = this.meta.model.n_layer;
-    for (let l = 0; l < layers; l++) for (const e of this.layout) feeds[`past_key_values.${l}.${e.name}`] = emptyPast(this.ort, e, B);
-    return feeds;
+  emptyCache(B) { // past_key_values.<layer>.<name> in ioNames' order: layer by layer, the layout's tensors in turn
+    return Object.fromEntries(this.names.past.map((name, i) => [name, emptyPast(this.ort, this.layout[i % this.layout.length], B)]));
   }
 
   // Yields, after each step, the next token of every row [B]; the cache stays in onnxruntime tensors
@@ -283,7 +277,7 @@ export class Decoder {
   }
 
   // Up to maxNewTokens new ids per prompt, each row closed at (and including) end-of-text, as
-  // gptx's Python generators. onStep(next, ids) sees every step (for streaming).
+  // gptx's Python generators. onStep(next, ids) sees every step (for streaming); false from it stops.
   async generate(prompts, maxNewTokens, sampler, onStep = () => {}) {
     const ids = prompts.map(() => []);
     const done = prompts.map(() => false);
@@ -293,8 +287,7 @@ export class Decoder {
         ids[b].push(tok);
         done[b] = this.eot !== null && tok === this.eot;
       });
-      await onStep(next, ids);
-      if (done.every(Boolean)) break;
+      if ((await onStep(next, ids)) === false || done.every(Boolean)) break;
     }
     return { prompt_ids: prompts, ids };
   }

@@ -9,6 +9,8 @@ files under the web folder and the export folder: nothing else on the machine is
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import http.server
 import ipaddress
 import json
@@ -85,12 +87,21 @@ def find_node_modules(explicit: Optional[Path] = None) -> Path:
 
 
 def install(prefix: Optional[Path] = None, log=print) -> Path:
-    """``npm install`` the pinned packages into ``prefix`` (default: gptx's cache); their node_modules."""
+    """``npm install`` the pinned packages into ``prefix`` (default: gptx's cache) unless they are
+    there already; their node_modules. Concurrent installs into one prefix take turns."""
     prefix = Path(prefix) if prefix else cache_node_modules().parent
     npm = shutil.which("npm")
     if npm is None:
         raise GptxError("--install: npm (Node.js's package manager) is not installed; install Node.js 18+")
     prefix.mkdir(parents=True, exist_ok=True)
+    with open(prefix / ".install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not usable(prefix / NODE_MODULES):
+            npm_install(npm, prefix, log)
+    return prefix / NODE_MODULES
+
+
+def npm_install(npm: str, prefix: Path, log) -> None:
     shutil.copy(WEB_DIR / "package.json", prefix / "package.json")
     log(f"installing {', '.join(f'{p}@{v}' for p, v in pinned_versions().items())} into {prefix / NODE_MODULES} ...")
     try:
@@ -101,7 +112,6 @@ def install(prefix: Optional[Path] = None, log=print) -> Path:
     if r.returncode != 0 or not usable(prefix / NODE_MODULES):
         said = [line for line in r.stderr.splitlines() if line.startswith("npm error") and "complete log" not in line]
         raise GptxError(f"--install: npm install failed ({'; '.join(said[:2]) or 'the packages are incomplete after it'})")
-    return prefix / NODE_MODULES
 
 
 def check_export(out_dir: Path) -> dict:
@@ -217,8 +227,10 @@ def serve(out_dir: Path, host: str, port: int, node_modules: Path) -> http.serve
     try:
         server = http.server.ThreadingHTTPServer((host, port), handler)
     except OSError as err:
-        what = "is in use" if err.errno in (98, 48, 10048) else f"cannot be bound ({err.strerror or err})"
-        raise GptxError(f"--port: {port} on {host} {what}") from None
+        if err.errno in (errno.EADDRINUSE, errno.EACCES):
+            what = "is in use" if err.errno == errno.EADDRINUSE else f"is not open to this user ({err.strerror})"
+            raise GptxError(f"--port: {port} on {host} {what}") from None
+        raise GptxError(f"--host: cannot listen on {host!r} ({err.strerror or err})") from None
     server.daemon_threads = True
     return server
 

@@ -103,6 +103,18 @@ def tiny_checkpoint_and_export(root: Path, block_size: int = 32):
     return ck, root / "export"
 
 
+_MADE: dict = {}
+
+
+def once(key, make):
+    """``make()`` once per test process, remembered under ``key``. For module fixtures that build
+    something slow (an export): pytest-xdist may tear such a fixture down and set it up again
+    between two batches of the module's tests, and the second build would cost as much as the first."""
+    if key not in _MADE:
+        _MADE[key] = make()
+    return _MADE[key]
+
+
 def wandering_export(root: Path, tokenizer: str, seed: int, state=None, stop_prompt=None) -> Path:
     """A 2-layer, 64-wide model (untied LM head, weights x5, so greedy text wanders instead of
     repeating one token) and its verified ONNX export in root/out, for runtimes compared token by
@@ -152,24 +164,32 @@ def skip_if_registry_unreachable(output: str) -> None:
 def npm_install_pinned(cache_dir: Path, package_json: Path, env=None) -> Path:
     """``npm install`` the dependencies ``package_json`` pins into a folder of ``cache_dir`` named after
     them (kept between sessions while the pins stay the same); returns its node_modules."""
+    import fcntl
     import hashlib
     import json
     import shutil
 
     deps = json.loads(package_json.read_text())["dependencies"]
     prefix = cache_dir / ("npm-" + hashlib.sha256(json.dumps(deps, sort_keys=True).encode()).hexdigest()[:12])
-    if all((prefix / "node_modules" / name / "package.json").is_file() for name in deps):
-        return prefix / "node_modules"
     npm = shutil.which("npm")
     assert npm is not None, "npm is not installed (Node.js 18+ with npm is part of the test environment)"
     prefix.mkdir(parents=True, exist_ok=True)
+    with open(prefix / ".install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # test workers take turns; released when the file closes
+        if not all((prefix / "node_modules" / name / "package.json").is_file() for name in deps):
+            _npm_install(npm, prefix, package_json, env)
+    return prefix / "node_modules"
+
+
+def _npm_install(npm: str, prefix: Path, package_json: Path, env) -> None:
+    import shutil
+
     shutil.copy(package_json, prefix / "package.json")
     r = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(prefix)], capture_output=True,
                        text=True, timeout=600, env=os.environ | (env or {}))
     if r.returncode != 0:
         skip_if_registry_unreachable(r.stdout + r.stderr)
     assert r.returncode == 0, f"npm install failed:\n{r.stdout}\n{r.stderr}"
-    return prefix / "node_modules"
 
 
 class WebServer:

@@ -11,7 +11,7 @@ import pytest
 
 from gptx.export.runtime import OnnxGenerator
 from gptx.sampling import Sampler
-from helpers import npm_install_pinned, wandering_export
+from helpers import npm_install_pinned, once, wandering_export
 
 pytestmark = pytest.mark.slow
 
@@ -22,7 +22,7 @@ STOP_PROMPT = "The end is near"
 
 @pytest.fixture(scope="module")
 def gpt2_out(tmp_path_factory):
-    return wandering_export(tmp_path_factory.mktemp("gpt2"), "gpt2", seed=4, stop_prompt=STOP_PROMPT)
+    return once("gpt2-4-stop", lambda: wandering_export(tmp_path_factory.mktemp("gpt2"), "gpt2", seed=4, stop_prompt=STOP_PROMPT))
 
 
 def python_greedy(out: Path, prompts, n: int):

@@ -3,6 +3,7 @@ Each case runs the real CLI in a subprocess; the page itself runs in test_web_br
 import json
 import signal
 import socket
+import subprocess
 import sys
 from importlib import resources
 from pathlib import Path
@@ -10,12 +11,12 @@ from pathlib import Path
 import pytest
 
 from gptx.export import server
-from helpers import WebServer, gptx, tiny_checkpoint_and_export
+from helpers import WebServer, gptx, once, tiny_checkpoint_and_export
 
 
 @pytest.fixture(scope="module")
 def out_dir(tmp_path_factory) -> Path:
-    return tiny_checkpoint_and_export(tmp_path_factory.mktemp("web"))[1]
+    return once("web-byte", lambda: tiny_checkpoint_and_export(tmp_path_factory.mktemp("web"))[1])
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +162,11 @@ def test_a_port_in_use_is_one_line(out_dir, node_modules):
     one_line_error(r, f"--port: {port} on 127.0.0.1 is in use")
 
 
+@pytest.mark.parametrize("host", ["nonexistent.invalid", "8.8.8.8", "::zz"])
+def test_a_host_it_cannot_listen_on_is_one_line(out_dir, node_modules, host):
+    one_line_error(gptx("web", out_dir, "--node-modules", node_modules, "--host", host, "--port", "0"), f"--host: cannot listen on '{host}'")
+
+
 def test_bad_export_directories_are_one_line(tmp_path, out_dir, node_modules):
     one_line_error(gptx("web", tmp_path / "nope"), "nope: no such export directory")
     one_line_error(gptx("web", tmp_path), "not a gptx export (no gptx_export.json)")
@@ -211,3 +217,10 @@ def test_the_page_ships_with_the_package():
         for url in [u for u in html.split('"') if u.startswith(f"./node_modules/{package}/")]:
             assert url[len(f"./node_modules/{package}/"):] in files, url
     assert "https://" not in html.split("<body>")[0], "no CDN: every script comes from the local server"
+
+
+def test_the_server_path_is_torch_free(out_dir):
+    code = ("import sys; from gptx.export import server; server.check_export(sys.argv[1]); "
+            "print(sorted(m for m in ('torch', 'onnxruntime', 'mlflow') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code, str(out_dir)], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr

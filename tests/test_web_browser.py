@@ -9,7 +9,7 @@ import pytest
 
 from gptx.export.runtime import OnnxGenerator
 from gptx.sampling import Sampler
-from helpers import WebServer, gptx, skip_if_registry_unreachable, wandering_export
+from helpers import WebServer, gptx, once, skip_if_registry_unreachable, wandering_export
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("browser")]
 
@@ -18,23 +18,30 @@ CHROMIUM = Path("/usr/bin/chromium")
 GPT2_PROMPTS = ["Hello world, it's a test", "Ünïcödé and <|endoftext|> too 日本語 🙂", "x", "  tabs\tand\u0085next\ufeff'll  "]
 BYTE_PROMPTS = ["To be, or not to be", "Ünïcödé 🙂 日本語"]
 STOP_PROMPT = "The end is near"
+# Session-scoped fixtures: pytest-xdist interleaves other modules' tests with these, and module-scoped
+# ones would be torn down and built again (a server, a browser) at every switch.
 DONE = "window.gptx && ['done', 'error'].includes(window.gptx.status) && (window.gptx.result || window.gptx.error)"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def web_cache(request, tmp_path_factory) -> Path:
     """GPTX_CACHE_DIR for the servers: `gptx web --install` puts the pinned packages there (in pytest's
     cache, so a later session finds them and npm only checks them)."""
     cache = getattr(request.config, "cache", None)
     root = Path(cache.mkdir("gptx-web")) if cache is not None else tmp_path_factory.mktemp("gptx-web")
+    return once("web-install", lambda: install(root))
+
+
+def install(root: Path) -> Path:
     r = gptx("web", "--install", env={"GPTX_CACHE_DIR": str(root)}, timeout=900)
     if r.returncode != 0:
         skip_if_registry_unreachable(r.stderr)
     assert r.returncode == 0, r.stderr
+    assert "installed the page's JavaScript packages" in r.stdout
     return root
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def browser():
     assert CHROMIUM.is_file(), f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run installs it)"
     from playwright.sync_api import sync_playwright
@@ -52,15 +59,15 @@ def serve(out: Path, web_cache: Path):
     assert code == 0, err
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def gpt2_site(tmp_path_factory, web_cache):
-    out = wandering_export(tmp_path_factory.mktemp("gpt2"), "gpt2", seed=4, stop_prompt=STOP_PROMPT)
+    out = once("gpt2-4-stop", lambda: wandering_export(tmp_path_factory.mktemp("gpt2"), "gpt2", seed=4, stop_prompt=STOP_PROMPT))
     yield from serve(out, web_cache)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def byte_site(tmp_path_factory, web_cache):
-    yield from serve(wandering_export(tmp_path_factory.mktemp("byte"), "byte", seed=6), web_cache)
+    yield from serve(once("byte-6", lambda: wandering_export(tmp_path_factory.mktemp("byte"), "byte", seed=6)), web_cache)
 
 
 @pytest.fixture

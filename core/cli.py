@@ -28,11 +28,15 @@ def fail(message: str, code: int = 2):
 
 
 def one_line(err: click.UsageError) -> str:
+    """A usage error as ``<option>: <problem>``, the form every gptx error takes."""
+    if isinstance(err, click.NoSuchOption):
+        hint = f" (did you mean {' or '.join(err.possibilities)}?)" if err.possibilities else ""
+        return f"{err.option_name}: no such option{hint}"
     if isinstance(err, click.BadParameter) and not isinstance(err, click.MissingParameter) and err.param is not None:
         param = err.param
         where = max(param.opts, key=len) if isinstance(param, click.Option) and param.opts else param.human_readable_name
         return f"{where}: {err.message}"
-    return " ".join(err.format_message().split())
+    return " ".join(err.format_message().split()).rstrip(".")
 
 
 def error_line(err: BaseException) -> tuple[str, int]:
@@ -420,6 +424,51 @@ def export(source, out_dir, opset, quantize, force, track):
     from gptx.export.onnx_export import export_checkpoint
 
     export_checkpoint(source, out_dir, opset=opset, quantize=quantize, force=force, track=track, log=click.echo)
+
+
+class Port(click.ParamType):
+    """A TCP port: an integer from 0 (any free port) to 65535."""
+
+    name = "port"
+
+    def convert(self, value, param, ctx):
+        text = str(value).strip()
+        if not text.isdigit() or int(text) > 65535:
+            self.fail(f"expected an integer from 0 (any free port) to 65535, got {value!r}", param, ctx)
+        return int(text)
+
+
+@cli.command("web")
+@click.argument("out_dir", required=False, type=click.Path(file_okay=True, path_type=str))
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on (loopback: this machine only).")
+@click.option("--port", default=8000, show_default=True, type=Port(), help="Port to listen on; 0 picks a free one.")
+@click.option("--install", is_flag=True, help="npm install the page's JavaScript packages into gptx's cache first.")
+@click.option("--node-modules", default=None, type=click.Path(file_okay=False, path_type=str),
+              help="A node_modules folder holding the packages (default: the web folder's, then gptx's cache).")
+def web(out_dir, host, port, install, node_modules):
+    """Serve OUT_DIR (a gptx export) with a web page that generates in the browser (onnxruntime-web:
+    WebAssembly, or WebGPU where the browser has it). Ctrl-C stops it (exit 0). With --install
+    and no OUT_DIR, only installs the JavaScript packages."""
+    from gptx.export import server as server_mod
+
+    if install:
+        installed = server_mod.install(log=click.echo)
+        node_modules = node_modules or str(installed)
+        if out_dir is None:
+            click.echo(f"installed the page's JavaScript packages in {installed}")
+            return
+    if out_dir is None:
+        raise GptxError("OUT_DIR: missing: the export folder to serve (from gptx export), or --install alone")
+    server_mod.check_export(out_dir)
+    modules = server_mod.find_node_modules(node_modules)
+    srv = server_mod.serve(out_dir, host, port, modules)
+
+    def announce():
+        click.echo(server_mod.banner(srv, out_dir, modules))
+        sys.stdout.flush()
+
+    server_mod.run_until_stopped(srv, announce)
+    click.echo("stopped")
 
 
 @cli.command()

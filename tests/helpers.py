@@ -1,5 +1,7 @@
 """Helpers shared by test modules (importable: pyproject puts tests/ on pythonpath)."""
+import http.client
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -130,3 +132,128 @@ def plugin_env(site: Path, load: str | None = None) -> dict:
     if load is not None:
         env["GPTX_LOAD_PLUGINS"] = load
     return env
+
+
+_MADE: dict = {}
+
+
+def once(key, make):
+    """``make()`` once per test process, remembered under ``key``. For module fixtures that build
+    something slow (an export): pytest-xdist may tear such a fixture down and set it up again
+    between two batches of the module's tests, and the second build would cost as much as the first."""
+    if key not in _MADE:
+        _MADE[key] = make()
+    return _MADE[key]
+
+
+def wandering_export(root: Path, tokenizer: str, seed: int, state=None, stop_prompt=None) -> Path:
+    """A 2-layer, 64-wide model (untied LM head, weights x5, so greedy text wanders instead of
+    repeating one token) and its verified ONNX export in root/out, for runtimes compared token by
+    token. With ``stop_prompt`` (GPT-2 BPE), end-of-text's LM-head row copies (x1.5) the row of
+    the third token greedy decoding gives that prompt, so that prompt's greedy text ends there."""
+    import torch
+
+    from gptx import checkpoint
+    from gptx.config import from_dict
+    from gptx.export.onnx_export import export_checkpoint
+    from gptx.model import GPT
+
+    cfg = from_dict({"model": {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 96, "tie_embeddings": False},
+                     "tokenizer": {"kind": tokenizer}})
+    tok = checkpoint.build_tokenizer(cfg.tokenizer, state)
+    cfg.model.vocab_size = tok.vocab_size
+    torch.manual_seed(seed)
+    model = GPT(cfg.model).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(5)
+        if stop_prompt is not None:
+            ids = torch.tensor([tok.encode(stop_prompt)])  # [1, T]
+            for _ in range(3):
+                logits, _ = model(ids)  # [1, T, V]
+                ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)  # [1, T+1]
+            model.lm_head.weight[tok.eot_id] = 1.5 * model.lm_head.weight[int(ids[0, -1])]
+    ck = checkpoint.save(root / "run", 1, model, cfg, tok)
+    export_checkpoint(ck, root / "out", log=lambda _m: None, track=False)
+    return root / "out"
+
+
+NPM_NETWORK_ERRORS = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "ENETUNREACH", "EHOSTUNREACH")
+
+
+def skip_if_registry_unreachable(output: str) -> None:
+    """An npm install that failed because the registry cannot be reached skips the test, saying so;
+    any other failure is left to the caller's assertion."""
+    import pytest
+
+    hits = [code for code in NPM_NETWORK_ERRORS if code in output]
+    if hits:
+        pytest.skip(f"the npm registry is unreachable from this machine ({', '.join(hits)}): cannot install the JavaScript packages")
+
+
+def npm_install_pinned(cache_dir: Path, package_json: Path, env=None) -> Path:
+    """``npm install`` the dependencies ``package_json`` pins into a folder of ``cache_dir`` named after
+    them (kept between sessions while the pins stay the same); returns its node_modules."""
+    import fcntl
+    import hashlib
+    import json
+    import shutil
+
+    deps = json.loads(package_json.read_text())["dependencies"]
+    prefix = cache_dir / ("npm-" + hashlib.sha256(json.dumps(deps, sort_keys=True).encode()).hexdigest()[:12])
+    npm = shutil.which("npm")
+    assert npm is not None, "npm is not installed (Node.js 18+ with npm is part of the test environment)"
+    prefix.mkdir(parents=True, exist_ok=True)
+    with open(prefix / ".install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # test workers take turns; released when the file closes
+        if not all((prefix / "node_modules" / name / "package.json").is_file() for name in deps):
+            _npm_install(npm, prefix, package_json, env)
+    return prefix / "node_modules"
+
+
+def _npm_install(npm: str, prefix: Path, package_json: Path, env) -> None:
+    import shutil
+
+    shutil.copy(package_json, prefix / "package.json")
+    r = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(prefix)], capture_output=True,
+                       text=True, timeout=600, env=os.environ | (env or {}))
+    if r.returncode != 0:
+        skip_if_registry_unreachable(r.stdout + r.stderr)
+    assert r.returncode == 0, f"npm install failed:\n{r.stdout}\n{r.stderr}"
+
+
+class WebServer:
+    """A real ``gptx web`` process on 127.0.0.1 and a free port, stopped by its pid."""
+
+    def __init__(self, *args, env=None):
+        # unbuffered: reading the first line must leave the rest of the output in the pipe for stop()
+        self.proc = subprocess.Popen([sys.executable, "-m", "gptx", "web", *map(str, args), "--port", "0"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, bufsize=0,
+                                     env=os.environ | (env or {}))
+        self.banner = self.proc.stdout.readline().decode()
+        if "http://" not in self.banner:
+            self.proc.kill()
+            raise AssertionError(f"gptx web did not start: {self.banner}{self.proc.stderr.read().decode()}")
+        self.url = self.banner.split(" at ")[1].split()[0]
+        self.port = int(self.url.rstrip("/").rsplit(":", 1)[1])
+
+    def get(self, raw_path: str, method="GET"):
+        """The response to ``raw_path`` sent byte for byte (no client-side normalisation)."""
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        conn.putrequest(method, raw_path, skip_accept_encoding=True)
+        conn.endheaders()
+        r = conn.getresponse()
+        body = r.read()
+        conn.close()
+        return r.status, dict(r.getheaders()), body
+
+    def stop(self, sig=signal.SIGINT):
+        """Signal the server; its exit code, stdout (after the first line) and stderr."""
+        self.proc.send_signal(sig)
+        try:
+            out, err = self.proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, err = self.proc.communicate()
+        return self.proc.returncode, out.decode(), err.decode()

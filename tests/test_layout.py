@@ -1,12 +1,14 @@
 """The repository layout maps onto one ``gptx`` namespace, and the wheel holds all of it.
 
-setuptools' package-dir maps core/ -> gptx, plugins/ -> gptx.plugins, export/ -> gptx.export.
+setuptools' package-dir maps core/ -> gptx, plugins/ -> gptx.plugins, export/ -> gptx.export,
+experiments/ -> gptx.experiments (the shipped experiment files and their data).
 Every package must be listed explicitly: a missing one still works in an editable install but is
 silently left out of the wheel. And nothing may import ``core``/``plugins``/``export`` directly:
 that would be a second copy of the package that only exists when running from the repo root.
 """
 import ast
 import fnmatch
+import json
 import os
 import shutil
 import subprocess
@@ -21,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SETUPTOOLS = PYPROJECT["tool"]["setuptools"]
 PACKAGE_DIR = SETUPTOOLS["package-dir"]  # dotted name -> folder
-FOLDERS = ("core", "plugins", "export")
+FOLDERS = ("core", "plugins", "export", "experiments")
 SKIP_DIRS = {".git", ".tox", ".venv", "venv", "build", "dist", "node_modules", "__pycache__", ".pytest_cache", "mlruns", "runs"}
 
 
@@ -45,8 +47,9 @@ def expected_packages() -> dict[str, Path]:
     return found
 
 
-def test_the_three_folders_are_mapped_to_one_namespace():
-    assert PACKAGE_DIR == {"gptx": "core", "gptx.plugins": "plugins", "gptx.export": "export"}
+def test_the_folders_are_mapped_to_one_namespace():
+    assert PACKAGE_DIR == {"gptx": "core", "gptx.plugins": "plugins", "gptx.export": "export",
+                           "gptx.experiments": "experiments"}
     assert PYPROJECT["project"]["scripts"]["gptx"] == "gptx.cli:main"
 
 
@@ -150,8 +153,12 @@ def test_wheel_contains_every_package_and_the_bpe_files(wheel):
         for py in folder.glob("*.py"):
             assert f"{pkg.replace('.', '/')}/{py.name}" in names, f"{py.relative_to(ROOT)} missing from the wheel"
     for needed in ("gptx/__init__.py", "gptx/cli.py", "gptx/plugins/__init__.py", "gptx/export/__init__.py",
-                   "gptx/plugins/data/gpt2-bpe/vocab.bpe", "gptx/plugins/data/gpt2-bpe/encoder.json"):
-        assert needed in names
+                   "gptx/plugins/data/gpt2-bpe/vocab.bpe", "gptx/plugins/data/gpt2-bpe/encoder.json",
+                   "gptx/export/node/generate.js", "gptx/export/node/package.json", "gptx/export/web/index.html",
+                   "gptx/export/web/app.mjs", "gptx/export/web/gptx.mjs", "gptx/export/web/gptx.css",
+                   "gptx/export/web/package.json", "gptx/experiments/shakespeare_char.toml",
+                   "gptx/experiments/baseline.toml", "gptx/experiments/data/tinyshakespeare.txt"):
+        assert needed in names, needed
     assert not [n for n in names if n.split("/")[0] in FOLDERS], "the folder names leaked into the wheel"
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "gptx = gptx.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
@@ -178,3 +185,43 @@ def test_the_wheel_alone_works(wheel, tmp_path):
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["file"].startswith(str(tmp_path)) and out["bpe"].startswith(str(tmp_path))
     assert out["errors"] == [] and out["ids"] == [15496, 995] and "causal" in out["attention"]
+
+
+@pytest.mark.slow
+def test_a_wheel_installed_in_a_fresh_virtualenv_works_from_any_folder(wheel, tmp_path):
+    """pip install of the wheel (not editable) into a new virtualenv, then the commands whose
+    defaults are files gptx ships, run from a folder outside the checkout: gptx bench's default
+    experiment and its data, gptx check-plugin's sample text, gptx validate of a shipped file."""
+    import venv
+
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=False)
+    py = env_dir / "bin" / "python"
+    site = Path(subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               capture_output=True, text=True, check=True).stdout.strip())
+    # gptx's dependencies come from this environment (a path line: its editable gptx is not loaded)
+    import torch
+
+    (site / "deps.pth").write_text(str(Path(torch.__file__).parents[1]) + "\n")
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site),
+                        str(wheel)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"} | {"OMP_NUM_THREADS": "1"}
+
+    def gptx(*args):
+        return subprocess.run([str(py), "-m", "gptx", *args], capture_output=True, text=True, env=env, cwd=work, timeout=600)
+
+    where = subprocess.run([str(py), "-c", "import gptx; print(gptx.__file__)"], capture_output=True, text=True, env=env, cwd=work)
+    assert where.stdout.strip().startswith(str(site)), where.stdout + where.stderr  # the wheel's gptx, not the checkout's
+    bench = gptx("bench", "--only", "train", "--train-steps", "3", "--warmup-steps", "1", "--json")
+    assert bench.returncode == 0, bench.stderr
+    result = json.loads(bench.stdout)
+    assert result["train"]["experiment"].startswith(str(site)) and result["train"]["tokens_per_s"] > 0
+    check = gptx("check-plugin", "relu2", "--json")
+    assert check.returncode == 0 and json.loads(check.stdout)["passed"], check.stdout[-2000:] + check.stderr[-2000:]
+    shipped = site / "gptx" / "experiments" / "shakespeare_char.toml"
+    valid = gptx("validate", shipped)
+    assert valid.returncode == 0 and "OK" in valid.stdout, valid.stderr
+    assert sorted(p.name for p in work.iterdir()) == []  # nothing written where it ran

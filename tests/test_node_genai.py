@@ -8,39 +8,21 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
-import torch
 
-from gptx import checkpoint
-from gptx import registry as registry_mod
-from gptx.config import from_dict
-from gptx.export.onnx_export import export_checkpoint
 from gptx.export.runtime import OnnxGenerator
-from gptx.model import GPT
 from gptx.sampling import Sampler
+from helpers import npm_install_pinned, once, wandering_export
 
 pytestmark = pytest.mark.slow
 
-PROMPTS = ["Hello world, it's a test", "Ünïcödé and <|endoftext|> too", "x"]
-
-
-def export(root: Path, tokenizer: str, seed: int, state=None) -> Path:
-    cfg = from_dict({"model": {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 96},
-                     "tokenizer": {"kind": tokenizer}}, registry_mod.registry())
-    tok = checkpoint.build_tokenizer(cfg.tokenizer, state)
-    cfg.model.vocab_size = tok.vocab_size
-    torch.manual_seed(seed)
-    # larger weights than the default init, so greedy decoding wanders instead of repeating one token
-    model = GPT(cfg.model)
-    with torch.no_grad():
-        model.wte.weight.mul_(20)
-    ck = checkpoint.save(root / "run", 1, model, cfg, tok)
-    export_checkpoint(ck, root / "out", log=lambda _m: None)
-    return root / "out"
+# Unicode, <|endoftext|> written in the text, and U+0085 / U+FEFF, where JavaScript's \s and tiktoken's differ
+PROMPTS = ["Hello world, it's a test", "Ünïcödé and <|endoftext|> too", "x", "tabs\tand\u0085next\ufeff'll 🙂"]
+STOP_PROMPT = "The end is near"
 
 
 @pytest.fixture(scope="module")
 def gpt2_out(tmp_path_factory):
-    return export(tmp_path_factory.mktemp("gpt2"), "gpt2", seed=4)
+    return once("gpt2-4-stop", lambda: wandering_export(tmp_path_factory.mktemp("gpt2"), "gpt2", seed=4, stop_prompt=STOP_PROMPT))
 
 
 def python_greedy(out: Path, prompts, n: int):
@@ -52,21 +34,15 @@ def python_greedy(out: Path, prompts, n: int):
 
 @pytest.fixture(scope="module")
 def node_modules(request, tmp_path_factory):
-    """onnxruntime-node installed once into pytest's cache directory (.pytest_cache, git-ignored),
-    or into the test's temporary directory when the cache is disabled."""
-    node, npm = shutil.which("node"), shutil.which("npm")
-    if node is None or npm is None:
+    """The Node example's packages (export/node/package.json: onnxruntime-node, CPU binaries only, and
+    @huggingface/tokenizers), installed once into pytest's cache directory (.pytest_cache,
+    git-ignored), or into the test's temporary directory when the cache is disabled."""
+    if shutil.which("node") is None or shutil.which("npm") is None:
         pytest.skip("Node.js (node and npm) is not installed: the Node example cannot be run here")
-    if getattr(request.config, "cache", None) is not None:
-        cache = Path(request.config.cache.mkdir("gptx-onnxruntime-node"))
-    else:
-        cache = tmp_path_factory.mktemp("onnxruntime-node")
-    if not (cache / "node_modules" / "onnxruntime-node" / "package.json").is_file():
-        env = dict(os.environ, ONNXRUNTIME_NODE_INSTALL="skip")  # CPU binaries only: no CUDA download
-        r = subprocess.run([npm, "install", "--no-audit", "--no-fund", "--prefix", str(cache), "onnxruntime-node"],
-                           capture_output=True, text=True, timeout=300, env=env)
-        assert r.returncode == 0, f"npm install onnxruntime-node failed:\n{r.stdout}\n{r.stderr}"
-    return cache / "node_modules"
+    cache = getattr(request.config, "cache", None)
+    root = Path(cache.mkdir("gptx-node")) if cache is not None else tmp_path_factory.mktemp("gptx-node")
+    package_json = Path(str(resources.files("gptx.export") / "node" / "package.json"))
+    return npm_install_pinned(root, package_json, env={"ONNXRUNTIME_NODE_INSTALL": "skip"})  # no CUDA download
 
 
 def run_node(node_modules, out, prompts, n):
@@ -82,8 +58,9 @@ def run_node(node_modules, out, prompts, n):
 @pytest.mark.xdist_group("node")
 def test_node_example_generates_the_same_greedy_tokens(node_modules, gpt2_out):
     want, gen = python_greedy(gpt2_out, PROMPTS, 16)
+    assert len({t for ids in want for t in ids}) > 16, "the model repeats itself: a weak comparison"
     rows = run_node(node_modules, gpt2_out, PROMPTS, 16)
-    assert [r["prompt_ids"] for r in rows] == [gen.tokenizer.encode(p) for p in PROMPTS]  # its own BPE agrees
+    assert [r["prompt_ids"] for r in rows] == [gen.tokenizer.encode(p) for p in PROMPTS]  # @huggingface/tokenizers agrees
     assert [r["ids"] for r in rows] == want
     assert [r["text"] for r in rows] == [gen.tokenizer.decode(ids) for ids in want]
     # a left-padded batch in Node gives the same tokens too
@@ -92,19 +69,83 @@ def test_node_example_generates_the_same_greedy_tokens(node_modules, gpt2_out):
 
 
 @pytest.mark.xdist_group("node")
+def test_node_example_stops_at_end_of_text(node_modules, gpt2_out):
+    want, gen = python_greedy(gpt2_out, [STOP_PROMPT, "x"], 16)
+    assert want[0][-1] == gen.eot_id and len(want[0]) < 16  # the export was built to end this prompt early
+    rows = run_node(node_modules, gpt2_out, [STOP_PROMPT, "x"], 16)  # one row stops, the other runs on
+    assert [r["ids"] for r in rows] == want
+    assert rows[0]["text"].endswith("<|endoftext|>")
+
+
+@pytest.mark.xdist_group("node")
+def test_node_example_reads_the_cache_declaration(node_modules, gpt2_out, tmp_path):
+    """gptx_export.json's `cache` (each layer's cache tensors) drives the past/present names and the
+    empty past's shape; without it the GPT-2 key/value layout is assumed (the tests above)."""
+    out = tmp_path / "declared"
+    shutil.copytree(gpt2_out, out)
+    meta = json.loads((out / "gptx_export.json").read_text())
+    K, D = meta["model"]["kv_heads"], meta["model"]["head_dim"]
+    meta["cache"] = [{"name": n, "dims": ["batch_size", K, "past_sequence_length", D], "seq_axis": 2, "dtype": "float32"}
+                     for n in ("key", "value")]
+    (out / "gptx_export.json").write_text(json.dumps(meta))
+    want, _ = python_greedy(gpt2_out, PROMPTS[:2], 8)
+    assert [r["ids"] for r in run_node(node_modules, out, PROMPTS[:2], 8)] == want
+    script = resources.files("gptx.export") / "node" / "generate.js"
+    key, value = meta["cache"]
+    for cache, message in [([key], "inputs/outputs do not follow gptx.decoder/1"),  # the graph has values too
+                           ([key, {**value, "name": "latent"}], "inputs/outputs do not follow gptx.decoder/1"),
+                           ([key, {**value, "seq_axis": 4}], "cache[1].seq_axis"),
+                           ([key, {**value, "dtype": "float64"}], "cache[1].dtype"),
+                           ([key, {**value, "dims": ["batch_size", "heads", "past_sequence_length", D]}], "unknown symbolic dimension"),
+                           ([key, {**value, "name": "../x"}], "cache[1].name"),
+                           ({}, "cache: expected a list")]:
+        (out / "gptx_export.json").write_text(json.dumps(meta | {"cache": cache}))
+        r = subprocess.run(["node", str(script), str(out), "--prompt", "Hi"], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, NODE_PATH=str(node_modules)))
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, (cache, r.stderr)
+
+
+@pytest.mark.xdist_group("node")
 def test_node_example_with_a_char_tokenizer(node_modules, tmp_path):
-    out = export(tmp_path, "char", seed=5, state={"chars": list("\n !',.?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")})
+    out = wandering_export(tmp_path, "char", seed=5, state={"chars": list("\n !',.?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")})
     prompts = ["To be, or not to be", "Ay"]
     want, _ = python_greedy(out, prompts, 20)
     rows = run_node(node_modules, out, prompts, 20)
     assert [r["ids"] for r in rows] == want
 
 
+@pytest.mark.xdist_group("node")
+def test_node_example_with_a_byte_tokenizer(node_modules, tmp_path):
+    out = wandering_export(tmp_path, "byte", seed=6)
+    prompts = ["Ünïcödé 🙂 text", "日本語"]
+    want, gen = python_greedy(out, prompts, 20)
+    rows = run_node(node_modules, out, prompts, 20)
+    assert [r["prompt_ids"] for r in rows] == [gen.tokenizer.encode(p) for p in prompts]
+    assert [r["ids"] for r in rows] == want
+    assert [r["text"] for r in rows] == [gen.tokenizer.decode(ids) for ids in want]  # invalid UTF-8 becomes U+FFFD in both
+
+
+@pytest.mark.xdist_group("node")
+@pytest.mark.parametrize("args, message", [
+    (["--max-new-tokens", "x"], "Error: --max-new-tokens: expected an integer"),
+    (["--max-new-tokens", "0"], "Error: max_new_tokens: expected an integer >= 1"),
+    (["--temperature", "-1"], "Error: temperature: expected a number >= 0"),
+    (["--top-p", "2"], "Error: top_p: expected a number in (0, 1]"),
+])
+def test_node_example_bad_arguments_are_one_line(node_modules, gpt2_out, args, message):
+    script = resources.files("gptx.export") / "node" / "generate.js"
+    r = subprocess.run(["node", str(script), str(gpt2_out), "--prompt", "Hi", *args], capture_output=True, text=True,
+                       timeout=120, env=dict(os.environ, NODE_PATH=str(node_modules)))
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().startswith(message) and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
 def test_node_example_ships_with_the_package():
     node_dir = resources.files("gptx.export") / "node"
     assert (node_dir / "generate.js").is_file()
     pkg = json.loads((node_dir / "package.json").read_text())
-    assert "onnxruntime-node" in pkg["dependencies"]
+    assert set(pkg["dependencies"]) == {"onnxruntime-node", "@huggingface/tokenizers"}
+    assert '"..", "web", "gptx.mjs"' in (node_dir / "generate.js").read_text()  # the web page's module, shared
 
 
 # ---- onnxruntime-genai ----------------------------------------------------------------------------

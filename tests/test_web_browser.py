@@ -1,0 +1,200 @@
+"""The web page in a real headless Chromium (Playwright), served by a real ``gptx web`` process with
+the JavaScript packages ``gptx web --install`` fetched from the npm registry: its greedy tokens
+equal gptx's Python onnxruntime generator, tokenizers included, and it streams, samples, stops at
+end-of-text and reports bad settings."""
+from pathlib import Path
+from urllib.parse import urlencode
+
+import pytest
+
+from gptx.export.runtime import OnnxGenerator
+from gptx.sampling import Sampler
+from helpers import WebServer, gptx, once, skip_if_registry_unreachable, wandering_export
+
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("browser")]
+
+CHROMIUM = Path("/usr/bin/chromium")
+# Unicode, <|endoftext|> written in the text, U+0085 / U+FEFF (where JavaScript's \s and tiktoken's differ)
+GPT2_PROMPTS = ["Hello world, it's a test", "Ünïcödé and <|endoftext|> too 日本語 🙂", "x", "  tabs\tand\u0085next\ufeff'll  "]
+BYTE_PROMPTS = ["To be, or not to be", "Ünïcödé 🙂 日本語"]
+STOP_PROMPT = "The end is near"
+# Session-scoped fixtures: pytest-xdist interleaves other modules' tests with these, and module-scoped
+# ones would be torn down and built again (a server, a browser) at every switch.
+DONE = "window.gptx && ['done', 'error'].includes(window.gptx.status) && (window.gptx.result || window.gptx.error)"
+
+
+@pytest.fixture(scope="session")
+def web_cache(request, tmp_path_factory) -> Path:
+    """GPTX_CACHE_DIR for the servers: `gptx web --install` puts the pinned packages there (in pytest's
+    cache, so a later session finds them and npm only checks them)."""
+    cache = getattr(request.config, "cache", None)
+    root = Path(cache.mkdir("gptx-web")) if cache is not None else tmp_path_factory.mktemp("gptx-web")
+    return once("web-install", lambda: install(root))
+
+
+def install(root: Path) -> Path:
+    r = gptx("web", "--install", env={"GPTX_CACHE_DIR": str(root)}, timeout=900)
+    if r.returncode != 0:
+        skip_if_registry_unreachable(r.stderr)
+    assert r.returncode == 0, r.stderr
+    assert "installed the page's JavaScript packages" in r.stdout
+    return root
+
+
+@pytest.fixture(scope="session")
+def browser():
+    assert CHROMIUM.is_file(), f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run installs it)"
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+def serve(out: Path, web_cache: Path):
+    s = WebServer(out, env={"GPTX_CACHE_DIR": str(web_cache)})
+    yield s
+    code, _, err = s.stop()
+    assert code == 0, err
+
+
+@pytest.fixture(scope="session")
+def gpt2_site(tmp_path_factory, web_cache):
+    out = once("gpt2-4-stop", lambda: wandering_export(tmp_path_factory.mktemp("gpt2"), "gpt2", seed=4, stop_prompt=STOP_PROMPT))
+    yield from serve(out, web_cache)
+
+
+@pytest.fixture(scope="session")
+def byte_site(tmp_path_factory, web_cache):
+    yield from serve(once("byte-6", lambda: wandering_export(tmp_path_factory.mktemp("byte"), "byte", seed=6)), web_cache)
+
+
+@pytest.fixture
+def page(browser):
+    p = browser.new_page(viewport={"width": 1000, "height": 720})
+    errors = []
+    p.on("pageerror", lambda err: errors.append(str(err)))
+    yield p
+    p.close()
+    assert not errors, errors
+
+
+def site_dir(site) -> Path:
+    return Path(site.banner.split("serving ")[1].split(" at ")[0])
+
+
+def python_greedy(out: Path, prompts, n: int):
+    gen = OnnxGenerator(out)
+    return gen, [gen.generate([gen.tokenizer.encode(p)], n, Sampler(temperature=0)).ids[0] for p in prompts]
+
+
+def state(page) -> dict:
+    page.wait_for_function(DONE, timeout=60_000)
+    s = page.evaluate("({status: gptx.status, error: gptx.error, result: gptx.result, stats: gptx.stats})")
+    return s
+
+
+def open_page(page, site, **query) -> dict:
+    page.goto(site.url + ("?" + urlencode(query) if query else ""))
+    if not query.get("prompt"):
+        page.wait_for_function("window.gptx && ['ready', 'error'].includes(window.gptx.status)", timeout=60_000)
+        return page.evaluate("({status: gptx.status, error: gptx.error})")
+    return state(page)
+
+
+def submit_form(page, prompt: str, **fields) -> dict:
+    page.evaluate("gptx.result = null; gptx.error = null")
+    page.fill("#prompt", prompt)
+    for name, value in fields.items():
+        page.fill(f"input[name={name}]", str(value))
+    page.click("#go")
+    return state(page)
+
+
+def test_page_generates_pythons_greedy_tokens_with_gpt2_bpe(page, gpt2_site, tmp_path):
+    gen, want = python_greedy(site_dir(gpt2_site), GPT2_PROMPTS, 16)
+    assert len({t for ids in want for t in ids}) > 16, "the model repeats itself: a weak comparison"
+    first = open_page(page, gpt2_site, prompt=GPT2_PROMPTS[0], max_new_tokens=16, temperature=0)  # from the URL query
+    rows = [first] + [submit_form(page, p, max_new_tokens=16, temperature=0) for p in GPT2_PROMPTS[1:]]  # from the form
+    for prompt, expected, row in zip(GPT2_PROMPTS, want, rows):
+        assert row["status"] == "done", row["error"]
+        assert row["result"]["prompt_ids"] == gen.tokenizer.encode(prompt), prompt  # @huggingface/tokenizers = tiktoken
+        assert row["result"]["ids"] == expected, prompt
+        assert row["result"]["text"] == gen.tokenizer.decode(expected)
+    assert rows[0]["stats"]["backend"] in ("wasm", "webgpu") and rows[0]["stats"]["new_tokens"] == 16
+    assert page.inner_text("#out-new") == gen.tokenizer.decode(want[-1])  # the text on the page
+    page.screenshot(path=tmp_path / "page.png")
+    assert (tmp_path / "page.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_page_stops_at_end_of_text(page, gpt2_site):
+    gen, [want] = python_greedy(site_dir(gpt2_site), [STOP_PROMPT], 16)
+    assert want[-1] == gen.eot_id and len(want) < 16  # the export was built to end this prompt early
+    row = open_page(page, gpt2_site, prompt=STOP_PROMPT, max_new_tokens=16, temperature=0)
+    assert row["result"]["ids"] == want and row["result"]["text"].endswith("<|endoftext|>")
+    assert "end of text" in page.inner_text("#status")
+
+
+def test_page_generates_pythons_greedy_tokens_with_a_byte_tokenizer(page, byte_site):
+    gen, want = python_greedy(site_dir(byte_site), BYTE_PROMPTS, 24)
+    rows = [open_page(page, byte_site, prompt=p, max_new_tokens=24, temperature=0) for p in BYTE_PROMPTS]
+    assert [r["result"]["prompt_ids"] for r in rows] == [gen.tokenizer.encode(p) for p in BYTE_PROMPTS]
+    assert [r["result"]["ids"] for r in rows] == want
+    assert [r["result"]["text"] for r in rows] == [gen.tokenizer.decode(ids) for ids in want]
+
+
+def test_page_streams_the_text_as_it_is_generated(page, byte_site):
+    page.add_init_script("""
+        window.__seen = [];
+        document.addEventListener('DOMContentLoaded', () => new MutationObserver(() =>
+            window.__seen.push(document.getElementById('out-new').textContent)
+        ).observe(document.getElementById('out-new'), {childList: true, characterData: true, subtree: true}));
+    """)
+    row = open_page(page, byte_site, prompt="To be", max_new_tokens=40, temperature=0)
+    seen = page.evaluate("window.__seen")
+    assert len(seen) >= 20 and seen[-1] == row["result"]["text"]  # one update per token, not one at the end
+    assert len({len(s) for s in seen}) >= 10
+
+
+def test_the_stop_button_ends_a_generation_early(page, byte_site):
+    open_page(page, byte_site)
+    page.fill("#prompt", "To be")
+    page.fill("input[name=max_new_tokens]", "90")
+    # press Stop as the first token appears (a tiny model writes 90 tokens faster than a click from here)
+    page.evaluate("""new MutationObserver((_, observer) => { observer.disconnect(); document.getElementById('stop').click(); })
+                     .observe(document.getElementById('out-new'), {childList: true, characterData: true, subtree: true})""")
+    page.click("#go")
+    row = state(page)
+    assert row["status"] == "done" and len(row["result"]["ids"]) == 1
+    assert "stopped" in page.inner_text("#status") and page.is_enabled("#go") and not page.is_enabled("#stop")
+
+
+def test_page_sampling_settings(page, gpt2_site):
+    gen, [greedy] = python_greedy(site_dir(gpt2_site), ["Hello world"], 12)
+    top1 = open_page(page, gpt2_site, prompt="Hello world", max_new_tokens=12, temperature=1.0, top_k=1)
+    assert top1["result"]["ids"] == greedy  # top-k 1 leaves only the most likely token
+    nucleus = submit_form(page, "Hello world", max_new_tokens=12, temperature=1.5, top_k="", top_p=1e-6)
+    assert nucleus["result"]["ids"] == greedy  # so does a tiny nucleus
+    runs = [submit_form(page, "Hello world", max_new_tokens=12, temperature=1.0, top_k=1000, top_p=0.95) for _ in range(2)]
+    assert all(r["status"] == "done" and len(r["result"]["ids"]) >= 1 for r in runs)
+    assert "top_p=0.95" in page.url and "top_k=1000" in page.url  # the URL repeats the form's settings
+    seeded = [open_page(page, gpt2_site, prompt="Hello world", max_new_tokens=12, temperature=1.0, seed=s)["result"]["ids"]
+              for s in (7, 7, 8)]
+    assert seeded[0] == seeded[1] != seeded[2] and seeded[0] != greedy
+
+
+@pytest.mark.parametrize("query, message", [
+    ({"temperature": "-1"}, "temperature: expected a number >= 0"),
+    ({"temperature": "nan"}, "temperature: expected a number"),
+    ({"max_new_tokens": "0"}, "max_new_tokens: expected an integer >= 1"),
+    ({"max_new_tokens": str(2**70)}, "max_new_tokens: expected an integer"),
+    ({"top_p": "1.5"}, "top_p: expected a number in (0, 1]"),
+    ({"top_k": "2.5"}, "top_k: expected an integer"),
+    ({"max_new_tokens": "200"}, "new tokens exceeds the model's context of 96 tokens"),
+])
+def test_page_reports_bad_settings(page, gpt2_site, query, message):
+    row = open_page(page, gpt2_site, prompt="Hello", **query)
+    assert row["status"] == "error" and message in row["error"], row
+    assert message in page.inner_text("#status")
+    assert page.is_enabled("#go")  # the model is loaded: the form still works

@@ -379,7 +379,14 @@ def _run_forwarding_signals(args: list[str]) -> int:
 def run(file, overrides, resume, nproc, quiet):
     """Train the experiment in FILE, tracked in MLflow; print a sample at the end."""
     if nproc is not None and "WORLD_SIZE" not in os.environ:
-        _load(file, overrides)  # bad input fails here, once, not in N processes
+        from gptx.errors import ConfigError
+        from gptx.train import BatchSplit
+
+        cfg = _load(file, overrides)  # bad input fails here, once, not in N processes
+        try:
+            BatchSplit.plan(cfg.training, 0, nproc)
+        except ConfigError as err:
+            raise err.located(file) from None
         args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                 "-m", "gptx", "run", file, *[f"--set={o}" for o in overrides]]
         args += ["--resume"] * resume + ["--quiet"] * quiet

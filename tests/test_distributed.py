@@ -12,35 +12,40 @@ from helpers import gptx, write_experiment
 
 pytestmark = pytest.mark.slow
 
-STEPS = ["--set", "training.max_steps=12", "--set", "training.grad_accum_steps=2", "--set", "training.eval_interval=6",
-         "--set", "training.log_interval=1", "--set", "tracking.enabled=true"]
+STEPS = ["--set", "training.max_steps=12", "--set", "training.eval_interval=6", "--set", "training.log_interval=1",
+         "--set", "tracking.enabled=true"]
+# how 2 processes share the global batch: whole micro-batches each (grad_accum_steps 2), or half the
+# rows of every micro-batch (grad_accum_steps 1, batch_size 4)
+SPLITS = {"micro-batches": ["--set", "training.grad_accum_steps=2"], "rows": ["--set", "training.grad_accum_steps=1"]}
 
 
 def _train_losses(client, run_id):
     return [m.value for m in sorted(client.get_metric_history(run_id, "train_loss"), key=lambda m: m.step)]
 
 
+@pytest.mark.parametrize("split", sorted(SPLITS))
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one_with_the_same_global_batch(tmp_path, mlflow_sqlite, parallel):
+def test_two_processes_match_one_with_the_same_global_batch(tmp_path, mlflow_sqlite, parallel, split):
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(mlflow_sqlite)
-    uri = ["--set", f"tracking.uri='{mlflow_sqlite}'"]
-    single = write_experiment(tmp_path / f"single_{parallel}.toml")
-    multi = write_experiment(tmp_path / f"multi_{parallel}.toml")
+    uri = ["--set", f"tracking.uri='{mlflow_sqlite}'", *SPLITS[split]]
+    name = f"{parallel}_{split.replace('-', '_')}"  # one MLflow experiment per case: the store is shared
+    single = write_experiment(tmp_path / f"single_{name}.toml")
+    multi = write_experiment(tmp_path / f"multi_{name}.toml")
     one = gptx("run", single, *STEPS, *uri, "--quiet", cwd=tmp_path, check=True)
     two = gptx("run", multi, *STEPS, *uri, "--set", f"training.parallel='{parallel}'", "--nproc", "2", "--quiet",
                cwd=tmp_path, check=True)
     run_one = one.stdout.split("MLflow run: ")[1].split()[0]
     run_two = two.stdout.split("MLflow run: ")[1].split()[0]
-    exp = client.get_experiment_by_name(f"multi_{parallel}")
+    exp = client.get_experiment_by_name(f"multi_{name}")
     assert len(client.search_runs([exp.experiment_id])) == 1  # only rank 0 tracks
     a, b = _train_losses(client, run_one), _train_losses(client, run_two)
     assert len(a) == len(b) == 12
     assert a == pytest.approx(b, abs=1e-4)
     assert client.get_run(run_two).data.params["training.parallel"] == parallel
     # the distributed checkpoint loads and generates in a single process
-    (run_dir,) = (tmp_path / "runs" / f"multi_{parallel}").iterdir()
+    (run_dir,) = (tmp_path / "runs" / f"multi_{name}").iterdir()
     g = gptx("generate", run_dir, "--prompt", "KING", "--max-new-tokens", "5", "--temperature", "0", "--json", check=True)
     assert len(json.loads(g.stdout)["ids"]) == 5
 
@@ -72,3 +77,30 @@ def test_fsdp_checkpoint_resumes_in_a_single_process(tmp_path):
     b = load_file(run_dir / "checkpoints" / "step-000120" / "model.safetensors")
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-4), k
+
+
+def test_the_readmes_torchrun_command_runs_on_the_shipped_experiment(tmp_path):
+    """`torchrun --standalone --nproc-per-node 2 -m gptx run experiments/shakespeare_char.toml`,
+    as the README writes it (its grad_accum_steps is 1: the processes split each micro-batch's rows),
+    shortened to a few steps."""
+    from helpers import REPO
+
+    short = ["--set", "training.max_steps=3", "--set", "training.eval_steps=1", "--set", "tracking.enabled=false",
+             "--set", "training.final_eval_tokens=2000", "--set", "training.sample_tokens=0",
+             "--set", f"training.out_dir='{tmp_path / 'runs'}'"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "gptx", "run",
+           str(REPO / "experiments" / "shakespeare_char.toml"), *short, "--quiet"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "after 3 steps" in proc.stdout
+
+
+def test_a_global_batch_that_cannot_be_split_is_one_clear_line(tmp_path):
+    f = write_experiment(tmp_path / "e.toml")  # batch_size 4
+    proc = gptx("run", f, "--set", "training.batch_size=5", "--set", "training.grad_accum_steps=3", "--nproc", "2",
+                cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert "training.grad_accum_steps: neither grad_accum_steps = 3 nor batch_size = 5 is divisible by the 2 processes" in line
+    assert "grad_accum_steps in 2, 4, 6" in line and "batch_size in 4, 6" in line
+    assert not (tmp_path / "runs").exists()

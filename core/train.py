@@ -257,9 +257,9 @@ def threading_main() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def prepare(cfg: ExperimentConfig, resume: bool):
-    """Everything that can fail on bad input, before anything is created: data, tokenizer,
-    output directory, resumable run, tracking server."""
+def prepare(cfg: ExperimentConfig, resume: bool, progress=None):
+    """Everything that can fail on bad input, before anything is created: output directory,
+    resumable run, tracking server, tokenizer, then the data (the slow part: tokenizing)."""
     from gptx import tracking
     from gptx.data import load_dataset
 
@@ -278,14 +278,15 @@ def prepare(cfg: ExperimentConfig, resume: bool):
             raise GptxError(f"--resume: {resume_dir} was trained with another model config; start a new run instead")
         tokenizer_state = meta.get("tokenizer_state") or None
     tokenizer = ckpt.build_tokenizer(cfg.tokenizer, tokenizer_state)
-    dataset = load_dataset(cfg, tokenizer)
+    check_writable(cfg)
+    if cfg.tracking.enabled:
+        tracking.check_reachable(tracking.tracking_uri(cfg.tracking.uri))
+    dataset = load_dataset(cfg, tokenizer, progress=progress)
+    tokenizer = dataset.tokenizer  # fitted, if it learns its vocabulary from the data
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = tokenizer.vocab_size
     elif cfg.model.vocab_size < tokenizer.vocab_size:
         raise ConfigError(f"{cfg.model.vocab_size} is smaller than the tokenizer's {tokenizer.vocab_size}", "model.vocab_size")
-    check_writable(cfg)
-    if cfg.tracking.enabled:
-        tracking.check_reachable(tracking.tracking_uri(cfg.tracking.uri))
     return tokenizer, dataset, resume_dir
 
 
@@ -297,11 +298,17 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
     from gptx.sampling import Sampler
 
     tc = cfg.training
+    from gptx.progress import StatusLine
+
+    status = StatusLine() if progress and int(os.environ.get("RANK", "0")) == 0 else None  # tokenizing
     try:
         device = pick_device(tc)
-        tokenizer, dataset, resume_dir = prepare(cfg, resume)
+        tokenizer, dataset, resume_dir = prepare(cfg, resume, status)
     except ConfigError as err:  # name the experiment file, as the loader's own errors do
         raise err.located(str(cfg.source) if cfg.source else None) from None
+    finally:
+        if status is not None:
+            status.close()
     dist = distributed.setup(device, tc.parallel)
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -310,7 +317,6 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
     model = GPT(cfg.model).to(device)
     train_model = distributed.wrap(model, dist, device)  # FSDP shards ``model`` in place
     optimizer = build_optimizer(model, tc, device, dist)
-    data_gen = torch.Generator().manual_seed(tc.seed)
     start_step, history = 0, []
     run_id = None
     if resume_dir is not None:
@@ -319,7 +325,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
         if state is None:
             raise GptxError(f"--resume: {last} has no trainer state")
         distributed.load_full_state(model, optimizer, ckpt.load_weights(last), state["optimizer"], dist)
-        data_gen.set_state(state["data_rng"])
+        dataset.load_state_dict(state["dataset"] if "dataset" in state else {"generator": state["data_rng"]})
         torch.set_rng_state(state["torch_rng"])
         start_step, history = int(state["step"]), list(json.loads(state.get("history", "[]")))
         run_id = read_run_file(resume_dir).get("mlflow_run_id")
@@ -387,7 +393,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
                     state = {
                         "optimizer": optim_state,
                         "step": step,
-                        "data_rng": data_gen.get_state(),
+                        "dataset": dataset.state_dict(),  # the training stream's position
                         "torch_rng": torch.get_rng_state(),
                         "history": json.dumps(history),
                     }
@@ -427,7 +433,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
             for step in range(start_step + 1, tc.max_steps + 1):
                 t0 = time.perf_counter()
                 lr = lr_at(step - 1, tc)
-                x_all, y_all = dataset.windows("train", tc.grad_accum_steps * tc.batch_size, data_gen)
+                x_all, y_all = dataset.batch(tc.grad_accum_steps * tc.batch_size)
                 step_loss = train_step(x_all, y_all, lr)
                 pending.append((step, step_loss, lr, time.perf_counter() - t0))
                 if step % tc.log_interval == 0 or step == tc.max_steps:

@@ -34,7 +34,7 @@ def test_data_is_tokenized_once_cached_and_split(tmp_path):
     cfg = load_experiment(write_experiment(tmp_path / "e.toml"), ["tokenizer.kind=gpt2"])
     tok = GPT2Tokenizer(None)
     ds = load_dataset(cfg, tok)
-    cached = list((Path(os.environ["GPTX_CACHE_DIR"]) / "tokens").glob("*.uint16"))
+    cached = list((Path(os.environ["GPTX_CACHE_DIR"]) / "tokens").glob("*.bin"))
     assert cached, "token cache not written"
     assert ds.train.dtype == np.uint16
     total = len(ds.train) + len(ds.val)
@@ -204,12 +204,15 @@ def test_real_mlflow_server_run_and_generate_from_run(tmp_path, mlflow_server):
 
 
 def test_chunked_tokenization_equals_whole_text():
+    """The text dataset tokenizes in pieces cut by gptx.prepare.safe_cut; whitespace runs, CRLF
+    and special tokens around the cuts must not change a single id."""
     from helpers import SHAKESPEARE
 
-    from gptx.data import split_for_bpe
+    from gptx.prepare import Chunker
 
     tok = GPT2Tokenizer(None)
-    text = SHAKESPEARE.read_text() + "\n\n\nA  b\n \nC\r\nD\n"
-    chunks = split_for_bpe(text, lines_per_chunk=50)
+    text = SHAKESPEARE.read_text() + "\n\n\nA  b\n \nC\r\nD\n<|endoftext|>E\n"
+    chunker = Chunker(2000)
+    chunks = [c for i in range(0, len(text), 700) for c in chunker.feed(text[i:i + 700])] + list(chunker.flush())
     assert len(chunks) > 100 and "".join(chunks) == text
     assert [t for c in tok.encode_batch(chunks) for t in c] == tok.encode(text)

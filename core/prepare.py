@@ -51,18 +51,26 @@ Progress = Optional[Callable[[str], None]]
 
 # ---- where the text may be cut ---------------------------------------------------------------
 
-def safe_cut(text: str) -> Optional[int]:
-    """The last index i (0 < i < len(text)) where ``encode(text[:i]) + encode(text[i:])`` equals
-    ``encode(text)`` for byte-level BPE: just after a newline that follows a non-space character
-    and precedes one, else just before such a single space; None if there is none."""
-    j = len(text) - 1
-    while (j := text.rfind("\n", 1, j)) > 0:
-        if not text[j - 1].isspace() and not text[j + 1].isspace():
-            return j + 1
-    j = len(text) - 1
-    while (j := text.rfind(" ", 1, j)) > 0:
-        if not text[j - 1].isspace() and not text[j + 1].isspace():
-            return j
+def _safe_at(text: str, j: int) -> bool:
+    """Whether the newline or space at ``j`` sits between two non-space characters."""
+    return 0 < j < len(text) - 1 and not text[j - 1].isspace() and not text[j + 1].isspace()
+
+
+def safe_cut(text: str, near: int) -> Optional[int]:
+    """An index i (0 < i < len(text)), as close below ``near`` as there is one, else above it,
+    where ``encode(text[:i]) + encode(text[i:]) == encode(text)`` for byte-level BPE: just after
+    a newline between two non-space characters, else just before such a single space. None if
+    the text has no such place."""
+    for mark, after in (("\n", 1), (" ", 0)):
+        j = min(near, len(text) - 1)
+        while (j := text.rfind(mark, 0, j)) > 0:
+            if _safe_at(text, j):
+                return j + after
+    for mark, after in (("\n", 1), (" ", 0)):
+        j = near - 1
+        while (j := text.find(mark, j + 1)) >= 0:
+            if _safe_at(text, j):
+                return j + after
     return None
 
 
@@ -78,7 +86,7 @@ class Chunker:
     def feed(self, text: str) -> Iterator[str]:
         self.buffer += text
         while self.piece_chars is not None and len(self.buffer) >= self.wanted:
-            cut = safe_cut(self.buffer)
+            cut = safe_cut(self.buffer, self.piece_chars)
             if cut is None:  # no safe place yet (one huge word): read on, look again at twice the size
                 self.wanted = 2 * len(self.buffer)
                 return
@@ -269,7 +277,7 @@ def piece_chars_for(tokenizer) -> Optional[int]:
 
 def default_workers(source: Source) -> int:
     """Processes for tokenizing ``source``: one for small text (no start-up cost), else the CPUs."""
-    if source.total_bytes < 16 * PIECE_CHARS:
+    if source.total_bytes < 16 << 20:
         return 1
     return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
 
@@ -320,7 +328,8 @@ def token_stream(source: Source, tokenizer, workers: int, meter: Meter) -> Itera
     """The source's ids in order, as arrays of the shard dtype; checks every id is in the vocabulary."""
     vocab = tokenizer.vocab_size
     dtype = shards.token_dtype(vocab)
-    for ids in encoded(source.tasks(piece_chars_for(tokenizer)), tokenizer, workers):
+    piece_chars = piece_chars_for(tokenizer)
+    for ids in encoded(source.tasks(piece_chars), tokenizer, workers if piece_chars else 1):  # one piece: one process
         if len(ids) and (ids.min() < 0 or ids.max() >= vocab):
             bad = int(ids.max() if ids.max() >= vocab else ids.min())
             raise GptxError(f"the tokenizer produced id {bad}, outside its vocabulary of {vocab}")

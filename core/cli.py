@@ -409,19 +409,17 @@ def prepare(source, out_dir, tokenizer_name, tokenizer_options, val_fraction, wo
                             _number(shard_tokens, "--shard-tokens", int))
     args.check()  # bad numbers fail before the tokenizer loads
     tokenizer = _tokenizer(tokenizer_name, tokenizer_options)
-    status = None if quiet else StatusLine()
     try:
-        manifest = prep.prepare(source, out_dir, tokenizer_name, tokenizer, args, status)
+        with StatusLine() as status:
+            manifest = prep.prepare(source, out_dir, tokenizer_name, tokenizer, args, None if quiet else status)
     except KeyboardInterrupt:
         fail(f"{out_dir}: interrupted; nothing was written there", 130)
-    finally:
-        if status is not None:
-            status.close()
     if as_json:
         click.echo(json.dumps(manifest, indent=2))
         return
     counts = ", ".join(f"{manifest['tokens'][s]:,} {s} tokens in {len(manifest['shards'][s])} shard(s)" for s in ("train", "val"))
-    click.echo(f"wrote {out_dir}: {counts} ({manifest['dtype']}, tokenizer {tokenizer_name}); "
+    click.echo(f"wrote {out_dir}: {counts} ({manifest['dtype']}, tokenizer {tokenizer_name} of "
+               f"{manifest['vocab_size']:,} tokens); "
                f'train on it with [data] kind = "tokens", path = "{out_dir}"')
 
 

@@ -116,13 +116,13 @@ def evaluate_text(scorer, path: Path, stride: Optional[int] = None, batch: Optio
     stride = C if stride is None else stride
     if not 1 <= stride <= C:
         raise GptxError(f"--stride: must be between 1 and the model's context of {C}, got {stride}")
-    source = Source(path)
-    if source.jsonl:
-        raise GptxError(f"--data: {path}: expected text (a file or a directory of .txt files), not jsonl documents")
     try:
+        source = Source(path)
+        if source.jsonl:
+            raise GptxError(f"{path}: expected text (a file or a directory of .txt files), not jsonl documents")
         ids = cached_tokens(source, scorer.tokenizer, progress)
     except GptxError as err:
-        raise GptxError(f"--data: {path}: {err}") from None
+        raise GptxError(f"--data: {err}" if str(path) in str(err) else f"--data: {path}: {err}") from None
     if len(ids) < 2:
         raise GptxError(f"--data: {path}: {len(ids)} token(s); at least 2 are needed to score one")
     windows = text_windows(len(ids), C, stride)

@@ -285,11 +285,17 @@ def default_workers(source: Source) -> int:
 def fit(tokenizer, source: Source, progress: Progress = None) -> None:
     """Fit a tokenizer that learns its vocabulary, from the text as a stream of pieces
     (``fit_pieces``: the char tokenizer collects its characters without holding the text)."""
-    t0 = time.perf_counter()
-    tokenizer.fit_pieces(text for _, text in source.texts())
+    meter = Meter(source, progress, "learning the vocabulary from")
+
+    def pieces() -> Iterator[str]:
+        for _, text in source.texts():
+            yield text
+            meter.add(0)
+
+    tokenizer.fit_pieces(pieces())
     if progress:
         progress(f"learned the {type(tokenizer).__name__} vocabulary ({tokenizer.vocab_size} tokens) "
-                 f"from {source.total_bytes / 1e6:,.1f} MB in {time.perf_counter() - t0:.1f} s")
+                 f"from {source.total_bytes / 1e6:,.1f} MB in {meter.summary()['seconds']:.1f} s")
 
 
 class Meter:
@@ -307,9 +313,9 @@ class Meter:
             done, total = self.source.bytes_done, self.source.total_bytes
             rate = done / max(now - self.start, 1e-9)
             eta = (total - done) / rate if rate > 0 else 0.0
+            tokens = f"{self.tokens:,} tokens, " if self.tokens else ""
             self.progress(f"{self.verb} {self.source.path.name} {bar(done / total)} {100 * done / total:5.1f}% "
-                          f"{done / 1e6:,.1f}/{total / 1e6:,.1f} MB, {self.tokens:,} tokens, "
-                          f"{rate / 1e6:,.1f} MB/s, ETA {hms(eta)}")
+                          f"{done / 1e6:,.1f}/{total / 1e6:,.1f} MB, {tokens}{rate / 1e6:,.1f} MB/s, ETA {hms(eta)}")
 
     def summary(self) -> dict:
         seconds = time.perf_counter() - self.start

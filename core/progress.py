@@ -1,9 +1,11 @@
 """Status lines for long jobs that are not training steps (tokenizing, preparing shards).
 
-A job reports through a plain callable ``progress(line)``: a status line now and then (at most
-every ``StatusLine``'s liking), the summary last. ``StatusLine`` is the callable the commands
-pass: on a terminal it rewrites one live line; otherwise (logs, CI) it prints a plain line at
-most every ``every`` seconds, and ``close()`` prints the last line if it is still unprinted.
+A job reports through a plain callable ``progress(line)``: a status line now and then, the
+summary last. ``StatusLine`` is the callable the commands pass, as a context manager: on a
+terminal it rewrites one live line; otherwise (logs, CI) it prints a plain line every ``every``
+seconds, and on leaving the block it prints the last line if that is still unprinted (so a
+short job shows its summary alone). A block left by an exception prints nothing more: the error
+is the line that matters.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ class StatusLine:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.every = every
-        self.last_print = float("-inf")
+        self.last_print = time.monotonic()
         self.pending: Optional[str] = None  # the newest line not printed yet (plain mode)
         self.live = False  # a live line is on screen
 
@@ -43,11 +45,18 @@ class StatusLine:
         else:
             self.pending = line
 
-    def close(self) -> None:
-        """Leave the last line on screen (terminal) or print it if it was held back (plain)."""
+    def close(self, failed: bool = False) -> None:
+        """Leave the last line on screen (terminal) or print it if it was held back (plain; not
+        when the job ``failed``)."""
         if self.live:
             print(file=self.stream, flush=True)
             self.live = False
-        elif self.pending is not None:
+        elif self.pending is not None and not failed:
             print(self.pending, file=self.stream, flush=True)
-            self.pending = None
+        self.pending = None
+
+    def __enter__(self) -> "StatusLine":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(failed=exc_type is not None)

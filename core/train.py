@@ -300,15 +300,13 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
     tc = cfg.training
     from gptx.progress import StatusLine
 
-    status = StatusLine() if progress and int(os.environ.get("RANK", "0")) == 0 else None  # tokenizing
+    show_data = progress and int(os.environ.get("RANK", "0")) == 0  # tokenizing can take minutes
     try:
-        device = pick_device(tc)
-        tokenizer, dataset, resume_dir = prepare(cfg, resume, status)
+        with StatusLine() as status:
+            device = pick_device(tc)
+            tokenizer, dataset, resume_dir = prepare(cfg, resume, status if show_data else None)
     except ConfigError as err:  # name the experiment file, as the loader's own errors do
         raise err.located(str(cfg.source) if cfg.source else None) from None
-    finally:
-        if status is not None:
-            status.close()
     dist = distributed.setup(device, tc.parallel)
     if tc.threads:
         torch.set_num_threads(tc.threads)

@@ -3,9 +3,9 @@
 A job reports through a plain callable ``progress(line)``: a status line now and then, the
 summary last. ``StatusLine`` is the callable the commands pass, as a context manager: on a
 terminal it rewrites one live line; otherwise (logs, CI) it prints a plain line every ``every``
-seconds, and on leaving the block it prints the last line if that is still unprinted (so a
-short job shows its summary alone). A block left by an exception prints nothing more: the error
-is the line that matters.
+seconds and, on leaving the block, the last line if that is still unprinted; a job shorter than
+``every`` prints nothing there. A block left by an exception prints nothing more: the error is
+the line that matters.
 """
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ class StatusLine:
         self.stream = stream or sys.stderr
         self.tty = self.stream.isatty()
         self.every = every
-        self.last_print = time.monotonic()
+        self.start = self.last_print = time.monotonic()
         self.pending: Optional[str] = None  # the newest line not printed yet (plain mode)
         self.live = False  # a live line is on screen
 
@@ -47,11 +47,11 @@ class StatusLine:
 
     def close(self, failed: bool = False) -> None:
         """Leave the last line on screen (terminal) or print it if it was held back (plain; not
-        when the job ``failed``)."""
+        when the job ``failed`` or took less than ``every`` seconds)."""
         if self.live:
             print(file=self.stream, flush=True)
             self.live = False
-        elif self.pending is not None and not failed:
+        elif self.pending is not None and not failed and time.monotonic() - self.start >= self.every:
             print(self.pending, file=self.stream, flush=True)
         self.pending = None
 

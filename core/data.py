@@ -5,7 +5,7 @@ state), and memory-mapped on every later use. Torch-free (``gptx eval`` on onnxr
 """
 from __future__ import annotations
 
-import fcntl
+import contextlib
 import hashlib
 import json
 import os
@@ -60,8 +60,7 @@ def cached_tokens(source: Source, tokenizer, progress: Progress = None, workers:
         lock = open(root / f"{key}.lock", "a")
     except OSError:
         return _uncached(source, tokenizer, progress, workers)
-    with lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with lock, _exclusive(lock):
         if path.is_file():
             try:
                 return shards.open_shard(path)
@@ -72,6 +71,21 @@ def cached_tokens(source: Source, tokenizer, progress: Progress = None, workers:
         except PermissionError:
             return _uncached(source, tokenizer, progress, workers)
         return shards.open_shard(path)
+
+
+@contextlib.contextmanager
+def _exclusive(lock_file):
+    """An exclusive lock on an open file while the block runs (none where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent runs may tokenize twice, each renaming a whole file
+        yield
+        return
+    fcntl.flock(lock_file, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
 def _uncached(source: Source, tokenizer, progress: Progress, workers: int) -> np.memmap:

@@ -424,12 +424,12 @@ def split_parts(parts: list[tuple[Path, int]], n_train: int, dtype: str) -> dict
     that holds the boundary is rewritten as two shards."""
     out: dict[str, list[tuple[Path, int]]] = {"train": [], "val": []}
 
-    def add(split: str, source: Path, tokens: int, ids: Optional[np.ndarray] = None) -> None:
+    def add(split: str, source: Path, tokens: int, first: Optional[int] = None) -> None:
         path = source.with_name(f"{split}_{len(out[split]):06d}.bin")
-        if ids is None:
+        if first is None:
             os.replace(source, path)
         else:
-            shards.write_shard(path, ids, dtype)
+            shards.copy_tokens(source, first, tokens, path)
         out[split].append((path, tokens))
 
     start = 0
@@ -440,10 +440,8 @@ def split_parts(parts: list[tuple[Path, int]], n_train: int, dtype: str) -> dict
             add("val", path, count)
         else:
             cut = n_train - start
-            ids = shards.open_shard(path)
-            add("train", path, cut, ids[:cut])
-            add("val", path, count - cut, ids[cut:])
-            del ids
+            add("train", path, cut, 0)
+            add("val", path, count - cut, cut)
             path.unlink()
         start += count
     return out

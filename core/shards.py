@@ -79,6 +79,21 @@ def write_shard(path: Path, ids: np.ndarray, dtype: str) -> Path:
     return writer.close()
 
 
+def copy_tokens(source: Path, first: int, count: int, path: Path, block: int = 1 << 22) -> Path:
+    """A new shard at ``path`` holding ``count`` tokens of shard ``source`` from ``first`` on,
+    copied a block at a time (memory stays small whatever the shard's size)."""
+    dtype = open_shard(source).dtype
+    writer = ShardWriter(path, dtype.name)
+    try:
+        for i in range(first, first + count, block):
+            n = min(block, first + count - i)
+            writer.write(np.fromfile(source, dtype=dtype, count=n, offset=HEADER_BYTES + i * dtype.itemsize))
+        return writer.close()
+    except BaseException:
+        writer.discard()
+        raise
+
+
 def open_shard(path: Path) -> np.memmap:
     """The tokens of a shard, memory-mapped read-only. A file that is not a whole shard (too short
     for its header, another magic or version, a size that disagrees with the count) is a GptxError."""

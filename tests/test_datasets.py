@@ -200,3 +200,20 @@ def test_altered_contents_are_caught_by_sha256_or_by_the_batch(prepared, tmp_pat
     with pytest.raises(GptxError, match="a shard holds token id 65000, beyond the vocabulary of 50257"):
         for _ in range(50):
             ds.batch(16)
+
+
+def test_the_text_cache_survives_damage_and_an_unusable_cache_dir(tmp_path, monkeypatch):
+    text = tmp_path / "t.txt"
+    text.write_text(SHAKESPEARE.read_text()[:20_000])
+    monkeypatch.setenv("GPTX_CACHE_DIR", str(tmp_path / "cache"))
+    want = np.array(GPT2Tokenizer(None).encode(text.read_text()))
+    text_dataset(GPT2Tokenizer(None), path=text)
+    (entry,) = (tmp_path / "cache" / "tokens").glob("*.bin")
+    entry.write_bytes(entry.read_bytes()[:-6])  # a damaged entry is made again, not trusted
+    again = text_dataset(GPT2Tokenizer(None), path=text)
+    assert np.array_equal(np.concatenate([again.train, again.val]), want)
+    assert entry.stat().st_size == 1024 + 2 * len(want)
+    (tmp_path / "blocker").write_text("a file where the cache directory would go")
+    monkeypatch.setenv("GPTX_CACHE_DIR", str(tmp_path / "blocker"))
+    uncached = text_dataset(GPT2Tokenizer(None), path=text)  # tokenized into a file deleted at once
+    assert np.array_equal(np.concatenate([uncached.train, uncached.val]), want)

@@ -438,8 +438,11 @@ def evaluate(source, data, task, stride, batch, device, as_json):
     results are also logged to that MLflow run as eval/<file>/<metric>."""
     from gptx.evaluate import evaluate as run_eval
     from gptx.evaluate import table
+    from gptx.progress import StatusLine
 
-    results = run_eval(source, data, task, _number(stride, "--stride", int), _number(batch, "--batch-size", int), device)
+    with StatusLine() as status:  # tokenizing a big --data file, long tasks
+        results = run_eval(source, data, task, _number(stride, "--stride", int), _number(batch, "--batch-size", int),
+                           device, status)
     if as_json:
         flat = {"source": source}
         for part in results.values():

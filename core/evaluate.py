@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -126,9 +127,12 @@ def evaluate_text(scorer, path: Path, stride: Optional[int] = None, batch: Optio
     if len(ids) < 2:
         raise GptxError(f"--data: {path}: {len(ids)} token(s); at least 2 are needed to score one")
     windows = text_windows(len(ids), C, stride)
-    total, count = 0.0, 0
+    total, count, last = 0.0, 0, time.monotonic()
     rows = rows_per_batch(scorer, C, batch)
     for group in _same_length_groups(windows, rows):
+        if progress and time.monotonic() - last >= 1.0:
+            last = time.monotonic()
+            progress(f"scoring {path.name}: {count:,}/{len(ids) - 1:,} tokens")
         span = np.arange(group[0][1] - group[0][0] + 1)  # [L + 1]
         tokens = np.stack([np.asarray(ids[b + span], dtype=np.int64) for b, _, _ in group])  # [B, L + 1]
         losses = scorer.token_losses(tokens[:, :-1], tokens[:, 1:])  # [B, L]
@@ -262,8 +266,6 @@ def evaluate(source: str, data: Optional[str] = None, task: Optional[str] = None
 
 def log_to_run(uri: str, results: dict, step: Optional[int]) -> None:
     """eval/<file stem>/<metric> metrics on the MLflow run the checkpoint came from."""
-    import time
-
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 

@@ -27,6 +27,7 @@ import multiprocessing
 import os
 import shutil
 import signal
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -226,6 +227,11 @@ def _document_text(raw: bytes, path: Path, number: int) -> str:
 # ---- encoding, in worker processes -------------------------------------------------------------
 
 _worker_tokenizer = None
+# Linux: fork. The workers run only the tokenizer (no torch, no threads of their own), and a
+# forked worker does not re-import the caller's __main__ as a spawned one does: a script without
+# an ``if __name__ == "__main__":`` guard would run again in every worker. Elsewhere fork is
+# unsafe (macOS) or missing (Windows): spawn, and such scripts need that guard.
+_START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 
 
 def _init_worker(cls, options, state) -> None:
@@ -256,7 +262,7 @@ def encoded(tasks: Iterator[list[Piece]], tokenizer, workers: int) -> Iterator[n
         for task in tasks:
             yield encode_task(tokenizer, task)
         return
-    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold torch's threads
+    ctx = multiprocessing.get_context(_START_METHOD)
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
                                initargs=(type(tokenizer), tokenizer.options, tokenizer.state()))
     try:

@@ -312,3 +312,19 @@ def test_a_tokenizer_without_encodes_in_pieces_gets_the_whole_text(tmp_path, mon
     tok = Whole(None)
     prep.prepare(src, tmp_path / "out", "whole", tok, prep.PrepareArgs(shard_tokens=2000))
     assert tok.calls == [len(TRICKY)]
+
+
+@pytest.mark.slow
+def test_a_script_without_a_main_guard_can_use_workers(tmp_path):
+    """Workers must not re-run the caller's script (a spawned worker would, and block on the cache lock)."""
+    script = tmp_path / "unguarded.py"
+    script.write_text(
+        "from gptx.data import cached_tokens\n"
+        "from gptx.prepare import Source\n"
+        "from gptx.plugins.tokenizers import GPT2Tokenizer\n"
+        f"ids = cached_tokens(Source({str(SHAKESPEARE)!r}), GPT2Tokenizer(None), workers=2)\n"
+        "print(len(ids))\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                       env=os.environ | {"GPTX_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == [str(len(GPT2Tokenizer(None).encode(SHAKESPEARE.read_text())))]

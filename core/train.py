@@ -295,11 +295,10 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True) ->
     from gptx import tracking
     from gptx.generate import generate_ids
     from gptx.model import GPT
+    from gptx.progress import StatusLine
     from gptx.sampling import Sampler
 
     tc = cfg.training
-    from gptx.progress import StatusLine
-
     show_data = progress and int(os.environ.get("RANK", "0")) == 0  # tokenizing can take minutes
     try:
         with StatusLine() as status:

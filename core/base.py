@@ -4,7 +4,7 @@ capability names, and the tokenizer interface (tokenizers run beside onnxruntime
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, ClassVar, Optional
+from typing import TYPE_CHECKING, ClassVar, Iterable, Optional
 
 from gptx.options import NoOptions
 
@@ -36,6 +36,10 @@ class Tokenizer(Component, abc.ABC):
     """
 
     requires_fit: ClassVar[bool] = False
+    # encode(a + b) == encode(a) + encode(b) wherever gptx.prepare.safe_cut cuts (after a newline
+    # or before a space, each between non-space characters): gptx then tokenizes big text in
+    # pieces, in parallel, with bounded memory. Otherwise it hands encode() the whole text.
+    encodes_in_pieces: ClassVar[bool] = False
     supports = frozenset()
 
     def __init__(self, options, state: Optional[dict] = None):
@@ -58,6 +62,11 @@ class Tokenizer(Component, abc.ABC):
 
     def fit(self, text: str) -> None:
         raise NotImplementedError(f"{type(self).__name__} does not learn from data")
+
+    def fit_pieces(self, pieces: Iterable[str]) -> None:
+        """``fit`` on the text given as consecutive pieces (a stream read from disk). The default
+        joins them; override it to learn without holding the whole text in memory."""
+        self.fit("".join(pieces))
 
     def state(self) -> dict:
         """JSON-serialisable state beyond the options (e.g. a learned vocabulary)."""

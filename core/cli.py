@@ -9,9 +9,11 @@ commands, so ``gptx --help`` and the onnxruntime generation path stay fast and t
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import click
 
@@ -334,11 +336,13 @@ def validate(file, overrides, as_json):
     anything (components, data read and tokenized, sample prompt, memory, output directory,
     tracking store)."""
     from gptx.errors import ConfigError
+    from gptx.progress import StatusLine
     from gptx.train import prepare
 
     cfg = _load(file, overrides)
     try:
-        plan = prepare(cfg)
+        with StatusLine() as status:  # tokenizing a cold cache takes a while
+            plan = prepare(cfg, progress=status)
     except ConfigError as err:
         raise err.located(file) from None
     if as_json:
@@ -538,6 +542,102 @@ def _print_comparison(result: dict, as_json: bool) -> None:
         click.echo(f"plot: {path}")
     if result.get("parent_run_id"):
         click.echo(f"MLflow parent run: {result['parent_run_id']}")
+
+
+# ---- data: prepare, eval -------------------------------------------------------------------
+
+def _number(text: Optional[str], option: str, kind: type):
+    """A number option parsed here, not by click, so a bad one is one 'Error:' line like any other."""
+    if text is None:
+        return None
+    try:
+        value = kind(text)
+    except ValueError:
+        raise GptxError(f"{option}: expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise GptxError(f"{option}: must be a finite number, got {text}")
+    return value
+
+
+def _tokenizer(name: str, option_items: tuple[str, ...]):
+    """The registered tokenizer NAME built with --tokenizer-option KEY=VALUE options (TOML values)."""
+    from gptx.config import parse_override
+    from gptx.errors import ConfigError
+    from gptx.options import parse
+
+    entry = registry().get("tokenizer", name, key="--tokenizer")
+    table = {}
+    for item in option_items:
+        path, value = parse_override(item)
+        table[".".join(path)] = value
+    try:
+        options = parse(entry.cls.Options, table, "--tokenizer-option")
+    except ConfigError as err:
+        raise GptxError(str(err)) from None
+    return entry.cls(options, None)
+
+
+@cli.command()
+@click.argument("source")
+@click.option("-o", "--out", "out_dir", required=True, help="Directory for the shards and gptx_data.json (new, empty or an earlier prepare's).")
+@click.option("--tokenizer", "tokenizer_name", required=True, help="A registered tokenizer: gpt2, char, byte, tiktoken, ...")
+@click.option("--tokenizer-option", "tokenizer_options", multiple=True, metavar="KEY=VALUE", help="A tokenizer option (TOML value), e.g. encoding=cl100k_base.")
+@click.option("--val-fraction", default="0.1", show_default=True, help="The last fraction of the tokens validates.")
+@click.option("--workers", default=None, help="Tokenizing processes [default: the CPUs, 1 for small input].")
+@click.option("--shard-tokens", default=str(100_000_000), show_default=True, help="Tokens per shard.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--quiet", is_flag=True, help="No progress output.")
+def prepare(source, out_dir, tokenizer_name, tokenizer_options, val_fraction, workers, shard_tokens, as_json, quiet):
+    """Tokenize SOURCE (a text file, a directory of .txt files or a .jsonl file with a "text"
+    field per line) into llm.c-format shards in OUT, for [data] kind = "tokens". Streaming,
+    parallel, exact; OUT appears only when complete."""
+    from gptx import prepare as prep
+    from gptx.progress import StatusLine
+
+    args = prep.PrepareArgs(_number(val_fraction, "--val-fraction", float), _number(workers, "--workers", int),
+                            _number(shard_tokens, "--shard-tokens", int))
+    args.check()  # bad numbers fail before the tokenizer loads
+    tokenizer = _tokenizer(tokenizer_name, tokenizer_options)
+    try:
+        with StatusLine() as status:
+            manifest = prep.prepare(source, out_dir, tokenizer_name, tokenizer, args, None if quiet else status)
+    except KeyboardInterrupt:
+        fail(f"{out_dir}: interrupted; nothing was written there", 130)
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+        return
+    counts = ", ".join(f"{manifest['tokens'][s]:,} {s} tokens in {len(manifest['shards'][s])} shard(s)" for s in ("train", "val"))
+    click.echo(f"wrote {out_dir}: {counts} ({manifest['dtype']}, tokenizer {tokenizer_name} of "
+               f"{manifest['vocab_size']:,} tokens); "
+               f'train on it with [data] kind = "tokens", path = "{out_dir}"')
+
+
+@cli.command("eval")
+@click.argument("source")
+@click.option("--data", "data", default=None, help="A text file: loss, perplexity and bits per byte over all of it.")
+@click.option("--task", "task", default=None, help="A HellaSwag-format .jsonl (ctx, endings, label): acc and acc_norm.")
+@click.option("--stride", default=None, help="Overlapping windows advancing this many tokens [default: the context].")
+@click.option("--batch-size", "batch", default=None, help="Windows per forward pass [default: by memory].")
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
+def evaluate(source, data, task, stride, batch, device, as_json):
+    """Evaluate SOURCE (a checkpoint or run directory, runs:/<id>, or an ONNX export directory,
+    which runs on onnxruntime alone): --data FILE and/or --task FILE.jsonl. With runs:/<id> the
+    results are also logged to that MLflow run as eval/<file>/<metric>."""
+    from gptx.evaluate import evaluate as run_eval
+    from gptx.evaluate import table
+    from gptx.progress import StatusLine
+
+    with StatusLine() as status:  # tokenizing a big --data file, long tasks
+        results = run_eval(source, data, task, _number(stride, "--stride", int), _number(batch, "--batch-size", int),
+                           device, status)
+    if as_json:
+        flat = {"source": source}
+        for part in results.values():
+            flat |= {k: v for k, v in part.items() if k != "file"}
+        click.echo(json.dumps(flat))
+    else:
+        click.echo(table(results))
 
 
 # ---- bench ----------------------------------------------------------------------------------

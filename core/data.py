@@ -1,13 +1,11 @@
-"""Training data: text tokenized once into a cached token array, split into train/val, served
-as random contiguous windows that are deterministic given the seed.
-
-The cache lives in ``$GPTX_CACHE_DIR`` (default ``~/.cache/gptx``)/tokens, keyed by the sha256
-of the text and the tokenizer's identity (name, options, learned state), stored as raw uint16
-when the vocabulary fits (else uint32) and memory-mapped on use.
+"""The token cache of the ``text`` dataset: a text is tokenized once per tokenizer, streaming
+(``gptx.prepare``), into one shard under ``$GPTX_CACHE_DIR`` (default ``~/.cache/gptx``)/tokens,
+named by the sha256 of the text's bytes and the tokenizer's identity (class, options, learned
+state), and memory-mapped on every later use. Torch-free (``gptx eval`` on onnxruntime uses it).
 """
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import hashlib
 import json
 import os
@@ -16,128 +14,82 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-import torch
 
-from gptx.errors import ConfigError
-from gptx.fsutil import cache_root
+from gptx import shards
+from gptx.errors import GptxError
+from gptx.prepare import Progress, Source, default_workers, tokenize_to_shard
 
-
-CACHE_FORMAT = "gptx-tokens-3"  # part of every cache key: bump when tokenization changes
-
-
-def read_text(path: Path) -> str:
-    """The text of a file, or of a directory's .txt files (sorted, joined by blank lines).
-    Empty, binary or non-UTF-8 input is a ConfigError on ``data.path``."""
-    files = sorted(f for f in path.rglob("*.txt") if f.is_file()) if path.is_dir() else [path]
-    if not files:
-        raise ConfigError(f"directory holds no .txt files: {path}", "data.path")
-    if not path.is_dir() and path.is_file() and path.stat().st_size == 0:
-        raise ConfigError(f"data file is empty: {path}", "data.path")
-    parts = []
-    for f in files:
-        try:
-            raw = f.read_bytes()
-        except OSError as err:
-            raise ConfigError(f"cannot read {f}: {err.strerror}", "data.path") from None
-        if b"\x00" in raw[:65536]:
-            raise ConfigError(f"{f} looks binary (NUL bytes), expected UTF-8 text", "data.path")
-        try:
-            parts.append(raw.decode("utf-8"))
-        except UnicodeDecodeError as err:
-            raise ConfigError(f"{f} is not UTF-8 text (invalid byte at offset {err.start})", "data.path") from None
-    text = "\n\n".join(parts)
-    if not text.strip():
-        raise ConfigError(f"{path} holds no text", "data.path")
-    return text
+CACHE_FORMAT = "gptx-tokens-3"  # part of every cache key: bump when tokenization or the file format changes
 
 
-def split_for_bpe(text: str, lines_per_chunk: int = 2000) -> list[str]:
-    """Chunks that encode to exactly the ids of the whole text. Byte-level BPE pre-tokenizes
-    whitespace runs greedily ("\n\n" is one token), so a chunk may only end after a single
-    newline that follows a non-space character and precede a non-space character."""
-    lines = text.splitlines(keepends=True)
-    chunks, start, i = [], 0, lines_per_chunk
-    while i < len(lines):
-        prev, nxt = lines[i - 1], lines[i]
-        if prev.endswith("\n") and not prev.endswith(("\r\n", " \n", "\t\n", "\n\n")) and len(prev) > 1 \
-                and nxt[:1] and not nxt[:1].isspace():
-            chunks.append("".join(lines[start:i]))
-            start, i = i, i + lines_per_chunk
-        else:
-            i += 1
-    chunks.append("".join(lines[start:]))
-    return chunks
+def cache_root() -> Path:
+    return Path(os.environ.get("GPTX_CACHE_DIR") or Path.home() / ".cache" / "gptx")
 
 
 def tokenizer_identity(tokenizer) -> str:
     """What makes two tokenizers produce the same ids: class, options, learned state."""
     cls = type(tokenizer)
-    options = dataclasses.asdict(tokenizer.options) if dataclasses.is_dataclass(tokenizer.options) else None
-    return json.dumps({"class": f"{cls.__module__}.{cls.__qualname__}", "options": options, "state": tokenizer.state()},
-                      sort_keys=True)
+    return json.dumps({"class": f"{cls.__module__}:{cls.__qualname__}", "options": shards.options_dict(tokenizer.options),
+                       "state": tokenizer.state()}, sort_keys=True)
 
 
-def tokenize_cached(text: str, tokenizer) -> np.ndarray:
-    """Token ids of ``text`` (uint16/uint32), computed once per (text, tokenizer) and cached."""
-    identity = f"{CACHE_FORMAT}\0{tokenizer_identity(tokenizer)}"
-    key = hashlib.sha256(text.encode("utf-8") + b"\0" + identity.encode()).hexdigest()[:32]
-    dtype = np.uint16 if tokenizer.vocab_size <= 2**16 else np.uint32
+def cache_key(source: Source, tokenizer) -> str:
+    """sha256 of the format, the tokenizer's identity and the source's bytes (files in order)."""
+    h = hashlib.sha256(f"{CACHE_FORMAT}\0{tokenizer_identity(tokenizer)}\0".encode())
+    for f in source.files:
+        try:
+            with open(f, "rb") as fh:
+                while block := fh.read(1 << 22):
+                    h.update(block)
+        except OSError as err:
+            raise GptxError(f"cannot read {f}: {err.strerror}") from None
+        h.update(b"\0")  # a file boundary (text holds no NUL)
+    return h.hexdigest()[:32]
+
+
+def cached_tokens(source: Source, tokenizer, progress: Progress = None, workers: Optional[int] = None) -> np.memmap:
+    """The ids of ``source``, memory-mapped: from the cache, or tokenized into it first (one
+    process at a time per entry: concurrent runs, e.g. DDP ranks, wait for the first). An
+    unwritable cache only costs tokenizing again next time."""
+    workers = workers or default_workers(source)
     root = cache_root() / "tokens"
-    path = root / f"{key}.{np.dtype(dtype).name}"
-    if path.is_file():
-        return np.memmap(path, dtype=dtype, mode="r")
-    encode_batch = getattr(tokenizer, "encode_batch", None)
-    if encode_batch is not None:  # tiktoken encodes chunks on several threads
-        ids = np.fromiter((t for part in encode_batch(split_for_bpe(text)) for t in part), dtype=np.int64)
-    else:
-        ids = np.asarray(tokenizer.encode(text), dtype=np.int64)
-    tokens = ids.astype(dtype)
+    key = cache_key(source, tokenizer)
+    path = root / f"{key}.bin"
     try:
         root.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{key}.", dir=root)
-        with os.fdopen(fd, "wb") as f:
-            tokens.tofile(f)
-        os.replace(tmp, path)  # concurrent writers produce the same bytes; the last rename wins
+        lock = open(root / f"{key}.lock", "a")
     except OSError:
-        pass  # an unwritable cache only costs re-tokenizing next time
-    return tokens
+        return _uncached(source, tokenizer, progress, workers)
+    with lock, _exclusive(lock):
+        if path.is_file():
+            try:
+                return shards.open_shard(path)
+            except GptxError:  # damaged (disk trouble, a hand edit): make it again
+                path.unlink(missing_ok=True)
+        try:
+            tokenize_to_shard(source, tokenizer, path, workers, progress)
+        except PermissionError:
+            return _uncached(source, tokenizer, progress, workers)
+        return shards.open_shard(path)
 
 
-class Splits:
-    """Train and validation token arrays and deterministic random windows over them."""
+@contextlib.contextmanager
+def _exclusive(lock_file):
+    """An exclusive lock on an open file while the block runs (none where fcntl is missing)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: concurrent runs may tokenize twice, each renaming a whole file
+        yield
+        return
+    fcntl.flock(lock_file, fcntl.LOCK_EX)
+    try:
+        yield
+    finally:
+        fcntl.flock(lock_file, fcntl.LOCK_UN)
 
-    def __init__(self, tokens: np.ndarray, val_fraction: float, block_size: int):
-        # nanoGPT's prepare.py split: the first int(n * (1 - val_fraction)) tokens train, so the
-        # same seed draws the same windows in both tools (tests/test_nanogpt_parity.py)
-        n_train = int(len(tokens) * (1.0 - val_fraction))
-        self.train, self.val = tokens[:n_train], tokens[n_train:]
-        self.block_size = block_size
-        for name, split in (("training", self.train), ("validation", self.val)):
-            if len(split) <= block_size:
-                raise ConfigError(
-                    f"the {name} split has {len(split)} tokens, fewer than block_size + 1 = {block_size + 1}; "
-                    "use more data, a smaller model.block_size or another data.val_fraction",
-                    "data.path",
-                )
 
-    def windows(self, split: str, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """``count`` random windows: inputs [count, block] and next-token targets [count, block] (int64)."""
-        data = self.train if split == "train" else self.val
-        T = self.block_size
-        starts = torch.randint(len(data) - T, (count,), generator=generator).numpy()  # [count]
-        rows = np.asarray(data[starts[:, None] + np.arange(T + 1)], dtype=np.int64)  # [count, T+1]
-        rows = torch.from_numpy(rows)
-        return rows[:, :-1], rows[:, 1:]
-
-    def tiled_windows(self, split: str, max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Non-overlapping windows that tile the split from its start (every one when they hold at
-        most ``max_tokens`` tokens, else that many, evenly spaced): inputs and targets [N, block]."""
-        data = self.val if split == "val" else self.train
-        T = self.block_size
-        n = (len(data) - 1) // T  # every window needs its next-token target
-        starts = np.arange(n) * T
-        if n * T > max_tokens:
-            starts = starts[np.linspace(0, n - 1, max(1, max_tokens // T)).round().astype(np.int64)]
-        rows = np.asarray(data[starts[:, None] + np.arange(T + 1)], dtype=np.int64)  # [N, T+1]
-        rows = torch.from_numpy(rows)
-        return rows[:, :-1], rows[:, 1:]
+def _uncached(source: Source, tokenizer, progress: Progress, workers: int) -> np.memmap:
+    """Tokenize into a temporary file that is deleted at once; the memory map keeps it readable."""
+    with tempfile.TemporaryDirectory(prefix="gptx-tokens-") as tmp:
+        path = tokenize_to_shard(source, tokenizer, Path(tmp) / "tokens.bin", workers, progress)
+        return shards.open_shard(path)

@@ -209,6 +209,7 @@ def prepare(cfg: ExperimentConfig, resume: bool = False, progress=None, outputs:
     dataset = cfg.data.cls(cfg.data.options, base_dir=cfg.base_dir, tokenizer=tokenizer, block_size=cfg.model.block_size,
                            seed=tc.seed, progress=progress)
     dataset.prepare()
+    tokenizer = dataset.tokenizer  # fitted, or taken from the prepared shards' manifest
     if cfg.model.vocab_size is None:
         cfg.model.vocab_size = tokenizer.vocab_size
     elif cfg.model.vocab_size < tokenizer.vocab_size:
@@ -705,15 +706,13 @@ def _allocating(fn):
 def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True, run_dir: Optional[Path] = None) -> TrainResult:
     """Validate everything, then train: ``Trainer(prepare(cfg, resume)).fit()``. ``run_dir``: a
     new, empty directory the caller made for the run (gptx sweep), instead of a fresh one."""
+    from gptx.progress import StatusLine
+
+    shown = progress and int(os.environ.get("RANK", "0")) == 0
     try:
-        plan = prepare(cfg, resume, progress=_progress_printer(progress))
+        with StatusLine() if shown else contextlib.nullcontext() as status:  # tokenizing a cold cache takes a while
+            plan = prepare(cfg, resume, progress=status)
     except ConfigError as err:  # name the experiment file, as the loader's own errors do
         raise err.located(str(cfg.source) if cfg.source else None) from None
     plan.run_dir = run_dir
     return Trainer(plan, progress).fit()
-
-
-def _progress_printer(enabled: bool):
-    if not enabled or int(os.environ.get("RANK", "0")) != 0:
-        return None
-    return lambda line: print(line, file=sys.stderr, flush=True)

@@ -66,6 +66,7 @@ def gpt2_encoding():
 
 class _TiktokenBase(Tokenizer):
     encoding = None
+    encodes_in_pieces = True  # byte-level BPE: the pre-tokenizer never joins text across a safe cut
 
     @property
     def vocab_size(self):
@@ -130,6 +131,7 @@ class CharTokenizer(Tokenizer):
     as nanoGPT's shakespeare_char) and saved with every checkpoint."""
 
     requires_fit = True
+    encodes_in_pieces = True
 
     def __init__(self, options, state=None):
         super().__init__(options, state)
@@ -137,7 +139,13 @@ class CharTokenizer(Tokenizer):
         self.index = {ch: i for i, ch in enumerate(self.chars)}
 
     def fit(self, text):
-        self.chars = sorted(set(text))
+        self.fit_pieces([text])
+
+    def fit_pieces(self, pieces):
+        seen: set[str] = set()
+        for piece in pieces:
+            seen.update(piece)
+        self.chars = sorted(seen)
         self.index = {ch: i for i, ch in enumerate(self.chars)}
 
     def state(self):
@@ -161,6 +169,8 @@ class CharTokenizer(Tokenizer):
 
 class ByteTokenizer(Tokenizer):
     """The 256 byte values of the UTF-8 text: no vocabulary to learn, nothing unknown."""
+
+    encodes_in_pieces = True
 
     @property
     def vocab_size(self):

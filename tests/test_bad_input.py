@@ -434,6 +434,186 @@ def compare_a_corrupted_run(d, art):
     return ["compare", d / "r"]
 
 
+# ---- gptx prepare ----------------------------------------------------------------------------
+
+def prep(source, *more):
+    return ["prepare", source, "-o", Path(source).parent / "out", "--tokenizer", "gpt2", *more]
+
+
+@case("data file not found", "nowhere.txt")
+def prepare_missing_source(d, art):
+    return prep(d / "nowhere.txt")
+
+
+@case("data file is empty", "corpus.txt")
+def prepare_empty_source(d, art):
+    return prep(data_file(d, b""))
+
+
+@case("corpus.txt looks binary")
+def prepare_binary_source(d, art):
+    return prep(data_file(d, b"text first\n" * 200_000 + bytes(range(256))))  # found after a shard's worth
+
+
+@case("docs.jsonl: line 3: not valid JSON")
+def prepare_bad_jsonl_line(d, art):
+    (d / "docs.jsonl").write_text('{"text": "a"}\n{"text": "b"}\n{"text": oops}\n')
+    return prep(d / "docs.jsonl")
+
+
+@case("docs.jsonl: line 2: expected an object with a 'text' string")
+def prepare_jsonl_line_without_text(d, art):
+    (d / "docs.jsonl").write_text('{"text": "a"}\n{"body": "b"}\n')
+    return prep(d / "docs.jsonl")
+
+
+@case("--tokenizer char has no end-of-text token to separate jsonl documents")
+def prepare_jsonl_with_char_tokenizer(d, art):
+    (d / "docs.jsonl").write_text('{"text": "a"}\n')
+    return ["prepare", d / "docs.jsonl", "-o", d / "out", "--tokenizer", "char"]
+
+
+@case("--tokenizer: unknown tokenizer 'gtp2' (did you mean 'gpt2'?)")
+def prepare_unknown_tokenizer(d, art):
+    return ["prepare", data_file(d, b"hello\n"), "-o", d / "out", "--tokenizer", "gtp2"]
+
+
+@case("--tokenizer-option.encodingg: unknown key (did you mean 'encoding'?)")
+def prepare_unknown_tokenizer_option(d, art):
+    return ["prepare", data_file(d, b"hello\n"), "-o", d / "out", "--tokenizer", "tiktoken", "--tokenizer-option", "encodingg=gpt2"]
+
+
+@case("--workers: must be between 1 and 256, got 0")
+def prepare_zero_workers(d, art):
+    return prep(data_file(d, b"hello\n"), "--workers", "0")
+
+
+@case("--workers: must be between 1 and 256, got -1")
+def prepare_negative_workers(d, art):
+    return prep(data_file(d, b"hello\n"), "--workers", "-1")
+
+
+@case("--workers: must be between 1 and 256, got 1180591620717411303424")
+def prepare_huge_workers(d, art):
+    return prep(data_file(d, b"hello\n"), "--workers", str(2**70))
+
+
+@case("--workers: expected an integer, got 'two'")
+def prepare_workers_not_a_number(d, art):
+    return prep(data_file(d, b"hello\n"), "--workers", "two")
+
+
+@case("--shard-tokens: must be between 1,025 and 2,147,483,647", "got 100")
+def prepare_tiny_shards(d, art):
+    return prep(data_file(d, b"hello\n"), "--shard-tokens", "100")
+
+
+@case("--val-fraction: must be a finite number, got nan")
+def prepare_nan_val_fraction(d, art):
+    return prep(data_file(d, b"hello\n"), "--val-fraction", "nan")
+
+
+@case("--val-fraction: must be between 0 and 1 (exclusive), got 1.0")
+def prepare_whole_val_fraction(d, art):
+    return prep(data_file(d, b"hello\n"), "--val-fraction", "1")
+
+
+@case("out: exists and is not a directory")
+def prepare_out_is_a_file(d, art):
+    (d / "out").write_text("mine")
+    return prep(data_file(d, b"hello\n"))
+
+
+@case("out: not empty and not written by gptx prepare")
+def prepare_out_is_someone_elses_directory(d, art):
+    (d / "out").mkdir()
+    (d / "out" / "notes.txt").write_text("keep me")
+    return prep(data_file(d, b"hello\n"))
+
+
+@case("tokens leave an empty split with --val-fraction 0.5")
+def prepare_text_too_short_to_split(d, art):
+    return prep(data_file(d, b"Hi"), "--val-fraction", "0.5")
+
+
+# ---- gptx eval ------------------------------------------------------------------------------
+
+@case("--data: ", "nowhere.txt: no such file")
+def eval_missing_data(d, art):
+    return ["eval", art.ckpt, "--data", d / "nowhere.txt"]
+
+
+@case("--data: data file is empty", "corpus.txt")
+def eval_empty_data(d, art):
+    return ["eval", art.ckpt, "--data", data_file(d, b"")]
+
+
+@case("--data: ", "corpus.txt looks binary")
+def eval_binary_data(d, art):
+    return ["eval", art.export, "--data", data_file(d, b"\x00\x01\x02" * 10)]
+
+
+@case("give --data FILE", "--task FILE.jsonl")
+def eval_without_data_or_task(d, art):
+    return ["eval", art.ckpt]
+
+
+@case("--task: ", "task.jsonl: line 2: not valid JSON")
+def eval_bad_task_line(d, art):
+    (d / "task.jsonl").write_text('{"ctx": "a", "endings": ["b", "c"], "label": 0}\n{"ctx": \n')
+    return ["eval", art.ckpt, "--task", d / "task.jsonl"]
+
+
+@case("task.jsonl: line 1: 'label' must be an integer from 0 to 3, got 4")
+def eval_label_out_of_range(d, art):
+    (d / "task.jsonl").write_text('{"ctx": "a", "endings": ["b", "c", "d", "e"], "label": 4}\n')
+    return ["eval", art.export, "--task", d / "task.jsonl"]
+
+
+@case("task.jsonl: holds no examples")
+def eval_empty_task(d, art):
+    (d / "task.jsonl").write_text("\n\n")
+    return ["eval", art.ckpt, "--task", d / "task.jsonl"]
+
+
+@case("--data: ", "corpus.txt: character 'Ω' is not in this char tokenizer's vocabulary")
+def eval_text_beyond_a_char_vocabulary(d, art):
+    from gptx import checkpoint
+    from gptx.config import from_dict
+    from gptx.model import GPT
+
+    cfg = from_dict({"model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16}, "tokenizer": {"kind": "char"}})
+    tok = checkpoint.build_tokenizer(cfg.tokenizer, {"chars": list("abc \n")})
+    cfg.model.vocab_size = tok.vocab_size
+    ck = checkpoint.save(d / "char-run", 1, GPT(cfg.model), cfg, tok)
+    return ["eval", ck, "--data", data_file(d, "abc abc Ω\n".encode())]
+
+
+@case("--stride: must be at least 1, got 0")
+def eval_zero_stride(d, art):
+    return ["eval", art.ckpt, "--data", data_file(d, b"hello world\n"), "--stride", "0"]
+
+
+@case("--stride: must be between 1 and the model's context of 32, got 33")
+def eval_stride_beyond_the_context(d, art):
+    return ["eval", art.export, "--data", data_file(d, b"hello world\n"), "--stride", "33"]
+
+
+@case("--stride: expected an integer, got 'inf'")
+def eval_infinite_stride(d, art):
+    return ["eval", art.ckpt, "--data", data_file(d, b"hello world\n"), "--stride", "inf"]
+
+
+@case("--batch-size: must be at least 1, got -1")
+def eval_negative_batch(d, art):
+    return ["eval", art.ckpt, "--data", data_file(d, b"hello world\n"), "--batch-size", "-1"]
+
+
+@case("no such checkpoint directory", "nope")
+def eval_missing_source(d, art):
+    return ["eval", d / "nope", "--data", data_file(d, b"hello world\n")]
+
+
 # ---- running them ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

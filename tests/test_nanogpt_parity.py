@@ -46,7 +46,7 @@ def test_gptx_fed_nanogpts_batches_reproduces_its_log():
     dataset = cfg.data.cls(cfg.data.options, base_dir=cfg.base_dir, tokenizer=tokenizer,
                            block_size=cfg.model.block_size, seed=tc.seed)
     dataset.prepare()
-    data = dataset.splits  # the token arrays: nanoGPT samples its windows from them itself
+    data = dataset  # its train and val token arrays: nanoGPT samples its windows from them itself
     cfg.model.vocab_size = tokenizer.vocab_size
     n = len(data.train) + len(data.val)
     assert (tokenizer.vocab_size, len(data.train), len(data.val)) == (65, int(n * 0.9), n - int(n * 0.9))

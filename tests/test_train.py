@@ -42,15 +42,15 @@ def test_data_is_tokenized_once_cached_and_split(tmp_path):
     cfg = load_experiment(write_experiment(tmp_path / "e.toml"), ["tokenizer.kind=gpt2"])
     tok = GPT2Tokenizer(None)
     ds = load_dataset(cfg, tok)
-    cached = list((Path(os.environ["GPTX_CACHE_DIR"]) / "tokens").glob("*.uint16"))
+    cached = list((Path(os.environ["GPTX_CACHE_DIR"]) / "tokens").glob("*.bin"))
     assert cached, "token cache not written"
-    train_tokens, val_tokens = ds.splits.train, ds.splits.val
+    train_tokens, val_tokens = ds.train, ds.val
     assert train_tokens.dtype == np.uint16
     total = len(train_tokens) + len(val_tokens)
     assert len(train_tokens) == int(total * 0.9)  # nanoGPT's split
     assert list(train_tokens[:4]) == tok.encode(Path(cfg.data.options.path).read_text()[:40])[:4]
     again = load_dataset(cfg, tok)
-    assert isinstance(again.splits.train.base, np.memmap) or isinstance(again.splits.train, np.memmap)
+    assert isinstance(again.train.base, np.memmap) or isinstance(again.train, np.memmap)
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     x1, y1 = ds.windows("train", 5, g1)
     x2, y2 = again.windows("train", 5, g2)
@@ -74,8 +74,8 @@ def test_final_val_loss_is_the_mean_over_the_whole_validation_split(tmp_path):
     ck = checkpoint.load(result.checkpoint)
     ds = load_dataset(cfg, ck.tokenizer)
     T = cfg.model.block_size
-    n = (len(ds.splits.val) - 1) // T
-    val = torch.from_numpy(np.asarray(ds.splits.val, dtype=np.int64))
+    n = (len(ds.val) - 1) // T
+    val = torch.from_numpy(np.asarray(ds.val, dtype=np.int64))
     x, y = val[: n * T].view(n, T), val[1: n * T + 1].view(n, T)  # every window, independently cut
     with torch.no_grad():
         expected = torch.nn.functional.cross_entropy(ck.model(x)[0].reshape(n * T, -1), y.reshape(-1)).item()
@@ -213,12 +213,15 @@ def test_real_mlflow_server_run_and_generate_from_run(tmp_path, mlflow_server):
 
 
 def test_chunked_tokenization_equals_whole_text():
+    """The text dataset tokenizes in pieces cut by gptx.prepare.safe_cut; whitespace runs, CRLF
+    and special tokens around the cuts must not change a single id."""
     from helpers import SHAKESPEARE
 
-    from gptx.data import split_for_bpe
+    from gptx.prepare import Chunker
 
     tok = GPT2Tokenizer(None)
-    text = SHAKESPEARE.read_text() + "\n\n\nA  b\n \nC\r\nD\n"
-    chunks = split_for_bpe(text, lines_per_chunk=50)
+    text = SHAKESPEARE.read_text() + "\n\n\nA  b\n \nC\r\nD\n<|endoftext|>E\n"
+    chunker = Chunker(2000)
+    chunks = [c for i in range(0, len(text), 700) for c in chunker.feed(text[i:i + 700])] + list(chunker.flush())
     assert len(chunks) > 100 and "".join(chunks) == text
     assert [t for c in tok.encode_batch(chunks) for t in c] == tok.encode(text)

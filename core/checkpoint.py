@@ -198,15 +198,27 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu") -> Check
 
     path = resolve(source)
     meta = read_meta(path)
+    where = path / "gptx.json"
+    if not isinstance(meta.get("config"), dict):
+        raise GptxError(f"{where}: corrupted (no 'config' object)")
     try:
         config = from_dict(meta["config"])
     except ConfigError as err:
-        raise GptxError(f"{path / 'gptx.json'}: stored config is invalid here: {err}") from None
-    except KeyError:
-        raise GptxError(f"{path / 'gptx.json'}: has no config") from None
-    tokenizer = build_tokenizer(config.tokenizer, meta.get("tokenizer_state") or None)
+        raise GptxError(f"{where}: stored config is invalid here: {err}") from None
+    state = meta.get("tokenizer_state") or None
+    if state is not None and not isinstance(state, dict):
+        raise GptxError(f"{where}: corrupted ('tokenizer_state' is not an object)")
+    try:
+        tokenizer = build_tokenizer(config.tokenizer, state)
+        vocab = tokenizer.vocab_size
+    except GptxError:
+        raise
+    except Exception as err:  # a tampered state the tokenizer cannot rebuild from
+        raise GptxError(f"{where}: corrupted tokenizer_state ({type(err).__name__}: {err})") from None
     if config.model.vocab_size is None:
-        config.model.vocab_size = tokenizer.vocab_size
+        config.model.vocab_size = vocab
+    elif config.model.vocab_size < vocab:
+        raise GptxError(f"{where}: model.vocab_size {config.model.vocab_size} is smaller than its tokenizer's {vocab}")
     model = GPT(config.model)
     try:
         weights = load_weights(path)
@@ -221,7 +233,14 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu") -> Check
     if missing or unexpected:
         raise GptxError(f"{path / 'model.safetensors'}: does not fit the model its config describes "
                         f"(missing {sorted(missing)[:3]}, unexpected {sorted(unexpected)[:3]})")
-    model.to(device).eval()
+    broken = next((name for name, t in weights.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if broken is not None:  # a diverged or damaged run: generating from it would be garbage
+        raise GptxError(f"{path / 'model.safetensors'}: weights are not finite (NaN or infinity in {broken}); "
+                        "use an earlier checkpoint")
+    try:
+        model.to(device).eval()
+    except (RuntimeError, AssertionError) as err:  # e.g. a CUDA device this machine does not have
+        raise GptxError(f"--device: cannot use {device} here ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
     return Checkpoint(path=path, config=config, model=model, tokenizer=tokenizer, meta=meta)
 
 

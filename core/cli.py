@@ -159,22 +159,43 @@ class BoundedInt(click.ParamType):
         return number
 
 
-class OpenUnitFloat(click.ParamType):
-    """A number strictly between 0 and 1 (a significance level): NaN, inf, 0, 1 are errors."""
+class BoundedFloat(click.ParamType):
+    """A finite number in [low, high] (``low_open``: above low); NaN, infinity and text are
+    one-line errors."""
 
     name = "number"
+
+    def __init__(self, low: float, high: float, low_open: bool = False, high_open: bool = False):
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
 
     def convert(self, value, param, ctx):
         try:
             number = float(value)
         except (TypeError, ValueError):
             self.fail(f"expected a number, got {value!r}", param, ctx)
-        if not 0.0 < number < 1.0:  # NaN fails too
-            self.fail(f"must be a number strictly between 0 and 1, got {value}", param, ctx)
+        above = number > self.low if self.low_open else number >= self.low
+        below = number < self.high if self.high_open else number <= self.high
+        if not (above and below):  # NaN fails both
+            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
+            self.fail(f"must be a finite number in {left}{self.low:g}, {self.high:g}{right}, got {value}", param, ctx)
         return number
 
 
-OPEN_UNIT = OpenUnitFloat()
+class Device(click.ParamType):
+    """cpu, cuda, cuda:N or mps."""
+
+    name = "device"
+
+    def convert(self, value, param, ctx):
+        from gptx.config import _valid_device
+
+        if not _valid_device(str(value)) or value == "auto":
+            self.fail(f"must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {value!r}", param, ctx)
+        return str(value)
+
+
+OPEN_UNIT = BoundedFloat(0.0, 1.0, low_open=True, high_open=True)  # a significance level
+MAX_TOKENS = 1 << 24
 
 
 @click.group(cls=GptxGroup, context_settings={"help_option_names": ["-h", "--help"]})
@@ -262,12 +283,12 @@ def check_plugin(names, kind, as_json):
 @cli.command()
 @click.argument("source")
 @click.option("--prompt", "prompts", multiple=True, required=True, help="Prompt text; repeat for a batch.")
-@click.option("--max-new-tokens", default=100, show_default=True, type=click.IntRange(min=1))
-@click.option("--temperature", default=0.8, show_default=True, type=click.FloatRange(min=0), help="0 is greedy.")
-@click.option("--top-k", default=None, type=click.IntRange(min=1))
-@click.option("--top-p", default=None, type=click.FloatRange(min=0, max=1, min_open=True))
-@click.option("--seed", default=None, type=int)
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--max-new-tokens", default=100, show_default=True, type=BoundedInt(1, MAX_TOKENS))
+@click.option("--temperature", default=0.8, show_default=True, type=BoundedFloat(0.0, 1e4), help="0 is greedy.")
+@click.option("--top-k", default=None, type=BoundedInt(1, MAX_TOKENS))
+@click.option("--top-p", default=None, type=BoundedFloat(0.0, 1.0, low_open=True))
+@click.option("--seed", default=None, type=BoundedInt(0, 2**63 - 1))
+@click.option("--device", default="cpu", show_default=True, type=Device())
 @click.option("--json", "as_json", is_flag=True, help='Print {"prompt_ids", "ids", "text"} per prompt.')
 def generate(source, prompts, max_new_tokens, temperature, top_k, top_p, seed, device, as_json):
     """Generate text from SOURCE: a checkpoint directory, a run directory, an MLflow run
@@ -293,6 +314,10 @@ def generate(source, prompts, max_new_tokens, temperature, top_k, top_p, seed, d
         prompt_ids = [tokenizer.encode(p) for p in prompts]
         if any(not p for p in prompt_ids):
             raise GptxError("--prompt: a prompt must not be empty")
+        context = ck.config.model.block_size
+        if max(len(p) for p in prompt_ids) + max_new_tokens > context:
+            click.echo(f"Note: the prompt and {max_new_tokens} new tokens pass the model's context of {context} tokens: "
+                       f"from there on each new token sees the last {context} (nanoGPT's crop)", err=True)
         result = generate_ids(decoding_layout(ck.model), prompt_ids, max_new_tokens, sampler, tokenizer.eot_id)
     for p_ids, new in zip(result.prompt_ids, result.ids):
         text = tokenizer.decode(new)
@@ -378,7 +403,7 @@ def _run_forwarding_signals(args: list[str]) -> int:
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a config value (TOML syntax); repeatable.")
 @click.option("--resume", is_flag=True, help="Continue the newest interrupted run of this experiment.")
-@click.option("--nproc", type=click.IntRange(min=1), default=None, help="Launch N processes on this machine through torchrun (DDP).")
+@click.option("--nproc", type=BoundedInt(1, 4096), default=None, help="Launch N processes on this machine through torchrun (DDP).")
 @click.option("--quiet", is_flag=True, help="No progress output.")
 def run(file, overrides, resume, nproc, quiet):
     """Train the experiment in FILE, tracked in MLflow; print a sample at the end."""
@@ -424,7 +449,7 @@ def run(file, overrides, resume, nproc, quiet):
 @cli.command("export")
 @click.argument("source")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Export directory to write.")
-@click.option("--opset", default=18, show_default=True, type=click.IntRange(min=18, max=23), help="ONNX opset.")
+@click.option("--opset", default=18, show_default=True, type=BoundedInt(18, 23), help="ONNX opset.")
 @click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Dynamic int8 weights for the matmuls.")
 @click.option("--force", is_flag=True, help="Replace OUT even if it is a non-empty directory that is not a gptx export.")
 @click.option("--track/--no-track", default=None, help="Log the export to the source's MLflow run (default: when it has one).")
@@ -618,7 +643,7 @@ def prepare(source, out_dir, tokenizer_name, tokenizer_options, val_fraction, wo
 @click.option("--task", "task", default=None, help="A HellaSwag-format .jsonl (ctx, endings, label): acc and acc_norm.")
 @click.option("--stride", default=None, help="Overlapping windows advancing this many tokens [default: the context].")
 @click.option("--batch-size", "batch", default=None, help="Windows per forward pass [default: by memory].")
-@click.option("--device", default="cpu", show_default=True)
+@click.option("--device", default="cpu", show_default=True, type=Device())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
 def evaluate(source, data, task, stride, batch, device, as_json):
     """Evaluate SOURCE (a checkpoint or run directory, runs:/<id>, or an ONNX export directory,
@@ -648,18 +673,18 @@ def evaluate(source, data, task, stride, batch, device, as_json):
 @click.option("--experiment", type=click.Path(dir_okay=False), default=None,
               help="Experiment file for the train section (default: the shipped shakespeare_char.toml).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a value of the experiment; repeatable.")
-@click.option("--train-steps", default=50, show_default=True, type=click.IntRange(min=1), help="Timed training steps.")
-@click.option("--warmup-steps", default=5, show_default=True, type=click.IntRange(min=0), help="Untimed steps first (compile, caches).")
+@click.option("--train-steps", default=50, show_default=True, type=BoundedInt(1, 1 << 20), help="Timed training steps.")
+@click.option("--warmup-steps", default=5, show_default=True, type=BoundedInt(0, 1 << 20), help="Untimed steps first (compile, caches).")
 @click.option("--model", "model_size", default="tiny", show_default=True, type=click.Choice(["tiny", "gpt2"]),
               help="Randomly initialised model for the generate section: tiny (4x128) or gpt2 (124M).")
 @click.option("--checkpoint", "checkpoint_dir", default=None, help="Generate with this checkpoint instead of a random model.")
 @click.option("--backends", default="torch,ort,ort-int8,hf,genai", show_default=True,
               help="Generation backends (hf and genai when installed).")
-@click.option("--prompt-tokens", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1), help="Timed generations per backend.")
-@click.option("--peak-seconds", default=1.0, show_default=True, type=click.FloatRange(min=0.01), help="Time per matmul peak.")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch/onnxruntime threads (default: torch's).")
+@click.option("--prompt-tokens", default=32, show_default=True, type=BoundedInt(1, MAX_TOKENS))
+@click.option("--new-tokens", default=128, show_default=True, type=BoundedInt(1, MAX_TOKENS))
+@click.option("--repeats", default=3, show_default=True, type=BoundedInt(1, 10_000), help="Timed generations per backend.")
+@click.option("--peak-seconds", default=1.0, show_default=True, type=BoundedFloat(0.01, 3600.0), help="Time per matmul peak.")
+@click.option("--threads", default=None, type=BoundedInt(1, 4096), help="torch/onnxruntime threads (default: torch's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench(only, experiment, overrides, train_steps, warmup_steps, model_size, checkpoint_dir, backends,
           prompt_tokens, new_tokens, repeats, peak_seconds, threads, as_json):

@@ -8,7 +8,6 @@ from typing import Optional
 import torch
 
 from gptx.base import KV_CACHE
-from gptx.errors import GptxError
 from gptx.sampling import Collector, Generation, Sampler, left_pad, positions_from_mask  # noqa: F401 (Generation re-exported)
 
 
@@ -40,35 +39,35 @@ def generate_ids(
     sampler: Sampler,
     eot_id: Optional[int] = None,
 ) -> Generation:
-    """Continue each prompt by up to ``max_new_tokens`` tokens. The context may not exceed the
-    model's block_size: a prompt that is too long is an error, not a silent crop."""
+    """Continue each prompt by up to ``max_new_tokens`` tokens, with the KV cache while the
+    sequence fits the model's context (block_size). Beyond it, as nanoGPT does, each new token
+    sees the last block_size tokens only: the window is recomputed every step, positions
+    counted from its start (any positional encoding allows it: none is asked for a position it
+    was not trained on). A prompt longer than the context keeps its last block_size - 1 tokens."""
     limit = model.config.block_size
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > limit:
-        raise GptxError(
-            f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context of {limit} tokens"
-        )
     model.eval()
     device = model.wte.weight.device
-    ids, mask = left_pad(prompts)
-    input_ids = torch.from_numpy(ids).to(device)  # [B, T]
-    attention_mask = torch.from_numpy(mask).to(device)  # [B, T]
-    position_ids = torch.from_numpy(positions_from_mask(mask)).to(device)  # [B, T]
+    ids, mask = left_pad([p[-(limit - 1):] if limit > 1 else p[-1:] for p in prompts])
+    seq = torch.from_numpy(ids).to(device)  # [B, S]: every token so far (the window's source)
+    attention_mask = torch.from_numpy(mask).to(device)  # [B, S]
     cache = uses_kv_cache(model)
-    past = model.empty_cache(len(prompts), capacity=longest + max_new_tokens) if cache else None
+    past = model.empty_cache(len(prompts), capacity=min(limit, seq.shape[1] + max_new_tokens)) if cache else None
+    input_ids, position_ids = seq, torch.from_numpy(positions_from_mask(mask)).to(device)  # [B, S] x2
+    cached = 0  # tokens in the cache
     out = Collector(len(prompts), eot_id)
     for _ in range(max_new_tokens):
-        logits, present = model(input_ids, position_ids, attention_mask, past, last_logits_only=True)  # [B, 1, V]
-        past = present if cache else None
+        context = attention_mask[:, -(cached + input_ids.shape[1]):]  # [B, P+T]
+        logits, present = model(input_ids, position_ids, context, past, last_logits_only=True)  # [B, 1, V]
         nxt = sampler(logits[:, -1, :].float().cpu().numpy())  # [B]
         if out.add(nxt):
             break
-        step_ids = torch.from_numpy(nxt).to(device)[:, None]  # [B, 1]
-        step_positions = position_ids[:, -1:] + 1  # [B, 1]
-        if cache:
-            input_ids, position_ids = step_ids, step_positions
-        else:  # the whole sequence again: [B, S+1]
-            input_ids = torch.cat([input_ids, step_ids], dim=1)
-            position_ids = torch.cat([position_ids, step_positions], dim=1)
+        step = torch.from_numpy(nxt).to(device)[:, None]  # [B, 1]
+        seq = torch.cat([seq, step], dim=1)  # [B, S+1]
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(prompts), 1)], dim=1)  # [B, S+1]
+        if cache and seq.shape[1] <= limit:  # the cache holds the whole context: feed the new token alone
+            past, cached = present, cached + input_ids.shape[1]
+            input_ids, position_ids = step, position_ids[:, -1:] + 1  # [B, 1] x2
+        else:  # recompute the window: the last `limit` tokens, positions counted from its start
+            past, cached, input_ids = None, 0, seq[:, -limit:]  # [B, <= limit]
+            position_ids = (attention_mask[:, -limit:].cumsum(dim=1) - 1).clamp(min=0)  # [B, <= limit]
     return Generation(prompt_ids=[list(p) for p in prompts], ids=out.ids)

@@ -23,10 +23,13 @@ refused with a clear message instead of producing a model that silently differs.
 from __future__ import annotations
 
 import json
+import math
 import os
+import shutil
 from pathlib import Path
 
 from gptx.errors import GptxError
+from gptx.fsutil import remove_stale_siblings, temp_sibling
 
 # activation_function values that are GELU with the tanh approximation (GPT-2's gelu_new)
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -74,12 +77,20 @@ def read_hf_config(hf_dir: Path) -> dict:
         raise GptxError(f"{f}: n_positions must be a positive integer, got {cfg.get('n_positions')!r}")
     if cfg["vocab_size"] < GPT2_VOCAB:
         refuse("vocab_size", f"the gpt2 tokenizer needs at least {GPT2_VOCAB} token ids")
+    for key, default, low in (("layer_norm_epsilon", 1e-5, 0.0), ("resid_pdrop", 0.1, None)):
+        value = cfg.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                or (low is not None and value <= low) or (low is None and not 0 <= value < 1):
+            raise GptxError(f"{f}: {key} must be a finite number{' above 0' if low is not None else ' in [0, 1)'}, "
+                            f"got {value!r}")
+    if cfg.get("n_inner") is not None and (not isinstance(cfg["n_inner"], int) or cfg["n_inner"] < 1):
+        raise GptxError(f"{f}: n_inner must be a positive integer or null, got {cfg['n_inner']!r}")
     return cfg
 
 
 def gptx_config_dict(cfg: dict) -> dict:
     """The gptx experiment config (plain data) that describes the HF model."""
-    drop = cfg.get("resid_pdrop", 0.1)
+    drop = cfg.get("resid_pdrop", 0.1)  # checked by read_hf_config
     return {
         "model": {
             "n_layer": cfg["n_layer"],
@@ -243,4 +254,18 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, registry=No
         raise RuntimeError(f"HF import mapping out of date: missing {missing[:3]}, unexpected {unexpected[:3]}")
     tokenizer = checkpoint.build_tokenizer(config.tokenizer)
     extra = {"imported_from": {"format": "huggingface-gpt2", "path": str(hf_dir.resolve()), "config": cfg}}
-    return checkpoint.save(out_dir, 0, model, config, tokenizer, extra=extra, keep=1)
+    # built beside OUT_DIR and renamed into place whole: a failed import (disk full) leaves nothing
+    # that would block the retry
+    final = out_dir.resolve()
+    final.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(final)
+    tmp = temp_sibling(final)
+    try:
+        checkpoint.save(tmp, 0, model, config, tokenizer, extra=extra, keep=1)
+        if final.exists():
+            final.rmdir()  # the empty directory checked above
+        os.rename(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return checkpoint.complete_checkpoints(final / "checkpoints")[-1]

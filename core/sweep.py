@@ -37,7 +37,10 @@ def parse_vary(items: list[str]) -> list[Variant]:
         key, sep, values = item.partition("=")
         if not sep or not key.strip() or not values.strip():
             raise ConfigError(f"expected KEY.PATH=V1,V2,..., got {item!r}", file="--vary")
-        axes.append([f"{key.strip()}={v.strip()}" for v in values.split(",") if v.strip()])
+        values = [v.strip() for v in values.split(",") if v.strip()]
+        if not values:
+            raise ConfigError(f"no values to try in {item!r}; expected KEY.PATH=V1,V2,...", file="--vary")
+        axes.append([f"{key.strip()}={v}" for v in values])
     return [Variant(list(combo)) for combo in itertools.product(*axes)] if axes else [Variant([])]
 
 

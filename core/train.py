@@ -87,10 +87,11 @@ def autocast_context(tc, device: torch.device):
 
 @dataclasses.dataclass(frozen=True)
 class BatchSplit:
-    """Which rows of the global batch [grad_accum_steps * batch_size, T] one rank trains on, in
-    micro-batch order. N processes train the global batch the file describes: each takes whole
-    micro-batches when grad_accum_steps divides by N, else a 1/N share of every micro-batch's
-    rows when batch_size does (DDP averages the gradients, so both equal one process's step)."""
+    """Which rows of the global batch [grad_accum_steps * batch_size, T] one rank trains on, and
+    in how many micro-batches. N processes train the global batch the file describes: each
+    takes an equal, contiguous share of its rows, in micro-batches of at most batch_size rows
+    (equal ones, so the mean of their losses is the mean over the rows; DDP and FSDP then average
+    over ranks: the single process's step)."""
 
     micro_batches: int  # per optimizer step, on this rank
     rows_per_micro: int
@@ -104,18 +105,17 @@ class BatchSplit:
     @classmethod
     def plan(cls, tc, rank: int = 0, world: int = 1) -> "BatchSplit":
         A, bs = tc.grad_accum_steps, tc.batch_size
-        if A % world == 0:
-            micros = [m * world + rank for m in range(A // world)]  # whole micro-batches
-            return cls(A // world, bs, tuple(r for m in micros for r in range(m * bs, (m + 1) * bs)))
-        if bs % world == 0:
-            share = bs // world  # this rank's rows of every micro-batch
-            return cls(A, share, tuple(m * bs + rank * share + r for m in range(A) for r in range(share)))
-        accum = sorted({world * k for k in range(1, 4)} | {A * world})
-        sizes = [bs - bs % world, bs - bs % world + world] if bs >= world else [world]
-        raise ConfigError(
-            f"neither grad_accum_steps = {A} nor batch_size = {bs} is divisible by the {world} processes, so the "
-            f"global batch would change; use grad_accum_steps in {', '.join(map(str, accum))}, ... or batch_size in "
-            f"{', '.join(str(s) for s in sizes if s > 0)}, ...", "training.grad_accum_steps")
+        total = A * bs
+        if total % world:
+            accum = [a for a in range(1, 4 * world + 1) if a * bs % world == 0][:3]
+            sizes = [b for b in range(max(1, bs - world), bs + 2 * world) if A * b % world == 0][:3]
+            raise ConfigError(
+                f"the global batch of grad_accum_steps x batch_size = {A} x {bs} = {total} sequences cannot be "
+                f"shared evenly by {world} processes; use grad_accum_steps in {', '.join(map(str, accum))}, ... or "
+                f"batch_size in {', '.join(map(str, sizes))}, ...", "training.grad_accum_steps")
+        share = total // world
+        rows_per_micro = max(d for d in range(1, bs + 1) if share % d == 0)  # the largest equal micro-batch that fits
+        return cls(share // rows_per_micro, rows_per_micro, tuple(range(rank * share, (rank + 1) * share)))
 
 
 class TrainStep:
@@ -201,10 +201,11 @@ def prepare(cfg: ExperimentConfig, resume: bool = False, progress=None, outputs:
         raise ConfigError(f"'{tc.optimizer.kind}' cannot update FSDP-sharded parameters; use training.parallel = "
                           "\"ddp\" or another optimizer", "training.optimizer.kind")
     resume_dir = runs.find_resumable(cfg, ckpt.complete_checkpoints) if resume else None
-    init_from = _apply_init_from(cfg) if tc.init_from and resume_dir is None else None
-    tokenizer_state = _resume_checks(cfg, resume_dir) if resume_dir else None
-    if init_from is not None:
-        tokenizer_state = ckpt.read_meta(init_from).get("tokenizer_state") or None
+    source = _apply_init_from(cfg) if tc.init_from else None  # the model and tokenizer, resumed or not
+    tokenizer_state = ckpt.read_meta(source).get("tokenizer_state") or None if source else None
+    if resume_dir:
+        tokenizer_state = _resume_checks(cfg, resume_dir)
+    init_from = source if resume_dir is None else None  # the weights: a resumed run has its own
     tokenizer = ckpt.build_tokenizer(cfg.tokenizer, tokenizer_state)
     dataset = cfg.data.cls(cfg.data.options, base_dir=cfg.base_dir, tokenizer=tokenizer, block_size=cfg.model.block_size,
                            seed=tc.seed, progress=progress)

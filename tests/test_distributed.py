@@ -1,6 +1,7 @@
 """torchrun on CPU: 2 gloo processes, DDP and FSDP, against a single process with the same
 global batch; one MLflow run; checkpoints that resume and load in a single process."""
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -90,9 +91,17 @@ def test_the_readmes_torchrun_command_runs_on_the_shipped_experiment(tmp_path):
              "--set", f"training.out_dir='{tmp_path / 'runs'}'"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "gptx", "run",
            str(REPO / "experiments" / "shakespeare_char.toml"), *short, "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "after 3 steps" in proc.stdout
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path,
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=600)
+    finally:  # never leave a rank behind, whatever happened
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert proc.returncode == 0, err[-3000:]
+    assert "after 3 steps" in out
 
 
 def test_a_global_batch_that_cannot_be_split_is_one_clear_line(tmp_path):
@@ -101,6 +110,22 @@ def test_a_global_batch_that_cannot_be_split_is_one_clear_line(tmp_path):
                 cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
-    assert "training.grad_accum_steps: neither grad_accum_steps = 3 nor batch_size = 5 is divisible by the 2 processes" in line
+    assert "training.grad_accum_steps: the global batch of grad_accum_steps x batch_size = 3 x 5 = 15 sequences" in line
+    assert "cannot be shared evenly by 2 processes" in line
     assert "grad_accum_steps in 2, 4, 6" in line and "batch_size in 4, 6" in line
     assert not (tmp_path / "runs").exists()
+
+
+def test_every_rank_gets_an_equal_share_in_micro_batches_that_fit():
+    from types import SimpleNamespace
+
+    from gptx.train import BatchSplit
+
+    for A, bs, world in [(1, 12, 2), (2, 4, 2), (4, 8, 8), (2, 8, 16), (3, 4, 4), (1, 1, 1), (5, 6, 3)]:
+        tc = SimpleNamespace(grad_accum_steps=A, batch_size=bs)
+        splits = [BatchSplit.plan(tc, r, world) for r in range(world)]
+        assert sorted(row for s in splits for row in s.rows) == list(range(A * bs))  # every row once
+        for s in splits:
+            assert s.rows_per_micro <= bs and s.micro_batches * s.rows_per_micro == len(s.rows) == A * bs // world
+    one = BatchSplit.plan(SimpleNamespace(grad_accum_steps=3, batch_size=4))
+    assert (one.micro_batches, one.rows_per_micro, one.subset) == (3, 4, None)  # one process: as always

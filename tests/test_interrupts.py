@@ -160,3 +160,27 @@ def test_kill_9_at_any_moment_leaves_a_loadable_resumable_checkpoint(tmp_path, r
     assert [p.name for p in sorted(ckpts.iterdir())] == [f"step-{STEPS - 1:06d}", f"step-{STEPS:06d}"]
     assert_same_weights(reference, ckpts / f"step-{STEPS:06d}")
     assert_one_curve(run_dir)
+
+
+def test_sigterm_after_the_last_step_stops_at_once_and_keeps_the_final_checkpoint(tmp_path):
+    """After the last step come the whole-split evaluation and the sample (seconds to minutes on
+    a big model). A SIGTERM there must not be swallowed: exit 143, the run KILLED, the final
+    checkpoint intact; --resume then finishes what was left."""
+    f = write_experiment(tmp_path / "e.toml")
+    args = ["--set", "training.max_steps=6", "--set", "training.eval_interval=6", "--set", "model.n_layer=4",
+            "--set", "model.n_embd=128", "--set", "model.n_head=4", "--set", "training.final_eval_tokens=10000000",
+            "--set", "training.batch_size=2", "--set", "training.sample_tokens=20"]
+    runs = tmp_path / "runs" / "e"
+    proc = start(f, *args)
+    wait_for(lambda: list(runs.glob("*/checkpoints/step-000006")), proc, poll=0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, (proc.returncode, err)
+    assert "interrupted by SIGTERM" in err and "step-000006" in err and "Traceback" not in err
+    (run_dir,) = runs.iterdir()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "KILLED"
+    checkpoint.load(run_dir / "checkpoints" / "step-000006")
+    done = gptx("run", f, *args, "--resume", "--quiet", check=True)
+    assert "after 6 steps" in done.stdout
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "FINISHED" and info["final_val_loss"] > 0

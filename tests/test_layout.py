@@ -121,8 +121,17 @@ def test_the_package_imports_from_its_installed_name():
     import gptx
     import gptx.plugins
 
-    assert Path(gptx.__file__).parent == ROOT / "core" or "site-packages" in gptx.__file__
-    assert "core" not in sys.modules and "plugins" not in sys.modules
+    import gptx.experiments
+    import gptx.export
+
+    base = Path(gptx.__file__).parent
+    if base == ROOT / "core":  # an editable install: each package from its own folder
+        where = {"plugins": ROOT / "plugins", "export": ROOT / "export", "experiments": ROOT / "experiments"}
+    else:  # a wheel install: one tree
+        where = {"plugins": base / "plugins", "export": base / "export", "experiments": base / "experiments"}
+    for name, folder in where.items():
+        assert Path(getattr(gptx, name).__file__).parent == folder, name
+    assert "core" not in sys.modules and "plugins" not in sys.modules and "export" not in sys.modules
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,10 @@
 
 - block ``rezero``: ReZero (Bachlechner et al. 2021, "ReZero is all you need"): no norms at all,
   each branch scaled by a learned scalar that starts at 0, so every layer starts as the identity.
+- ffn ``sigmoid_moe``: a mixture of experts with DeepSeek-V3's sigmoid gating, built on the
+  built-in ``moe`` (its load-balancing loss and metrics come along).
+- attention ``token_major``: GPT-2's attention with its own cache layout, one [B, S, 2, K, D]
+  tensor, declared through ``cache_layout()``.
 """
 from __future__ import annotations
 
@@ -41,3 +45,69 @@ class ReZeroBlock(Block):
 @gptx.hookimpl
 def register_block(register):
     register("rezero", ReZeroBlock)
+
+
+# ---- a mixture-of-experts variant: sigmoid gating ------------------------------------------------
+
+from gptx.plugins.moe import MoE  # noqa: E402  (a third-party component may build on a built-in)
+
+
+class SigmoidMoE(MoE):
+    """DeepSeek-V3's gating (Liu et al. 2024, sec. 2.1.2): each expert's affinity is the sigmoid
+    of its router logit, independent of the others; the top-k affinities, renormalised, weight
+    the chosen experts. Only the routing differs from the built-in ``moe``."""
+
+    def route(self, x):  # x [N, C]
+        logits = self.router(x).float()  # [N, E]
+        affinity = logits.sigmoid()  # [N, E]
+        weights, chosen = affinity.topk(self.options.top_k, dim=-1)  # [N, k] x2
+        weights = weights / weights.sum(dim=-1, keepdim=True)  # [N, k]
+        probs = affinity / affinity.sum(dim=-1, keepdim=True)  # [N, E]: for the balance loss
+        return logits, probs, weights, chosen
+
+
+# ---- an attention with its own cache layout: token-major ------------------------------------------
+
+from gptx.components import BATCH, SEQ, CacheTensor, append_cache  # noqa: E402
+from gptx.plugins.attention import CausalSelfAttention  # noqa: E402
+
+
+class TokenMajorAttention(CausalSelfAttention):
+    """GPT-2's attention with the cache stored token-major: one tensor [B, S, 2, K, D] (keys and
+    values of each token side by side) instead of key and value [B, K, S, D]. The math is the
+    built-in's; only the declared cache differs, which the model, the ONNX export, the
+    onnxruntime generator, Node and the browser all follow."""
+
+    def cache_layout(self):
+        return (CacheTensor("kv", (BATCH, SEQ, 2, self.n_kv, self.head_dim)),)
+
+    def forward(self, x, positions, positional, past=None, attention_mask=None):
+        import torch
+        import torch.nn.functional as F
+
+        B, T, C = x.shape
+        H, K, D = self.n_head, self.n_kv, self.head_dim
+        q, k, v = self.c_attn(x).split([H * D, K * D, K * D], dim=2)  # [B, T, H*D], [B, T, K*D] x2
+        q = q.view(B, T, H, D).transpose(1, 2)  # [B, H, T, D]
+        k = k.view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
+        q, k = positional.rotate(q, k, positions)
+        new = torch.stack([k.transpose(1, 2), v.view(B, T, K, D)], dim=2)  # [B, T, 2, K, D]
+        past_len = None if past is None else past[0].shape[1]
+        (packed,) = present = append_cache(past, (new,), (1,))  # [B, S, 2, K, D]
+        k = packed[:, :, 0].transpose(1, 2)  # [B, K, S, D]
+        v = packed[:, :, 1].transpose(1, 2)  # [B, K, S, D]
+        if K != H:
+            k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)  # [B, H, S, D]
+        mask = self._allowed_or_bias(positional, past_len, T, x.device, q.dtype, attention_mask)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, H, T, D]
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C))), present
+
+
+@gptx.hookimpl
+def register_ffn(register):
+    register("sigmoid_moe", SigmoidMoE)
+
+
+@gptx.hookimpl
+def register_attention(register):
+    register("token_major", TokenMajorAttention)

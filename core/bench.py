@@ -63,6 +63,8 @@ def _cpu_model() -> str:
 def machine() -> dict:
     import torch
 
+    from gptx.train import cpu_flags
+
     info = {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
@@ -70,6 +72,8 @@ def machine() -> dict:
         "torch": torch.__version__,
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_flags": sorted(cpu_flags() & {"avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_tile", "amx_bf16",
+                                           "amx_int8"}),  # what decides fp32/bf16/int8 speed
     }
     try:
         info["load"] = [round(x, 2) for x in os.getloadavg()]  # 1, 5, 15 minutes
@@ -601,7 +605,8 @@ def table(result: dict) -> str:
     """A readable report of ``run``'s result."""
     m = result["machine"]
     lines = [f"machine: {m['cpu']}, {m['cores']} cores, {m['threads']} threads, torch {m['torch']} "
-             f"({m['cpu_capability']}), load {m['load']} -> {m.get('load_after')}"]
+             f"({m['cpu_capability']}; {', '.join(m.get('cpu_flags', [])) or 'no flags read'}), "
+             f"load {m['load']} -> {m.get('load_after')}"]
     if "peak" in result:
         p = result["peak"]
         lines.append("")

@@ -80,6 +80,32 @@ def pick_device(tc) -> torch.device:
     return dev
 
 
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # native bf16 matrix instructions (otherwise emulated: far slower)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (Linux /proc/cpuinfo); empty where unknown."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> str:
+    """``auto``: bfloat16 on a CUDA device that supports it or a CPU with native bf16 matrix
+    instructions (AVX512-BF16, AMX), float32 elsewhere (emulated bf16 is many times slower)."""
+    if dtype != "auto":
+        return dtype
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if device.type == "cpu":
+        return "bfloat16" if cpu_flags() & set(CPU_BF16_FLAGS) else "float32"
+    return "float32"
+
+
 def autocast_context(tc, device: torch.device):
     """bf16 autocast when ``training.dtype = "bfloat16"``, else nothing (reusable)."""
     return torch.autocast(device.type, dtype=torch.bfloat16) if tc.dtype == "bfloat16" else contextlib.nullcontext()
@@ -195,6 +221,7 @@ def prepare(cfg: ExperimentConfig, resume: bool = False, progress=None, outputs:
 
     tc = cfg.training
     device = pick_device(tc)
+    tc.dtype = resolve_dtype(tc.dtype, device)  # the resolved choice is what checkpoints and MLflow record
     world = int(os.environ.get("WORLD_SIZE", "1"))
     BatchSplit.plan(tc, 0, world)
     if world > 1 and tc.parallel == "fsdp" and not tc.optimizer.cls.sharded_ok:
@@ -280,29 +307,26 @@ def _lookup(d: dict, dotted: str):
 
 
 def check_memory(cfg: ExperimentConfig, device: torch.device) -> None:
-    """Refuse a model or batch that cannot fit before anything is allocated: the weights with
-    their gradients and two optimizer moments (16 bytes a parameter) and the logits of one
-    micro-batch with their gradient (8 bytes each) are a floor of what training needs."""
+    """Refuse a model or batch that cannot fit before anything is allocated. A floor of what
+    training needs: GPT-2's parameters (the token embedding, 12 C^2 a layer, an untied head) at
+    16 bytes each (weights, gradients, two optimizer moments), and the logits of one micro-batch
+    with their gradient (8 bytes each). Components with more parameters only raise the need;
+    the allocator's own refusal is the backstop."""
     import psutil
 
-    from gptx.model import GPT
-
-    try:
-        with torch.device("meta"):
-            n_params = GPT(cfg.model).num_params()
-    except Exception:  # a component that cannot be built on the meta device: the allocator has the last word
-        return
-    tc = cfg.training
+    m, tc = cfg.model, cfg.training
+    n_params = m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2) + 12 * m.n_layer * m.n_embd ** 2
     state = 16 * n_params
-    logits = 8 * tc.batch_size * cfg.model.block_size * cfg.model.vocab_size
+    logits = 8 * tc.batch_size * m.block_size * m.vocab_size
     free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
     if state + logits <= free:
         return
     gib = lambda b: f"{b / 2**30:,.1f} GiB"  # noqa: E731
     if state >= logits:
-        raise ConfigError(f"a model of {n_params:,} parameters needs at least {gib(state)} for its weights, gradients and "
-                          f"optimizer state; {gib(free)} is free (lower n_layer, n_embd or vocab_size)", "model.n_embd")
-    raise ConfigError(f"a micro-batch of {tc.batch_size} x {cfg.model.block_size} tokens needs at least {gib(logits)} "
+        raise ConfigError(f"a model of about {n_params:,} parameters needs at least {gib(state)} for its weights, "
+                          f"gradients and optimizer state; {gib(free)} is free (lower n_layer, n_embd or vocab_size)",
+                          "model.n_embd")
+    raise ConfigError(f"a micro-batch of {tc.batch_size} x {m.block_size} tokens needs at least {gib(logits)} "
                       f"for its logits alone; {gib(free)} is free (lower batch_size, raise grad_accum_steps)",
                       "training.batch_size")
 

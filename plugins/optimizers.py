@@ -21,6 +21,10 @@ def _check_betas(beta1: float, beta2: float, eps: float) -> None:
 
 
 def _is_sharded(params) -> bool:
+    """Whether FSDP has sharded the parameters (DTensors): only in an initialised process group,
+    so a single process never pays for importing torch.distributed.tensor (about a second)."""
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        return False
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in params)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Callable, ClassVar, Optional
 import torch
 from torch import nn
 
-from gptx.base import CAPABILITIES, KV_CACHE, ONNX_EXPORT, Component, Tokenizer
+from gptx.base import CAPABILITIES, DEFAULT_SUPPORTS, KV_CACHE, ONNX_EXPORT, ONNX_FUSED_ATTENTION, Component, Tokenizer
 
 if TYPE_CHECKING:
     from gptx.config import ModelConfig
@@ -57,7 +57,7 @@ def append_kv(past: Optional[KV], k: torch.Tensor, v: torch.Tensor) -> KV:
 
 
 __all__ = [
-    "CAPABILITIES", "KV_CACHE", "ONNX_EXPORT", "KV", "KVBuffer", "append_kv", "Component",
+    "CAPABILITIES", "DEFAULT_SUPPORTS", "KV_CACHE", "ONNX_EXPORT", "ONNX_FUSED_ATTENTION", "KV", "KVBuffer", "append_kv", "Component",
     "PositionalEncoding", "Attention", "FeedForward", "Norm", "NormPlacement", "Tokenizer",
 ]
 

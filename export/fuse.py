@@ -33,8 +33,9 @@ def fuse(proto: onnx.ModelProto, n_head: int, n_embd: int) -> tuple[onnx.ModelPr
         optimizer = optimize_by_fusion(fused, "gpt2", num_heads=n_head, hidden_size=n_embd, optimization_options=options)
     finally:
         logger.setLevel(level)
-    counts = {op: n for op, n in optimizer.get_fused_operator_statistics().items() if n}
     out = optimizer.model
+    before = contrib_ops(proto)
+    counts = {op: n - before.get(op, 0) for op, n in contrib_ops(out).items() if n > before.get(op, 0)}
     for mine, theirs in ((out.graph.input, proto.graph.input), (out.graph.output, proto.graph.output)):
         del mine[:]  # the I/O contract as exported: it prunes inputs a graph does not read (position_ids with ALiBi)
         mine.extend(theirs)
@@ -42,3 +43,12 @@ def fuse(proto: onnx.ModelProto, n_head: int, n_embd: int) -> tuple[onnx.ModelPr
             not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))  # onnx's checker and shape inference need it
     return out, counts
+
+
+def contrib_ops(proto: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes of each onnxruntime (com.microsoft) operator ``proto`` holds."""
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        if node.domain == "com.microsoft":
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts

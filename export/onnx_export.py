@@ -24,7 +24,7 @@ import torch
 from onnx import numpy_helper
 
 from gptx import __version__
-from gptx.base import ONNX_EXPORT
+from gptx.base import ONNX_EXPORT, ONNX_FUSED_ATTENTION
 from gptx.config import COMPONENT_SLOTS
 from gptx.errors import GptxError
 from gptx.export import (
@@ -59,8 +59,11 @@ def check_exportable(config) -> None:
         raise GptxError(f"cannot export to ONNX: {', '.join(missing)} does not support ONNX export (no '{ONNX_EXPORT}' in its supports)")
 
 
-def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, metadata: Optional[dict] = None) -> onnx.ModelProto:
-    """Export ``model`` (a gptx GPT in eval mode) to ``path``; returns the saved ModelProto."""
+def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, metadata: Optional[dict] = None,
+                fused_attention: bool = False) -> onnx.ModelProto:
+    """Export ``model`` (a gptx GPT in eval mode) to ``path``; returns the saved ModelProto. With
+    ``fused_attention``, attentions that declare ONNX_FUSED_ATTENTION export onnxruntime's fused op."""
+    from gptx.export import attention as onnx_attention
     cfg = model.config
     L, K, D = cfg.n_layer, model.kv_heads, cfg.head_dim
     # example shapes: B=2, T=5, P=3 (never 0 or 1, which torch.export would specialise on)
@@ -80,7 +83,7 @@ def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, metadata: Optiona
         "position_ids": {0: batch, 1: seq},
         "past_key_values": [({0: batch, 2: past_len}, {0: batch, 2: past_len}) for _ in range(L)],
     }
-    with _quiet():
+    with _quiet(), onnx_attention.fusing(fused_attention):
         program = torch.onnx.export(
             _Decoder(model).eval(),
             (ids, mask, pos, past),
@@ -299,19 +302,8 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
     try:
         fp32_path = tmp / MODEL_FILE
         t0 = time.perf_counter()
-        try:
-            plain = export_onnx(model, fp32_path, opset, meta)
-        except GptxError:
-            raise
-        except Exception as err:
-            raise GptxError(f"torch.onnx.export failed: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
-        meta["export_seconds"] = round(time.perf_counter() - t0, 2)
-        log(f"exported model.onnx, opset {opset} ({meta['export_seconds']:.1f} s, {fp32_path.stat().st_size / 2**20:.1f} MiB)")
-
-        t0 = time.perf_counter()
-        report = _fuse_and_verify(model, plain, fp32_path, log)
+        report = _export_verified(model, fp32_path, opset, meta, log)
         meta["fusions"] = report.fusions
-        del plain
         meta["verification"] = report.to_dict() | {"seconds": round(time.perf_counter() - t0, 2)}
         cases = ", ".join(f"{k} {v:.2e}" for k, v in report.cases.items())
         log(f"verified against PyTorch: max abs diff {report.max_abs_diff:.2e} in {report.worst} ({cases})")
@@ -359,32 +351,74 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
     return meta
 
 
+def _export_verified(model, path: Path, opset: int, meta: dict, log: Callable[[str], None]):
+    """Export ``model`` to ``path`` as the fastest graph that verifies, and return its report:
+    onnxruntime's fused attention op where the attention declares ONNX_FUSED_ATTENTION (a graph
+    that fails to export, load or verify falls back to the plain attention, with one log line),
+    each then with onnxruntime's operator fusions (``_fuse_and_verify``)."""
+    from gptx.export.verify import VerificationError
+
+    attention = type(model.blocks[0].attn)
+    for fused_attention in (True, False) if ONNX_FUSED_ATTENTION in attention.supports else (False,):
+        graph = _export_graph(model, path, opset, meta, fused_attention, log)
+        try:
+            return _fuse_and_verify(model, graph, path, log)
+        except Exception as err:  # onnxruntime may also refuse to load a fused node
+            if not fused_attention:
+                raise
+            why = str(err) if isinstance(err, VerificationError) else f"{type(err).__name__}: {_first_line(err)}"
+            log(f"fused attention not kept ({why}); exporting the plain attention")
+    raise AssertionError("unreachable: the plain export returns or raises")
+
+
+def _export_graph(model, path: Path, opset: int, meta: dict, fused_attention: bool, log) -> onnx.ModelProto:
+    """torch.onnx.export with the user-facing error and log line; the fused-attention attempt's
+    own failure is the caller's to fall back from."""
+    t0 = time.perf_counter()
+    try:
+        graph = export_onnx(model, path, opset, meta, fused_attention=fused_attention)
+    except GptxError:
+        raise
+    except Exception as err:
+        if fused_attention:
+            raise
+        raise GptxError(f"torch.onnx.export failed: {type(err).__name__}: {_first_line(err)}") from err
+    meta["export_seconds"] = round(time.perf_counter() - t0, 2)
+    log(f"exported model.onnx, opset {opset} ({meta['export_seconds']:.1f} s, {path.stat().st_size / 2**20:.1f} MiB)")
+    return graph
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else ""
+
+
 def _fuse_and_verify(model, plain: onnx.ModelProto, path: Path, log: Callable[[str], None]):
     """Verify the fused graph (``gptx.export.fuse``) and keep it, else fall back to ``plain``
     (already saved at ``path``) and verify that; a VerificationError of the plain graph stands.
-    Returns the verification report with ``fusions`` (operator -> count; empty: not fused)."""
-    from gptx.export.fuse import fuse
+    Returns the verification report with ``fusions`` (onnxruntime operator -> count in the graph
+    kept; empty: nothing fused)."""
+    from gptx.export.fuse import contrib_ops, fuse
     from gptx.export.verify import VerificationError, session, verify
 
     cfg = model.config
     try:
         fused, counts = fuse(plain, cfg.n_head, cfg.n_embd)
     except Exception as err:  # the fusion pass is an optimisation: a graph it cannot read stays plain
-        log(f"operator fusion skipped ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+        log(f"operator fusion skipped ({type(err).__name__}: {_first_line(err)})")
         fused, counts = None, {}
     if counts:
         save(fused, path)
-        del fused
         try:
             report = verify(model, session(path))
-            report.fusions = counts
-            log("fused for onnxruntime: " + ", ".join(f"{n} {op}" for op, n in sorted(counts.items())))
+            report.fusions = contrib_ops(fused)
+            log("fused for onnxruntime: " + ", ".join(f"{n} {op}" for op, n in sorted(report.fusions.items())))
             return report
         except VerificationError as err:
             log(f"fused graph not kept ({err}); using the unfused graph")
             save(plain, path)
     report = verify(model, session(path))
-    report.fusions = {}
+    report.fusions = contrib_ops(plain)
     return report
 
 

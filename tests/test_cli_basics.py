@@ -93,7 +93,7 @@ def test_components_of_one_kind_json():
     assert {row["kind"] for row in rows} == {"attention"}
     causal = next(row for row in rows if row["name"] == "causal")
     assert causal["plugin"] == "gptx.plugins.attention"
-    assert set(causal["supports"]) == {"kv_cache", "onnx_export"}
+    assert set(causal["supports"]) == {"kv_cache", "onnx_export", "onnx_fused_attention"}
     assert causal["class"] == "gptx.plugins.attention.CausalSelfAttention"
 
 

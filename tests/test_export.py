@@ -300,13 +300,122 @@ def test_failed_verification_exits_2_naming_the_output_and_leaves_nothing(tmp_pa
 
 def test_gpt2_graph_is_fused_for_onnxruntime(gpt2):
     L = 2
-    assert gpt2["meta"]["fusions"] == {"SkipLayerNormalization": 2 * L + 1, "FastGelu": L}  # + the final norm
+    assert gpt2["meta"]["fusions"] == {"SkipLayerNormalization": 2 * L + 1, "FastGelu": L, "MultiHeadAttention": L}
     model = onnx.load(str(gpt2["out"] / "model.onnx"), load_external_data=False)
     ops = [(n.domain, n.op_type) for n in model.graph.node]
-    assert ops.count(("com.microsoft", "SkipLayerNormalization")) == 2 * L + 1
+    assert ops.count(("com.microsoft", "SkipLayerNormalization")) == 2 * L + 1  # + the final norm
     assert ("", "Tanh") not in ops  # the GELU formula is one FastGelu kernel now
     assert any(o.domain == "com.microsoft" for o in model.opset_import)
-    assert any(x.startswith("fused for onnxruntime: 2 FastGelu, 5 SkipLayerNormalization") for x in gpt2["logs"])
+    assert any(x.startswith("fused for onnxruntime: 2 FastGelu, 2 MultiHeadAttention, 5 SkipLayerNormalization")
+               for x in gpt2["logs"])
+
+
+def _cache_concats(model: onnx.ModelProto) -> list:
+    """Concat nodes that read a past_key_values input: the plain graph's per-layer cache append."""
+    pasts = {i.name for i in model.graph.input if i.name.startswith("past_key_values.")}
+    return [n for n in model.graph.node if n.op_type == "Concat" and pasts & set(n.input)]
+
+
+def test_gpt2_attention_is_onnxruntimes_fused_op_reading_the_cache_itself(gpt2):
+    model = onnx.load(str(gpt2["out"] / "model.onnx"), load_external_data=False)
+    mha = [n for n in model.graph.node if (n.domain, n.op_type) == ("com.microsoft", "MultiHeadAttention")]
+    assert len(mha) == 2
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in mha[0].attribute}
+    assert attrs == {"num_heads": 4, "unidirectional": 1}
+    assert mha[0].input[6:8] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert mha[1].output[1:] == ["present.1.key", "present.1.value"]
+    assert not _cache_concats(model)
+    weights = {t.name for t in model.graph.initializer}
+    leftover = [n for n in model.graph.node if n.op_type in ("Softmax", "Where", "Transpose")]
+    assert [n.input[0] in weights for n in leftover] == [True]  # no attention arithmetic; the LM head's tied transpose
+    # the left-padded batch's real rows decode as PyTorch does (test_greedy_tokens_equal_pytorch_with_gpt2_vocab)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+def test_grouped_query_attention_exports_group_query_attention(tmp_path, kv_heads):
+    ck = make_checkpoint(tmp_path / "run", {"attention": {"n_kv_heads": kv_heads}, "positional": {"kind": "rope"}}, seed=3)
+    meta = export_checkpoint(ck, tmp_path / "out", log=quiet)
+    assert meta["fusions"]["GroupQueryAttention"] == 2 and "MultiHeadAttention" not in meta["fusions"]
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
+    assert attrs == {"num_heads": 4, "kv_num_heads": kv_heads}
+    assert not _cache_concats(model)
+    assert [d.dim_value for d in model.graph.input[3].type.tensor_type.shape.dim[1::2]] == [kv_heads, 8]  # [B, K, P, D]
+    prompts = [list(b"To be, or not"), list(b"Ay"), list(b"x")]  # a left-padded batch
+    want, got = greedy_both(ck, tmp_path / "out", prompts, new_tokens=10)
+    assert got == want
+
+
+def test_a_wrong_fused_attention_falls_back_to_the_plain_attention(tmp_path, byte_ckpt, monkeypatch):
+    from gptx.export import attention as onnx_attention
+
+    real = onnx_attention.fused_attention
+
+    def swapped(q, k, v, past, attention_mask):  # keys and values swapped: a wrong graph that still runs
+        y, (pk, pv) = real(q, v, k, (past[1], past[0]), attention_mask)
+        return y, (pv, pk)
+
+    monkeypatch.setattr(onnx_attention, "fused_attention", swapped)
+    logs = []
+    meta = export_checkpoint(byte_ckpt, tmp_path / "out", log=logs.append)
+    fallback = [x for x in logs if x.startswith("fused attention not kept")]
+    assert len(fallback) == 1 and "export verification failed" in fallback[0]
+    assert fallback[0].endswith("; exporting the plain attention")
+    assert "MultiHeadAttention" not in meta["fusions"] and meta["fusions"]  # the operator fusions remain
+    assert meta["verification"]["max_abs_diff"] <= 1e-4
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert not [n for n in graph.graph.node if "Attention" in n.op_type]
+    torch_ids, onnx_ids = greedy_both(byte_ckpt, tmp_path / "out", [[1, 2, 3], [4]])
+    assert onnx_ids == torch_ids
+
+
+def test_only_attentions_that_declare_it_export_fused_attention(tmp_path):
+    from gptx.base import DEFAULT_SUPPORTS, ONNX_FUSED_ATTENTION
+    from gptx.components import Attention
+    from gptx.plugins.attention import CausalSelfAttention, EinsumAttention
+
+    assert ONNX_FUSED_ATTENTION not in DEFAULT_SUPPORTS  # a third-party component never gets it by default
+    assert Attention.supports == EinsumAttention.supports == DEFAULT_SUPPORTS
+    assert ONNX_FUSED_ATTENTION in CausalSelfAttention.supports
+
+    class Undeclared(CausalSelfAttention):  # a subclass that does not promise the fused op
+        supports = DEFAULT_SUPPORTS
+
+    class Plugin:
+        @staticmethod
+        @__import__("gptx").hookimpl
+        def register_attention(register):
+            register("undeclared", Undeclared)
+
+    registry_mod.use(registry_mod.load(extra_plugins=(Plugin,)))
+    try:
+        ck = make_checkpoint(tmp_path / "run", {"attention": {"kind": "undeclared"}})
+        meta = export_checkpoint(ck, tmp_path / "out", log=quiet)
+    finally:
+        registry_mod.use(None)
+    assert not {"MultiHeadAttention", "GroupQueryAttention"} & set(meta["fusions"])
+    assert _cache_concats(onnx.load(str(tmp_path / "out" / "model.onnx")))
+
+
+def test_verification_compares_real_positions_only():
+    from gptx.export.verify import _real_rows_max_abs_diff
+
+    mask = np.array([[0, 0, 1, 1], [1, 1, 1, 1]])  # row 0 is left-padded by two slots
+    logits_t = np.zeros((2, 3, 5), np.float32)  # the last 3 slots are new tokens
+    logits_o = logits_t.copy()
+    logits_o[0, 0] = np.nan  # slot 1 of row 0: padding, unspecified
+    assert _real_rows_max_abs_diff(logits_o, logits_t, mask, True) == 0.0
+    logits_o[0, 1, 2] = 0.5  # slot 2 of row 0: real
+    assert _real_rows_max_abs_diff(logits_o, logits_t, mask, True) == 0.5
+    present_t = np.zeros((2, 3, 4, 2), np.float32)
+    present_o = present_t.copy()
+    present_o[0, :, :2] = 7.0  # padding slots
+    assert _real_rows_max_abs_diff(present_o, present_t, mask, False) == 0.0
+    present_o[1, 2, 0, 1] = -0.25
+    assert _real_rows_max_abs_diff(present_o, present_t, mask, False) == 0.25
+    present_o[1, 0, 3, 0] = np.inf
+    assert _real_rows_max_abs_diff(present_o, present_t, mask, False) == float("inf")
 
 
 def test_a_fused_graph_off_tolerance_falls_back_to_the_plain_one(tmp_path, byte_ckpt, monkeypatch):
@@ -326,10 +435,11 @@ def test_a_fused_graph_off_tolerance_falls_back_to_the_plain_one(tmp_path, byte_
     monkeypatch.setattr(fuse_mod, "fuse", fuse_wrong)
     logs = []
     meta = export_checkpoint(byte_ckpt, tmp_path / "out", log=logs.append)
-    assert meta["fusions"] == {} and meta["verification"]["max_abs_diff"] <= 1e-4
+    # the plain (operator-unfused) graph of the fused attention is kept: its own verification passed
+    assert meta["fusions"] == {"MultiHeadAttention": 2} and meta["verification"]["max_abs_diff"] <= 1e-4
     assert any(x.startswith("fused graph not kept (export verification failed") for x in logs), logs
     graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
-    assert not [n for n in graph.graph.node if n.domain == "com.microsoft"]
+    assert [n.op_type for n in graph.graph.node if n.domain == "com.microsoft"] == ["MultiHeadAttention"] * 2
     torch_ids, onnx_ids = greedy_both(byte_ckpt, tmp_path / "out", [[1, 2, 3]])
     assert onnx_ids == torch_ids
 

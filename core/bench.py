@@ -15,7 +15,7 @@ Sections (``--only``):
   does not make the products themselves faster.
 - ``generate``: batch 1, a fixed prompt (32 tokens), greedy, a fixed number of new tokens (128,
   no early stop): tokens/s, time to first token and peak memory (RSS growth while loading and
-  generating) for PyTorch with the KV cache, onnxruntime fp32 and int8 on a ``gptx.export`` of the
+  generating) for PyTorch with the KV cache, onnxruntime fp32, int8 and int4 on a ``gptx.export`` of the
   same weights, and, when installed, Hugging Face ``generate`` on the same weights and
   onnxruntime-genai on the same export (the peers).
 
@@ -36,7 +36,8 @@ from typing import Callable, Optional
 from gptx.errors import GptxError
 
 SECTIONS = ("peak", "train", "generate")
-BACKENDS = ("torch", "ort", "ort-int8", "hf", "genai")
+BACKENDS = ("torch", "ort", "ort-int8", "ort-int4", "hf", "genai")
+QUANTIZED = {"ort-int8": "int8", "ort-int4": "int4"}  # backend -> gptx export --quantize scheme
 MODEL_SIZES = {  # randomly initialised GPT-2-style models with GPT-2's BPE vocabulary
     "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 1024},
     "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},  # GPT-2 124M
@@ -440,14 +441,14 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
                 export_checkpoint(source, work / "onnx-fp32", log=lambda s: None, track=False)
                 info["export_s"] = round(time.perf_counter() - t, 1)
                 onnx_dirs["fp32"] = work / "onnx-fp32"
-            if kind == "int8":
+            if kind != "fp32":
                 from gptx.export import MODEL_FILE
-                from gptx.export.quantize import quantize_int8
+                from gptx.export.quantize import quantize
 
-                log("quantizing to int8...")
-                shutil.copytree(onnx_dirs["fp32"], work / "onnx-int8")
-                quantize_int8(onnx_dirs["fp32"] / MODEL_FILE, work / "onnx-int8" / MODEL_FILE, work)
-                onnx_dirs["int8"] = work / "onnx-int8"
+                log(f"quantizing to {kind}...")
+                shutil.copytree(onnx_dirs["fp32"], work / f"onnx-{kind}")
+                quantize(kind, onnx_dirs["fp32"] / MODEL_FILE, work / f"onnx-{kind}" / MODEL_FILE, work)
+                onnx_dirs[kind] = work / f"onnx-{kind}"
             return onnx_dirs[kind]
 
         def load_ort(kind: str):
@@ -503,11 +504,11 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
                 return got
             return run
 
-        plan = {"torch": load_torch, "ort": load_ort("fp32"), "ort-int8": load_ort("int8"),
-                "hf": load_hf, "genai": load_genai}
+        plan = {"torch": load_torch, "ort": load_ort("fp32"), "hf": load_hf, "genai": load_genai}
+        plan |= {name: load_ort(scheme) for name, scheme in QUANTIZED.items()}
         # the torch-based backends before the export work (torch.onnx export, int8 quantization) in
         # this process: one gpt2 run measured HF at 2 tok/s after it, 18 without (cause not isolated)
-        for name in ("torch", "hf", "ort", "ort-int8", "genai"):
+        for name in ("torch", "hf", "ort", *QUANTIZED, "genai"):
             if name not in backends:
                 continue
             if name == "hf":
@@ -525,7 +526,7 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
                 except ImportError:
                     skipped[name] = "onnxruntime-genai is not installed"
                     continue
-            if name in ("ort", "ort-int8", "genai"):
+            if name in ("ort", *QUANTIZED, "genai"):
                 from gptx.export.onnx_export import check_exportable
 
                 try:
@@ -536,8 +537,8 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
             if name == "genai" and cfg.tokenizer.kind != "gpt2":
                 skipped[name] = "onnxruntime-genai needs tokenizer.json (GPT-2 BPE exports only)"
                 continue
-            if name in ("ort", "ort-int8", "genai"):
-                export("int8" if name == "ort-int8" else "fp32")  # export time is not generation time
+            if name in ("ort", *QUANTIZED, "genai"):
+                export(QUANTIZED.get(name, "fp32"))  # export time is not generation time
             log(f"generating with {name}...")
             results[name] = _time_backend(_Backend(name, plan[name]), prompt, new_tokens, repeats)
             gc.collect()
@@ -628,7 +629,7 @@ def table(result: dict) -> str:
                       f"{g['prompt_tokens']}-token prompt, {g['new_tokens']} new tokens, greedy, {g['threads']} threads"]
         if g.get("fp32_bandwidth_bound_tok_s"):
             lines.append(f"  fp32 weights {g['fp32_weights_mib']:,.0f} MiB, read once per token: at most "
-                         f"{g['fp32_bandwidth_bound_tok_s']:,.1f} tok/s at the measured bandwidth (int8 reads 1/4 of it)")
+                         f"{g['fp32_bandwidth_bound_tok_s']:,.1f} tok/s at the measured bandwidth (int8 reads 1/4 of it, int4 1/8)")
         header = f"  {'backend':<10} {'tok/s':>9} {'decode':>9} {'TTFT ms':>9} {'peak MiB':>9} {'vs HF':>6} {'vs genai':>8} {'same':>5}"
         lines.append(header)
         for name, r in g["backends"].items():

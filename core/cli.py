@@ -315,7 +315,8 @@ def run(file, overrides, resume, nproc, quiet):
 @click.argument("source")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Export directory to write.")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(min=18, max=23), help="ONNX opset.")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Dynamic int8 weights for the matmuls.")
+@click.option("--quantize", default=None, metavar="int8|int4",
+              help="Quantize the weights: int8 (dynamic int8 matmuls) or int4 (4-bit blocks, MatMulNBits).")
 @click.option("--force", is_flag=True, help="Replace OUT even if it is a non-empty directory that is not a gptx export.")
 @click.option("--track/--no-track", default=None, help="Log the export to the source's MLflow run (default: when it has one).")
 @friendly
@@ -365,7 +366,7 @@ def sweep(base, vary, overrides, as_json, quiet):
 @click.option("--model", "model_size", default="tiny", show_default=True, type=click.Choice(["tiny", "gpt2"]),
               help="Randomly initialised model for the generate section: tiny (4x128) or gpt2 (124M).")
 @click.option("--checkpoint", "checkpoint_dir", default=None, help="Generate with this checkpoint instead of a random model.")
-@click.option("--backends", default="torch,ort,ort-int8,hf,genai", show_default=True,
+@click.option("--backends", default="torch,ort,ort-int8,ort-int4,hf,genai", show_default=True,
               help="Generation backends (hf and genai when installed).")
 @click.option("--prompt-tokens", default=32, show_default=True, type=click.IntRange(min=1))
 @click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=1))
@@ -377,7 +378,7 @@ def sweep(base, vary, overrides, as_json, quiet):
 def bench(only, experiment, overrides, train_steps, warmup_steps, model_size, checkpoint_dir, backends,
           prompt_tokens, new_tokens, repeats, peak_seconds, threads, as_json):
     """Measure this machine: matmul peak, training tokens/s and MFU, generation tokens/s, time to
-    first token and memory (PyTorch, onnxruntime fp32/int8, HF and onnxruntime-genai as peers)."""
+    first token and memory (PyTorch, onnxruntime fp32/int8/int4, HF and onnxruntime-genai as peers)."""
     from gptx import bench as bench_mod
 
     registry()

@@ -277,10 +277,10 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
     from gptx import checkpoint
     from gptx.export import GENAI_FILE, META_FILE, MODEL_FILE
     from gptx.export import genai, tokenizer_json
-    from gptx.export.verify import session
+    from gptx.export.quantize import SCHEMES
 
-    if quantize not in (None, "int8"):
-        raise GptxError(f"--quantize: unknown scheme {quantize!r}; supported: int8")
+    if quantize is not None and quantize not in SCHEMES:
+        raise GptxError(f"--quantize: unknown scheme {quantize!r}; supported: {', '.join(SCHEMES)}")
     if not 7 <= opset <= 23:  # dynamo export needs 18+, but torch converts down; let it say so
         raise GptxError(f"--opset: {opset} is out of range")
     out_dir = Path(out_dir)
@@ -308,31 +308,11 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
         cases = ", ".join(f"{k} {v:.2e}" for k, v in report.cases.items())
         log(f"verified against PyTorch: max abs diff {report.max_abs_diff:.2e} in {report.worst} ({cases})")
 
-        if quantize == "int8":
-            from gptx.export.quantize import compare, quantize_int8
-
-            fp32_keep = tmp / "model.fp32.onnx.tmp"
-            os.replace(fp32_path, fp32_keep)
-            facts = quantize_int8(fp32_keep, fp32_path, tmp)
-            int8_session = session(fp32_path)
-            fp32_session = session(fp32_keep)
-            facts |= compare(fp32_session, int8_session, meta)
-            del fp32_session, int8_session
-            fp32_keep.unlink()
-            meta["quantization_report"] = facts
-            log(
-                f"int8: {facts['quantized_matmuls']} matmuls quantized; logits max abs diff vs fp32 "
-                f"{facts['prompt_logits_max_abs_diff']:.3g} (logits up to {facts['prompt_logits_max_abs']:.3g}); "
-                f"greedy tokens identical for {facts['greedy_tokens_identical_prefix']}/{facts['greedy_tokens_compared']}; "
-                f"decode {facts['fp32_tokens_per_s']:.0f} -> {facts['int8_tokens_per_s']:.0f} tokens/s ({facts['speedup']}x)"
-            )
-            proto = onnx.load(str(fp32_path))
-            set_metadata(proto, meta_for_graph(meta))
-            save(proto, fp32_path)
-        else:
-            proto = onnx.load(str(fp32_path))
-            set_metadata(proto, meta_for_graph(meta))
-            save(proto, fp32_path)
+        if quantize:
+            meta["quantization_report"] = _quantize(quantize, fp32_path, tmp, meta, log)
+        proto = onnx.load(str(fp32_path))
+        set_metadata(proto, meta_for_graph(meta))
+        save(proto, fp32_path)
 
         files = [MODEL_FILE, META_FILE, GENAI_FILE]
         tok = meta["tokenizer"]
@@ -420,6 +400,28 @@ def _fuse_and_verify(model, plain: onnx.ModelProto, path: Path, log: Callable[[s
     report = verify(model, session(path))
     report.fusions = contrib_ops(plain)
     return report
+
+
+def _quantize(scheme: str, path: Path, tmp: Path, meta: dict, log: Callable[[str], None]) -> dict:
+    """Replace the verified fp32 graph at ``path`` by its ``scheme`` quantization; returns the
+    report: what was quantized, agreement with fp32 and both decoding speeds."""
+    import os
+
+    from gptx.export.quantize import compare, quantize
+    from gptx.export.verify import session
+
+    fp32_keep = tmp / "model.fp32.onnx.tmp"
+    os.replace(path, fp32_keep)
+    facts = quantize(scheme, fp32_keep, path, tmp)
+    facts |= compare(session(fp32_keep), session(path), meta, scheme)
+    fp32_keep.unlink()
+    log(
+        f"{scheme}: {facts['quantized_matmuls']} matmuls quantized; logits max abs diff vs fp32 "
+        f"{facts['prompt_logits_max_abs_diff']:.3g} (logits up to {facts['prompt_logits_max_abs']:.3g}); "
+        f"greedy tokens identical for {facts['greedy_tokens_identical_prefix']}/{facts['greedy_tokens_compared']}; "
+        f"decode {facts['fp32_tokens_per_s']:.0f} -> {facts[f'{scheme}_tokens_per_s']:.0f} tokens/s ({facts['speedup']}x)"
+    )
+    return facts
 
 
 def meta_for_graph(meta: dict) -> dict:

@@ -221,6 +221,11 @@ def export_out_under_a_regular_file(d, art):
     return ["export", art.ckpt, "-o", d / "blocker" / "out"]
 
 
+@case("--quantize", "unknown scheme 'int5'", "supported: int8, int4")
+def export_quantize_unknown_scheme(d, art):
+    return ["export", art.ckpt, "-o", d / "out", "--quantize", "int5"]
+
+
 @case("blocker", "Not a directory")
 def import_hf_out_under_a_regular_file(d, art):
     from safetensors.torch import save_file

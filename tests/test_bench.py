@@ -53,3 +53,14 @@ def test_bench_table_and_sections(tmp_path):
     bad = gptx("bench", "--only", "trian")
     assert bad.returncode == 2 and "Error: --only: unknown section trian" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_bench_int4_row():
+    proc = gptx("bench", "--only", "generate", "--backends", "ort-int4", "--model", "tiny", "--new-tokens", "8",
+                "--repeats", "1", "--json", check=True, timeout=900)
+    g = json.loads(proc.stdout)["generate"]
+    assert set(g["backends"]) == {"ort-int4"} and g["skipped"] == {}
+    row = g["backends"]["ort-int4"]
+    assert row["tokens_per_s"] > 0 and row["ttft_ms"] > 0 and row["total_s"] > 0
+    assert row["same_tokens_as_torch"] is None and row["vs_hf"] is None  # no torch or HF row to compare with
+    assert g["fp32_bandwidth_bound_tok_s"] > 0 and g["new_tokens"] == 8

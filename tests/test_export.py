@@ -226,6 +226,41 @@ def test_int8_quantizes_the_head_and_reports_agreement(tmp_path, gpt2):
     assert len(out.ids[0]) == 5
 
 
+def test_int4_block_quantizes_matmuls_and_embeddings_and_reports_agreement(tmp_path, gpt2):
+    from gptx.export.quantize import INT4_BLOCK_SIZE
+
+    logs = []
+    meta = export_checkpoint(gpt2["ck"], tmp_path / "q", quantize="int4", log=logs.append)
+    q = meta["quantization_report"]
+    model = onnx.load(str(tmp_path / "q" / "model.onnx"))
+    ops = [(n.domain, n.op_type) for n in model.graph.node]
+    # every weight matmul (2 layers x 4, and the LM head on its own copy of the tied embedding) is MatMulNBits
+    assert ops.count(("com.microsoft", "MatMulNBits")) == q["quantized_matmuls"] == 9
+    assert q["fp32_matmuls_left"] == 0 and q["untied_transposes"] == 1
+    nbits = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nbits.attribute}
+    assert attrs["bits"] == 4 and attrs["block_size"] == INT4_BLOCK_SIZE and attrs["accuracy_level"] == 4
+    # the token and position tables are gathered from 4-bit blocks: no fp32 table, no whole-table dequantize
+    assert ops.count(("com.microsoft", "GatherBlockQuantized")) == 2
+    big = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) >= 50257 * 64 // 8]
+    assert not big and ("", "DequantizeLinear") not in ops
+    assert ops.count(("com.microsoft", "MultiHeadAttention")) == 2  # the fused attention stays
+    # 4 bits + one fp32 scale per 32 weights, the tied matrix stored twice (head and table): ~0.31 here
+    assert (tmp_path / "q" / "model.onnx").stat().st_size < 0.35 * (gpt2["out"] / "model.onnx").stat().st_size
+    assert q["prompt_logits_max_abs_diff"] < 0.2 * max(q["prompt_logits_max_abs"], 1.0)
+    assert 0 <= q["greedy_tokens_identical_prefix"] <= q["greedy_tokens_compared"] == 32
+    assert q["int4_tokens_per_s"] > 0 and q["fp32_tokens_per_s"] > 0 and "int4" in q["weights"]
+    assert any(line.startswith("int4: 9 matmuls quantized") and "tokens/s" in line for line in logs)
+    written = json.loads((tmp_path / "q" / "gptx_export.json").read_text())
+    assert written["quantization"] == "int4" and written["quantization_report"] == q
+    # it generates through the same runtime, and its first greedy tokens are the fp32 export's
+    tok = checkpoint.load(gpt2["ck"]).tokenizer
+    prompt = [tok.encode("The quick brown fox")]
+    want = OnnxGenerator(gpt2["out"]).generate(prompt, 6, Sampler(temperature=0)).ids[0]
+    got = OnnxGenerator(tmp_path / "q").generate(prompt, 6, Sampler(temperature=0)).ids[0]
+    assert len(got) == 6 and got[0] == want[0]
+
+
 # ---- refusals and the OUT_DIR rules --------------------------------------------------------------
 
 def test_component_without_onnx_export_is_refused(tmp_path):
@@ -455,7 +490,7 @@ def test_verification_catches_a_wrong_graph(gpt2):
 
 
 def test_unknown_quantization_and_missing_source(tmp_path, byte_ckpt):
-    with pytest.raises(GptxError, match="unknown scheme"):
-        export_checkpoint(byte_ckpt, tmp_path / "o", quantize="int4", log=quiet)
+    with pytest.raises(GptxError, match="unknown scheme 'int5'; supported: int8, int4"):
+        export_checkpoint(byte_ckpt, tmp_path / "o", quantize="int5", log=quiet)
     r = invoke("export", tmp_path / "nope", "-o", tmp_path / "o")
     assert r.exit_code == 2 and "no such checkpoint" in r.output

@@ -361,8 +361,8 @@ def test_gpt2_attention_is_onnxruntimes_fused_op_reading_the_cache_itself(gpt2):
     assert mha[1].output[1:] == ["present.1.key", "present.1.value"]
     assert not _cache_concats(model)
     weights = {t.name for t in model.graph.initializer}
-    leftover = [n for n in model.graph.node if n.op_type in ("Softmax", "Where", "Transpose")]
-    assert [n.input[0] in weights for n in leftover] == [True]  # no attention arithmetic; the LM head's tied transpose
+    leftover = [n for n in model.graph.node if n.op_type in ("Softmax", "Where", "Transpose", "Reshape")]
+    assert [n.input[0] in weights for n in leftover] == [True]  # no attention arithmetic or head views; the tied LM head
     # the left-padded batch's real rows decode as PyTorch does (test_greedy_tokens_equal_pytorch_with_gpt2_vocab)
 
 

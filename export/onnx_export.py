@@ -333,22 +333,28 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
 
 def _export_verified(model, path: Path, opset: int, meta: dict, log: Callable[[str], None]):
     """Export ``model`` to ``path`` as the fastest graph that verifies, and return its report:
-    onnxruntime's fused attention op where the attention declares ONNX_FUSED_ATTENTION (a graph
-    that fails to export, load or verify falls back to the plain attention, with one log line),
-    each then with onnxruntime's operator fusions (``_fuse_and_verify``)."""
-    from gptx.export.verify import VerificationError
+    onnxruntime's fused attention op where the attention declares ONNX_FUSED_ATTENTION (else, or
+    when that graph fails to export, load or verify, the plain attention), then onnxruntime's
+    operator fusions on top (``_fuse_and_verify``). Each fallback logs one line saying why."""
+    graph = report = None
+    if ONNX_FUSED_ATTENTION in type(model.blocks[0].attn).supports:
+        graph, report = _fused_attention_graph(model, path, opset, meta, log)
+    if graph is None:
+        graph = _export_graph(model, path, opset, meta, False, log)
+    return _fuse_and_verify(model, graph, path, log, report)
 
-    attention = type(model.blocks[0].attn)
-    for fused_attention in (True, False) if ONNX_FUSED_ATTENTION in attention.supports else (False,):
-        graph = _export_graph(model, path, opset, meta, fused_attention, log)
-        try:
-            return _fuse_and_verify(model, graph, path, log)
-        except Exception as err:  # onnxruntime may also refuse to load a fused node
-            if not fused_attention:
-                raise
-            why = str(err) if isinstance(err, VerificationError) else f"{type(err).__name__}: {_first_line(err)}"
-            log(f"fused attention not kept ({why}); exporting the plain attention")
-    raise AssertionError("unreachable: the plain export returns or raises")
+
+def _fused_attention_graph(model, path: Path, opset: int, meta: dict, log: Callable[[str], None]):
+    """The fused-attention graph and its verification report, or (None, None) when it is not kept."""
+    from gptx.export.verify import VerificationError, session, verify
+
+    try:
+        graph = _export_graph(model, path, opset, meta, True, log)
+        return graph, verify(model, session(path))
+    except Exception as err:  # an optimisation: whatever went wrong, the plain attention remains
+        why = str(err) if isinstance(err, VerificationError) else f"{type(err).__name__}: {_first_line(err)}"
+        log(f"fused attention not kept ({why}); exporting the plain attention")
+        return None, None
 
 
 def _export_graph(model, path: Path, opset: int, meta: dict, fused_attention: bool, log) -> onnx.ModelProto:
@@ -373,11 +379,11 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else ""
 
 
-def _fuse_and_verify(model, plain: onnx.ModelProto, path: Path, log: Callable[[str], None]):
+def _fuse_and_verify(model, plain: onnx.ModelProto, path: Path, log: Callable[[str], None], plain_report=None):
     """Verify the fused graph (``gptx.export.fuse``) and keep it, else fall back to ``plain``
-    (already saved at ``path``) and verify that; a VerificationError of the plain graph stands.
-    Returns the verification report with ``fusions`` (onnxruntime operator -> count in the graph
-    kept; empty: nothing fused)."""
+    (already saved at ``path``) and verify that, unless ``plain_report`` already did; a
+    VerificationError of the plain graph stands. Returns the verification report with ``fusions``
+    (onnxruntime operator -> count in the graph kept; empty: nothing fused)."""
     from gptx.export.fuse import contrib_ops, fuse
     from gptx.export.verify import VerificationError, session, verify
 
@@ -397,7 +403,7 @@ def _fuse_and_verify(model, plain: onnx.ModelProto, path: Path, log: Callable[[s
         except VerificationError as err:
             log(f"fused graph not kept ({err}); using the unfused graph")
             save(plain, path)
-    report = verify(model, session(path))
+    report = plain_report or verify(model, session(path))
     report.fusions = contrib_ops(plain)
     return report
 

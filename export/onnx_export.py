@@ -424,7 +424,8 @@ def _quantize(scheme: str, path: Path, tmp: Path, meta: dict, log: Callable[[str
     log(
         f"{scheme}: {facts['quantized_matmuls']} matmuls quantized; logits max abs diff vs fp32 "
         f"{facts['prompt_logits_max_abs_diff']:.3g} (logits up to {facts['prompt_logits_max_abs']:.3g}); "
-        f"greedy tokens identical for {facts['greedy_tokens_identical_prefix']}/{facts['greedy_tokens_compared']}; "
+        f"greedy tokens identical for {', '.join(map(str, facts['greedy_tokens_identical_prefix']))} of "
+        f"{facts['greedy_tokens_compared']} on {len(facts['greedy_tokens_identical_prefix'])} prompts; "
         f"decode {facts['fp32_tokens_per_s']:.0f} -> {facts[f'{scheme}_tokens_per_s']:.0f} tokens/s ({facts['speedup']}x)"
     )
     return facts

@@ -218,6 +218,7 @@ def test_int8_quantizes_the_head_and_reports_agreement(tmp_path, gpt2):
     assert (tmp_path / "q" / "model.onnx").stat().st_size < 0.6 * (gpt2["out"] / "model.onnx").stat().st_size
     assert q["prompt_logits_max_abs_diff"] < 0.1 * max(q["prompt_logits_max_abs"], 1.0)
     assert q["greedy_tokens_compared"] > 0 and q["int8_tokens_per_s"] > 0 and q["fp32_tokens_per_s"] > 0
+    assert len(q["greedy_tokens_identical_prefix"]) == 3
     assert any(line.startswith("int8:") and "tokens/s" in line for line in logs)
     assert json.loads((tmp_path / "q" / "gptx_export.json").read_text())["quantization"] == "int8"
     # and it still generates through the same runtime
@@ -248,7 +249,8 @@ def test_int4_block_quantizes_matmuls_and_embeddings_and_reports_agreement(tmp_p
     # 4 bits + one fp32 scale per 32 weights, the tied matrix stored twice (head and table): ~0.31 here
     assert (tmp_path / "q" / "model.onnx").stat().st_size < 0.35 * (gpt2["out"] / "model.onnx").stat().st_size
     assert q["prompt_logits_max_abs_diff"] < 0.2 * max(q["prompt_logits_max_abs"], 1.0)
-    assert 0 <= q["greedy_tokens_identical_prefix"] <= q["greedy_tokens_compared"] == 32
+    assert len(q["greedy_tokens_identical_prefix"]) == 3  # prompts
+    assert all(0 <= n <= q["greedy_tokens_compared"] == 32 for n in q["greedy_tokens_identical_prefix"])
     assert q["int4_tokens_per_s"] > 0 and q["fp32_tokens_per_s"] > 0 and "int4" in q["weights"]
     assert any(line.startswith("int4: 9 matmuls quantized") and "tokens/s" in line for line in logs)
     written = json.loads((tmp_path / "q" / "gptx_export.json").read_text())

@@ -63,34 +63,50 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: Opt
     K = k.shape[1]
     if past is None:
         past = (k.new_zeros(B, K, 0, D), v.new_zeros(B, K, 0, D))  # [B, K, 0, D] x2
-    S = past[0].shape[2] + T
     q3 = q.transpose(1, 2).reshape(B, T, H * D)  # [B, T, H*D]
     k3 = k.transpose(1, 2).reshape(B, T, K * D)  # [B, T, K*D]
     v3 = v.transpose(1, 2).reshape(B, T, K * D)  # [B, T, K*D]
-    shapes = ([B, T, H * D], [B, K, S, D], [B, K, S, D])
-    dtypes = (q.dtype, k.dtype, v.dtype)
-    if K == H:
-        mask = None if attention_mask is None else attention_mask.to(torch.int32)  # [B, S]
-        y, pk, pv = torch.onnx.ops.symbolic_multi_out(
-            "com.microsoft::MultiHeadAttention",
-            [q3, k3, v3, None, mask, None, past[0], past[1]],
-            {"num_heads": H, "unidirectional": 1},
-            dtypes=dtypes, shapes=shapes, version=1,
-        )
-        return y, (pk, pv)
-    total = torch.full((), S, dtype=torch.int32)  # scalar: every row holds S slots (left padding)
+    fused = _multi_head if K == H else _group_query
+    y, pk, pv = fused(q3, k3, v3, past, attention_mask, H, K)  # [B, T, H*D], [B, K, S, D] x2
+    return y, (pk, pv)
+
+
+def _outputs(q3, past, T, K):
+    """dtypes and shapes of (y [B, T, H*D], present key and value [B, K, P+T, D])."""
+    B, _, HD = q3.shape
+    S, D = past[0].shape[2] + T, past[0].shape[3]
+    return {"dtypes": (q3.dtype,) * 3, "shapes": ([B, T, HD], [B, K, S, D], [B, K, S, D]), "version": 1}
+
+
+def _multi_head(q3, k3, v3, past: KV, attention_mask, H: int, K: int):
+    """MultiHeadAttention: causal (unidirectional), left padding as an int32 key_padding_mask [B, S]."""
+    mask = None if attention_mask is None else attention_mask.to(torch.int32)  # [B, S]
+    return torch.onnx.ops.symbolic_multi_out(
+        "com.microsoft::MultiHeadAttention",
+        [q3, k3, v3, None, mask, None, past[0], past[1]],
+        {"num_heads": H, "unidirectional": 1},
+        **_outputs(q3, past, k3.shape[1], K),
+    )
+
+
+def _group_query(q3, k3, v3, past: KV, attention_mask, H: int, K: int):
+    """GroupQueryAttention: every row holds S = P + T slots (left padding), all T new rows are real;
+    left-padding keys are masked by an additive attention_bias [B, 1, T, S] of the dtype's minimum
+    (finite, so a padding query's softmax stays finite too)."""
+    B, T, _ = q3.shape
+    S = past[0].shape[2] + T
+    total = torch.full((), S, dtype=torch.int32)  # scalar
     seqlens_k = (total - 1).expand(B)  # [B]: the last slot index of each row
-    query_seqlens = torch.full((B,), T, dtype=torch.int32)  # [B]: every new row is a real input row
+    query_seqlens = torch.full((B,), T, dtype=torch.int32)  # [B]
     bias = None
     if attention_mask is not None:
         blocked = attention_mask[:, None, None, :] == 0  # [B, 1, 1, S]
-        bias = torch.zeros(blocked.shape, dtype=q.dtype).masked_fill(blocked, torch.finfo(q.dtype).min)
+        bias = torch.zeros(blocked.shape, dtype=q3.dtype).masked_fill(blocked, torch.finfo(q3.dtype).min)
         bias = bias.expand(B, 1, T, S)  # [B, 1, T, S]
-    y, pk, pv = torch.onnx.ops.symbolic_multi_out(
+    return torch.onnx.ops.symbolic_multi_out(
         "com.microsoft::GroupQueryAttention",
         [q3, k3, v3, past[0], past[1], seqlens_k, total, None, None, None, bias, None, None, None, None, None,
          query_seqlens],
         {"num_heads": H, "kv_num_heads": K},
-        dtypes=dtypes, shapes=shapes, version=1,
+        **_outputs(q3, past, T, K),
     )
-    return y, (pk, pv)

@@ -1,7 +1,8 @@
-"""``gptx export``: the graph's I/O contract, verification, metadata, tokenizer.json, int8, the
-OUT_DIR rules, and greedy tokens from onnxruntime equal to PyTorch's for every exportable
+"""``gptx export``: the graph's I/O contract, verification, metadata, tokenizer.json, the fused
+attention and its fallback, int8 and int4, the OUT_DIR rules, and greedy tokens from onnxruntime equal to PyTorch's for every exportable
 component (one slot varied at a time, defaults elsewhere). Real torch.onnx exports and real
 onnxruntime sessions throughout; tiny models so each export takes seconds."""
+import contextlib
 import json
 
 import numpy as np
@@ -270,20 +271,27 @@ def test_component_without_onnx_export_is_refused(tmp_path):
     class NoExport(CausalSelfAttention):
         supports = frozenset({KV_CACHE})
 
+    with attention_registered("no-export", NoExport):
+        ck = make_checkpoint(tmp_path / "run", {"attention": {"kind": "no-export"}})
+        with pytest.raises(GptxError, match=r"model\.attention 'no-export'.*does not support ONNX export"):
+            export_checkpoint(ck, tmp_path / "out", log=quiet)
+    assert not (tmp_path / "out").exists()
+
+
+@contextlib.contextmanager
+def attention_registered(name, cls):
+    """The process-wide registry with one more attention, as a third-party plugin would add it."""
     class Plugin:
         @staticmethod
         @__import__("gptx").hookimpl
         def register_attention(register):
-            register("no-export", NoExport)
+            register(name, cls)
 
     registry_mod.use(registry_mod.load(extra_plugins=(Plugin,)))
     try:
-        ck = make_checkpoint(tmp_path / "run", {"attention": {"kind": "no-export"}})
-        with pytest.raises(GptxError, match=r"model\.attention 'no-export'.*does not support ONNX export"):
-            export_checkpoint(ck, tmp_path / "out", log=quiet)
+        yield
     finally:
         registry_mod.use(None)
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture
@@ -436,18 +444,9 @@ def test_only_attentions_that_declare_it_export_fused_attention(tmp_path):
     class Undeclared(CausalSelfAttention):  # a subclass that does not promise the fused op
         supports = DEFAULT_SUPPORTS
 
-    class Plugin:
-        @staticmethod
-        @__import__("gptx").hookimpl
-        def register_attention(register):
-            register("undeclared", Undeclared)
-
-    registry_mod.use(registry_mod.load(extra_plugins=(Plugin,)))
-    try:
+    with attention_registered("undeclared", Undeclared):
         ck = make_checkpoint(tmp_path / "run", {"attention": {"kind": "undeclared"}})
         meta = export_checkpoint(ck, tmp_path / "out", log=quiet)
-    finally:
-        registry_mod.use(None)
     assert not {"MultiHeadAttention", "GroupQueryAttention"} & set(meta["fusions"])
     assert _cache_concats(onnx.load(str(tmp_path / "out" / "model.onnx")))
 

@@ -13,14 +13,18 @@ if TYPE_CHECKING:
 
 KV_CACHE = "kv_cache"  # correct cached decoding (zero-length past, 1-token steps, chunked prefill)
 ONNX_EXPORT = "onnx_export"  # exports with torch.onnx (dynamo) to the gptx decoder contract
-CAPABILITIES = (KV_CACHE, ONNX_EXPORT)
+ONNX_FUSED_ATTENTION = "onnx_fused_attention"  # attention that exports as onnxruntime's fused op (gptx.export.attention)
+CAPABILITIES = (KV_CACHE, ONNX_EXPORT, ONNX_FUSED_ATTENTION)
+# what a component claims unless it declares otherwise; opt-in capabilities (ONNX_FUSED_ATTENTION)
+# are never defaulted: each promises code the component must implement itself
+DEFAULT_SUPPORTS = frozenset({KV_CACHE, ONNX_EXPORT})
 
 
 class Component:
     """What every registered component shares."""
 
     Options: ClassVar[type] = NoOptions
-    supports: ClassVar[frozenset[str]] = frozenset(CAPABILITIES)
+    supports: ClassVar[frozenset[str]] = DEFAULT_SUPPORTS
 
     @classmethod
     def check(cls, model: "ModelConfig", options) -> None:

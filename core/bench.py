@@ -15,7 +15,7 @@ Sections (``--only``):
   does not make the products themselves faster.
 - ``generate``: batch 1, a fixed prompt (32 tokens), greedy, a fixed number of new tokens (128,
   no early stop): tokens/s, time to first token and peak memory (RSS growth while loading and
-  generating) for PyTorch with the KV cache, onnxruntime fp32 and int8 on a ``gptx.export`` of the
+  generating) for PyTorch with the KV cache, onnxruntime fp32, int8 and int4 on a ``gptx.export`` of the
   same weights, and, when installed, Hugging Face ``generate`` on the same weights and
   onnxruntime-genai on the same export (the peers).
 
@@ -36,7 +36,8 @@ from typing import Callable, Optional
 from gptx.errors import GptxError
 
 SECTIONS = ("peak", "train", "generate")
-BACKENDS = ("torch", "ort", "ort-int8", "hf", "genai")
+BACKENDS = ("torch", "ort", "ort-int8", "ort-int4", "hf", "genai")
+QUANTIZED = {"ort-int8": "int8", "ort-int4": "int4"}  # backend -> gptx export --quantize scheme
 MODEL_SIZES = {  # randomly initialised GPT-2-style models with GPT-2's BPE vocabulary
     "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 1024},
     "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},  # GPT-2 124M
@@ -326,21 +327,6 @@ def _synthetic_checkpoint(size: str, work: Path, seed: int = 0) -> Path:
     return ckpt.save(work / f"random-{size}", 0, model, cfg, tokenizer)
 
 
-def hf_state_dict(model) -> dict:
-    """gptx GPT-2 weights in Hugging Face ``GPT2LMHeadModel`` names and layouts (Conv1D [in, out])."""
-    out = {"transformer.wte.weight": model.wte.weight, "transformer.wpe.weight": model.positional.wpe.weight,
-           "transformer.ln_f.weight": model.ln_f.weight, "transformer.ln_f.bias": model.ln_f.bias,
-           "lm_head.weight": model.lm_head.weight}
-    for i, b in enumerate(model.blocks):
-        h = f"transformer.h.{i}."
-        for hf_ln, norm in (("ln_1", b.attn_norm.norm), ("ln_2", b.mlp_norm.norm)):
-            out[h + hf_ln + ".weight"], out[h + hf_ln + ".bias"] = norm.weight, norm.bias
-        for hf_lin, lin in (("attn.c_attn", b.attn.c_attn), ("attn.c_proj", b.attn.c_proj),
-                            ("mlp.c_fc", b.mlp.c_fc), ("mlp.c_proj", b.mlp.c_proj)):
-            out[h + hf_lin + ".weight"], out[h + hf_lin + ".bias"] = lin.weight.t().contiguous(), lin.bias
-    return {k: v.detach() for k, v in out.items()}
-
-
 def _is_plain_gpt2(config) -> bool:
     from gptx.config import ModelConfig
 
@@ -443,14 +429,14 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
                 export_checkpoint(source, work / "onnx-fp32", log=lambda s: None, track=False)
                 info["export_s"] = round(time.perf_counter() - t, 1)
                 onnx_dirs["fp32"] = work / "onnx-fp32"
-            if kind == "int8":
+            if kind != "fp32":
                 from gptx.export import MODEL_FILE
-                from gptx.export.quantize import quantize_int8
+                from gptx.export.quantize import quantize
 
-                log("quantizing to int8...")
-                shutil.copytree(onnx_dirs["fp32"], work / "onnx-int8")
-                quantize_int8(onnx_dirs["fp32"] / MODEL_FILE, work / "onnx-int8" / MODEL_FILE, work)
-                onnx_dirs["int8"] = work / "onnx-int8"
+                log(f"quantizing to {kind}...")
+                shutil.copytree(onnx_dirs["fp32"], work / f"onnx-{kind}")
+                quantize(kind, onnx_dirs["fp32"] / MODEL_FILE, work / f"onnx-{kind}" / MODEL_FILE, work)
+                onnx_dirs[kind] = work / f"onnx-{kind}"
             return onnx_dirs[kind]
 
         def load_ort(kind: str):
@@ -464,6 +450,8 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
         def load_hf():
             import transformers
 
+            from gptx.hf import to_hf_state_dict
+
             config = transformers.GPT2Config(
                 vocab_size=vocab, n_positions=cfg.model.block_size, n_embd=cfg.model.n_embd,
                 n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, activation_function="gelu_new",
@@ -472,7 +460,7 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
             )
             hf = transformers.GPT2LMHeadModel(config).eval()
             weights = ckpt.load(source).model
-            missing, unexpected = hf.load_state_dict(hf_state_dict(weights), strict=False)
+            missing, unexpected = hf.load_state_dict(to_hf_state_dict(weights), strict=False)
             missing = [k for k in missing if not k.endswith(".attn.bias") and not k.endswith(".masked_bias")]
             if missing or unexpected:
                 raise GptxError(f"HF GPT-2: weights did not map (missing {missing[:3]}, unexpected {unexpected[:3]})")
@@ -506,11 +494,11 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
                 return got
             return run
 
-        plan = {"torch": load_torch, "ort": load_ort("fp32"), "ort-int8": load_ort("int8"),
-                "hf": load_hf, "genai": load_genai}
+        plan = {"torch": load_torch, "ort": load_ort("fp32"), "hf": load_hf, "genai": load_genai}
+        plan |= {name: load_ort(scheme) for name, scheme in QUANTIZED.items()}
         # the torch-based backends before the export work (torch.onnx export, int8 quantization) in
         # this process: one gpt2 run measured HF at 2 tok/s after it, 18 without (cause not isolated)
-        for name in ("torch", "hf", "ort", "ort-int8", "genai"):
+        for name in ("torch", "hf", "ort", *QUANTIZED, "genai"):
             if name not in backends:
                 continue
             if name == "hf":
@@ -528,7 +516,7 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
                 except ImportError:
                     skipped[name] = "onnxruntime-genai is not installed"
                     continue
-            if name in ("ort", "ort-int8", "genai"):
+            if name in ("ort", *QUANTIZED, "genai"):
                 from gptx.export.onnx_export import check_exportable
 
                 try:
@@ -539,8 +527,8 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
             if name == "genai" and cfg.tokenizer.kind != "gpt2":
                 skipped[name] = "onnxruntime-genai needs tokenizer.json (GPT-2 BPE exports only)"
                 continue
-            if name in ("ort", "ort-int8", "genai"):
-                export("int8" if name == "ort-int8" else "fp32")  # export time is not generation time
+            if name in ("ort", *QUANTIZED, "genai"):
+                export(QUANTIZED.get(name, "fp32"))  # export time is not generation time
             log(f"generating with {name}...")
             results[name] = _time_backend(_Backend(name, plan[name]), prompt, new_tokens, repeats)
             gc.collect()
@@ -632,7 +620,7 @@ def table(result: dict) -> str:
                       f"{g['prompt_tokens']}-token prompt, {g['new_tokens']} new tokens, greedy, {g['threads']} threads"]
         if g.get("fp32_bandwidth_bound_tok_s"):
             lines.append(f"  fp32 weights {g['fp32_weights_mib']:,.0f} MiB, read once per token: at most "
-                         f"{g['fp32_bandwidth_bound_tok_s']:,.1f} tok/s at the measured bandwidth (int8 reads 1/4 of it)")
+                         f"{g['fp32_bandwidth_bound_tok_s']:,.1f} tok/s at the measured bandwidth (int8 reads 1/4 of it, int4 1/8)")
         header = f"  {'backend':<10} {'tok/s':>9} {'decode':>9} {'TTFT ms':>9} {'peak MiB':>9} {'vs HF':>6} {'vs genai':>8} {'same':>5}"
         lines.append(header)
         for name, r in g["backends"].items():

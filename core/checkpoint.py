@@ -25,7 +25,7 @@ import torch
 
 from gptx import __version__
 from gptx.config import ExperimentConfig, from_dict
-from gptx.errors import ConfigError, GptxError, read_format_json
+from gptx.errors import ConfigError, GptxError, first_line, read_format_json
 
 FORMAT = "gptx.checkpoint"
 FORMAT_VERSION = 1
@@ -240,7 +240,7 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu") -> Check
     try:
         model.to(device).eval()
     except (RuntimeError, AssertionError) as err:  # e.g. a CUDA device this machine does not have
-        raise GptxError(f"--device: cannot use {device} here ({str(err).splitlines()[0] if str(err) else type(err).__name__})") from None
+        raise GptxError(f"--device: cannot use {device} here ({first_line(err) or type(err).__name__})") from None
     return Checkpoint(path=path, config=config, model=model, tokenizer=tokenizer, meta=meta)
 
 
@@ -251,4 +251,4 @@ def load_trainer_state(path: Path) -> Optional[dict]:
     try:
         return torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupted, or a pickle that is more than tensors and numbers
-        raise GptxError(f"{f}: cannot be loaded safely ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})") from None
+        raise GptxError(f"{f}: cannot be loaded safely ({type(err).__name__}: {first_line(err)})") from None

@@ -8,6 +8,7 @@ commands, so ``gptx --help`` and the onnxruntime generation path stay fast and t
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -18,7 +19,7 @@ from typing import Optional
 import click
 
 from gptx import __version__
-from gptx.errors import GptxError
+from gptx.errors import GptxError, first_line
 from gptx.kinds import KINDS
 
 REPORT_URL = "https://github.com/gptx-dev/gptx/issues"
@@ -56,8 +57,7 @@ def error_line(err: BaseException) -> tuple[str, int]:
         return (f"{name}: {err.strerror or err}" if name else f"{err.strerror or err}"), 2
     if isinstance(err, (MemoryError, RecursionError)):
         return f"{type(err).__name__}: the input is too large or too deeply nested for this machine", 2
-    first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-    return (f"internal error: {type(err).__name__}: {first[:300]} (please report it at {REPORT_URL}; "
+    return (f"internal error: {type(err).__name__}: {first_line(err)[:300]} (please report it at {REPORT_URL}; "
             "GPTX_DEBUG=1 shows the traceback)"), 1
 
 
@@ -296,29 +296,26 @@ def generate(source, prompts, max_new_tokens, temperature, top_k, top_p, seed, d
     from gptx.sampling import Sampler
 
     sampler = Sampler(temperature, top_k, top_p, seed)
-    from pathlib import Path
-
     if (Path(source) / "model.onnx").is_file():
         from gptx.export.runtime import OnnxGenerator
 
         gen = OnnxGenerator(source)
-        tokenizer = gen.tokenizer
-        prompt_ids = [tokenizer.encode(p) for p in prompts]
-        result = gen.generate(prompt_ids, max_new_tokens, sampler)
+        tokenizer, context = gen.tokenizer, gen.context_length
+        decode = gen.generate
     else:
         from gptx import checkpoint
         from gptx.generate import decoding_layout, generate_ids
 
         ck = checkpoint.load(source, device=device)
-        tokenizer = ck.tokenizer
-        prompt_ids = [tokenizer.encode(p) for p in prompts]
-        if any(not p for p in prompt_ids):
-            raise GptxError("--prompt: a prompt must not be empty")
-        context = ck.config.model.block_size
-        if max(len(p) for p in prompt_ids) + max_new_tokens > context:
-            click.echo(f"Note: the prompt and {max_new_tokens} new tokens pass the model's context of {context} tokens: "
-                       f"from there on each new token sees the last {context} (nanoGPT's crop)", err=True)
-        result = generate_ids(decoding_layout(ck.model), prompt_ids, max_new_tokens, sampler, tokenizer.eot_id)
+        tokenizer, context = ck.tokenizer, ck.config.model.block_size
+        decode = functools.partial(generate_ids, decoding_layout(ck.model), eot_id=tokenizer.eot_id)
+    prompt_ids = [tokenizer.encode(p) for p in prompts]
+    if any(not p for p in prompt_ids):
+        raise GptxError("--prompt: a prompt must not be empty")
+    if max(len(p) for p in prompt_ids) + max_new_tokens > context:
+        click.echo(f"Note: the prompt and {max_new_tokens} new tokens pass the model's context of {context} tokens: "
+                   f"from there on each new token sees the last {context} (nanoGPT's crop)", err=True)
+    result = decode(prompt_ids, max_new_tokens, sampler)
     for p_ids, new in zip(result.prompt_ids, result.ids):
         text = tokenizer.decode(new)
         if as_json:
@@ -450,7 +447,8 @@ def run(file, overrides, resume, nproc, quiet):
 @click.argument("source")
 @click.option("-o", "--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Export directory to write.")
 @click.option("--opset", default=18, show_default=True, type=BoundedInt(18, 23), help="ONNX opset.")
-@click.option("--quantize", type=click.Choice(["int8"]), default=None, help="Dynamic int8 weights for the matmuls.")
+@click.option("--quantize", default=None, metavar="int8|int4",
+              help="Quantize the weights: int8 (dynamic int8 matmuls) or int4 (4-bit blocks, MatMulNBits).")
 @click.option("--force", is_flag=True, help="Replace OUT even if it is a non-empty directory that is not a gptx export.")
 @click.option("--track/--no-track", default=None, help="Log the export to the source's MLflow run (default: when it has one).")
 def export(source, out_dir, opset, quantize, force, track):
@@ -678,7 +676,7 @@ def evaluate(source, data, task, stride, batch, device, as_json):
 @click.option("--model", "model_size", default="tiny", show_default=True, type=click.Choice(["tiny", "gpt2"]),
               help="Randomly initialised model for the generate section: tiny (4x128) or gpt2 (124M).")
 @click.option("--checkpoint", "checkpoint_dir", default=None, help="Generate with this checkpoint instead of a random model.")
-@click.option("--backends", default="torch,ort,ort-int8,hf,genai", show_default=True,
+@click.option("--backends", default="torch,ort,ort-int8,ort-int4,hf,genai", show_default=True,
               help="Generation backends (hf and genai when installed).")
 @click.option("--prompt-tokens", default=32, show_default=True, type=BoundedInt(1, MAX_TOKENS))
 @click.option("--new-tokens", default=128, show_default=True, type=BoundedInt(1, MAX_TOKENS))
@@ -689,7 +687,7 @@ def evaluate(source, data, task, stride, batch, device, as_json):
 def bench(only, experiment, overrides, train_steps, warmup_steps, model_size, checkpoint_dir, backends,
           prompt_tokens, new_tokens, repeats, peak_seconds, threads, as_json):
     """Measure this machine: matmul peak, training tokens/s and MFU, generation tokens/s, time to
-    first token and memory (PyTorch, onnxruntime fp32/int8, HF and onnxruntime-genai as peers)."""
+    first token and memory (PyTorch, onnxruntime fp32/int8/int4, HF and onnxruntime-genai as peers)."""
     from gptx import bench as bench_mod
 
     registry()

@@ -22,12 +22,12 @@ import abc
 import dataclasses
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, ClassVar, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Callable, ClassVar, Optional, Sequence
 
 import torch
 from torch import nn
 
-from gptx.base import CAPABILITIES, KV_CACHE, ONNX_EXPORT, Component, Tokenizer
+from gptx.base import CAPABILITIES, DEFAULT_SUPPORTS, KV_CACHE, ONNX_EXPORT, ONNX_FUSED_ATTENTION, Component, Tokenizer
 
 if TYPE_CHECKING:
     from gptx.config import ModelConfig, TrainingConfig
@@ -147,8 +147,8 @@ def append_kv(past: Optional[KV], k: torch.Tensor, v: torch.Tensor) -> KV:
 
 
 __all__ = [
-    "CAPABILITIES", "KV_CACHE", "ONNX_EXPORT", "KV", "Cache", "Aux", "split_aux", "CacheTensor", "kv_layout",
-    "CacheBuffer", "KVBuffer", "append_cache", "append_kv", "Component",
+    "CAPABILITIES", "DEFAULT_SUPPORTS", "KV_CACHE", "ONNX_EXPORT", "ONNX_FUSED_ATTENTION", "KV", "Cache", "Aux",
+    "split_aux", "CacheTensor", "kv_layout", "CacheBuffer", "KVBuffer", "append_cache", "append_kv", "Component",
     "PositionalEncoding", "Attention", "FeedForward", "Norm", "NormPlacement", "Block", "Tokenizer",
     "Dataset", "Optimizer", "Schedule",
 ]

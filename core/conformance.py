@@ -8,8 +8,11 @@ Each check passes, fails with a reason, or does not apply (a component that does
 """
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import functools
 import math
+import shutil
 import tempfile
 import traceback
 from importlib import resources
@@ -19,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from gptx.base import KV_CACHE, ONNX_EXPORT
-from gptx.errors import GptxError
+from gptx.errors import GptxError, first_line
 from gptx.kinds import BY_NAME, KINDS
 
 TINY = {"n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 64}
@@ -78,10 +81,11 @@ def experiments_dir() -> Path:
     return Path(str(resources.files("gptx.experiments")))
 
 
-def config_of(raw: dict, registry=None):
+def config_of(raw: dict, registry=None, base: Optional[Path] = None):
+    """The validated config of ``raw``; its paths resolve against ``base`` (the shipped experiments)."""
     from gptx.config import from_dict
 
-    return from_dict(raw, registry, source=experiments_dir() / "check-plugin.toml")
+    return from_dict(raw, registry, source=(base or experiments_dir()) / "check-plugin.toml")
 
 
 def tiny_model(raw: dict, registry=None, seed: int = 0, vocab: int = 256):
@@ -347,14 +351,34 @@ def schedule_checks(kind, name, supports, registry, options=None):
     return [("factors", values)]
 
 
+@functools.lru_cache(maxsize=None)
+def data_dir(tokenizer_kind: str, registry) -> Path:
+    """A folder a dataset's default paths resolve against, made once per process: the start of
+    tiny Shakespeare as ``data/tinyshakespeare.txt`` and the same text prepared by ``gptx prepare``
+    with the experiment's tokenizer as ``data/tokens``."""
+    from gptx import checkpoint
+    from gptx import prepare as prep
+
+    root = Path(tempfile.mkdtemp(prefix="gptx-check-"))
+    atexit.register(shutil.rmtree, root, True)
+    text = root / "data" / "tinyshakespeare.txt"
+    text.parent.mkdir()
+    text.write_text(sample_text(200_000), encoding="utf-8")
+    tok = checkpoint.build_tokenizer(config_of({"tokenizer": {"kind": tokenizer_kind}}, registry).tokenizer)
+    prep.prepare(text, root / "data" / "tokens", tokenizer_kind, tok, prep.PrepareArgs(shard_tokens=50_000, workers=1))
+    return root
+
+
 def dataset_checks(kind, name, supports, registry, options=None):
     from gptx import checkpoint
 
     def build(seed=0):
-        cfg = config_of(experiment("dataset", name, options), registry)
+        raw = experiment("dataset", name, options)
+        base = data_dir(raw["tokenizer"]["kind"], registry)
+        cfg = config_of(raw, registry, base)
         spec = cfg.data
         tok = checkpoint.build_tokenizer(cfg.tokenizer)
-        ds = spec.cls(spec.options, base_dir=experiments_dir(), tokenizer=tok, block_size=32, seed=seed)
+        ds = spec.cls(spec.options, base_dir=base, tokenizer=tok, block_size=32, seed=seed)
         ds.prepare()
         return ds
 
@@ -414,7 +438,7 @@ def run(entry, registry, progress: Callable[[str], None] = lambda _s: None, opti
         except Exception as err:  # noqa: BLE001 - any exception is the component breaking the contract
             where = traceback.extract_tb(err.__traceback__)[-1]
             results.append(Result(entry.kind, entry.name, check, "fail",
-                                  f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+                                  f"{type(err).__name__}: {first_line(err)[:200]}"
                                   f" (at {Path(where.filename).name}:{where.lineno})"))
     return results
 

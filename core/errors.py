@@ -26,6 +26,12 @@ class ConfigError(GptxError):
         return self if self.file or not file else ConfigError(self.problem, self.key, file)
 
 
+def first_line(err: BaseException) -> str:
+    """The first non-empty line of an exception's message ("" when it has none), for one-line errors."""
+    text = str(err).strip()
+    return text.splitlines()[0].strip() if text else ""
+
+
 def read_format_json(path: Path, fmt: str, max_version: int, what: str) -> dict:
     """A gptx metadata file (``gptx.json``, ``gptx_export.json``): missing, corrupted, of another
     format or written by a newer gptx, it is a GptxError naming the file. Torch-free, for the

@@ -27,7 +27,7 @@ from typing import Optional
 
 import numpy as np
 
-from gptx.errors import GptxError
+from gptx.errors import GptxError, first_line
 
 LOGITS_BUDGET = 2**27  # floats of logits per forward (512 MiB) when choosing rows per batch
 
@@ -183,7 +183,7 @@ def _example(raw: bytes, tokenizer, context: int, where: str) -> Example:
     try:
         ex = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GptxError(f"{where}: not valid JSON ({str(err).splitlines()[0]})") from None
+        raise GptxError(f"{where}: not valid JSON ({first_line(err)})") from None
     if not isinstance(ex, dict):
         raise GptxError(f"{where}: expected a JSON object with ctx, endings and label")
     ctx, endings, label = ex.get("ctx"), ex.get("endings"), ex.get("label")
@@ -277,7 +277,7 @@ def log_to_run(uri: str, results: dict, step: Optional[int]) -> None:
         MlflowClient().log_batch(run_id, metrics=metrics)
     except Exception as err:
         raise GptxError(f"{uri}: evaluated, but cannot log the results to the run ({type(err).__name__}: "
-                        f"{str(err).splitlines()[0] if str(err) else ''})") from None
+                        f"{first_line(err)})") from None
 
 
 def table(results: dict) -> str:

@@ -32,8 +32,9 @@ def temp_sibling(final: Path, kind: str = "tmp") -> Path:
 
 
 def remove_stale_siblings(final: Path) -> list[Path]:
-    """Remove ``.<name>.<kind>-<pid>-*`` leftovers beside ``final`` whose process has exited."""
-    pattern = re.compile(rf"^\.{re.escape(final.name)}\.[a-z]+-(\d+)-[0-9a-f]+$")
+    """Remove ``.<name>.<kind>-<pid>-*`` leftovers beside ``final`` whose process has exited,
+    with the side files SQLite keeps beside a database being written (``-journal``, ``-wal``, ``-shm``)."""
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.[a-z]+-(\d+)-[0-9a-f]+(-journal|-wal|-shm)?$")
     removed = []
     try:
         entries = list(final.parent.iterdir())

@@ -28,7 +28,7 @@ import os
 import shutil
 from pathlib import Path
 
-from gptx.errors import GptxError
+from gptx.errors import GptxError, first_line
 from gptx.fsutil import remove_stale_siblings, temp_sibling
 
 # activation_function values that are GELU with the tanh approximation (GPT-2's gelu_new)
@@ -151,25 +151,19 @@ def read_hf_weights(hf_dir: Path) -> dict:
                 # weights_only: tensors and plain containers only; any other pickled object is refused
                 part = torch.load(f, map_location="cpu", weights_only=True, mmap=False)
         except Exception as err:  # truncated, not a weights file, or a pickle with arbitrary objects
-            first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-            raise GptxError(f"{f}: corrupted or not loadable safely ({type(err).__name__}: {first})") from None
+            raise GptxError(f"{f}: corrupted or not loadable safely ({type(err).__name__}: {first_line(err)})") from None
         if not isinstance(part, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in part.items()):
             raise GptxError(f"{f}: not a state dict of named tensors")
         state.update(part)
     return state
 
 
-def convert_state_dict(hf_state: dict, cfg: dict, where: str = "checkpoint") -> dict:
-    """HF GPT-2 names/layouts -> gptx names/layouts (fp32), checking every shape."""
-    import torch
-
-    prefix = "transformer." if any(k.startswith("transformer.") for k in hf_state) else ""
+def weight_plan(cfg: dict, prefix: str = "transformer.") -> dict[str, tuple[str, tuple, bool]]:
+    """The one map between the two layouts: gptx name -> (HF name, HF shape, transposed), for an
+    HF GPT-2 ``config.json`` dict (HF's Conv1D stores [in, out]; gptx's Linear [out, in])."""
     L, C, V = cfg["n_layer"], cfg["n_embd"], cfg["vocab_size"]
     P = cfg.get("n_positions", cfg.get("n_ctx"))
     hidden = cfg.get("n_inner") or 4 * C
-    tied = bool(cfg.get("tie_word_embeddings", True))
-
-    # gptx name -> (hf name, expected hf shape, transpose)
     plan: dict[str, tuple[str, tuple, bool]] = {
         "wte.weight": (f"{prefix}wte.weight", (V, C), False),
         "positional.wpe.weight": (f"{prefix}wpe.weight", (P, C), False),
@@ -189,8 +183,31 @@ def convert_state_dict(hf_state: dict, cfg: dict, where: str = "checkpoint") -> 
         ):
             plan[f"{b}{ours}.weight"] = (f"{h}{hf_lin}.weight", (n_in, n_out), True)  # Conv1D: [in, out]
             plan[f"{b}{ours}.bias"] = (f"{h}{hf_lin}.bias", (n_out,), False)
-    if not tied:
+    if not cfg.get("tie_word_embeddings", True):
         plan["lm_head.weight"] = ("lm_head.weight", (V, C), False)
+    return plan
+
+
+def to_hf_state_dict(model) -> dict:
+    """A plain gptx GPT-2 model's weights in Hugging Face ``GPT2LMHeadModel`` names and layouts."""
+    m = model.config
+    cfg = {"n_layer": m.n_layer, "n_embd": m.n_embd, "vocab_size": m.vocab_size, "n_positions": m.block_size,
+           "n_inner": m.ffn.options.hidden, "tie_word_embeddings": m.tie_embeddings}
+    ours = dict(model.state_dict())
+    out = {theirs: (ours[name].t() if transpose else ours[name]).detach().contiguous()
+           for name, (theirs, _shape, transpose) in weight_plan(cfg).items()}
+    out["lm_head.weight"] = model.lm_head.weight.detach()  # HF's head; tied or not, the model's own
+    return out
+
+
+def convert_state_dict(hf_state: dict, cfg: dict, where: str = "checkpoint") -> dict:
+    """HF GPT-2 names/layouts -> gptx names/layouts (fp32), checking every shape."""
+    import torch
+
+    prefix = "transformer." if any(k.startswith("transformer.") for k in hf_state) else ""
+    plan = weight_plan(cfg, prefix)
+    V, C = cfg["vocab_size"], cfg["n_embd"]
+    tied = bool(cfg.get("tie_word_embeddings", True))
 
     out = {}
     for ours, (theirs, shape, transpose) in plan.items():

@@ -36,7 +36,7 @@ from typing import Callable, Iterator, Optional
 import numpy as np
 
 from gptx import shards
-from gptx.errors import GptxError
+from gptx.errors import GptxError, first_line
 from gptx.progress import bar, hms
 
 READ_BYTES = 1 << 20  # bytes read per block
@@ -217,7 +217,7 @@ def _document_text(raw: bytes, path: Path, number: int) -> str:
     try:
         doc = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GptxError(f"{path}: line {number}: not valid JSON ({str(err).splitlines()[0]})") from None
+        raise GptxError(f"{path}: line {number}: not valid JSON ({first_line(err)})") from None
     text = doc.get("text") if isinstance(doc, dict) else None
     if not isinstance(text, str):
         raise GptxError(f"{path}: line {number}: expected an object with a 'text' string")

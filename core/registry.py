@@ -20,7 +20,7 @@ from typing import Optional
 import pluggy
 
 from gptx import hookspecs
-from gptx.errors import GptxError
+from gptx.errors import GptxError, first_line
 from gptx.kinds import KINDS
 from gptx.options import did_you_mean
 
@@ -206,7 +206,7 @@ def _collect(pm, plugins: dict[str, PluginInfo], errors: list[str]) -> dict[str,
 
 def _describe(info: PluginInfo, err: Exception, hook: Optional[str] = None) -> str:
     where = f" in {hook}" if hook else ""
-    msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    msg = first_line(err) or type(err).__name__
     return f"plugin {info.name} ({info.module}) from {info.distribution} {info.version}{where}: {type(err).__name__}: {msg}"
 
 def _version(dist: str) -> str:

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from gptx import metrics_log
-from gptx.errors import ConfigError, GptxError
+from gptx.errors import ConfigError, GptxError, first_line
 
 RUN_FILE = "run.json"
 SWEEP_FILE = "sweep.json"
@@ -219,7 +219,7 @@ class MlflowRuns:
         except MlflowException as err:
             if "RESOURCE_DOES_NOT_EXIST" in str(getattr(err, "error_code", "")) or "not found" in str(err).lower():
                 raise GptxError(f"{named}: no such MLflow run in {self.uri}") from None
-            raise GptxError(f"{named}: cannot read the MLflow run from {self.uri}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+            raise GptxError(f"{named}: cannot read the MLflow run from {self.uri}: {first_line(err) or type(err).__name__}") from None
 
     def load(self, run_id: str, named: str) -> list[FinishedRun]:
         """The run, or a sweep parent's child runs in the order they were started."""

@@ -30,7 +30,7 @@ import torch
 from gptx import checkpoint as ckpt
 from gptx import distributed, metrics_log, runs
 from gptx.config import ExperimentConfig, from_dict
-from gptx.errors import ConfigError, GptxError
+from gptx.errors import ConfigError, GptxError, first_line
 
 
 @dataclasses.dataclass
@@ -460,7 +460,7 @@ class Trainer:
             self.target = json.loads(state["target"]) if state.get("target") else None
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
             raise GptxError(f"{path / 'trainer.pt'}: corrupted or from another run ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0] if str(err) else ''})") from None
+                            f"{first_line(err)})") from None
 
     # -- the loop --
 

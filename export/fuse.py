@@ -33,8 +33,10 @@ def fuse(proto: onnx.ModelProto, n_head: int, n_embd: int) -> tuple[onnx.ModelPr
         optimizer = optimize_by_fusion(fused, "gpt2", num_heads=n_head, hidden_size=n_embd, optimization_options=options)
     finally:
         logger.setLevel(level)
-    counts = {op: n for op, n in optimizer.get_fused_operator_statistics().items() if n}
     out = optimizer.model
+    drop_identity_reshapes(out)
+    before = contrib_ops(proto)
+    counts = {op: n - before.get(op, 0) for op, n in contrib_ops(out).items() if n > before.get(op, 0)}
     for mine, theirs in ((out.graph.input, proto.graph.input), (out.graph.output, proto.graph.output)):
         del mine[:]  # the I/O contract as exported: it prunes inputs a graph does not read (position_ids with ALiBi)
         mine.extend(theirs)
@@ -42,3 +44,48 @@ def fuse(proto: onnx.ModelProto, n_head: int, n_embd: int) -> tuple[onnx.ModelPr
             not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))  # onnx's checker and shape inference need it
     return out, counts
+
+
+def contrib_ops(proto: onnx.ModelProto) -> dict[str, int]:
+    """How many nodes of each onnxruntime (com.microsoft) operator ``proto`` holds."""
+    counts: dict[str, int] = {}
+    for node in proto.graph.node:
+        if node.domain == "com.microsoft":
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def drop_identity_reshapes(proto: onnx.ModelProto) -> int:
+    """Remove Reshape pairs that give a tensor back its own shape, ``Reshape(Reshape(x, s1), s2)``
+    with s2 = shape(x) by the graph's (symbolic) shape annotations: attention's head views around a
+    fused attention op, which cost a kernel launch each per layer and token. Returns the pairs removed."""
+    g = proto.graph
+    shapes = {v.name: _shape(v) for v in [*g.input, *g.value_info, *g.output]}
+    made_by = {o: n for n in g.node for o in n.output}
+    readers: dict[str, int] = {}
+    for n in g.node:
+        for i in n.input:
+            readers[i] = readers.get(i, 0) + 1
+    outputs = {o.name for o in g.output}
+    drop, rename = set(), {}
+    for outer in g.node:
+        inner = made_by.get(outer.input[0]) if outer.op_type == "Reshape" else None
+        if inner is None or inner.op_type != "Reshape" or readers.get(inner.output[0]) != 1 or outer.output[0] in outputs:
+            continue
+        source, target = shapes.get(inner.input[0]), shapes.get(outer.output[0])
+        if source is not None and source == target:
+            drop |= {id(inner), id(outer)}
+            rename[outer.output[0]] = inner.input[0]
+    keep = [n for n in g.node if id(n) not in drop]
+    for n in keep:
+        for k, name in enumerate(n.input):
+            n.input[k] = rename.get(name, name)
+    del g.node[:]
+    g.node.extend(keep)
+    return len(rename)
+
+
+def _shape(value: onnx.ValueInfoProto):
+    """The dims as ints and symbol names, or None when any dim is unknown."""
+    dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else None) for d in value.type.tensor_type.shape.dim]
+    return None if not value.type.tensor_type.HasField("shape") or None in dims or "" in dims else tuple(dims)

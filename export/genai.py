@@ -12,16 +12,18 @@ from gptx.export import (
 def genai_config(meta: dict) -> dict:
     m = meta["model"]
     eot = meta.get("special_tokens", {}).get("eot")
-    # without an end-of-text token, an id past the vocabulary: generation then stops at max_length only
-    eos = eot["id"] if eot else m["vocab_size"]
+    # without an end-of-text token no id ends generation (an empty list; genai requires every id to
+    # be in the vocabulary): it stops at max_length, as gptx does; padding is masked, any id serves
+    eos = [eot["id"]] if eot else []
+    pad = eot["id"] if eot else 0
     return {
         "model": {
             "type": "decoder",
             "context_length": m["context_length"],
             "vocab_size": m["vocab_size"],
-            "bos_token_id": eos,
+            "bos_token_id": pad,
             "eos_token_id": eos,
-            "pad_token_id": eos,
+            "pad_token_id": pad,
             "decoder": {
                 "filename": MODEL_FILE,
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},

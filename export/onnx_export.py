@@ -24,8 +24,9 @@ import torch
 from onnx import numpy_helper
 
 from gptx import __version__
-from gptx.base import ONNX_EXPORT
-from gptx.errors import GptxError
+from gptx.base import ONNX_EXPORT, ONNX_FUSED_ATTENTION
+from gptx.components import Attention
+from gptx.errors import GptxError, first_line
 from gptx.fsutil import remove_stale_siblings, temp_sibling
 from gptx.export import (
     ATTENTION_MASK, BATCH, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, IO_CONTRACT, IO_CONTRACT_VERSION,
@@ -55,8 +56,11 @@ def check_exportable(config) -> None:
         raise GptxError(f"cannot export to ONNX: {', '.join(missing)} does not support ONNX export (no '{ONNX_EXPORT}' in its supports)")
 
 
-def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, metadata: Optional[dict] = None) -> onnx.ModelProto:
-    """Export ``model`` (a gptx GPT in eval mode) to ``path``; returns the saved ModelProto."""
+def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, metadata: Optional[dict] = None,
+                fused_attention: bool = False) -> onnx.ModelProto:
+    """Export ``model`` (a gptx GPT in eval mode) to ``path``; returns the saved ModelProto. With
+    ``fused_attention``, attentions that declare ONNX_FUSED_ATTENTION export onnxruntime's fused op."""
+    from gptx.export import attention as onnx_attention
     cfg = model.config
     L, K, D = cfg.n_layer, model.kv_heads, cfg.head_dim
     # example shapes: B=2, T=5, P=3 (never 0 or 1, which torch.export would specialise on)
@@ -76,7 +80,7 @@ def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, metadata: Optiona
         "position_ids": {0: batch, 1: seq},
         "past_key_values": [({0: batch, 2: past_len}, {0: batch, 2: past_len}) for _ in range(L)],
     }
-    with _quiet():
+    with _quiet(), onnx_attention.fusing(fused_attention):
         program = torch.onnx.export(
             _Decoder(model).eval(),
             (ids, mask, pos, past),
@@ -228,18 +232,6 @@ def metadata_for(ck, opset: int, quantization: Optional[str]) -> dict:
     }
 
 
-def timed(log: Callable[[str], None], what: str):
-    """Context manager that logs ``what ... (N.N s)``."""
-
-    @contextlib.contextmanager
-    def cm():
-        t0 = time.perf_counter()
-        yield
-        log(f"{what} ({time.perf_counter() - t0:.1f} s)")
-
-    return cm()
-
-
 # ---- the whole export: checkpoint -> verified OUT_DIR ------------------------------------------
 
 def _check_out_dir(out_dir: Path, force: bool, protected: list[Path]) -> None:
@@ -282,16 +274,15 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
     """Export a checkpoint (directory or ``runs:/<id>``) to ``out_dir``, verified; returns the metadata
     written to gptx_export.json. Nothing is left half-written: the files are built in a temporary
     sibling directory that replaces ``out_dir`` only once everything passed."""
-    import os
     import shutil
 
     from gptx import checkpoint
     from gptx.export import GENAI_FILE, META_FILE, MODEL_FILE
     from gptx.export import genai, tokenizer_json
-    from gptx.export.verify import session
+    from gptx.export.quantize import SCHEMES
 
-    if quantize not in (None, "int8"):
-        raise GptxError(f"--quantize: unknown scheme {quantize!r}; supported: int8")
+    if quantize is not None and quantize not in SCHEMES:
+        raise GptxError(f"--quantize: unknown scheme {quantize!r}; supported: {', '.join(SCHEMES)}")
     if not 7 <= opset <= 23:  # dynamo export needs 18+, but torch converts down; let it say so
         raise GptxError(f"--opset: {opset} is out of range")
     out_dir = Path(out_dir)
@@ -310,48 +301,17 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
     try:
         fp32_path = tmp / MODEL_FILE
         t0 = time.perf_counter()
-        try:
-            plain = export_onnx(model, fp32_path, opset, meta)
-        except GptxError:
-            raise
-        except Exception as err:
-            raise GptxError(f"torch.onnx.export failed: {type(err).__name__}: {str(err).strip().splitlines()[0] if str(err).strip() else ''}") from err
-        meta["export_seconds"] = round(time.perf_counter() - t0, 2)
-        log(f"exported model.onnx, opset {opset} ({meta['export_seconds']:.1f} s, {fp32_path.stat().st_size / 2**20:.1f} MiB)")
-
-        t0 = time.perf_counter()
-        report = _fuse_and_verify(model, plain, fp32_path, log)
+        report = _export_verified(model, fp32_path, opset, meta, log)
         meta["fusions"] = report.fusions
-        del plain
         meta["verification"] = report.to_dict() | {"seconds": round(time.perf_counter() - t0, 2)}
         cases = ", ".join(f"{k} {v:.2e}" for k, v in report.cases.items())
         log(f"verified against PyTorch: max abs diff {report.max_abs_diff:.2e} in {report.worst} ({cases})")
 
-        if quantize == "int8":
-            from gptx.export.quantize import compare, quantize_int8
-
-            fp32_keep = tmp / "model.fp32.onnx.tmp"
-            os.replace(fp32_path, fp32_keep)
-            facts = quantize_int8(fp32_keep, fp32_path, tmp)
-            int8_session = session(fp32_path)
-            fp32_session = session(fp32_keep)
-            facts |= compare(fp32_session, int8_session, meta)
-            del fp32_session, int8_session
-            fp32_keep.unlink()
-            meta["quantization_report"] = facts
-            log(
-                f"int8: {facts['quantized_matmuls']} matmuls quantized; logits max abs diff vs fp32 "
-                f"{facts['prompt_logits_max_abs_diff']:.3g} (logits up to {facts['prompt_logits_max_abs']:.3g}); "
-                f"greedy tokens identical for {facts['greedy_tokens_identical_prefix']}/{facts['greedy_tokens_compared']}; "
-                f"decode {facts['fp32_tokens_per_s']:.0f} -> {facts['int8_tokens_per_s']:.0f} tokens/s ({facts['speedup']}x)"
-            )
-            proto = onnx.load(str(fp32_path))
-            set_metadata(proto, meta_for_graph(meta))
-            save(proto, fp32_path)
-        else:
-            proto = onnx.load(str(fp32_path))
-            set_metadata(proto, meta_for_graph(meta))
-            save(proto, fp32_path)
+        if quantize:
+            meta["quantization_report"] = _quantize(quantize, fp32_path, tmp, meta, log)
+        proto = onnx.load(str(fp32_path))
+        set_metadata(proto, meta_for_graph(meta))
+        save(proto, fp32_path)
 
         files = [MODEL_FILE, META_FILE, GENAI_FILE]
         tok = meta["tokenizer"]
@@ -370,11 +330,55 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
     return meta
 
 
-def _fuse_and_verify(model, plain: onnx.ModelProto, path: Path, log: Callable[[str], None]):
+def _export_verified(model, path: Path, opset: int, meta: dict, log: Callable[[str], None]):
+    """Export ``model`` to ``path`` as the fastest graph that verifies, and return its report:
+    onnxruntime's fused attention op where the attention declares ONNX_FUSED_ATTENTION (else, or
+    when that graph fails to export, load or verify, the plain attention), then onnxruntime's
+    operator fusions on top (``_fuse_and_verify``). Each fallback logs one line saying why."""
+    graph = report = None
+    if any(ONNX_FUSED_ATTENTION in type(m).supports for m in model.modules() if isinstance(m, Attention)):
+        graph, report = _fused_attention_graph(model, path, opset, meta, log)
+    if graph is None:
+        graph = _export_graph(model, path, opset, meta, False, log)
+    return _fuse_and_verify(model, graph, path, log, report)
+
+
+def _fused_attention_graph(model, path: Path, opset: int, meta: dict, log: Callable[[str], None]):
+    """The fused-attention graph and its verification report, or (None, None) when it is not kept."""
+    from gptx.export.verify import VerificationError, session, verify
+
+    try:
+        graph = _export_graph(model, path, opset, meta, True, log)
+        return graph, verify(model, session(path))
+    except Exception as err:  # an optimisation: whatever went wrong, the plain attention remains
+        why = str(err) if isinstance(err, VerificationError) else f"{type(err).__name__}: {first_line(err)}"
+        log(f"fused attention not kept ({why}); exporting the plain attention")
+        return None, None
+
+
+def _export_graph(model, path: Path, opset: int, meta: dict, fused_attention: bool, log) -> onnx.ModelProto:
+    """torch.onnx.export with the user-facing error and log line; the fused-attention attempt's
+    own failure is the caller's to fall back from."""
+    t0 = time.perf_counter()
+    try:
+        graph = export_onnx(model, path, opset, meta, fused_attention=fused_attention)
+    except GptxError:
+        raise
+    except Exception as err:
+        if fused_attention:
+            raise
+        raise GptxError(f"torch.onnx.export failed: {type(err).__name__}: {first_line(err)}") from err
+    meta["export_seconds"] = round(time.perf_counter() - t0, 2)
+    log(f"exported model.onnx, opset {opset} ({meta['export_seconds']:.1f} s, {path.stat().st_size / 2**20:.1f} MiB)")
+    return graph
+
+
+def _fuse_and_verify(model, plain: onnx.ModelProto, path: Path, log: Callable[[str], None], plain_report=None):
     """Verify the fused graph (``gptx.export.fuse``) and keep it, else fall back to ``plain``
-    (already saved at ``path``) and verify that; a VerificationError of the plain graph stands.
-    Returns the verification report with ``fusions`` (operator -> count; empty: not fused)."""
-    from gptx.export.fuse import fuse
+    (already saved at ``path``) and verify that, unless ``plain_report`` already did; a
+    VerificationError of the plain graph stands. Returns the verification report with ``fusions``
+    (onnxruntime operator -> count in the graph kept; empty: nothing fused)."""
+    from gptx.export.fuse import contrib_ops, fuse
     from gptx.export.verify import VerificationError, session, verify
 
     cfg = model.config
@@ -382,22 +386,44 @@ def _fuse_and_verify(model, plain: onnx.ModelProto, path: Path, log: Callable[[s
         with contextlib.redirect_stdout(io.StringIO()):  # its shape inference prints its failures
             fused, counts = fuse(plain, cfg.n_head, cfg.n_embd)
     except Exception as err:  # the fusion pass is an optimisation: a graph it cannot read stays plain
-        log(f"operator fusion skipped ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+        log(f"operator fusion skipped ({type(err).__name__}: {first_line(err)})")
         fused, counts = None, {}
     if counts:
         save(fused, path)
-        del fused
         try:
             report = verify(model, session(path))
-            report.fusions = counts
-            log("fused for onnxruntime: " + ", ".join(f"{n} {op}" for op, n in sorted(counts.items())))
+            report.fusions = contrib_ops(fused)
+            log("fused for onnxruntime: " + ", ".join(f"{n} {op}" for op, n in sorted(report.fusions.items())))
             return report
         except VerificationError as err:
             log(f"fused graph not kept ({err}); using the unfused graph")
             save(plain, path)
-    report = verify(model, session(path))
-    report.fusions = {}
+    report = plain_report or verify(model, session(path))
+    report.fusions = contrib_ops(plain)
     return report
+
+
+def _quantize(scheme: str, path: Path, tmp: Path, meta: dict, log: Callable[[str], None]) -> dict:
+    """Replace the verified fp32 graph at ``path`` by its ``scheme`` quantization; returns the
+    report: what was quantized, agreement with fp32 and both decoding speeds."""
+    import os
+
+    from gptx.export.quantize import compare, quantize
+    from gptx.export.verify import session
+
+    fp32_keep = tmp / "model.fp32.onnx.tmp"
+    os.replace(path, fp32_keep)
+    facts = quantize(scheme, fp32_keep, path, tmp)
+    facts |= compare(session(fp32_keep), session(path), meta, scheme)
+    fp32_keep.unlink()
+    log(
+        f"{scheme}: {facts['quantized_matmuls']} matmuls quantized; logits max abs diff vs fp32 "
+        f"{facts['prompt_logits_max_abs_diff']:.3g} (logits up to {facts['prompt_logits_max_abs']:.3g}); "
+        f"greedy tokens identical for {', '.join(map(str, facts['greedy_tokens_identical_prefix']))} of "
+        f"{facts['greedy_tokens_compared']} on {len(facts['greedy_tokens_identical_prefix'])} prompts; "
+        f"decode {facts['fp32_tokens_per_s']:.0f} -> {facts[f'{scheme}_tokens_per_s']:.0f} tokens/s ({facts['speedup']}x)"
+    )
+    return facts
 
 
 def meta_for_graph(meta: dict) -> dict:
@@ -437,4 +463,4 @@ def _log_to_mlflow(source, ck, out_dir: Path, track: Optional[bool], log) -> Non
         tracking.client().log_artifacts(run_id, str(out_dir), "onnx")
         log(f"logged to MLflow run {run_id} (artifacts onnx/)")
     except Exception as err:  # the export itself succeeded
-        log(f"Warning: could not log the export to MLflow run {run_id}: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        log(f"Warning: could not log the export to MLflow run {run_id}: {type(err).__name__}: {first_line(err)}")

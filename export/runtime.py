@@ -1,9 +1,8 @@
 """Generate from an export directory with onnxruntime alone (no torch import on this path).
 
-The KV cache stays in onnxruntime's own tensors (OrtValue) from one step to the next: each
-step feeds the previous step's ``present.*`` outputs back as ``past_key_values.*`` without a
-numpy copy; only the last position's logits come back to numpy for sampling (gptx.sampling,
-shared with the PyTorch generator, so the same seed gives the same tokens).
+The KV cache stays in onnxruntime's own tensors (OrtValue) from one step to the next
+(``KVDecoder``); only the logits come back to numpy for sampling (gptx.sampling, shared with
+the PyTorch generator, so the same seed gives the same tokens).
 """
 from __future__ import annotations
 
@@ -15,7 +14,7 @@ from typing import Optional
 import numpy as np
 
 from gptx.base import Tokenizer
-from gptx.errors import GptxError, read_format_json
+from gptx.errors import GptxError, first_line, read_format_json
 from gptx.export import (
     EXPORT_FORMAT, EXPORT_FORMAT_VERSION, IO_CONTRACT, IO_CONTRACT_VERSION, META_FILE, MODEL_FILE,
     input_names, output_names, tokenizer_hash,
@@ -107,7 +106,7 @@ class OnnxGenerator:
         try:
             self.session = make_session(model_path, threads)
         except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
-            raise GptxError(f"{model_path}: onnxruntime cannot load it ({str(err).splitlines()[0]})") from None
+            raise GptxError(f"{model_path}: onnxruntime cannot load it ({first_line(err) or type(err).__name__})") from None
         self.inputs, self.outputs = input_names(self.n_layer), output_names(self.n_layer)
         have_in = [i.name for i in self.session.get_inputs()]
         have_out = [o.name for o in self.session.get_outputs()]
@@ -117,41 +116,80 @@ class OnnxGenerator:
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampler: Sampler, eot_id=_UNSET) -> Generation:
         """Continue each prompt by up to ``max_new_tokens`` tokens (left-padded batch), stopping a
         prompt at the end-of-text token. Same contract as ``gptx.generate.generate_ids``."""
-        from onnxruntime import OrtValue
-
         eot_id = self.eot_id if eot_id is _UNSET else eot_id
         if not prompts or any(len(p) == 0 for p in prompts):
             raise GptxError("--prompt: a prompt must not be empty")
-        longest = max(len(p) for p in prompts)
-        if longest + max_new_tokens > self.context_length:
-            raise GptxError(
-                f"prompt of {longest} tokens + {max_new_tokens} new tokens exceeds the model's context of {self.context_length} tokens"
-            )
-        B = len(prompts)
-        ids, mask = left_pad([list(p) for p in prompts])  # [B, T] int64 each
-        pos = positions_from_mask(mask)  # [B, T]
-        empty = np.zeros((B, self.kv_heads, 0, self.head_dim), dtype=np.float32)
-        past = [OrtValue.ortvalue_from_numpy(empty) for _ in range(2 * self.n_layer)]
+        limit = self.context_length  # past it, each new token sees the last `limit` (nanoGPT's crop, as torch)
+        kept = [list(p[-(limit - 1):]) if limit > 1 else list(p[-1:]) for p in prompts]
+        decoder = KVDecoder(self.session, self.n_layer, self.kv_heads, self.head_dim)
         out = Collector(len(prompts), eot_id)
-        # the mask grows by one column per step: keep one buffer and hand out views of it
-        full_mask = np.ones((B, longest + max_new_tokens), dtype=np.int64)
-        full_mask[:, :longest] = mask
-        length = longest
-        run = self.session.run_with_ort_values
+        logits = decoder.start(kept, max_new_tokens)  # [B, T, V]
         for _ in range(max_new_tokens):
-            feeds = [
-                OrtValue.ortvalue_from_numpy(ids),
-                OrtValue.ortvalue_from_numpy(np.ascontiguousarray(full_mask[:, :length])),
-                OrtValue.ortvalue_from_numpy(pos),
-                *past,
-            ]
-            results = run(self.outputs, dict(zip(self.inputs, feeds)))
-            logits = results[0].numpy()  # [B, T, V]
-            past = results[1:]  # present.* -> next step's past_key_values.*, no copy
             nxt = sampler(logits[:, -1, :])  # [B]
-            if out.add(nxt):
+            if out.add(nxt) or decoder.steps == max_new_tokens:
                 break
-            ids = nxt[:, None].astype(np.int64)  # [B, 1]
-            pos = pos[:, -1:] + 1  # [B, 1]
-            length += 1
+            logits = decoder.step(nxt) if decoder.length < limit else decoder.window(nxt, limit)  # [B, T, V]
         return Generation(prompt_ids=[list(p) for p in prompts], ids=out.ids)
+
+
+class KVDecoder:
+    """One generation on an exported graph: ``start`` runs the left-padded prompts, each ``step``
+    feeds one new token per row. The KV cache stays in onnxruntime's own tensors (OrtValue): each
+    step hands the previous step's ``present.*`` back as ``past_key_values.*`` without a copy.
+    gptx's generator and the export's quantization report decode through this one loop."""
+
+    def __init__(self, session, n_layer: int, kv_heads: int, head_dim: int):
+        self.session, self.n_layer, self.kv_heads, self.head_dim = session, n_layer, kv_heads, head_dim
+        self.inputs, self.outputs = input_names(n_layer), output_names(n_layer)
+        self.steps = 0  # session runs so far: the prompt is 1
+
+    def start(self, prompts: list[list[int]], max_new_tokens: int) -> np.ndarray:
+        """Run the prompts (left-padded); returns their logits [B, T, V]."""
+        B, longest = len(prompts), max(len(p) for p in prompts)
+        self.seq, mask = left_pad([list(p) for p in prompts])  # [B, T] int64 each: every token so far
+        self.pos = positions_from_mask(mask)  # [B, T]
+        self.past = self._empty_past(B)
+        # the mask grows by one column per step: one buffer, a view of it per step
+        self.full_mask = np.ones((B, longest + max_new_tokens), dtype=np.int64)
+        self.full_mask[:, :longest] = mask
+        self.length = longest
+        return self._run(self.seq, self.full_mask[:, :self.length])
+
+    def step(self, next_ids: np.ndarray) -> np.ndarray:
+        """Feed one token per row (``next_ids`` [B]) after the cached ones; returns its logits [B, 1, V]."""
+        self._append(next_ids)
+        self.pos = self.pos[:, -1:] + 1  # [B, 1]
+        return self._run(next_ids[:, None].astype(np.int64), self.full_mask[:, :self.length])  # [B, 1]
+
+    def window(self, next_ids: np.ndarray, limit: int) -> np.ndarray:
+        """Append ``next_ids`` [B] and run the last ``limit`` tokens afresh, positions counted from
+        the window's start (nanoGPT's crop past the context); returns their logits [B, limit, V]."""
+        self._append(next_ids)
+        mask = self.full_mask[:, self.length - limit:self.length]  # [B, limit]
+        self.pos = positions_from_mask(mask)  # [B, limit]
+        self.past = self._empty_past(len(next_ids))
+        return self._run(np.ascontiguousarray(self.seq[:, -limit:]), mask)
+
+    def _append(self, next_ids: np.ndarray) -> None:
+        self.seq = np.concatenate([self.seq, next_ids[:, None].astype(np.int64)], axis=1)  # [B, S+1]
+        self.length += 1
+
+    def _empty_past(self, batch: int) -> list:
+        from onnxruntime import OrtValue
+
+        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
+        return [OrtValue.ortvalue_from_numpy(empty) for _ in range(2 * self.n_layer)]
+
+    def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        from onnxruntime import OrtValue
+
+        feeds = [
+            OrtValue.ortvalue_from_numpy(ids),
+            OrtValue.ortvalue_from_numpy(np.ascontiguousarray(mask)),
+            OrtValue.ortvalue_from_numpy(self.pos),
+            *self.past,
+        ]
+        results = self.session.run_with_ort_values(self.outputs, dict(zip(self.inputs, feeds)))
+        self.past = results[1:]  # present.* -> next step's past_key_values.*, no copy
+        self.steps += 1
+        return results[0].numpy()  # [B, T, V]

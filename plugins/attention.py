@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gptx
-from gptx.components import KV, Attention, append_kv, attention_allowed, slot_indices
+from gptx.components import DEFAULT_SUPPORTS, KV, ONNX_FUSED_ATTENTION, Attention, append_kv, attention_allowed, slot_indices
+from gptx.export import attention as onnx_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,10 @@ class _HeadsMixin:
 
 
 class CausalSelfAttention(_HeadsMixin, Attention):
-    """GPT-2 attention on ``scaled_dot_product_attention`` (flash/efficient kernels when unmasked)."""
+    """GPT-2 attention on ``scaled_dot_product_attention`` (flash/efficient kernels when unmasked).
+    Exports as onnxruntime's fused attention op when it has no sliding window."""
+
+    supports = DEFAULT_SUPPORTS | {ONNX_FUSED_ATTENTION}
 
     def __init__(self, config, options: AttentionOptions):
         super().__init__(config, options)
@@ -85,6 +89,9 @@ class CausalSelfAttention(_HeadsMixin, Attention):
         v = v.view(B, T, K, D).transpose(1, 2)  # [B, K, T, D]
         q, k = self._qk_normed(q, k)
         q, k = positional.rotate(q, k, positions)
+        if self.options.window is None and onnx_attention.enabled(self, positional):
+            y, present = onnx_attention.fused_attention(q, k, v, past, attention_mask)  # [B, T, C], cache
+            return self.resid_dropout(self.c_proj(y)), present
         past_len = None if past is None else past[0].shape[2]
         present = append_kv(past, k, v)  # ([B, K, S, D], [B, K, S, D])
         k, v = present

@@ -94,7 +94,7 @@ def test_components_of_one_kind_json():
     assert {row["kind"] for row in rows} == {"attention"}
     causal = next(row for row in rows if row["name"] == "causal")
     assert causal["plugin"] == "gptx.plugins.attention"
-    assert set(causal["supports"]) == {"kv_cache", "onnx_export"}
+    assert set(causal["supports"]) == {"kv_cache", "onnx_export", "onnx_fused_attention"}
     assert causal["class"] == "gptx.plugins.attention.CausalSelfAttention"
 
 
@@ -151,10 +151,9 @@ def test_generate_plain_output_is_prompt_plus_text(ckpt):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (("--prompt", "x" * (BLOCK - 4), "--max-new-tokens", "10"), f"exceeds the model's context of {BLOCK} tokens"),
         (("--prompt", ""), "must not be empty"),
     ],
-    ids=["too-long", "empty"],
+    ids=["empty"],
 )
 def test_generate_bad_prompt_is_one_line_exit_2(ckpt, args, message):
     r = invoke("generate", str(ckpt), *args)
@@ -178,12 +177,14 @@ def test_subprocess_generate_matches_in_process(ckpt):
 
 
 @pytest.mark.slow
-def test_subprocess_too_long_prompt_has_no_traceback(ckpt):
-    r = run_gptx("generate", str(ckpt), "--prompt", "x" * BLOCK, "--max-new-tokens", "1")
-    assert r.returncode == 2
-    assert r.stdout == ""
-    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
-    assert "exceeds the model's context" in r.stderr
+def test_subprocess_prompt_past_the_context_is_cropped_with_a_note(ckpt):
+    args = ("--max-new-tokens", "6", "--temperature", "0", "--json")
+    r = run_gptx("generate", str(ckpt), "--prompt", "ab" * BLOCK, *args)
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.strip().splitlines() == [f"Note: the prompt and 6 new tokens pass the model's context of {BLOCK} tokens: "
+                                             f"from there on each new token sees the last {BLOCK} (nanoGPT's crop)"]
+    cropped = run_gptx("generate", str(ckpt), "--prompt", ("ab" * BLOCK)[-(BLOCK - 1):], *args)
+    assert json.loads(r.stdout)["ids"] == json.loads(cropped.stdout)["ids"]
 
 
 @pytest.mark.slow
@@ -193,3 +194,13 @@ def test_subprocess_components_json_and_unknown_kind():
     assert {row["name"] for row in json.loads(r.stdout)} >= {"learned", "rope", "alibi", "sinusoidal", "none"}
     r = run_gptx("components", "nope")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("message, line", [("", ""), ("\n", ""), ("  \n\n first \nsecond", "first")])
+def test_an_exception_with_an_empty_or_multiline_message_gives_one_line(message, line):
+    from gptx.cli import error_line
+    from gptx.errors import first_line
+
+    assert first_line(RuntimeError(message)) == line
+    text, code = error_line(RuntimeError(message))
+    assert code == 1 and "\n" not in text and text.startswith(f"internal error: RuntimeError: {line}")

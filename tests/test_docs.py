@@ -77,9 +77,11 @@ def test_every_interface_is_documented(interface):
 
 def test_capabilities_and_register_are_documented():
     text = guide()
-    for const, value in (("KV_CACHE", base.KV_CACHE), ("ONNX_EXPORT", base.ONNX_EXPORT)):
+    for const, value in (("KV_CACHE", base.KV_CACHE), ("ONNX_EXPORT", base.ONNX_EXPORT),
+                         ("ONNX_FUSED_ATTENTION", base.ONNX_FUSED_ATTENTION), ("DEFAULT_SUPPORTS", "DEFAULT_SUPPORTS")):
         assert const in text and value in text
-    assert set(base.CAPABILITIES) == {base.KV_CACHE, base.ONNX_EXPORT}, "a new capability: document it"
+    assert set(base.CAPABILITIES) == {base.KV_CACHE, base.ONNX_EXPORT, base.ONNX_FUSED_ATTENTION}, "a new capability: document it"
+    assert base.DEFAULT_SUPPORTS == {base.KV_CACHE, base.ONNX_EXPORT}, "an opt-in capability must not be a default"
     for phrase in ("register(name, cls, override=False)", "GPTX_LOAD_PLUGINS", "[project.entry-points.gptx]",
                    "__post_init__", "check(cls, model, options)", "supports", "c_proj", "Options"):
         assert phrase in text, phrase

@@ -1,7 +1,8 @@
-"""``gptx export``: the graph's I/O contract, verification, metadata, tokenizer.json, int8, the
-OUT_DIR rules, and greedy tokens from onnxruntime equal to PyTorch's for every exportable
+"""``gptx export``: the graph's I/O contract, verification, metadata, tokenizer.json, the fused
+attention and its fallback, int8 and int4, the OUT_DIR rules, and greedy tokens from onnxruntime equal to PyTorch's for every exportable
 component (one slot varied at a time, defaults elsewhere). Real torch.onnx exports and real
 onnxruntime sessions throughout; tiny models so each export takes seconds."""
+import contextlib
 import json
 
 import numpy as np
@@ -220,12 +221,48 @@ def test_int8_quantizes_the_head_and_reports_agreement(tmp_path, gpt2):
     assert (tmp_path / "q" / "model.onnx").stat().st_size < 0.6 * (gpt2["out"] / "model.onnx").stat().st_size
     assert q["prompt_logits_max_abs_diff"] < 0.1 * max(q["prompt_logits_max_abs"], 1.0)
     assert q["greedy_tokens_compared"] > 0 and q["int8_tokens_per_s"] > 0 and q["fp32_tokens_per_s"] > 0
+    assert len(q["greedy_tokens_identical_prefix"]) == 3
     assert any(line.startswith("int8:") and "tokens/s" in line for line in logs)
     assert json.loads((tmp_path / "q" / "gptx_export.json").read_text())["quantization"] == "int8"
     # and it still generates through the same runtime
     tok = checkpoint.load(gpt2["ck"]).tokenizer
     out = OnnxGenerator(tmp_path / "q").generate([tok.encode("Hello")], 5, Sampler(temperature=0))
     assert len(out.ids[0]) == 5
+
+
+def test_int4_block_quantizes_matmuls_and_embeddings_and_reports_agreement(tmp_path, gpt2):
+    logs = []
+    meta = export_checkpoint(gpt2["ck"], tmp_path / "q", quantize="int4", log=logs.append)
+    q = meta["quantization_report"]
+    model = onnx.load(str(tmp_path / "q" / "model.onnx"))
+    ops = [(n.domain, n.op_type) for n in model.graph.node]
+    # every weight matmul (2 layers x 4, and the LM head on its own copy of the tied embedding) is MatMulNBits
+    assert ops.count(("com.microsoft", "MatMulNBits")) == q["quantized_matmuls"] == 9
+    assert q["fp32_matmuls_left"] == 0 and q["untied_transposes"] == 1
+    nbits = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in nbits.attribute}
+    # blocks of 128 inputs at most: the fixture's 64-wide layers get one block of 64 per column
+    assert attrs["bits"] == 4 and attrs["block_size"] == q["block_size"] == 64 and attrs["accuracy_level"] == 4
+    # the token and position tables are gathered from 4-bit blocks: no fp32 table, no whole-table dequantize
+    assert ops.count(("com.microsoft", "GatherBlockQuantized")) == 2
+    big = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) >= 50257 * 64 // 8]
+    assert not big and ("", "DequantizeLinear") not in ops
+    assert ops.count(("com.microsoft", "MultiHeadAttention")) == 2  # the fused attention stays
+    # 4 bits + one fp32 scale per block, the tied matrix stored twice (head and table): ~0.29 here
+    assert (tmp_path / "q" / "model.onnx").stat().st_size < 0.33 * (gpt2["out"] / "model.onnx").stat().st_size
+    assert q["prompt_logits_max_abs_diff"] < 0.2 * max(q["prompt_logits_max_abs"], 1.0)
+    assert len(q["greedy_tokens_identical_prefix"]) == 3  # prompts
+    assert all(0 <= n <= q["greedy_tokens_compared"] == 32 for n in q["greedy_tokens_identical_prefix"])
+    assert q["int4_tokens_per_s"] > 0 and q["fp32_tokens_per_s"] > 0 and "int4" in q["weights"]
+    assert any(line.startswith("int4: 9 matmuls quantized") and "tokens/s" in line for line in logs)
+    written = json.loads((tmp_path / "q" / "gptx_export.json").read_text())
+    assert written["quantization"] == "int4" and written["quantization_report"] == q
+    # it generates through the same runtime, and its first greedy tokens are the fp32 export's
+    tok = checkpoint.load(gpt2["ck"]).tokenizer
+    prompt = [tok.encode("The quick brown fox")]
+    want = OnnxGenerator(gpt2["out"]).generate(prompt, 6, Sampler(temperature=0)).ids[0]
+    got = OnnxGenerator(tmp_path / "q").generate(prompt, 6, Sampler(temperature=0)).ids[0]
+    assert len(got) == 6 and got[0] == want[0]
 
 
 # ---- refusals and the OUT_DIR rules --------------------------------------------------------------
@@ -236,20 +273,27 @@ def test_component_without_onnx_export_is_refused(tmp_path):
     class NoExport(CausalSelfAttention):
         supports = frozenset({KV_CACHE})
 
+    with attention_registered("no-export", NoExport):
+        ck = make_checkpoint(tmp_path / "run", {"attention": {"kind": "no-export"}})
+        with pytest.raises(GptxError, match=r"model\.attention 'no-export'.*does not support ONNX export"):
+            export_checkpoint(ck, tmp_path / "out", log=quiet)
+    assert not (tmp_path / "out").exists()
+
+
+@contextlib.contextmanager
+def attention_registered(name, cls):
+    """The process-wide registry with one more attention, as a third-party plugin would add it."""
     class Plugin:
         @staticmethod
         @__import__("gptx").hookimpl
         def register_attention(register):
-            register("no-export", NoExport)
+            register(name, cls)
 
     registry_mod.use(registry_mod.load(extra_plugins=(Plugin,)))
     try:
-        ck = make_checkpoint(tmp_path / "run", {"attention": {"kind": "no-export"}})
-        with pytest.raises(GptxError, match=r"model\.attention 'no-export'.*does not support ONNX export"):
-            export_checkpoint(ck, tmp_path / "out", log=quiet)
+        yield
     finally:
         registry_mod.use(None)
-    assert not (tmp_path / "out").exists()
 
 
 @pytest.fixture
@@ -306,13 +350,143 @@ def test_failed_verification_exits_2_naming_the_output_and_leaves_nothing(tmp_pa
 
 def test_gpt2_graph_is_fused_for_onnxruntime(gpt2):
     L = 2
-    assert gpt2["meta"]["fusions"] == {"SkipLayerNormalization": 2 * L + 1, "FastGelu": L}  # + the final norm
+    assert gpt2["meta"]["fusions"] == {"SkipLayerNormalization": 2 * L + 1, "FastGelu": L, "MultiHeadAttention": L}
     model = onnx.load(str(gpt2["out"] / "model.onnx"), load_external_data=False)
     ops = [(n.domain, n.op_type) for n in model.graph.node]
-    assert ops.count(("com.microsoft", "SkipLayerNormalization")) == 2 * L + 1
+    assert ops.count(("com.microsoft", "SkipLayerNormalization")) == 2 * L + 1  # + the final norm
     assert ("", "Tanh") not in ops  # the GELU formula is one FastGelu kernel now
     assert any(o.domain == "com.microsoft" for o in model.opset_import)
-    assert any(x.startswith("fused for onnxruntime: 2 FastGelu, 5 SkipLayerNormalization") for x in gpt2["logs"])
+    assert any(x.startswith("fused for onnxruntime: 2 FastGelu, 2 MultiHeadAttention, 5 SkipLayerNormalization")
+               for x in gpt2["logs"])
+
+
+def _cache_concats(model: onnx.ModelProto) -> list:
+    """Concat nodes that read a past_key_values input: the plain graph's per-layer cache append."""
+    pasts = {i.name for i in model.graph.input if i.name.startswith("past_key_values.")}
+    return [n for n in model.graph.node if n.op_type == "Concat" and pasts & set(n.input)]
+
+
+def test_a_bias_free_model_gets_the_same_fusions_without_a_message(tmp_path):
+    """bias = false: no LayerNorm bias for SkipLayerNormalization to read; the fusions still apply."""
+    ck = make_checkpoint(tmp_path / "run", model={"bias": False})
+    lines = []
+    meta = export_checkpoint(ck, tmp_path / "out", log=lines.append)
+    L = SMALL["n_layer"]
+    assert meta["fusions"] == {"SkipLayerNormalization": 2 * L + 1, "FastGelu": L, "MultiHeadAttention": L}
+    assert not any("skipped" in line for line in lines), lines
+    want, got = greedy_both(ck, tmp_path / "out", [list(b"To be"), list(b"or not")])
+    assert got == want
+
+
+def test_gpt2_attention_is_onnxruntimes_fused_op_reading_the_cache_itself(gpt2):
+    model = onnx.load(str(gpt2["out"] / "model.onnx"), load_external_data=False)
+    mha = [n for n in model.graph.node if (n.domain, n.op_type) == ("com.microsoft", "MultiHeadAttention")]
+    assert len(mha) == 2
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in mha[0].attribute}
+    assert attrs == {"num_heads": 4, "unidirectional": 1}
+    assert mha[0].input[6:8] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert mha[1].output[1:] == ["present.1.key", "present.1.value"]
+    assert not _cache_concats(model)
+    weights = {t.name for t in model.graph.initializer}
+    leftover = [n for n in model.graph.node if n.op_type in ("Softmax", "Where", "Transpose", "Reshape")]
+    assert [n.input[0] in weights for n in leftover] == [True]  # no attention arithmetic or head views; the tied LM head
+    # the left-padded batch's real rows decode as PyTorch does (test_greedy_tokens_equal_pytorch_with_gpt2_vocab)
+
+
+@pytest.mark.parametrize("kv_heads", [2, 1], ids=["gqa", "mqa"])
+def test_grouped_query_attention_exports_group_query_attention(tmp_path, kv_heads):
+    ck = make_checkpoint(tmp_path / "run", {"attention": {"n_kv_heads": kv_heads}, "positional": {"kind": "rope"}}, seed=3)
+    meta = export_checkpoint(ck, tmp_path / "out", log=quiet)
+    assert meta["fusions"]["GroupQueryAttention"] == 2 and "MultiHeadAttention" not in meta["fusions"]
+    model = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    gqa = next(n for n in model.graph.node if n.op_type == "GroupQueryAttention")
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa.attribute}
+    assert attrs == {"num_heads": 4, "kv_num_heads": kv_heads}
+    assert not _cache_concats(model)
+    assert [d.dim_value for d in model.graph.input[3].type.tensor_type.shape.dim[1::2]] == [kv_heads, 8]  # [B, K, P, D]
+    prompts = [list(b"To be, or not"), list(b"Ay"), list(b"x")]  # a left-padded batch
+    want, got = greedy_both(ck, tmp_path / "out", prompts, new_tokens=10)
+    assert got == want
+
+
+def _swap_keys_and_values(monkeypatch):
+    """A fused attention that runs but computes the wrong thing: keys and values swapped."""
+    from gptx.export import attention as onnx_attention
+
+    real = onnx_attention.fused_attention
+
+    def swapped(q, k, v, past, attention_mask):
+        y, (pk, pv) = real(q, v, k, (past[1], past[0]), attention_mask)
+        return y, (pv, pk)
+
+    monkeypatch.setattr(onnx_attention, "fused_attention", swapped)
+    return "fused attention not kept (export verification failed"
+
+
+def _wrong_head_count(monkeypatch):
+    """A fused attention node that onnxruntime refuses: 3 heads do not divide the 32-wide q/k/v."""
+    real = torch.onnx.ops.symbolic_multi_out
+
+    def three_heads(domain_op, inputs, attrs=None, **kwargs):
+        return real(domain_op, inputs, {**(attrs or {}), "num_heads": 3}, **kwargs)
+
+    monkeypatch.setattr(torch.onnx.ops, "symbolic_multi_out", three_heads)
+    return "fused attention not kept ("
+
+
+@pytest.mark.parametrize("break_it", [_swap_keys_and_values, _wrong_head_count], ids=["wrong", "refused"])
+def test_a_broken_fused_attention_falls_back_to_the_plain_attention(tmp_path, byte_ckpt, monkeypatch, break_it):
+    expected = break_it(monkeypatch)
+    logs = []
+    meta = export_checkpoint(byte_ckpt, tmp_path / "out", log=logs.append)
+    fallback = [x for x in logs if "not kept" in x]  # one line, naming the fused attention
+    assert len(fallback) == 1 and fallback[0].startswith(expected), logs
+    assert fallback[0].endswith("; exporting the plain attention")
+    assert "MultiHeadAttention" not in meta["fusions"] and meta["fusions"]  # the operator fusions remain
+    assert meta["verification"]["max_abs_diff"] <= 1e-4
+    graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    assert not [n for n in graph.graph.node if "Attention" in n.op_type]
+    torch_ids, onnx_ids = greedy_both(byte_ckpt, tmp_path / "out", [[1, 2, 3], [4]])
+    assert onnx_ids == torch_ids
+
+
+def test_only_attentions_that_declare_it_export_fused_attention(tmp_path):
+    from gptx.base import DEFAULT_SUPPORTS, ONNX_FUSED_ATTENTION
+    from gptx.components import Attention
+    from gptx.plugins.attention import CausalSelfAttention, EinsumAttention
+
+    assert ONNX_FUSED_ATTENTION not in DEFAULT_SUPPORTS  # a third-party component never gets it by default
+    assert Attention.supports == EinsumAttention.supports == DEFAULT_SUPPORTS
+    assert ONNX_FUSED_ATTENTION in CausalSelfAttention.supports
+
+    class Undeclared(CausalSelfAttention):  # a subclass that does not promise the fused op
+        supports = DEFAULT_SUPPORTS
+
+    with attention_registered("undeclared", Undeclared):
+        ck = make_checkpoint(tmp_path / "run", {"attention": {"kind": "undeclared"}})
+        meta = export_checkpoint(ck, tmp_path / "out", log=quiet)
+    assert not {"MultiHeadAttention", "GroupQueryAttention"} & set(meta["fusions"])
+    assert _cache_concats(onnx.load(str(tmp_path / "out" / "model.onnx")))
+
+
+def test_verification_compares_real_positions_only():
+    from gptx.export.verify import _real_rows_max_abs_diff
+
+    mask = np.array([[0, 0, 1, 1], [1, 1, 1, 1]])  # row 0 is left-padded by two slots
+    logits_t = np.zeros((2, 3, 5), np.float32)  # the last 3 slots are new tokens
+    logits_o = logits_t.copy()
+    logits_o[0, 0] = np.nan  # slot 1 of row 0: padding, unspecified
+    assert _real_rows_max_abs_diff(logits_o, logits_t, mask, True) == 0.0
+    logits_o[0, 1, 2] = 0.5  # slot 2 of row 0: real
+    assert _real_rows_max_abs_diff(logits_o, logits_t, mask, True) == 0.5
+    present_t = np.zeros((2, 3, 4, 2), np.float32)
+    present_o = present_t.copy()
+    present_o[0, :, :2] = 7.0  # padding slots
+    assert _real_rows_max_abs_diff(present_o, present_t, mask, False) == 0.0
+    present_o[1, 2, 0, 1] = -0.25
+    assert _real_rows_max_abs_diff(present_o, present_t, mask, False) == 0.25
+    present_o[1, 0, 3, 0] = np.inf
+    assert _real_rows_max_abs_diff(present_o, present_t, mask, False) == float("inf")
 
 
 def test_a_fused_graph_off_tolerance_falls_back_to_the_plain_one(tmp_path, byte_ckpt, monkeypatch):
@@ -332,10 +506,11 @@ def test_a_fused_graph_off_tolerance_falls_back_to_the_plain_one(tmp_path, byte_
     monkeypatch.setattr(fuse_mod, "fuse", fuse_wrong)
     logs = []
     meta = export_checkpoint(byte_ckpt, tmp_path / "out", log=logs.append)
-    assert meta["fusions"] == {} and meta["verification"]["max_abs_diff"] <= 1e-4
+    # the plain (operator-unfused) graph of the fused attention is kept: its own verification passed
+    assert meta["fusions"] == {"MultiHeadAttention": 2} and meta["verification"]["max_abs_diff"] <= 1e-4
     assert any(x.startswith("fused graph not kept (export verification failed") for x in logs), logs
     graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
-    assert not [n for n in graph.graph.node if n.domain == "com.microsoft"]
+    assert [n.op_type for n in graph.graph.node if n.domain == "com.microsoft"] == ["MultiHeadAttention"] * 2
     torch_ids, onnx_ids = greedy_both(byte_ckpt, tmp_path / "out", [[1, 2, 3]])
     assert onnx_ids == torch_ids
 
@@ -351,7 +526,7 @@ def test_verification_catches_a_wrong_graph(gpt2):
 
 
 def test_unknown_quantization_and_missing_source(tmp_path, byte_ckpt):
-    with pytest.raises(GptxError, match="unknown scheme"):
-        export_checkpoint(byte_ckpt, tmp_path / "o", quantize="int4", log=quiet)
+    with pytest.raises(GptxError, match="unknown scheme 'int5'; supported: int8, int4"):
+        export_checkpoint(byte_ckpt, tmp_path / "o", quantize="int5", log=quiet)
     r = invoke("export", tmp_path / "nope", "-o", tmp_path / "o")
     assert r.exit_code == 2 and "no such checkpoint" in r.output

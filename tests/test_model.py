@@ -135,7 +135,8 @@ def test_tied_embeddings_are_one_tensor(tmp_path):
 
     from gptx import checkpoint
 
-    cfg = from_dict({"model": TINY, "tokenizer": {"kind": "byte"}}, REG)
+    model = make_model(vocab_size=256)  # the byte tokenizer's vocabulary: a checkpoint may not hold less
+    cfg = from_dict({"model": TINY | {"vocab_size": 256}, "tokenizer": {"kind": "byte"}}, REG)
     tok = checkpoint.build_tokenizer(cfg.tokenizer)
     path = checkpoint.save(tmp_path, 3, model, cfg, tok)
     with safe_open(str(path / "model.safetensors"), "pt") as f:

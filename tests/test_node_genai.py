@@ -150,22 +150,49 @@ def test_node_example_ships_with_the_package():
 
 # ---- onnxruntime-genai ----------------------------------------------------------------------------
 
+def genai_greedy(model, ids: list[int], n: int) -> list[int]:
+    """Up to ``n`` greedy tokens after ``ids`` from onnxruntime-genai."""
+    import onnxruntime_genai as og
+
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=len(ids) + n, batch_size=1)
+    generator = og.Generator(model, params)
+    generator.append_tokens(ids)
+    got = []
+    while not generator.is_done():
+        generator.generate_next_token()
+        got.append(int(generator.get_next_tokens()[0]))
+    return got
+
+
 def test_onnxruntime_genai_generates_the_same_greedy_tokens(gpt2_out):
-    og = pytest.importorskip("onnxruntime_genai")
+    import onnxruntime_genai as og  # a test dependency: its absence is a failure, not a skip
+
     want, gen = python_greedy(gpt2_out, PROMPTS, 16)
     model = og.Model(str(gpt2_out))
     tokenizer = og.Tokenizer(model)
     for prompt, expected in zip(PROMPTS, want):
         ids = [int(i) for i in tokenizer.encode(prompt)]
         assert ids == gen.tokenizer.encode(prompt)  # genai reads tokenizer.json
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=len(ids) + 16, batch_size=1)
-        generator = og.Generator(model, params)
-        generator.append_tokens(ids)
-        got = []
-        while not generator.is_done():
-            generator.generate_next_token()
-            got.append(int(generator.get_next_tokens()[0]))
+        got = genai_greedy(model, ids, 16)
         # genai stops after end-of-text as gptx does (including it)
         assert got == expected, prompt
         assert tokenizer.decode(got) == gen.tokenizer.decode([t for t in got if t != 50256])
+
+
+@pytest.mark.parametrize("kind", ["char", "byte"])
+def test_onnxruntime_genai_runs_exports_without_an_end_of_text_token(kind, tmp_path):
+    """Char and byte vocabularies have no end-of-text id: genai must start and run to max_length
+    with Python's greedy ids (gptx's tokenizer encodes; genai has no reader for these vocabularies)."""
+    import onnxruntime_genai as og
+
+    state = {"chars": list("\n !',.?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")} if kind == "char" else None
+    out = wandering_export(tmp_path, kind, seed=5, state=state)
+    prompts = ["To be, or not to be", "Ay"]
+    want, gen = python_greedy(out, prompts, 20)
+    assert gen.eot_id is None and json.loads((out / "genai_config.json").read_text())["model"]["eos_token_id"] == []
+    model = og.Model(str(out))
+    for prompt, expected in zip(prompts, want):
+        assert genai_greedy(model, gen.tokenizer.encode(prompt), 20) == expected, prompt
+
+

@@ -72,14 +72,25 @@ def test_stops_each_prompt_at_end_of_text(exported):
     assert gen.eot_id == 50256  # the real default comes from gptx_export.json
 
 
-def test_context_limit_and_empty_prompt_are_errors(exported):
-    gen = exported["gen"]
-    with pytest.raises(GptxError, match=f"exceeds the model's context of {BLOCK} tokens"):
-        gen.generate([[1] * 60], 5, Sampler(temperature=0))
+def test_past_the_context_each_token_sees_the_last_block_as_in_pytorch(exported):
+    """nanoGPT's crop on both runtimes: a prompt longer than the context keeps its last
+    BLOCK - 1 tokens; past the context the window is recomputed with positions from its start."""
+    tok = exported["tok"]
+    text = " ".join(["once upon a time"] * 20)
+    prompts = [tok.encode(text), tok.encode(text)[:BLOCK - 5], tok.encode("Hi")]  # longer, near, short
+    assert len(prompts[0]) > BLOCK
+    for sampling in ({"temperature": 0}, {"temperature": 0.9, "top_k": 20, "seed": 7}):
+        want = generate_ids(exported["model"], prompts, 12, Sampler(**sampling), tok.eot_id)
+        got = exported["gen"].generate(prompts, 12, Sampler(**sampling))
+        assert got.ids == want.ids and all(len(row) == 12 for row in got.ids)
+    greedy = Sampler(temperature=0)
+    cropped = exported["gen"].generate([prompts[0][-(BLOCK - 1):]], 12, greedy).ids
+    assert cropped == exported["gen"].generate([prompts[0]], 12, greedy).ids
+
+
+def test_empty_prompt_is_an_error(exported):
     with pytest.raises(GptxError, match="must not be empty"):
-        gen.generate([[1], []], 5, Sampler(temperature=0))
-    out = gen.generate([[1] * 60], 4, Sampler(temperature=0))  # exactly the context: fine
-    assert len(out.ids[0]) == 4
+        exported["gen"].generate([[1], []], 5, Sampler(temperature=0))
 
 
 def test_session_does_not_spin(exported):

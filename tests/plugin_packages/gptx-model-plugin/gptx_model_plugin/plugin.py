@@ -68,7 +68,7 @@ class SigmoidMoE(MoE):
 
 # ---- an attention with its own cache layout: token-major ------------------------------------------
 
-from gptx.components import BATCH, SEQ, CacheTensor, append_cache  # noqa: E402
+from gptx.components import BATCH, DEFAULT_SUPPORTS, SEQ, CacheTensor, append_cache  # noqa: E402
 from gptx.plugins.attention import CausalSelfAttention  # noqa: E402
 
 
@@ -77,6 +77,8 @@ class TokenMajorAttention(CausalSelfAttention):
     values of each token side by side) instead of key and value [B, K, S, D]. The math is the
     built-in's; only the declared cache differs, which the model, the ONNX export, the
     onnxruntime generator, Node and the browser all follow."""
+
+    supports = DEFAULT_SUPPORTS  # not the parent's fused-attention export: its forward is its own
 
     def cache_layout(self):
         return (CacheTensor("kv", (BATCH, SEQ, 2, self.n_kv, self.head_dim)),)

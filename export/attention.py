@@ -1,0 +1,112 @@
+"""onnxruntime's fused attention in exported graphs (com.microsoft MultiHeadAttention and
+GroupQueryAttention), emitted while ``torch.onnx.export`` traces an attention that opts in.
+
+The plain exported attention is a dozen small kernels per layer and token: transposes of q, k
+and v, the concatenation of the cache, the mask arithmetic, two matmuls and a softmax. One fused
+node does all of it and appends the new keys and values to the cache itself:
+
+- K == H (multi-head): ``MultiHeadAttention`` with ``unidirectional=1``, the past in the
+  contract's [B, H, P, D] layout and the attention mask as an int32 ``key_padding_mask``.
+- K < H (grouped-query): ``GroupQueryAttention``, whose caller states every row's total length
+  (``seqlens_k`` = S - 1, ``total_sequence_length`` = S, ``query_seqlens`` = T, all equal under
+  left padding) and whose left-padding keys are masked with an additive ``attention_bias``.
+
+Both keep the contract's past/present names and shapes. What differs from the plain graph is
+only what padding rows hold: a left-padding query attends to itself in gptx's torch model and
+to its (masked) keys here, so logits and presents at padding positions are unspecified; no real
+token ever reads them. Verification compares real positions only.
+
+An attention opts in by declaring ``ONNX_FUSED_ATTENTION`` in ``supports`` and calling
+``fused_attention`` from its ``forward`` under ``torch.onnx.is_in_onnx_export()`` when
+``enabled(self, positional)``; the export turns fusion on with ``fusing()`` around its trace,
+so a plain ``torch.onnx.export`` of the same model stays plain.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Optional
+
+import torch
+
+from gptx.base import ONNX_FUSED_ATTENTION
+from gptx.components import KV, PositionalEncoding
+
+_fusing = False  # set by the exporter around the trace of the fused graph
+
+
+@contextlib.contextmanager
+def fusing(on: bool = True):
+    """Within this block, attentions that declare ONNX_FUSED_ATTENTION export the fused op."""
+    global _fusing
+    before, _fusing = _fusing, on
+    try:
+        yield
+    finally:
+        _fusing = before
+
+
+def enabled(attention, positional: PositionalEncoding) -> bool:
+    """Whether ``attention`` should emit the fused op in the trace under way: the exporter asked
+    for it, the attention class declares ONNX_FUSED_ATTENTION, it is not training (dropout), and
+    the positional encoding adds no score bias (onnxruntime's ops would need it as a tensor)."""
+    return (_fusing and torch.onnx.is_in_onnx_export() and ONNX_FUSED_ATTENTION in type(attention).supports
+            and not attention.training
+            and type(positional).score_bias is PositionalEncoding.score_bias)
+
+
+def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: Optional[KV],
+                    attention_mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, KV]:
+    """Causal attention of q [B, H, T, D] over the past [B, K, P, D] plus k, v [B, K, T, D], with
+    left-padding ``attention_mask`` [B, P+T]; returns (y [B, T, H*D], present ([B, K, P+T, D] x2)).
+    Export-time only: the result is onnxruntime's op, not a computation torch can run."""
+    B, H, T, D = q.shape
+    K = k.shape[1]
+    if past is None:
+        past = (k.new_zeros(B, K, 0, D), v.new_zeros(B, K, 0, D))  # [B, K, 0, D] x2
+    q3 = q.transpose(1, 2).reshape(B, T, H * D)  # [B, T, H*D]
+    k3 = k.transpose(1, 2).reshape(B, T, K * D)  # [B, T, K*D]
+    v3 = v.transpose(1, 2).reshape(B, T, K * D)  # [B, T, K*D]
+    fused = _multi_head if K == H else _group_query
+    y, pk, pv = fused(q3, k3, v3, past, attention_mask, H, K)  # [B, T, H*D], [B, K, S, D] x2
+    return y, (pk, pv)
+
+
+def _outputs(q3, past, T, K):
+    """dtypes and shapes of (y [B, T, H*D], present key and value [B, K, P+T, D])."""
+    B, _, HD = q3.shape
+    S, D = past[0].shape[2] + T, past[0].shape[3]
+    return {"dtypes": (q3.dtype,) * 3, "shapes": ([B, T, HD], [B, K, S, D], [B, K, S, D]), "version": 1}
+
+
+def _multi_head(q3, k3, v3, past: KV, attention_mask, H: int, K: int):
+    """MultiHeadAttention: causal (unidirectional), left padding as an int32 key_padding_mask [B, S]."""
+    mask = None if attention_mask is None else attention_mask.to(torch.int32)  # [B, S]
+    return torch.onnx.ops.symbolic_multi_out(
+        "com.microsoft::MultiHeadAttention",
+        [q3, k3, v3, None, mask, None, past[0], past[1]],
+        {"num_heads": H, "unidirectional": 1},
+        **_outputs(q3, past, k3.shape[1], K),
+    )
+
+
+def _group_query(q3, k3, v3, past: KV, attention_mask, H: int, K: int):
+    """GroupQueryAttention: every row holds S = P + T slots (left padding), all T new rows are real;
+    left-padding keys are masked by an additive attention_bias [B, 1, T, S] of the dtype's minimum
+    (finite, so a padding query's softmax stays finite too)."""
+    B, T, _ = q3.shape
+    S = past[0].shape[2] + T
+    total = torch.full((), S, dtype=torch.int32)  # scalar
+    seqlens_k = (total - 1).expand(B)  # [B]: the last slot index of each row
+    query_seqlens = torch.full((B,), T, dtype=torch.int32)  # [B]
+    bias = None
+    if attention_mask is not None:
+        blocked = attention_mask[:, None, None, :] == 0  # [B, 1, 1, S]
+        bias = torch.zeros(blocked.shape, dtype=q3.dtype).masked_fill(blocked, torch.finfo(q3.dtype).min)
+        bias = bias.expand(B, 1, T, S)  # [B, 1, T, S]
+    return torch.onnx.ops.symbolic_multi_out(
+        "com.microsoft::GroupQueryAttention",
+        [q3, k3, v3, past[0], past[1], seqlens_k, total, None, None, None, bias, None, None, None, None, None,
+         query_seqlens],
+        {"num_heads": H, "kv_num_heads": K},
+        **_outputs(q3, past, T, K),
+    )

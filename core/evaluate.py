@@ -45,12 +45,13 @@ class OnnxScorer:
 
     def token_losses(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """inputs, targets [B, L] int64 -> next-token losses [B, L] float64 (nats)."""
+        from gptx.export import empty_past
+
         g = self.gen
         B, L = inputs.shape
-        empty = np.zeros((B, g.kv_heads, 0, g.head_dim), dtype=np.float32)  # [B, K, 0, D]
         feeds = {"input_ids": inputs, "attention_mask": np.ones((B, L), dtype=np.int64),
                  "position_ids": np.broadcast_to(np.arange(L, dtype=np.int64), (B, L)).copy()}
-        feeds |= {name: empty for name in g.inputs[3:]}
+        feeds |= dict(zip(g.inputs[3:], empty_past(g.cache, g.n_layer, B)))  # no past: every position at once
         logits = g.session.run(["logits"], feeds)[0]  # [B, L, V] float32
         top = logits.max(axis=-1, keepdims=True)  # [B, L, 1]
         lse = np.log(np.exp(logits - top).sum(axis=-1)) + top[..., 0]  # [B, L]

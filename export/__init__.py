@@ -30,15 +30,70 @@ PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
 
 
-def input_names(n_layer: int) -> list[str]:
-    """input_ids [B, T], attention_mask [B, P+T], position_ids [B, T], then per layer the past key and value [B, K, P, D]."""
-    past = [name % i for i in range(n_layer) for name in (PAST_KEY, PAST_VALUE)]
+# Each layer's cache: the tensors its attention declares (gptx_export.json's "cache"), GPT-2's key
+# and value [batch_size, kv_heads, past_sequence_length, head_dim] when an export declares none.
+DEFAULT_CACHE_NAMES = ("key", "value")
+CACHE_DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
+
+
+def default_cache(kv_heads: int, head_dim: int) -> list[dict]:
+    return [{"name": name, "dims": [BATCH, kv_heads, PAST, head_dim], "seq_axis": 2, "dtype": "float32"}
+            for name in DEFAULT_CACHE_NAMES]
+
+
+def cache_layout(meta: dict) -> list[dict]:
+    """The cache tensors of every layer of an export, checked: ``meta["cache"]`` or the default."""
+    from gptx.errors import GptxError
+
+    if "cache" not in meta:
+        return default_cache(meta["model"]["kv_heads"], meta["model"]["head_dim"])
+    cache = meta["cache"]
+    if not isinstance(cache, list) or not cache:
+        raise GptxError(f"{META_FILE}: cache: expected a list of tensor declarations")
+    for i, entry in enumerate(cache):
+        where = f"{META_FILE}: cache[{i}]"
+        if not isinstance(entry, dict):
+            raise GptxError(f"{where}: expected a table with name, dims, seq_axis and dtype")
+        name, dims, axis, dtype = (entry.get(k) for k in ("name", "dims", "seq_axis", "dtype"))
+        if not isinstance(name, str) or not name or not all(c.isalnum() or c == "_" for c in name):
+            raise GptxError(f"{where}.name: expected a plain name, got {name!r}")
+        if not isinstance(dims, list) or not all((isinstance(d, str) and d) or (type(d) is int and d >= 0) for d in dims):
+            raise GptxError(f"{where}.dims: expected names and sizes, got {dims!r}")
+        if type(axis) is not int or not 0 <= axis < len(dims):
+            raise GptxError(f"{where}.seq_axis: expected an axis of dims, got {axis!r}")
+        if dtype not in CACHE_DTYPES:
+            raise GptxError(f"{where}.dtype: {dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
+        unknown = [d for a, d in enumerate(dims) if isinstance(d, str) and d != BATCH and a != axis]
+        if unknown:
+            raise GptxError(f"{where}.dims: unknown symbolic dimension {unknown[0]!r} ({BATCH} or the sequence axis)")
+    return cache
+
+
+def _cache_names(cache) -> list[str]:
+    return [c["name"] for c in cache] if cache else list(DEFAULT_CACHE_NAMES)
+
+
+def input_names(n_layer: int, cache: list[dict] | None = None) -> list[str]:
+    """input_ids [B, T], attention_mask [B, P+T], position_ids [B, T], then per layer each cache
+    tensor's past (default: key and value [B, K, P, D])."""
+    past = [f"past_key_values.{i}.{name}" for i in range(n_layer) for name in _cache_names(cache)]
     return [INPUT_IDS, ATTENTION_MASK, POSITION_IDS, *past]
 
 
-def output_names(n_layer: int) -> list[str]:
-    """logits [B, T, V], then per layer the present key and value [B, K, P+T, D]."""
-    return [LOGITS, *(name % i for i in range(n_layer) for name in (PRESENT_KEY, PRESENT_VALUE))]
+def output_names(n_layer: int, cache: list[dict] | None = None) -> list[str]:
+    """logits [B, T, V], then per layer each cache tensor's present (P+T entries on its sequence axis)."""
+    return [LOGITS, *(f"present.{i}.{name}" for i in range(n_layer) for name in _cache_names(cache))]
+
+
+def empty_past(cache: list[dict], n_layer: int, batch: int) -> list:
+    """Numpy zeros for every layer's past with no tokens: 0 on the sequence axis, ``batch`` on batch_size."""
+    import numpy as np
+
+    per_layer = []
+    for c in cache:
+        shape = [0 if a == c["seq_axis"] else batch if d == BATCH else d for a, d in enumerate(c["dims"])]
+        per_layer.append(np.zeros(shape, dtype=c["dtype"]))
+    return [t for _ in range(n_layer) for t in per_layer]
 
 
 def tokenizer_hash(kind: str, options: dict, state: dict) -> str:

@@ -5,8 +5,14 @@ Type "decoder" with the contract's names; type "gpt2" would expect an older comb
 from __future__ import annotations
 
 from gptx.export import (
-    ATTENTION_MASK, INPUT_IDS, LOGITS, MODEL_FILE, PAST_KEY, PAST_VALUE, POSITION_IDS, PRESENT_KEY, PRESENT_VALUE,
+    ATTENTION_MASK, cache_layout, default_cache, INPUT_IDS, LOGITS, MODEL_FILE, PAST_KEY, PAST_VALUE, POSITION_IDS, PRESENT_KEY, PRESENT_VALUE,
 )
+
+
+def reads(meta: dict) -> bool:
+    """Whether onnxruntime-genai can run the export: its decoder knows GPT-2's key/value cache only."""
+    m = meta["model"]
+    return cache_layout(meta) == default_cache(m["kv_heads"], m["head_dim"])
 
 
 def genai_config(meta: dict) -> dict:
@@ -14,7 +20,7 @@ def genai_config(meta: dict) -> dict:
     eot = meta.get("special_tokens", {}).get("eot")
     # without an end-of-text token no id ends generation (an empty list; genai requires every id to
     # be in the vocabulary): it stops at max_length, as gptx does; padding is masked, any id serves
-    eos = [eot["id"]] if eot else []
+    eos = eot["id"] if eot else []
     pad = eot["id"] if eot else 0
     return {
         "model": {

@@ -56,20 +56,36 @@ def check_exportable(config) -> None:
         raise GptxError(f"cannot export to ONNX: {', '.join(missing)} does not support ONNX export (no '{ONNX_EXPORT}' in its supports)")
 
 
+def export_cache(model) -> list[dict]:
+    """The cache tensors each layer declares (``Attention.cache_layout``), as gptx_export.json
+    records them; the I/O contract names every layer's the same way, so all layers must agree."""
+    from gptx import components
+
+    layouts = model.cache_layouts()
+    if any(layout != layouts[0] for layout in layouts[1:]):
+        raise GptxError("cannot export to ONNX: the layers declare different caches "
+                        f"({[t.name for t in layouts[0]]} and others); the export needs one layout for every layer")
+    symbolic = {components.BATCH: BATCH, components.SEQ: PAST}
+    return [{"name": t.name, "dims": [symbolic.get(d, d) for d in t.dims], "seq_axis": t.seq_axis,
+             "dtype": str(t.dtype).removeprefix("torch.")} for t in layouts[0]]
+
+
 def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, metadata: Optional[dict] = None,
                 fused_attention: bool = False) -> onnx.ModelProto:
     """Export ``model`` (a gptx GPT in eval mode) to ``path``; returns the saved ModelProto. With
     ``fused_attention``, attentions that declare ONNX_FUSED_ATTENTION export onnxruntime's fused op."""
     from gptx.export import attention as onnx_attention
+    from gptx import components
+
     cfg = model.config
-    L, K, D = cfg.n_layer, model.kv_heads, cfg.head_dim
+    L, cache, layout = cfg.n_layer, export_cache(model), model.cache_layouts()[0]
     # example shapes: B=2, T=5, P=3 (never 0 or 1, which torch.export would specialise on)
     B, T, P = 2, min(5, max(2, cfg.block_size - 3)), 3
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
     mask = torch.ones(B, P + T, dtype=torch.int64)
     pos = torch.arange(P, P + T).expand(B, T).contiguous()
-    past = [(torch.zeros(B, K, P, D), torch.zeros(B, K, P, D)) for _ in range(L)]
+    past = [tuple(t.empty(B, P) for t in layout) for _ in range(L)]  # each as its attention declares
     limit = max(cfg.block_size, 4)
     batch = torch.export.Dim(BATCH, min=1, max=4096)
     seq = torch.export.Dim(SEQ, min=1, max=limit)
@@ -78,15 +94,16 @@ def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, metadata: Optiona
         "input_ids": {0: batch, 1: seq},
         "attention_mask": {0: batch, 1: torch.export.Dim.DYNAMIC},  # = past + seq, inferred
         "position_ids": {0: batch, 1: seq},
-        "past_key_values": [({0: batch, 2: past_len}, {0: batch, 2: past_len}) for _ in range(L)],
+        "past_key_values": [tuple({t.dims.index(components.BATCH): batch, t.seq_axis: past_len} for t in layout)
+                            for _ in range(L)],
     }
     with _quiet(), onnx_attention.fusing(fused_attention):
         program = torch.onnx.export(
             _Decoder(model).eval(),
             (ids, mask, pos, past),
             dynamic_shapes=dynamic_shapes,
-            input_names=input_names(L),
-            output_names=output_names(L),
+            input_names=input_names(L, cache),
+            output_names=output_names(L, cache),
             opset_version=opset,
             dynamo=True,
             optimize=True,
@@ -185,6 +202,7 @@ def metadata_for(ck, opset: int, quantization: Optional[str]) -> dict:
     from gptx.export.tokenizer_json import is_gpt2_bpe
 
     cfg = ck.config
+    cache = export_cache(ck.model)
     tok_spec = cfg.tokenizer.to_dict()
     kind = tok_spec.pop("kind")
     tok = ck.tokenizer
@@ -210,9 +228,10 @@ def metadata_for(ck, opset: int, quantization: Optional[str]) -> dict:
         "io_contract": {
             "name": IO_CONTRACT,
             "version": IO_CONTRACT_VERSION,
-            "inputs": input_names(cfg.model.n_layer),
-            "outputs": output_names(cfg.model.n_layer),
+            "inputs": input_names(cfg.model.n_layer, cache),
+            "outputs": output_names(cfg.model.n_layer, cache),
         },
+        "cache": cache,
         "model": {
             "n_layer": cfg.model.n_layer,
             "n_head": cfg.model.n_head,
@@ -313,11 +332,16 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
         set_metadata(proto, meta_for_graph(meta))
         save(proto, fp32_path)
 
-        files = [MODEL_FILE, META_FILE, GENAI_FILE]
+        files = [MODEL_FILE, META_FILE]
         tok = meta["tokenizer"]
         written = tokenizer_json.write(tmp, tok["kind"], tok["options"], meta["model"]["context_length"])
         files += written or []
-        (tmp / GENAI_FILE).write_text(json.dumps(genai.genai_config(meta), indent=2))
+        if genai.reads(meta):
+            (tmp / GENAI_FILE).write_text(json.dumps(genai.genai_config(meta), indent=2))
+            files.append(GENAI_FILE)
+        else:
+            log(f"no {GENAI_FILE}: onnxruntime-genai reads key/value caches [B, K, P, D] only; this model caches "
+                + ", ".join(f"{c['name']} {c['dims']}" for c in meta["cache"]))
         meta["files"] = files
         meta["total_seconds"] = round(time.perf_counter() - t_start, 2)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")

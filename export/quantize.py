@@ -142,7 +142,7 @@ def compare(fp32_session, quantized_session, meta: dict, scheme: str, prompts: i
     runs = []
     for _ in range(prompts):
         prompt = rng.integers(0, m["vocab_size"], prompt_len).tolist()
-        runs.append((_greedy(fp32_session, m, prompt, new_tokens), _greedy(quantized_session, m, prompt, new_tokens)))
+        runs.append((_greedy(fp32_session, meta, prompt, new_tokens), _greedy(quantized_session, meta, prompt, new_tokens)))
     same = [next((i for i, (x, y) in enumerate(zip(a["ids"], b["ids"])) if x != y), new_tokens) for a, b in runs]
     fp32_rate, q_rate = (_rate([r[k] for r in runs]) for k in (0, 1))
     return {
@@ -162,11 +162,12 @@ def _rate(greedy_runs: list[dict]) -> float:
     return round(tokens / seconds, 1) if seconds > 0 else 0.0
 
 
-def _greedy(session, m: dict, prompt: list[int], new_tokens: int) -> dict:
+def _greedy(session, meta: dict, prompt: list[int], new_tokens: int) -> dict:
     """Greedy ids, the prompt's logits [T, V], and the tokens decoded after the prompt and their seconds."""
+    from gptx.export import cache_layout
     from gptx.export.runtime import KVDecoder
 
-    decoder = KVDecoder(session, m["n_layer"], m["kv_heads"], m["head_dim"])
+    decoder = KVDecoder(session, meta["model"]["n_layer"], cache_layout(meta))
     logits = decoder.start([prompt], new_tokens)  # [1, T, V]
     first, ids, t_decode = logits[0], [], time.perf_counter()
     for _ in range(new_tokens):

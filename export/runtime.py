@@ -17,8 +17,10 @@ from gptx.base import Tokenizer
 from gptx.errors import GptxError, first_line, read_format_json
 from gptx.export import (
     EXPORT_FORMAT, EXPORT_FORMAT_VERSION, IO_CONTRACT, IO_CONTRACT_VERSION, META_FILE, MODEL_FILE,
-    input_names, output_names, tokenizer_hash,
+    LOGITS, cache_layout, empty_past, input_names, output_names, tokenizer_hash,
 )
+
+MAX_SIZE = 1 << 31  # any size in gptx_export.json: beyond it the file was altered
 from gptx.sampling import Collector, Generation, Sampler, left_pad, positions_from_mask
 
 _UNSET = object()
@@ -45,7 +47,37 @@ def read_meta(directory: Path) -> dict:
     if contract.get("name") != IO_CONTRACT or contract.get("version") != IO_CONTRACT_VERSION:
         raise GptxError(f"{directory}: I/O contract {contract.get('name')}/{contract.get('version')} is not "
                         f"{IO_CONTRACT}/{IO_CONTRACT_VERSION}, which this gptx reads")
+    path = Path(directory) / META_FILE
+    m = meta.get("model")
+    if not isinstance(m, dict):
+        raise GptxError(f"{path}: corrupted (model: expected a table)")
+    for key in ("n_layer", "n_head", "kv_heads", "head_dim", "n_embd", "vocab_size", "context_length"):
+        if type(m.get(key)) is not int or not 1 <= m[key] <= MAX_SIZE:
+            raise GptxError(f"{path}: corrupted (model.{key}: expected a whole number from 1 to {MAX_SIZE:,}, got {m.get(key)!r})")
+    if not isinstance(meta.get("tokenizer"), dict):
+        raise GptxError(f"{path}: corrupted (tokenizer: expected a table)")
+    eot = (meta.get("special_tokens") or {}).get("eot")
+    if eot is not None and (not isinstance(eot, dict) or type(eot.get("id")) is not int or not 0 <= eot["id"] < m["vocab_size"]):
+        raise GptxError(f"{path}: corrupted (special_tokens.eot: expected an id below vocab_size {m['vocab_size']}, got {eot!r})")
+    cache_layout(meta)  # checks the declaration
     return meta
+
+
+def check_graph_matches(session, meta: dict, model_path: Path) -> None:
+    """The graph's fixed sizes must be the metadata's: a model.onnx swapped for another graph with the
+    same names (another width, vocabulary or cache) is refused before it decodes garbage."""
+    declared = {f"past_key_values.{i}.{c['name']}": c["dims"] for i in range(meta["model"]["n_layer"])
+                for c in cache_layout(meta)}
+    for arg in session.get_inputs():
+        want = declared.get(arg.name)
+        if want is not None and any(type(w) is int and type(g) is int and w != g for w, g in zip(want, arg.shape)):
+            raise GptxError(f"{model_path}: {arg.name} has shape {arg.shape} but {META_FILE} declares {want}: "
+                            "the graph and its metadata do not belong together")
+    logits = next(o for o in session.get_outputs() if o.name == LOGITS)
+    vocab = logits.shape[-1] if logits.shape else None
+    if type(vocab) is int and vocab != meta["model"]["vocab_size"]:
+        raise GptxError(f"{model_path}: logits have {vocab} entries per token but {META_FILE} says vocab_size "
+                        f"{meta['model']['vocab_size']}: the graph and its metadata do not belong together")
 
 
 def _plugin_module(module: str) -> bool:
@@ -98,8 +130,8 @@ class OnnxGenerator:
         if not model_path.is_file():
             raise GptxError(f"{self.directory}: missing {MODEL_FILE}")
         m = self.meta["model"]
-        self.n_layer, self.kv_heads, self.head_dim = m["n_layer"], m["kv_heads"], m["head_dim"]
-        self.context_length = m["context_length"]
+        self.n_layer, self.context_length = m["n_layer"], m["context_length"]
+        self.cache = cache_layout(self.meta)  # each layer's cache tensors
         self.tokenizer = load_tokenizer(self.meta["tokenizer"])
         eot = self.meta.get("special_tokens", {}).get("eot")
         self.eot_id = None if eot is None else int(eot["id"])
@@ -107,11 +139,12 @@ class OnnxGenerator:
             self.session = make_session(model_path, threads)
         except Exception as err:  # onnxruntime raises its own exception types for unreadable graphs
             raise GptxError(f"{model_path}: onnxruntime cannot load it ({first_line(err) or type(err).__name__})") from None
-        self.inputs, self.outputs = input_names(self.n_layer), output_names(self.n_layer)
+        self.inputs, self.outputs = input_names(self.n_layer, self.cache), output_names(self.n_layer, self.cache)
         have_in = [i.name for i in self.session.get_inputs()]
         have_out = [o.name for o in self.session.get_outputs()]
         if sorted(have_in) != sorted(self.inputs) or sorted(have_out) != sorted(self.outputs):
             raise GptxError(f"{model_path}: its inputs/outputs do not follow {IO_CONTRACT}/{IO_CONTRACT_VERSION}")
+        check_graph_matches(self.session, self.meta, model_path)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampler: Sampler, eot_id=_UNSET) -> Generation:
         """Continue each prompt by up to ``max_new_tokens`` tokens (left-padded batch), stopping a
@@ -121,7 +154,7 @@ class OnnxGenerator:
             raise GptxError("--prompt: a prompt must not be empty")
         limit = self.context_length  # past it, each new token sees the last `limit` (nanoGPT's crop, as torch)
         kept = [list(p[-(limit - 1):]) if limit > 1 else list(p[-1:]) for p in prompts]
-        decoder = KVDecoder(self.session, self.n_layer, self.kv_heads, self.head_dim)
+        decoder = KVDecoder(self.session, self.n_layer, self.cache)
         out = Collector(len(prompts), eot_id)
         logits = decoder.start(kept, max_new_tokens)  # [B, T, V]
         for _ in range(max_new_tokens):
@@ -138,9 +171,9 @@ class KVDecoder:
     step hands the previous step's ``present.*`` back as ``past_key_values.*`` without a copy.
     gptx's generator and the export's quantization report decode through this one loop."""
 
-    def __init__(self, session, n_layer: int, kv_heads: int, head_dim: int):
-        self.session, self.n_layer, self.kv_heads, self.head_dim = session, n_layer, kv_heads, head_dim
-        self.inputs, self.outputs = input_names(n_layer), output_names(n_layer)
+    def __init__(self, session, n_layer: int, cache: list[dict]):
+        self.session, self.n_layer, self.cache = session, n_layer, cache
+        self.inputs, self.outputs = input_names(n_layer, cache), output_names(n_layer, cache)
         self.steps = 0  # session runs so far: the prompt is 1
 
     def start(self, prompts: list[list[int]], max_new_tokens: int) -> np.ndarray:
@@ -177,8 +210,7 @@ class KVDecoder:
     def _empty_past(self, batch: int) -> list:
         from onnxruntime import OrtValue
 
-        empty = np.zeros((batch, self.kv_heads, 0, self.head_dim), dtype=np.float32)
-        return [OrtValue.ortvalue_from_numpy(empty) for _ in range(2 * self.n_layer)]
+        return [OrtValue.ortvalue_from_numpy(t) for t in empty_past(self.cache, self.n_layer, batch)]
 
     def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         from onnxruntime import OrtValue

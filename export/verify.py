@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from gptx.errors import GptxError
-from gptx.export import LOGITS, input_names, output_names
+from gptx.export import input_names, output_names
 from gptx.sampling import left_pad, positions_from_mask
 
 TOLERANCE = 1e-4
@@ -49,6 +49,9 @@ class _Pair:
     def __init__(self, model, sess, report: Report, case: str):
         self.model, self.sess, self.report, self.case = model, sess, report, case
         self.L = model.config.n_layer
+        layout = model.cache_layouts()[0]  # one layout for every layer (checked before export)
+        self.names = [t.name for t in layout]
+        self.seq_axes = [t.seq_axis for t in layout] * self.L  # of each present, in output order
         self.t_past = model.empty_cache(0)  # replaced on the first call
         self.o_past = None
 
@@ -59,13 +62,14 @@ class _Pair:
     @torch.inference_mode()
     def step(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray):
         logits, presents = self.model(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(mask), self.t_past)
-        feeds = dict(zip(input_names(self.L), [ids, mask, pos, *self.o_past]))
+        cache = [{"name": n} for n in self.names]
+        feeds = dict(zip(input_names(self.L, cache), [ids, mask, pos, *self.o_past]))
         outs = self.sess.run(None, feeds)
         torch_outs = [logits.numpy(), *(p.numpy() for kv in presents for p in kv)]
-        for name, o, t in zip(output_names(self.L), outs, torch_outs):
+        for name, o, t, axis in zip(output_names(self.L, cache), outs, torch_outs, [None, *self.seq_axes]):
             if o.shape != t.shape:
                 raise VerificationError(f"export verification failed: {self.case}: {name} has shape {list(o.shape)} in onnxruntime, {list(t.shape)} in PyTorch")
-            d = _real_rows_max_abs_diff(o, t, mask, name == LOGITS)
+            d = _real_rows_max_abs_diff(o, t, mask, axis)
             self.report.cases[self.case] = max(self.report.cases.get(self.case, 0.0), d)
             if d > self.report.max_abs_diff or not self.report.worst:
                 self.report.max_abs_diff, self.report.worst = max(d, self.report.max_abs_diff), f"{self.case}: {name}"
@@ -74,15 +78,20 @@ class _Pair:
         return outs[0]
 
 
-def _real_rows_max_abs_diff(o: np.ndarray, t: np.ndarray, mask: np.ndarray, is_logits: bool) -> float:
-    """max |o - t| over real (non-padding) positions: logits [B, T, V] at the new tokens' slots,
-    presents [B, K, S, D] at every slot of ``mask`` [B, S]. Padding rows are unspecified by the
-    contract (a fused attention op treats a padding query differently from PyTorch)."""
+def _real_rows_max_abs_diff(o: np.ndarray, t: np.ndarray, mask: np.ndarray, seq_axis: Optional[int]) -> float:
+    """max |o - t| over real (non-padding) positions: logits [B, T, V] (``seq_axis`` None) at the new
+    tokens' slots, a present (e.g. [B, K, S, D], ``seq_axis`` 2) at every slot of ``mask`` [B, S].
+    Padding rows are unspecified by the contract (a fused attention op treats a padding query
+    differently from PyTorch)."""
     if not o.size:
         return 0.0
-    real = mask[:, -o.shape[1]:] if is_logits else mask  # [B, T] or [B, S]
-    real = real.astype(bool)[:, :, None] if is_logits else real.astype(bool)[:, None, :, None]
-    d = float(np.max(np.where(real, np.abs(o - t), 0.0)))
+    if seq_axis is None:
+        real = mask[:, -o.shape[1]:].astype(bool)[:, :, None]  # [B, T, 1]
+    else:
+        shape = [1] * o.ndim
+        shape[0], shape[seq_axis] = mask.shape  # batch first, the mask's slots along the sequence axis
+        real = mask.astype(bool).reshape(shape)  # e.g. [B, 1, S, 1]
+    d = float(np.max(np.where(real, np.abs(o - t).astype(np.float64), 0.0)))
     return d if np.isfinite(d) else float("inf")
 
 

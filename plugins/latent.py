@@ -23,7 +23,7 @@ from torch import nn
 
 import gptx
 from gptx.components import (
-    BATCH, KV_CACHE, SEQ, Attention, CacheTensor, PositionalEncoding, append_cache, attention_allowed, slot_indices,
+    BATCH, KV_CACHE, ONNX_EXPORT, SEQ, Attention, CacheTensor, PositionalEncoding, append_cache, attention_allowed, slot_indices,
 )
 
 
@@ -50,7 +50,7 @@ class LatentAttention(Attention):
     under RoPE) is the whole cache, instead of keys and values [B, H, S, D] x2."""
 
     Options = LatentOptions
-    supports = frozenset({KV_CACHE})  # ONNX export of a cache that is not [B, K, S, D]: see gptx.export
+    supports = frozenset({KV_CACHE, ONNX_EXPORT})  # its cache is declared, so the export follows it
 
     @classmethod
     def check(cls, model, options):

@@ -348,6 +348,36 @@ def garbage_export_metadata(d, art):
     return gen(ex)
 
 
+def edit_export_meta(d, art, edit) -> Path:
+    ex = copy_export(d, art)
+    meta = json.loads((ex / "gptx_export.json").read_text())
+    edit(meta)
+    (ex / "gptx_export.json").write_text(json.dumps(meta))
+    return ex
+
+
+@case("model.onnx", "logits have 256 entries per token but gptx_export.json says vocab_size 300")
+def export_metadata_with_another_vocabulary(d, art):
+    return gen(edit_export_meta(d, art, lambda m: m["model"].update(vocab_size=300)))
+
+
+@case("past_key_values.0.key has shape", "do not belong together")
+def export_metadata_declaring_another_cache(d, art):
+    def wider(m):
+        m["cache"] = [dict(c, dims=[c["dims"][0], c["dims"][1] + 1, *c["dims"][2:]]) for c in m["cache"]]
+    return gen(edit_export_meta(d, art, wider))
+
+
+@case("gptx_export.json", "model.context_length")
+def export_metadata_with_a_non_integer_context(d, art):
+    return gen(edit_export_meta(d, art, lambda m: m["model"].update(context_length="64")))
+
+
+@case("gptx_export.json: cache[0].seq_axis")
+def export_metadata_with_a_bad_cache_declaration(d, art):
+    return gen(edit_export_meta(d, art, lambda m: m["cache"][0].update(seq_axis=9)))
+
+
 # ---- sweeps and comparisons (nothing trained, no sweep folder, no MLflow parent run) ----------
 
 def sweep(d, *options):

@@ -13,7 +13,7 @@ import pytest
 import torch
 from helpers import SHAKESPEARE, gptx, tiny_checkpoint_and_export
 
-transformers = pytest.importorskip("transformers")
+import transformers  # a test dependency: missing is a failure, not a skip
 
 from gptx.evaluate import TorchScorer, read_examples, score_example  # noqa: E402
 from gptx.hf import import_hf  # noqa: E402

@@ -66,6 +66,8 @@ def component_matrix():
             combos.append((f"placement={name}", {"block": {"placement": name}}))
     # grouped-query attention and a sliding window ride along on the attention variants
     combos.append(("attention=causal(gqa,window)", {"attention": {"kind": "causal", "n_kv_heads": 2, "window": 6}}))
+    # multi-head latent attention under RoPE caches a latent and a rotated key: two declared tensors
+    combos.append(("attention=latent(rope)", {"attention": {"kind": "latent", "kv_rank": 8}, "positional": {"kind": "rope"}}))
     return combos
 
 
@@ -180,7 +182,7 @@ def test_genai_config_describes_a_decoder(gpt2):
 
 
 def test_tokenizer_json_encodes_like_tiktoken(gpt2):
-    tokenizers = pytest.importorskip("tokenizers")
+    import tokenizers  # comes with transformers, a test dependency
     from gptx.plugins.tokenizers import gpt2_encoding
 
     hf = tokenizers.Tokenizer.from_file(str(gpt2["out"] / "tokenizer.json"))
@@ -476,17 +478,23 @@ def test_verification_compares_real_positions_only():
     logits_t = np.zeros((2, 3, 5), np.float32)  # the last 3 slots are new tokens
     logits_o = logits_t.copy()
     logits_o[0, 0] = np.nan  # slot 1 of row 0: padding, unspecified
-    assert _real_rows_max_abs_diff(logits_o, logits_t, mask, True) == 0.0
+    assert _real_rows_max_abs_diff(logits_o, logits_t, mask, None) == 0.0
     logits_o[0, 1, 2] = 0.5  # slot 2 of row 0: real
-    assert _real_rows_max_abs_diff(logits_o, logits_t, mask, True) == 0.5
+    assert _real_rows_max_abs_diff(logits_o, logits_t, mask, None) == 0.5
     present_t = np.zeros((2, 3, 4, 2), np.float32)
     present_o = present_t.copy()
     present_o[0, :, :2] = 7.0  # padding slots
-    assert _real_rows_max_abs_diff(present_o, present_t, mask, False) == 0.0
+    assert _real_rows_max_abs_diff(present_o, present_t, mask, 2) == 0.0
     present_o[1, 2, 0, 1] = -0.25
-    assert _real_rows_max_abs_diff(present_o, present_t, mask, False) == 0.25
+    assert _real_rows_max_abs_diff(present_o, present_t, mask, 2) == 0.25
     present_o[1, 0, 3, 0] = np.inf
-    assert _real_rows_max_abs_diff(present_o, present_t, mask, False) == float("inf")
+    assert _real_rows_max_abs_diff(present_o, present_t, mask, 2) == float("inf")
+    token_major_t = np.zeros((2, 4, 2, 3, 2), np.float32)  # [B, S, 2, K, D]: the sequence on axis 1
+    token_major_o = token_major_t.copy()
+    token_major_o[0, :2] = 9.0  # padding slots of row 0
+    assert _real_rows_max_abs_diff(token_major_o, token_major_t, mask, 1) == 0.0
+    token_major_o[1, 3, 1, 2, 0] = 0.125
+    assert _real_rows_max_abs_diff(token_major_o, token_major_t, mask, 1) == 0.125
 
 
 def test_a_fused_graph_off_tolerance_falls_back_to_the_plain_one(tmp_path, byte_ckpt, monkeypatch):

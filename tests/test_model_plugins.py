@@ -1,0 +1,101 @@
+"""The model side extended from outside, for real: pip installs tests/plugin_packages/gptx-model-plugin
+(block ``rezero``, ffn ``sigmoid_moe``, attention ``token_major`` with its own [B, S, 2, K, D] cache)
+and the real CLI, in subprocesses, checks, trains, exports and decodes with them."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from helpers import install_plugin_packages, plugin_env
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "experiments" / "data" / "tinyshakespeare.txt"
+NAMES = ["rezero", "sigmoid_moe", "token_major"]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory) -> Path:
+    return install_plugin_packages(tmp_path_factory.mktemp("model-plugin"), ["gptx-model-plugin"])
+
+
+def gptx(site: Path, *args, cwd: Path, timeout: int = 600):
+    env = dict(os.environ, MLFLOW_DISABLE_TELEMETRY="true", **plugin_env(site, load="model"))
+    return subprocess.run([sys.executable, "-m", "gptx", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=timeout)
+
+
+def test_check_plugin_passes_every_contract_of_the_model_plugin(site, tmp_path):
+    listed = gptx(site, "components", "--json", cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr
+    rows = {row["name"]: row for row in json.loads(listed.stdout)}
+    assert {rows[n]["kind"] for n in NAMES} == {"block", "ffn", "attention"}
+    proc = gptx(site, "check-plugin", *NAMES, "--json", cwd=tmp_path, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    results = json.loads(proc.stdout)["results"]
+    assert {r["name"] for r in results} == set(NAMES)
+    assert not [r for r in results if r["status"] == "fail"], results
+    passed = {(r["name"], r["check"]) for r in results if r["status"] == "pass"}
+    # the token-major cache decodes and exports: the export follows the attention's declaration
+    assert {("token_major", "ONNX export"), ("sigmoid_moe", "ONNX export"), ("rezero", "ONNX export")} <= passed
+
+
+def test_a_model_of_plugin_parts_trains_exports_and_decodes_its_own_cache_on_onnxruntime(site, tmp_path):
+    exp = tmp_path / "plugins.toml"
+    exp.write_text(textwrap.dedent(f"""
+        [model]
+        n_layer = 2
+        n_head = 4
+        n_embd = 32
+        block_size = 32
+        [model.block]
+        kind = "rezero"
+        [model.attention]
+        kind = "token_major"
+        n_kv_heads = 2
+        [model.ffn]
+        kind = "sigmoid_moe"
+        n_experts = 4
+        top_k = 2
+        [tokenizer]
+        kind = "char"
+        [data]
+        path = {json.dumps(str(DATA))}
+        [training]
+        batch_size = 4
+        max_steps = 20
+        eval_interval = 10
+        eval_steps = 2
+        log_interval = 10
+        sample_tokens = 8
+        final_eval_tokens = 0
+        threads = 1
+        [tracking]
+        enabled = false
+        """))
+    run = gptx(site, "run", exp, "--quiet", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    ckpt = next(line.split(":", 1)[1].strip() for line in run.stdout.splitlines() if line.startswith("checkpoint:"))
+    out = tmp_path / "export"
+    export = gptx(site, "export", ckpt, "-o", out, cwd=tmp_path)
+    assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
+    meta = json.loads((out / "gptx_export.json").read_text())
+    assert meta["cache"] == [{"name": "kv", "dims": ["batch_size", "past_sequence_length", 2, 2, 8], "seq_axis": 1,
+                              "dtype": "float32"}]
+    assert "past_key_values.1.kv" in meta["io_contract"]["inputs"] and "present.0.kv" in meta["io_contract"]["outputs"]
+    assert not (out / "genai_config.json").exists() and "no genai_config.json" in export.stdout  # genai reads [B, K, P, D] only
+
+    def greedy(source):
+        # 40 new tokens pass the 32-token context: both runtimes crop the same way past it
+        r = gptx(site, "generate", source, "--prompt", "ROMEO:", "--prompt", "O", "--temperature", "0",
+                 "--max-new-tokens", "40", "--json", cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        return [json.loads(line)["ids"] for line in r.stdout.splitlines()]
+
+    assert greedy(out) == greedy(ckpt)

@@ -18,6 +18,8 @@ Sections (``--only``):
   generating) for PyTorch with the KV cache, onnxruntime fp32, int8 and int4 on a ``gptx.export`` of the
   same weights, and, when installed, Hugging Face ``generate`` on the same weights and
   onnxruntime-genai on the same export (the peers).
+- ``speedrun`` (only with ``--only``): time to nanoGPT's quality, nanoGPT's recipe against
+  ``speedrun_char.toml``, as whole processes (``gptx.speedrun``).
 
 Timings on a shared machine are noisy: compare ratios from one run, and look at ``machine.load``.
 """
@@ -35,7 +37,7 @@ from typing import Callable, Optional
 
 from gptx.errors import GptxError
 
-SECTIONS = ("peak", "train", "generate")
+SECTIONS = ("peak", "train", "generate", "speedrun")  # speedrun only when asked: minutes of training
 BACKENDS = ("torch", "ort", "ort-int8", "ort-int4", "hf", "genai")
 QUANTIZED = {"ort-int8": "int8", "ort-int4": "int4"}  # backend -> gptx export --quantize scheme
 MODEL_SIZES = {  # randomly initialised GPT-2-style models with GPT-2's BPE vocabulary
@@ -548,15 +550,37 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
 
 # ---- the whole run -------------------------------------------------------------------------
 
+def check_inputs(sections, experiment, overrides: tuple, checkpoint_dir: Optional[str], backends) -> None:
+    """Every input a section will use, checked before a minute of measuring the machine."""
+    from gptx import checkpoint as ckpt
+    from gptx.config import load_experiment
+
+    if "train" in sections:
+        load_experiment(experiment or default_experiment(), list(overrides))
+    if "generate" in sections:
+        unknown = [b for b in backends if b not in BACKENDS]
+        if unknown:
+            raise GptxError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+        if checkpoint_dir:
+            ckpt.read_meta(ckpt.resolve(checkpoint_dir))
+
+
 def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: int = 50,
         warmup_steps: int = 5, model: str = "tiny", checkpoint_dir: Optional[str] = None, backends=BACKENDS,
         prompt_tokens: int = 32, new_tokens: int = 128, repeats: int = 3, peak_seconds: float = 1.0,
-        threads: Optional[int] = None, log: Callable[[str], None] = lambda s: None) -> dict:
+        threads: Optional[int] = None, log: Callable[[str], None] = lambda s: None,
+        speedrun_seeds: int = 3, speedrun_steps: Optional[int] = None, nanogpt: Optional[str] = None) -> dict:
     import torch
+
+    from gptx import speedrun
 
     bad = [s for s in sections if s not in SECTIONS]
     if bad:
         raise GptxError(f"--only: unknown section {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
+    if nanogpt is not None and "speedrun" not in sections:
+        raise GptxError("--nanogpt: only the speedrun section runs nanoGPT; add --only speedrun")
+    check_inputs(sections, experiment, overrides, checkpoint_dir, backends)
+    speedrun.check_nanogpt(nanogpt)
     if threads:
         torch.set_num_threads(threads)
     out: dict = {"machine": machine()}
@@ -584,6 +608,8 @@ def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: 
     if "generate" in sections:
         out["generate"] = bench_generate(model, checkpoint_dir, tuple(backends), prompt_tokens, new_tokens, repeats, log,
                                          bandwidth)
+    if "speedrun" in sections:
+        out["speedrun"] = speedrun.run(speedrun_seeds, steps=speedrun_steps, nanogpt=nanogpt, log=log)
     out["machine"]["load_after"] = machine()["load"]
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
@@ -631,6 +657,10 @@ def table(result: dict) -> str:
         for name, why in g["skipped"].items():
             lines.append(f"  {name}: skipped ({why})")
         lines.append("  (same: greedy tokens identical to PyTorch's before the first difference)")
+    if "speedrun" in result:
+        from gptx import speedrun
+
+        lines += ["", speedrun.table(result["speedrun"])]
     lines.append("")
     lines.append(f"{result['seconds']} s in all")
     return "\n".join(lines)

@@ -343,10 +343,14 @@ def _load(file, overrides):
     from gptx.config import load_experiment
 
     registry()  # report broken plugins before validating
-    cfg = load_experiment(file, overrides)
+    return load_experiment(file, overrides)
+
+
+def show_notes(cfg) -> None:
+    """What the loader changed (a dropped option, a moved key): said once everything is checked,
+    so that a bad input still ends in its one error line."""
     for note in cfg.notes:
-        click.echo(f"Note: {file}: {note}", err=True)
-    return cfg
+        click.echo(f"Note: {cfg.source}: {note}", err=True)
 
 
 @cli.command()
@@ -367,6 +371,7 @@ def validate(file, overrides, as_json):
             plan = prepare(cfg, progress=status)
     except ConfigError as err:
         raise err.located(file) from None
+    show_notes(cfg)
     if as_json:
         click.echo(json.dumps(cfg.to_dict(), indent=2))
         return
@@ -421,7 +426,7 @@ def run(file, overrides, resume, nproc, quiet):
 
     cfg = _load(file, overrides)
     try:
-        result = train(cfg, resume=resume, progress=not quiet)
+        result = train(cfg, resume=resume, progress=not quiet, checked=lambda: show_notes(cfg))
     except Interrupted as err:
         click.echo(f"Stopped: {err}. Continue with: gptx run {file} --resume", err=True)
         sys.exit(err.exit_code)
@@ -667,7 +672,7 @@ def evaluate(source, data, task, stride, batch, device, as_json):
 
 @cli.command()
 @click.option("--only", default="peak,train,generate", show_default=True, metavar="SECTIONS",
-              help="Comma-separated sections: peak, train, generate.")
+              help="Comma-separated sections: peak, train, generate, speedrun (time to nanoGPT's quality; minutes).")
 @click.option("--experiment", type=click.Path(dir_okay=False), default=None,
               help="Experiment file for the train section (default: the shipped shakespeare_char.toml).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a value of the experiment; repeatable.")
@@ -683,9 +688,13 @@ def evaluate(source, data, task, stride, batch, device, as_json):
 @click.option("--repeats", default=3, show_default=True, type=BoundedInt(1, 10_000), help="Timed generations per backend.")
 @click.option("--peak-seconds", default=1.0, show_default=True, type=BoundedFloat(0.01, 3600.0), help="Time per matmul peak.")
 @click.option("--threads", default=None, type=BoundedInt(1, 4096), help="torch/onnxruntime threads (default: torch's).")
+@click.option("--speedrun-seeds", default=3, show_default=True, type=BoundedInt(1, 100), help="Seeds per speedrun recipe.")
+@click.option("--speedrun-steps", default=None, type=BoundedInt(1, 1 << 20),
+              help="Cap both speedrun recipes at this many steps (a smoke test; the comparison needs their own).")
+@click.option("--nanogpt", default=None, metavar="DIR", help="A nanoGPT checkout (data/shakespeare_char prepared): time it too.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench(only, experiment, overrides, train_steps, warmup_steps, model_size, checkpoint_dir, backends,
-          prompt_tokens, new_tokens, repeats, peak_seconds, threads, as_json):
+          prompt_tokens, new_tokens, repeats, peak_seconds, threads, speedrun_seeds, speedrun_steps, nanogpt, as_json):
     """Measure this machine: matmul peak, training tokens/s and MFU, generation tokens/s, time to
     first token and memory (PyTorch, onnxruntime fp32/int8/int4, HF and onnxruntime-genai as peers)."""
     from gptx import bench as bench_mod
@@ -697,6 +706,7 @@ def bench(only, experiment, overrides, train_steps, warmup_steps, model_size, ch
         train_steps=train_steps, warmup_steps=warmup_steps, model=model_size, checkpoint_dir=checkpoint_dir,
         backends=split(backends), prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
         peak_seconds=peak_seconds, threads=threads, log=lambda s: click.echo(s, err=True) if not as_json else None,
+        speedrun_seeds=speedrun_seeds, speedrun_steps=speedrun_steps, nanogpt=nanogpt,
     )
     click.echo(json.dumps(result, indent=2) if as_json else bench_mod.table(result))
 

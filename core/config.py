@@ -367,6 +367,9 @@ def load_experiment(path: str | os.PathLike, overrides: list[str] = (), registry
         kind_set = {k.rsplit(".", 1)[0] for k in origin if k.endswith(".kind")}
         cfg = from_dict(raw, registry, source=path.resolve(), kind_set=kind_set, set_keys=set(origin), notes=notes)
         cfg.explicit = frozenset(_dotted_keys(raw))
+        start = cfg.training.init_from
+        if "training.init_from" in origin and start and not start.startswith("runs:/"):  # typed in the current folder
+            cfg.training = dataclasses.replace(cfg.training, init_from=str(Path(os.path.expanduser(start)).absolute()))
         if check_data:
             check_paths(cfg)
         return cfg
@@ -471,8 +474,9 @@ def resolve_component(reg, kind: Kind, table, base_dir: Path, kind_changed: bool
                 refs[f.name] = reg.get(f.metadata["kind"], value)
             except GptxError as err:
                 raise ConfigError(str(err), f"{key}.{f.name}") from None
-        if f.metadata.get("path") and isinstance(value, str):
-            absolute = str((base_dir / os.path.expanduser(value)).absolute())
+        if f.metadata.get("path") and isinstance(value, str):  # from --set: typed in the current folder
+            base = Path.cwd() if f"{key}.{f.name}" in set_keys else base_dir
+            absolute = str((base / os.path.expanduser(value)).absolute())
             options = dataclasses.replace(options, **{f.name: absolute})
     return ComponentSpec(kind=name, options=options, cls=entry.cls, refs=refs)
 

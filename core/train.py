@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -121,12 +121,12 @@ class BatchSplit:
 
     micro_batches: int  # per optimizer step, on this rank
     rows_per_micro: int
-    rows: tuple[int, ...]  # indices into the global batch
+    rows: range  # indices into the global batch
 
     @property
-    def subset(self) -> Optional[tuple[int, ...]]:
+    def subset(self) -> Optional[range]:
         """The rows to read, or None when they are the whole batch in order (one process)."""
-        return None if self.rows == tuple(range(len(self.rows))) else self.rows
+        return None if self.rows == range(len(self.rows)) else self.rows
 
     @classmethod
     def plan(cls, tc, rank: int = 0, world: int = 1) -> "BatchSplit":
@@ -140,8 +140,21 @@ class BatchSplit:
                 f"shared evenly by {world} processes; use grad_accum_steps in {', '.join(map(str, accum))}, ... or "
                 f"batch_size in {', '.join(map(str, sizes))}, ...", "training.grad_accum_steps")
         share = total // world
-        rows_per_micro = max(d for d in range(1, bs + 1) if share % d == 0)  # the largest equal micro-batch that fits
-        return cls(share // rows_per_micro, rows_per_micro, tuple(range(rank * share, (rank + 1) * share)))
+        rows_per_micro = _largest_divisor(share, bs)  # the largest equal micro-batch that fits
+        return cls(share // rows_per_micro, rows_per_micro, range(rank * share, (rank + 1) * share))
+
+
+def _largest_divisor(n: int, limit: int) -> int:
+    """The largest divisor of ``n`` not above ``limit``, in O(sqrt(n)) (batch sizes may be absurd
+    before the memory check refuses them)."""
+    if n % limit == 0:
+        return limit
+    best, i = 1, 1
+    while i * i <= n:
+        if n % i == 0:
+            best = max([best] + [d for d in (i, n // i) if d <= limit])
+        i += 1
+    return best
 
 
 class TrainStep:
@@ -728,9 +741,11 @@ def _allocating(fn):
         raise
 
 
-def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True, run_dir: Optional[Path] = None) -> TrainResult:
+def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True, run_dir: Optional[Path] = None,
+          checked: Callable[[], None] = lambda: None) -> TrainResult:
     """Validate everything, then train: ``Trainer(prepare(cfg, resume)).fit()``. ``run_dir``: a
-    new, empty directory the caller made for the run (gptx sweep), instead of a fresh one."""
+    new, empty directory the caller made for the run (gptx sweep), instead of a fresh one;
+    ``checked`` is called once everything is validated, before anything is created."""
     from gptx.progress import StatusLine
 
     shown = progress and int(os.environ.get("RANK", "0")) == 0
@@ -739,5 +754,7 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True, ru
             plan = prepare(cfg, resume, progress=status)
     except ConfigError as err:  # name the experiment file, as the loader's own errors do
         raise err.located(str(cfg.source) if cfg.source else None) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        checked()
     plan.run_dir = run_dir
     return Trainer(plan, progress).fit()

@@ -11,7 +11,7 @@ far it moves the output from fp32.
   faster and prefill 30 % faster, and moved the logits about as much as blocks of 32 on the
   models measured (README "Performance").
 
-The trap (see FIELD-NOTES): in the fp32 export the LM head reads the tied embedding through a
+The trap: in the fp32 export the LM head reads the tied embedding through a
 Transpose. Quantizing that as it is leaves the head in fp32 (its B input is not a constant), or,
 if the Gather is quantized too, dequantizes the whole matrix every step. So the quantized copy
 gives the head its own [C, V] initializer (``untie_transposed_weights``) before either scheme

@@ -378,6 +378,45 @@ def export_metadata_with_a_bad_cache_declaration(d, art):
     return gen(edit_export_meta(d, art, lambda m: m["cache"][0].update(seq_axis=9)))
 
 
+@case("data.path", "binary")
+def a_kind_change_note_never_comes_before_an_error(d, art):
+    """--set drops the old kind's option (a note), then the data is refused: the error alone."""
+    body = '[model.ffn]\nkind = "gelu"\napproximate = "none"\n'
+    return ["run", experiment(d, body, data=data_file(d, b"\x00\x01" * 4000)), "--set", "model.ffn.kind=swiglu"]
+
+
+@case("training.batch_size", "GiB for its logits alone")
+def an_absurd_batch_size_is_refused_at_once(d, art):
+    return ["run", experiment(d), "--set", "training.batch_size=100000000"]
+
+
+# ---- gptx bench: every input checked before the machine is measured (a minute or more) ----------
+
+@case("--nanogpt", "is not a nanoGPT checkout")
+def bench_nanogpt_not_a_checkout(d, art):
+    return ["bench", "--only", "speedrun", "--nanogpt", d]
+
+
+@case("--nanogpt: only the speedrun section runs nanoGPT")
+def bench_nanogpt_without_the_speedrun_section(d, art):
+    return ["bench", "--only", "train", "--nanogpt", d]
+
+
+@case("missing.toml")
+def bench_missing_experiment(d, art):
+    return ["bench", "--only", "peak,train", "--experiment", d / "missing.toml"]
+
+
+@case("training.batch_size")
+def bench_bad_set(d, art):
+    return ["bench", "--only", "peak,train", "--set", "training.batch_size=0"]
+
+
+@case("nope", "no such checkpoint directory")
+def bench_missing_checkpoint(d, art):
+    return ["bench", "--only", "peak,generate", "--checkpoint", d / "nope"]
+
+
 # ---- sweeps and comparisons (nothing trained, no sweep folder, no MLflow parent run) ----------
 
 def sweep(d, *options):

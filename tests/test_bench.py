@@ -65,3 +65,20 @@ def test_bench_int4_row():
     assert row["tokens_per_s"] > 0 and row["ttft_ms"] > 0 and row["total_s"] > 0
     assert row["same_tokens_as_torch"] is None and row["vs_hf"] is None  # no torch or HF row to compare with
     assert g["fp32_bandwidth_bound_tok_s"] > 0 and g["new_tokens"] == 8
+
+
+@pytest.mark.slow
+def test_bench_speedrun_times_both_recipes_as_whole_processes():
+    """The section's plumbing on 3 steps per recipe (the comparison itself runs each recipe's own
+    steps: minutes, measured for the README)."""
+    proc = gptx("bench", "--only", "speedrun", "--speedrun-steps", "3", "--speedrun-seeds", "1", "--json",
+                check=True, timeout=900)
+    s = json.loads(proc.stdout)["speedrun"]
+    assert s["target_val_loss"] == 1.90 and s["steps"] == 3 and s["store_creation_s"] > 0
+    (row,) = s["runs"]
+    assert row["seed"] == 1337
+    for recipe in ("nanogpt_recipe", "speedrun"):
+        assert row[recipe]["wall_s"] > 0 and 3.0 < row[recipe]["final_val_loss"] < 4.5  # 3 steps: near ln(65)
+        assert row[recipe]["reached"] is False
+    assert row["ratio"] == pytest.approx(row["speedrun"]["wall_s"] / row["nanogpt_recipe"]["wall_s"], abs=1e-3)
+    assert s["mean"]["ratio"] == row["ratio"] and s["mean"]["speedrun_reaches_target"] is False

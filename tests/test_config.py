@@ -113,3 +113,19 @@ def test_cli_validate_and_errors(tmp_path):
     assert len(lines) == 1 and "model.attention.kind" in lines[0] and "causal" in lines[0], bad.stderr
     assert "Traceback" not in bad.stderr
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()  # nothing created
+
+
+def test_paths_from_set_are_relative_to_the_current_folder_paths_in_the_file_to_the_file(tmp_path, monkeypatch):
+    from gptx.config import load_experiment
+
+    (tmp_path / "exp").mkdir()
+    (tmp_path / "here").mkdir()
+    f = tmp_path / "exp" / "e.toml"
+    f.write_text('[data]\npath = "corpus.txt"\n')
+    for folder in ("exp", "here"):
+        (tmp_path / folder / "corpus.txt").write_text("to be or not to be " * 200)
+    monkeypatch.chdir(tmp_path / "here")
+    assert load_experiment(f).data.options.path == str(tmp_path / "exp" / "corpus.txt")
+    typed = load_experiment(f, ["data.path=corpus.txt", "training.init_from=ckpt"], check_data=False)
+    assert typed.data.options.path == str(tmp_path / "here" / "corpus.txt")
+    assert typed.training.init_from == str(tmp_path / "here" / "ckpt")

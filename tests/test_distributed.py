@@ -129,3 +129,11 @@ def test_every_rank_gets_an_equal_share_in_micro_batches_that_fit():
             assert s.rows_per_micro <= bs and s.micro_batches * s.rows_per_micro == len(s.rows) == A * bs // world
     one = BatchSplit.plan(SimpleNamespace(grad_accum_steps=3, batch_size=4))
     assert (one.micro_batches, one.rows_per_micro, one.subset) == (3, 4, None)  # one process: as always
+    # an absurd batch is planned in O(sqrt) steps and no per-row list, for the memory check to refuse it
+    huge = BatchSplit.plan(SimpleNamespace(grad_accum_steps=3, batch_size=10**9), 1, 2)
+    assert (huge.micro_batches, huge.rows_per_micro, huge.rows) == (2, 75 * 10**7, range(15 * 10**8, 3 * 10**9))
+    from gptx.train import _largest_divisor
+
+    for n in range(1, 150):
+        for limit in range(1, 40):
+            assert _largest_divisor(n, limit) == max(d for d in range(1, limit + 1) if n % d == 0)

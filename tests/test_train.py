@@ -225,3 +225,11 @@ def test_chunked_tokenization_equals_whole_text():
     chunks = [c for i in range(0, len(text), 700) for c in chunker.feed(text[i:i + 700])] + list(chunker.flush())
     assert len(chunks) > 100 and "".join(chunks) == text
     assert [t for c in tok.encode_batch(chunks) for t in c] == tok.encode(text)
+
+
+def test_auto_dtype_is_float32_on_cpu_where_bf16_measured_slower():
+    from gptx.train import resolve_dtype
+
+    cpu = torch.device("cpu")
+    assert resolve_dtype("auto", cpu) == "float32"  # whatever the CPU's flags: see resolve_dtype
+    assert resolve_dtype("float32", cpu) == "float32" and resolve_dtype("bfloat16", cpu) == "bfloat16"

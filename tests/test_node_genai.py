@@ -106,6 +106,16 @@ def test_node_example_reads_the_cache_declaration(node_modules, gpt2_out, tmp_pa
 
 
 @pytest.mark.xdist_group("node")
+def test_node_example_generates_past_the_context_as_python_does(node_modules, gpt2_out):
+    """Prompts near and beyond the 96-token context and 24 new tokens: nanoGPT's crop, in Node
+    as in gptx's Python generators (a prompt keeps its last 95 tokens, then the window slides)."""
+    gen = OnnxGenerator(gpt2_out)
+    prompts = [" ".join(["one two three four"] * 40), " ".join(["to be or not"] * 20), "Hi"]
+    assert len(gen.tokenizer.encode(prompts[0])) > 96
+    want = gen.generate([gen.tokenizer.encode(p) for p in prompts], 24, Sampler(temperature=0)).ids
+    assert [r["ids"] for r in run_node(node_modules, gpt2_out, prompts, 24)] == want
+
+
 def test_node_example_with_a_char_tokenizer(node_modules, tmp_path):
     out = wandering_export(tmp_path, "char", seed=5, state={"chars": list("\n !',.?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")})
     prompts = ["To be, or not to be", "Ay"]

@@ -242,11 +242,6 @@ export class Decoder {
   checkLength(prompts, maxNewTokens) {
     if (!prompts.length || prompts.some((p) => p.length === 0)) throw new Error("a prompt must not be empty");
     if (!(Number.isInteger(maxNewTokens) && maxNewTokens >= 1)) throw new Error(`max_new_tokens: expected an integer >= 1, got ${maxNewTokens}`);
-    const longest = Math.max(...prompts.map((p) => p.length));
-    const ctx = this.meta.model.context_length;
-    if (longest + maxNewTokens > ctx) {
-      throw new Error(`prompt of ${longest} tokens + ${maxNewTokens} new tokens exceeds the model's context of ${ctx} tokens`);
-    }
   }
 
   emptyCache(B) { // past_key_values.<layer>.<name> in ioNames' order: layer by layer, the layout's tensors in turn
@@ -254,25 +249,39 @@ export class Decoder {
   }
 
   // Yields, after each step, the next token of every row [B]; the cache stays in onnxruntime tensors
-  // (each step's presents are the next step's pasts).
+  // (each step's presents are the next step's pasts). Past the context, as nanoGPT and gptx's Python
+  // generators do, each new token sees the last context_length tokens: a prompt keeps its last
+  // context_length - 1, and the window is run afresh every step, positions counted from its start.
   async *steps(prompts, maxNewTokens, sampler) {
     this.checkLength(prompts, maxNewTokens);
+    const ctx = this.meta.model.context_length;
     const B = prompts.length, V = this.meta.model.vocab_size;
-    const { ids, mask, pos, T } = leftPad(prompts);
-    const rowsMask = prompts.map((_, b) => mask.slice(b * T, (b + 1) * T)); // [B][P+T], grows by one column per step
+    const { ids, mask, pos, T } = leftPad(prompts.map((p) => p.slice(-Math.max(ctx - 1, 1))));
+    const rowsIds = prompts.map((_, b) => ids.slice(b * T, (b + 1) * T)); // [B][S]: every token so far
+    const rowsMask = prompts.map((_, b) => mask.slice(b * T, (b + 1) * T)); // [B][S], grows by one column per step
     let feeds = { input_ids: int64(this.ort, ids, [B, T]), attention_mask: int64(this.ort, mask, [B, T]),
                   position_ids: int64(this.ort, pos, [B, T]), ...this.emptyCache(B) };
-    let lastPos = prompts.map((p) => p.length - 1);
+    let lastPos = pos.filter((_, i) => i % T === T - 1);
     for (let step = 0; step < maxNewTokens; step++) {
       const out = await this.session.run(feeds);
       const t = out.logits.dims[1];
       const next = Array.from({ length: B }, (_, b) => sampler.next(out.logits.data.subarray((b * t + t - 1) * V, (b * t + t) * V))); // [B]
       yield next;
-      rowsMask.forEach((row) => row.push(1));
-      lastPos = lastPos.map((p) => p + 1);
-      feeds = { input_ids: int64(this.ort, next, [B, 1]), attention_mask: int64(this.ort, rowsMask.flat(), [B, rowsMask[0].length]),
-                position_ids: int64(this.ort, lastPos, [B, 1]) };
-      this.names.past.forEach((name, i) => { feeds[name] = out[this.names.present[i]]; });
+      next.forEach((tok, b) => { rowsIds[b].push(tok); rowsMask[b].push(1); });
+      const S = rowsMask[0].length;
+      if (S <= ctx) { // the cache holds the whole context: feed the new token alone
+        lastPos = lastPos.map((p) => p + 1);
+        feeds = { input_ids: int64(this.ort, next, [B, 1]), attention_mask: int64(this.ort, rowsMask.flat(), [B, S]),
+                  position_ids: int64(this.ort, lastPos, [B, 1]) };
+        this.names.past.forEach((name, i) => { feeds[name] = out[this.names.present[i]]; });
+      } else { // the last ctx tokens afresh, positions from the window's start (0 at its first real token)
+        const windowMask = rowsMask.map((row) => row.slice(-ctx));
+        const windowPos = windowMask.map((row) => { let seen = 0; return row.map((m) => Math.max((seen += m) - 1, 0)); });
+        lastPos = windowPos.map((row) => row[row.length - 1]);
+        feeds = { input_ids: int64(this.ort, rowsIds.map((row) => row.slice(-ctx)).flat(), [B, ctx]),
+                  attention_mask: int64(this.ort, windowMask.flat(), [B, ctx]),
+                  position_ids: int64(this.ort, windowPos.flat(), [B, ctx]), ...this.emptyCache(B) };
+      }
     }
   }
 

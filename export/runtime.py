@@ -63,11 +63,11 @@ def read_meta(directory: Path) -> dict:
     return meta
 
 
-def check_graph_matches(session, meta: dict, model_path: Path) -> None:
-    """The graph's fixed sizes must be the metadata's: a model.onnx swapped for another graph with the
-    same names (another width, vocabulary or cache) is refused before it decodes garbage."""
-    declared = {f"past_key_values.{i}.{c['name']}": c["dims"] for i in range(meta["model"]["n_layer"])
-                for c in cache_layout(meta)}
+def check_graph_matches(session, meta: dict, cache: list[dict], model_path: Path) -> None:
+    """The graph's fixed sizes must be the metadata's (``cache``: its checked layout): a model.onnx
+    swapped for another graph with the same names (another width, vocabulary or cache) is refused
+    before it decodes garbage."""
+    declared = {f"past_key_values.{i}.{c['name']}": c["dims"] for i in range(meta["model"]["n_layer"]) for c in cache}
     for arg in session.get_inputs():
         want = declared.get(arg.name)
         if want is not None and any(type(w) is int and type(g) is int and w != g for w, g in zip(want, arg.shape)):
@@ -144,7 +144,7 @@ class OnnxGenerator:
         have_out = [o.name for o in self.session.get_outputs()]
         if sorted(have_in) != sorted(self.inputs) or sorted(have_out) != sorted(self.outputs):
             raise GptxError(f"{model_path}: its inputs/outputs do not follow {IO_CONTRACT}/{IO_CONTRACT_VERSION}")
-        check_graph_matches(self.session, self.meta, model_path)
+        check_graph_matches(self.session, self.meta, self.cache, model_path)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampler: Sampler, eot_id=_UNSET) -> Generation:
         """Continue each prompt by up to ``max_new_tokens`` tokens (left-padded batch), stopping a
@@ -179,14 +179,16 @@ class KVDecoder:
     def start(self, prompts: list[list[int]], max_new_tokens: int) -> np.ndarray:
         """Run the prompts (left-padded); returns their logits [B, T, V]."""
         B, longest = len(prompts), max(len(p) for p in prompts)
-        self.seq, mask = left_pad([list(p) for p in prompts])  # [B, T] int64 each: every token so far
+        ids, mask = left_pad([list(p) for p in prompts])  # [B, T] int64 each
         self.pos = positions_from_mask(mask)  # [B, T]
         self.past = self._empty_past(B)
-        # the mask grows by one column per step: one buffer, a view of it per step
+        # ids and mask grow by one column per step: one buffer each, a view of it per step
+        self.full_ids = np.zeros((B, longest + max_new_tokens), dtype=np.int64)
+        self.full_ids[:, :longest] = ids
         self.full_mask = np.ones((B, longest + max_new_tokens), dtype=np.int64)
         self.full_mask[:, :longest] = mask
         self.length = longest
-        return self._run(self.seq, self.full_mask[:, :self.length])
+        return self._run(ids, self.full_mask[:, :self.length])
 
     def step(self, next_ids: np.ndarray) -> np.ndarray:
         """Feed one token per row (``next_ids`` [B]) after the cached ones; returns its logits [B, 1, V]."""
@@ -201,10 +203,10 @@ class KVDecoder:
         mask = self.full_mask[:, self.length - limit:self.length]  # [B, limit]
         self.pos = positions_from_mask(mask)  # [B, limit]
         self.past = self._empty_past(len(next_ids))
-        return self._run(np.ascontiguousarray(self.seq[:, -limit:]), mask)
+        return self._run(np.ascontiguousarray(self.full_ids[:, self.length - limit:self.length]), mask)
 
     def _append(self, next_ids: np.ndarray) -> None:
-        self.seq = np.concatenate([self.seq, next_ids[:, None].astype(np.int64)], axis=1)  # [B, S+1]
+        self.full_ids[:, self.length] = next_ids
         self.length += 1
 
     def _empty_past(self, batch: int) -> list:

@@ -50,7 +50,8 @@ class _Pair:
         self.model, self.sess, self.report, self.case = model, sess, report, case
         self.L = model.config.n_layer
         layout = model.cache_layouts()[0]  # one layout for every layer (checked before export)
-        self.names = [t.name for t in layout]
+        cache = [{"name": t.name} for t in layout]
+        self.inputs, self.outputs = input_names(self.L, cache), output_names(self.L, cache)
         self.seq_axes = [t.seq_axis for t in layout] * self.L  # of each present, in output order
         self.t_past = model.empty_cache(0)  # replaced on the first call
         self.o_past = None
@@ -62,11 +63,10 @@ class _Pair:
     @torch.inference_mode()
     def step(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray):
         logits, presents = self.model(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(mask), self.t_past)
-        cache = [{"name": n} for n in self.names]
-        feeds = dict(zip(input_names(self.L, cache), [ids, mask, pos, *self.o_past]))
+        feeds = dict(zip(self.inputs, [ids, mask, pos, *self.o_past]))
         outs = self.sess.run(None, feeds)
         torch_outs = [logits.numpy(), *(p.numpy() for kv in presents for p in kv)]
-        for name, o, t, axis in zip(output_names(self.L, cache), outs, torch_outs, [None, *self.seq_axes]):
+        for name, o, t, axis in zip(self.outputs, outs, torch_outs, [None, *self.seq_axes]):
             if o.shape != t.shape:
                 raise VerificationError(f"export verification failed: {self.case}: {name} has shape {list(o.shape)} in onnxruntime, {list(t.shape)} in PyTorch")
             d = _real_rows_max_abs_diff(o, t, mask, axis)

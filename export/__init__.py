@@ -30,6 +30,17 @@ PAST_KEY, PAST_VALUE = "past_key_values.%d.key", "past_key_values.%d.value"
 PRESENT_KEY, PRESENT_VALUE = "present.%d.key", "present.%d.value"
 
 
+# io_contract flag: the graph accepts a past that is a preallocated buffer longer than the
+# attention mask (the mask's width S says how many slots are filled) and returns that buffer as the
+# present with the new entries written at [S - T, S) when the caller binds the same tensor to both
+# (onnxruntime-genai's past_present_share_buffer). Without it, a past holds exactly P = S - T slots.
+SHARE_BUFFER = "past_present_share_buffer"
+
+
+def shares_buffer(meta: dict) -> bool:
+    return meta.get("io_contract", {}).get(SHARE_BUFFER) is True
+
+
 # Each layer's cache: the tensors its attention declares (gptx_export.json's "cache"), GPT-2's key
 # and value [batch_size, kv_heads, past_sequence_length, head_dim] when an export declares none.
 DEFAULT_CACHE_NAMES = ("key", "value")
@@ -85,15 +96,14 @@ def output_names(n_layer: int, cache: list[dict] | None = None) -> list[str]:
     return [LOGITS, *(f"present.{i}.{name}" for i in range(n_layer) for name in _cache_names(cache))]
 
 
-def empty_past(cache: list[dict], n_layer: int, batch: int) -> list:
-    """Numpy zeros for every layer's past with no tokens: 0 on the sequence axis, ``batch`` on batch_size."""
+def empty_past(cache: list[dict], n_layer: int, batch: int, capacity: int = 0) -> list:
+    """Numpy zeros for every layer's past: ``capacity`` slots on the sequence axis (0: no tokens;
+    more: a buffer for shared decoding, see ``SHARE_BUFFER``), ``batch`` on batch_size. Each
+    tensor is its own array: a shared buffer is written in place, so no two may alias."""
     import numpy as np
 
-    per_layer = []
-    for c in cache:
-        shape = [0 if a == c["seq_axis"] else batch if d == BATCH else d for a, d in enumerate(c["dims"])]
-        per_layer.append(np.zeros(shape, dtype=c["dtype"]))
-    return [t for _ in range(n_layer) for t in per_layer]
+    shapes = [[capacity if a == c["seq_axis"] else batch if d == BATCH else d for a, d in enumerate(c["dims"])] for c in cache]
+    return [np.zeros(shape, dtype=c["dtype"]) for _ in range(n_layer) for shape, c in zip(shapes, cache)]
 
 
 def tokenizer_hash(kind: str, options: dict, state: dict) -> str:

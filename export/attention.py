@@ -1,15 +1,21 @@
-"""onnxruntime's fused attention in exported graphs (com.microsoft MultiHeadAttention and
-GroupQueryAttention), emitted while ``torch.onnx.export`` traces an attention that opts in.
+"""onnxruntime's fused attention in exported graphs (com.microsoft GroupQueryAttention, and
+MultiHeadAttention where GroupQueryAttention cannot run), emitted while ``torch.onnx.export``
+traces an attention that opts in.
 
 The plain exported attention is a dozen small kernels per layer and token: transposes of q, k
 and v, the concatenation of the cache, the mask arithmetic, two matmuls and a softmax. One fused
 node does all of it and appends the new keys and values to the cache itself:
 
-- K == H (multi-head): ``MultiHeadAttention`` with ``unidirectional=1``, the past in the
-  contract's [B, H, P, D] layout and the attention mask as an int32 ``key_padding_mask``.
-- K < H (grouped-query): ``GroupQueryAttention``, whose caller states every row's total length
-  (``seqlens_k`` = S - 1, ``total_sequence_length`` = S, ``query_seqlens`` = T, all equal under
-  left padding) and whose left-padding keys are masked with an additive ``attention_bias``.
+- ``GroupQueryAttention`` (any K dividing H, head_dim a multiple of 8, onnxruntime's own limit):
+  the caller states every row's total length (``total_sequence_length`` = S, the attention
+  mask's width; ``seqlens_k`` = S - 1 for every row, all equal under left padding) and the
+  left-padding keys are masked with an additive ``attention_bias``. Because S comes from the
+  mask and not from the past's length, a past that is a preallocated buffer longer than S works
+  too: onnxruntime then writes the new keys and values into that buffer in place when the
+  caller binds it as the present as well (``past_present_share_buffer``, what onnxruntime-genai
+  does), instead of copying the whole cache every token.
+- ``MultiHeadAttention`` with ``unidirectional=1`` (K == H with another head size): the past in
+  the contract's [B, H, P, D] layout and the attention mask as an int32 ``key_padding_mask``.
 
 Both keep the contract's past/present names and shapes. What differs from the plain graph is
 only what padding rows hold: a left-padding query attends to itself in gptx's torch model and
@@ -66,7 +72,7 @@ def fused_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, past: Opt
     q3 = q.transpose(1, 2).reshape(B, T, H * D)  # [B, T, H*D]
     k3 = k.transpose(1, 2).reshape(B, T, K * D)  # [B, T, K*D]
     v3 = v.transpose(1, 2).reshape(B, T, K * D)  # [B, T, K*D]
-    fused = _multi_head if K == H else _group_query
+    fused = _multi_head if K == H and D % 8 else _group_query
     y, pk, pv = fused(q3, k3, v3, past, attention_mask, H, K)  # [B, T, H*D], [B, K, S, D] x2
     return y, (pk, pv)
 
@@ -90,14 +96,14 @@ def _multi_head(q3, k3, v3, past: KV, attention_mask, H: int, K: int):
 
 
 def _group_query(q3, k3, v3, past: KV, attention_mask, H: int, K: int):
-    """GroupQueryAttention: every row holds S = P + T slots (left padding), all T new rows are real;
-    left-padding keys are masked by an additive attention_bias [B, 1, T, S] of the dtype's minimum
-    (finite, so a padding query's softmax stays finite too)."""
+    """GroupQueryAttention: every row holds S slots (left padding; S the mask's width, so a past
+    buffer may be longer than P), all T new rows are real; left-padding keys are masked by an
+    additive attention_bias [B, 1, T, S] of the dtype's minimum (finite, so a padding query's
+    softmax stays finite too)."""
     B, T, _ = q3.shape
-    S = past[0].shape[2] + T
+    S = past[0].shape[2] + T if attention_mask is None else attention_mask.shape[1]
     total = torch.full((), S, dtype=torch.int32)  # scalar
     seqlens_k = (total - 1).expand(B)  # [B]: the last slot index of each row
-    query_seqlens = torch.full((B,), T, dtype=torch.int32)  # [B]
     bias = None
     if attention_mask is not None:
         blocked = attention_mask[:, None, None, :] == 0  # [B, 1, 1, S]
@@ -105,8 +111,7 @@ def _group_query(q3, k3, v3, past: KV, attention_mask, H: int, K: int):
         bias = bias.expand(B, 1, T, S)  # [B, 1, T, S]
     return torch.onnx.ops.symbolic_multi_out(
         "com.microsoft::GroupQueryAttention",
-        [q3, k3, v3, past[0], past[1], seqlens_k, total, None, None, None, bias, None, None, None, None, None,
-         query_seqlens],
+        [q3, k3, v3, past[0], past[1], seqlens_k, total, None, None, None, bias],
         {"num_heads": H, "kv_num_heads": K},
         **_outputs(q3, past, T, K),
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from gptx.export import (
     ATTENTION_MASK, cache_layout, default_cache, INPUT_IDS, LOGITS, MODEL_FILE, PAST_KEY, PAST_VALUE, POSITION_IDS, PRESENT_KEY, PRESENT_VALUE,
+    shares_buffer,
 )
 
 
@@ -60,7 +61,7 @@ def genai_config(meta: dict) -> dict:
             "no_repeat_ngram_size": 0,
             "num_beams": 1,
             "num_return_sequences": 1,
-            "past_present_share_buffer": False,
+            "past_present_share_buffer": shares_buffer(meta),
             "repetition_penalty": 1.0,
             "temperature": 1.0,
             "top_k": 1,

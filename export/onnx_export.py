@@ -30,7 +30,7 @@ from gptx.errors import GptxError, first_line
 from gptx.fsutil import remove_stale_siblings, temp_sibling
 from gptx.export import (
     ATTENTION_MASK, BATCH, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, IO_CONTRACT, IO_CONTRACT_VERSION,
-    PAST, SEQ, TOTAL, input_names, output_names, tokenizer_hash,
+    PAST, SEQ, SHARE_BUFFER, TOTAL, input_names, output_names, tokenizer_hash,
 )
 
 DEFAULT_OPSET = 18
@@ -322,6 +322,7 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
         t0 = time.perf_counter()
         report = _export_verified(model, fp32_path, opset, meta, log)
         meta["fusions"] = report.fusions
+        meta["io_contract"][SHARE_BUFFER] = report.shared_buffer
         meta["verification"] = report.to_dict() | {"seconds": round(time.perf_counter() - t0, 2)}
         cases = ", ".join(f"{k} {v:.2e}" for k, v in report.cases.items())
         log(f"verified against PyTorch: max abs diff {report.max_abs_diff:.2e} in {report.worst} ({cases})")
@@ -369,11 +370,11 @@ def _export_verified(model, path: Path, opset: int, meta: dict, log: Callable[[s
 
 def _fused_attention_graph(model, path: Path, opset: int, meta: dict, log: Callable[[str], None]):
     """The fused-attention graph and its verification report, or (None, None) when it is not kept."""
-    from gptx.export.verify import VerificationError, session, verify
+    from gptx.export.verify import VerificationError
 
     try:
         graph = _export_graph(model, path, opset, meta, True, log)
-        return graph, verify(model, session(path))
+        return graph, _verify(model, graph, path)
     except Exception as err:  # an optimisation: whatever went wrong, the plain attention remains
         why = str(err) if isinstance(err, VerificationError) else f"{type(err).__name__}: {first_line(err)}"
         log(f"fused attention not kept ({why}); exporting the plain attention")
@@ -403,7 +404,7 @@ def _fuse_and_verify(model, plain: onnx.ModelProto, path: Path, log: Callable[[s
     VerificationError of the plain graph stands. Returns the verification report with ``fusions``
     (onnxruntime operator -> count in the graph kept; empty: nothing fused)."""
     from gptx.export.fuse import contrib_ops, fuse
-    from gptx.export.verify import VerificationError, session, verify
+    from gptx.export.verify import VerificationError
 
     cfg = model.config
     try:
@@ -415,16 +416,26 @@ def _fuse_and_verify(model, plain: onnx.ModelProto, path: Path, log: Callable[[s
     if counts:
         save(fused, path)
         try:
-            report = verify(model, session(path))
+            report = _verify(model, fused, path)
             report.fusions = contrib_ops(fused)
             log("fused for onnxruntime: " + ", ".join(f"{n} {op}" for op, n in sorted(report.fusions.items())))
             return report
         except VerificationError as err:
             log(f"fused graph not kept ({err}); using the unfused graph")
             save(plain, path)
-    report = plain_report or verify(model, session(path))
+    report = plain_report or _verify(model, plain, path)
     report.fusions = contrib_ops(plain)
     return report
+
+
+def _verify(model, graph: onnx.ModelProto, path: Path):
+    """Verify the graph saved at ``path``; one whose every layer is GroupQueryAttention (which reads
+    the total length from the mask) is checked for shared-buffer decoding too, which it then declares."""
+    from gptx.export.fuse import contrib_ops
+    from gptx.export.verify import session, verify
+
+    shared = contrib_ops(graph).get("GroupQueryAttention", 0) == model.config.n_layer
+    return verify(model, session(path), shared_buffer=shared)
 
 
 def _quantize(scheme: str, path: Path, tmp: Path, meta: dict, log: Callable[[str], None]) -> dict:

@@ -164,10 +164,10 @@ def _rate(greedy_runs: list[dict]) -> float:
 
 def _greedy(session, meta: dict, prompt: list[int], new_tokens: int) -> dict:
     """Greedy ids, the prompt's logits [T, V], and the tokens decoded after the prompt and their seconds."""
-    from gptx.export import cache_layout
+    from gptx.export import cache_layout, shares_buffer
     from gptx.export.runtime import KVDecoder
 
-    decoder = KVDecoder(session, meta["model"]["n_layer"], cache_layout(meta))
+    decoder = KVDecoder(session, meta["model"]["n_layer"], cache_layout(meta), shares_buffer(meta))
     logits = decoder.start([prompt], new_tokens)  # [1, T, V]
     first, ids, t_decode = logits[0], [], time.perf_counter()
     for _ in range(new_tokens):

@@ -17,7 +17,7 @@ from gptx.base import Tokenizer
 from gptx.errors import GptxError, first_line, read_format_json
 from gptx.export import (
     EXPORT_FORMAT, EXPORT_FORMAT_VERSION, IO_CONTRACT, IO_CONTRACT_VERSION, META_FILE, MODEL_FILE,
-    LOGITS, cache_layout, empty_past, input_names, output_names, tokenizer_hash,
+    LOGITS, cache_layout, empty_past, input_names, output_names, shares_buffer, tokenizer_hash,
 )
 
 MAX_SIZE = 1 << 31  # any size in gptx_export.json: beyond it the file was altered
@@ -154,7 +154,7 @@ class OnnxGenerator:
             raise GptxError("--prompt: a prompt must not be empty")
         limit = self.context_length  # past it, each new token sees the last `limit` (nanoGPT's crop, as torch)
         kept = [list(p[-(limit - 1):]) if limit > 1 else list(p[-1:]) for p in prompts]
-        decoder = KVDecoder(self.session, self.n_layer, self.cache)
+        decoder = KVDecoder(self.session, self.n_layer, self.cache, shares_buffer(self.meta))
         out = Collector(len(prompts), eot_id)
         logits = decoder.start(kept, max_new_tokens)  # [B, T, V]
         for _ in range(max_new_tokens):
@@ -167,12 +167,19 @@ class OnnxGenerator:
 
 class KVDecoder:
     """One generation on an exported graph: ``start`` runs the left-padded prompts, each ``step``
-    feeds one new token per row. The KV cache stays in onnxruntime's own tensors (OrtValue): each
-    step hands the previous step's ``present.*`` back as ``past_key_values.*`` without a copy.
+    feeds one new token per row. The KV cache stays in onnxruntime's own tensors (OrtValue).
+
+    Two ways to keep it, chosen by what the export declares:
+    - ``shared`` (``io_contract.past_present_share_buffer``): one preallocated buffer per cache
+      tensor, as long as the whole generation, bound as both the past and the present; the graph
+      writes each step's new keys and values into it in place (the mask's width says how much of
+      it is filled). Nothing is copied per token.
+    - otherwise each step hands the previous step's ``present.*`` back as ``past_key_values.*``
+      (no copy here, but the graph concatenates the whole cache every token).
     gptx's generator and the export's quantization report decode through this one loop."""
 
-    def __init__(self, session, n_layer: int, cache: list[dict]):
-        self.session, self.n_layer, self.cache = session, n_layer, cache
+    def __init__(self, session, n_layer: int, cache: list[dict], shared: bool = False):
+        self.session, self.n_layer, self.cache, self.shared = session, n_layer, cache, shared
         self.inputs, self.outputs = input_names(n_layer, cache), output_names(n_layer, cache)
         self.steps = 0  # session runs so far: the prompt is 1
 
@@ -181,13 +188,13 @@ class KVDecoder:
         B, longest = len(prompts), max(len(p) for p in prompts)
         ids, mask = left_pad([list(p) for p in prompts])  # [B, T] int64 each
         self.pos = positions_from_mask(mask)  # [B, T]
-        self.past = self._empty_past(B)
         # ids and mask grow by one column per step: one buffer each, a view of it per step
         self.full_ids = np.zeros((B, longest + max_new_tokens), dtype=np.int64)
         self.full_ids[:, :longest] = ids
         self.full_mask = np.ones((B, longest + max_new_tokens), dtype=np.int64)
         self.full_mask[:, :longest] = mask
         self.length = longest
+        self.past = self._past(B, longest + max_new_tokens if self.shared else 0)
         return self._run(ids, self.full_mask[:, :self.length])
 
     def step(self, next_ids: np.ndarray) -> np.ndarray:
@@ -202,28 +209,35 @@ class KVDecoder:
         self._append(next_ids)
         mask = self.full_mask[:, self.length - limit:self.length]  # [B, limit]
         self.pos = positions_from_mask(mask)  # [B, limit]
-        self.past = self._empty_past(len(next_ids))
+        if not self.shared:  # a shared buffer is simply refilled from its start
+            self.past = self._past(len(next_ids), 0)
         return self._run(np.ascontiguousarray(self.full_ids[:, self.length - limit:self.length]), mask)
 
     def _append(self, next_ids: np.ndarray) -> None:
         self.full_ids[:, self.length] = next_ids
         self.length += 1
 
-    def _empty_past(self, batch: int) -> list:
+    def _past(self, batch: int, capacity: int) -> list:
+        """Every layer's past: empty, or zeroed buffers of ``capacity`` slots (shared decoding)."""
         from onnxruntime import OrtValue
 
-        return [OrtValue.ortvalue_from_numpy(t) for t in empty_past(self.cache, self.n_layer, batch)]
+        return [OrtValue.ortvalue_from_numpy(t) for t in empty_past(self.cache, self.n_layer, batch, capacity)]
 
     def _run(self, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
         from onnxruntime import OrtValue
 
-        feeds = [
-            OrtValue.ortvalue_from_numpy(ids),
-            OrtValue.ortvalue_from_numpy(np.ascontiguousarray(mask)),
-            OrtValue.ortvalue_from_numpy(self.pos),
-            *self.past,
-        ]
+        feeds = [OrtValue.ortvalue_from_numpy(ids), OrtValue.ortvalue_from_numpy(np.ascontiguousarray(mask)),
+                 OrtValue.ortvalue_from_numpy(self.pos), *self.past]
+        self.steps += 1
+        if self.shared:
+            binding = self.session.io_binding()
+            for name, value in zip(self.inputs, feeds):
+                binding.bind_ortvalue_input(name, value)
+            binding.bind_output(LOGITS)
+            for name, value in zip(self.outputs[1:], self.past):  # present.* written into past's buffers
+                binding.bind_ortvalue_output(name, value)
+            self.session.run_with_iobinding(binding)
+            return binding.get_outputs()[0].numpy()  # [B, T, V]
         results = self.session.run_with_ort_values(self.outputs, dict(zip(self.inputs, feeds)))
         self.past = results[1:]  # present.* -> next step's past_key_values.*, no copy
-        self.steps += 1
         return results[0].numpy()  # [B, T, V]

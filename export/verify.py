@@ -4,8 +4,10 @@ Cases (each compares every output, logits and every present key/value, at real p
 at left-padding positions are unspecified by the I/O contract):
   empty-past   a 2-prompt prefill with P = 0
   1-token      three single-token steps on the cache the graph itself produced
-  chunked      a prefill in two chunks (the second with P > 0)
+  chunked      a prefill in two chunks (the second with P > 0), batch 1
   left-padded  prompts of different lengths, left-padded, then two single-token steps
+  shared-buffer  (graphs that declare past_present_share_buffer) the left-padded case again, the
+               cache a preallocated buffer bound as both past and present, written in place
 """
 from __future__ import annotations
 
@@ -32,6 +34,7 @@ class Report:
     worst: str = ""  # "case: output"
     cases: dict = dataclasses.field(default_factory=dict)  # case -> max abs diff
     fusions: dict = dataclasses.field(default_factory=dict)  # fused operator -> count (gptx.export.fuse)
+    shared_buffer: bool = False  # the shared-buffer case was run and passed
 
     def to_dict(self) -> dict:
         return {"max_abs_diff": self.max_abs_diff, "worst": self.worst, "cases": self.cases, "tolerance": TOLERANCE}
@@ -55,16 +58,42 @@ class _Pair:
         self.seq_axes = [t.seq_axis for t in layout] * self.L  # of each present, in output order
         self.t_past = model.empty_cache(0)  # replaced on the first call
         self.o_past = None
+        self.buffers = None  # shared decoding: one OrtValue per cache tensor, bound as past and present
 
-    def start(self, batch: int):
+    def start(self, batch: int, capacity: int = 0):
+        """A new batch with an empty cache; ``capacity`` > 0: onnxruntime's cache is a preallocated
+        buffer of that many slots, shared by past and present (past_present_share_buffer)."""
+        from onnxruntime import OrtValue
+
         self.t_past = self.model.empty_cache(batch)
         self.o_past = [p.numpy() for kv in self.t_past for p in kv]
+        if capacity:
+            shapes = [[capacity if a == axis else n for a, n in enumerate(p.shape)] for p, axis in zip(self.o_past, self.seq_axes)]
+            self.buffers = [OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=p.dtype)) for shape, p in zip(shapes, self.o_past)]
+
+    def _run_shared(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> list[np.ndarray]:
+        """One step with the buffers bound as past and present; the presents returned are the
+        buffers' first S = mask width slots (the rest is not written yet)."""
+        binding = self.sess.io_binding()
+        for name, value in zip(self.inputs, [ids, mask, pos]):
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, buf in zip(self.inputs[3:], self.buffers):
+            binding.bind_ortvalue_input(name, buf)
+        binding.bind_output(self.outputs[0])
+        for name, buf in zip(self.outputs[1:], self.buffers):
+            binding.bind_ortvalue_output(name, buf)
+        self.sess.run_with_iobinding(binding)
+        S = mask.shape[1]
+        return [binding.get_outputs()[0].numpy(),
+                *(np.take(b.numpy(), np.arange(S), axis=axis) for b, axis in zip(self.buffers, self.seq_axes))]
 
     @torch.inference_mode()
     def step(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray):
         logits, presents = self.model(torch.from_numpy(ids), torch.from_numpy(pos), torch.from_numpy(mask), self.t_past)
-        feeds = dict(zip(self.inputs, [ids, mask, pos, *self.o_past]))
-        outs = self.sess.run(None, feeds)
+        if self.buffers:
+            outs = self._run_shared(ids, mask, pos)
+        else:
+            outs = self.sess.run(None, dict(zip(self.inputs, [ids, mask, pos, *self.o_past])))
         torch_outs = [logits.numpy(), *(p.numpy() for kv in presents for p in kv)]
         for name, o, t, axis in zip(self.outputs, outs, torch_outs, [None, *self.seq_axes]):
             if o.shape != t.shape:
@@ -95,8 +124,9 @@ def _real_rows_max_abs_diff(o: np.ndarray, t: np.ndarray, mask: np.ndarray, seq_
     return d if np.isfinite(d) else float("inf")
 
 
-def verify(model, sess, seed: int = 0) -> Report:
-    """Compare onnxruntime with PyTorch on the four cases; raise VerificationError past TOLERANCE."""
+def verify(model, sess, seed: int = 0, shared_buffer: bool = False) -> Report:
+    """Compare onnxruntime with PyTorch on the four cases (five with ``shared_buffer``: the graph
+    claims past_present_share_buffer); raise VerificationError past TOLERANCE."""
     cfg = model.config
     rng = np.random.default_rng(seed)
     n = min(12, cfg.block_size)  # longest context used
@@ -116,29 +146,36 @@ def verify(model, sess, seed: int = 0) -> Report:
         mask = np.ones((2, t + 1), dtype=np.int64)
         p.step(rng.integers(0, V, (2, 1)), mask, np.full((2, 1), t, dtype=np.int64))
 
-    # chunked prefill: first chunk, then the rest with a non-empty past
+    # chunked prefill: first chunk, then the rest with a non-empty past; one row, the contract's
+    # promise (onnxruntime's GroupQueryAttention refuses T > 1 over a past for a batch, as a
+    # runtime that prefills in chunks does one sequence at a time)
     if n >= 2:
         p = _Pair(model, sess, report, "chunked")
-        p.start(2)
-        ids = rng.integers(0, V, (2, n))
+        p.start(1)
+        ids = rng.integers(0, V, (1, n))
         cut = n // 2
-        p.step(ids[:, :cut], np.ones((2, cut), dtype=np.int64), np.tile(np.arange(cut), (2, 1)))
-        p.step(ids[:, cut:], np.ones((2, n), dtype=np.int64), np.tile(np.arange(cut, n), (2, 1)))
+        p.step(ids[:, :cut], np.ones((1, cut), dtype=np.int64), np.arange(cut)[None])
+        p.step(ids[:, cut:], np.ones((1, n), dtype=np.int64), np.arange(cut, n)[None])
 
-    # left-padded batch of different lengths, then 1-token steps
+    # left-padded batch of different lengths, then 1-token steps; again on a shared buffer
     steps = min(2, n - 1)
     longest = n - steps
-    if longest >= 2:
-        p = _Pair(model, sess, report, "left-padded")
-        prompts = [list(rng.integers(0, V, longest)), list(rng.integers(0, V, max(1, longest // 3)))]
+    prompts = [list(rng.integers(0, V, max(1, longest))), list(rng.integers(0, V, max(1, longest // 3)))]
+    new_ids = rng.integers(0, V, (steps, 2, 1))
+    cases = [("left-padded", 0)] + ([("shared-buffer", n + 1)] if shared_buffer else [])  # (name, buffer slots)
+    for case, capacity in cases:
+        if longest < 2 and not capacity:
+            continue
+        p = _Pair(model, sess, report, case)
         ids, mask = left_pad([[int(x) for x in q] for q in prompts])
         pos = positions_from_mask(mask)
-        p.start(2)
+        p.start(2, capacity)
         p.step(ids, mask, pos)
-        for _ in range(steps):
+        for t in range(steps):
             mask = np.concatenate([mask, np.ones((2, 1), dtype=np.int64)], axis=1)
             pos = pos[:, -1:] + 1
-            p.step(rng.integers(0, V, (2, 1)), mask, pos)
+            p.step(new_ids[t], mask, pos)
+    report.shared_buffer = shared_buffer
 
     if not report.max_abs_diff <= TOLERANCE:
         raise VerificationError(

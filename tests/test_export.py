@@ -79,7 +79,10 @@ def test_onnx_greedy_tokens_equal_pytorch_for_every_component(tmp_path, override
     ck = make_checkpoint(tmp_path / "run", overrides, seed=1)
     meta = export_checkpoint(ck, tmp_path / "out", log=quiet)
     assert meta["verification"]["max_abs_diff"] <= 1e-4
-    assert set(meta["verification"]["cases"]) == {"empty-past", "1-token", "chunked", "left-padded"}
+    # a graph whose every layer is GroupQueryAttention also decodes into a shared, preallocated cache
+    shared = meta["fusions"].get("GroupQueryAttention") == meta["model"]["n_layer"]
+    assert meta["io_contract"]["past_present_share_buffer"] is shared
+    assert set(meta["verification"]["cases"]) == {"empty-past", "1-token", "chunked", "left-padded"} | ({"shared-buffer"} if shared else set())
     prompts = [list(b"To be, or not"), list(b"Ay")]  # different lengths: a left-padded batch
     want, got = greedy_both(ck, tmp_path / "out", prompts, new_tokens=10)
     assert got == want
@@ -249,7 +252,7 @@ def test_int4_block_quantizes_matmuls_and_embeddings_and_reports_agreement(tmp_p
     assert ops.count(("com.microsoft", "GatherBlockQuantized")) == 2
     big = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT and np.prod(t.dims) >= 50257 * 64 // 8]
     assert not big and ("", "DequantizeLinear") not in ops
-    assert ops.count(("com.microsoft", "MultiHeadAttention")) == 2  # the fused attention stays
+    assert ops.count(("com.microsoft", "GroupQueryAttention")) == 2  # the fused attention stays
     # 4 bits + one fp32 scale per block, the tied matrix stored twice (head and table): ~0.29 here
     assert (tmp_path / "q" / "model.onnx").stat().st_size < 0.33 * (gpt2["out"] / "model.onnx").stat().st_size
     assert q["prompt_logits_max_abs_diff"] < 0.2 * max(q["prompt_logits_max_abs"], 1.0)
@@ -352,13 +355,13 @@ def test_failed_verification_exits_2_naming_the_output_and_leaves_nothing(tmp_pa
 
 def test_gpt2_graph_is_fused_for_onnxruntime(gpt2):
     L = 2
-    assert gpt2["meta"]["fusions"] == {"SkipLayerNormalization": 2 * L + 1, "FastGelu": L, "MultiHeadAttention": L}
+    assert gpt2["meta"]["fusions"] == {"SkipLayerNormalization": 2 * L + 1, "FastGelu": L, "GroupQueryAttention": L}
     model = onnx.load(str(gpt2["out"] / "model.onnx"), load_external_data=False)
     ops = [(n.domain, n.op_type) for n in model.graph.node]
     assert ops.count(("com.microsoft", "SkipLayerNormalization")) == 2 * L + 1  # + the final norm
     assert ("", "Tanh") not in ops  # the GELU formula is one FastGelu kernel now
     assert any(o.domain == "com.microsoft" for o in model.opset_import)
-    assert any(x.startswith("fused for onnxruntime: 2 FastGelu, 2 MultiHeadAttention, 5 SkipLayerNormalization")
+    assert any(x.startswith("fused for onnxruntime: 2 FastGelu, 2 GroupQueryAttention, 5 SkipLayerNormalization")
                for x in gpt2["logs"])
 
 
@@ -374,24 +377,33 @@ def test_a_bias_free_model_gets_the_same_fusions_without_a_message(tmp_path):
     lines = []
     meta = export_checkpoint(ck, tmp_path / "out", log=lines.append)
     L = SMALL["n_layer"]
-    assert meta["fusions"] == {"SkipLayerNormalization": 2 * L + 1, "FastGelu": L, "MultiHeadAttention": L}
+    assert meta["fusions"] == {"SkipLayerNormalization": 2 * L + 1, "FastGelu": L, "GroupQueryAttention": L}
     assert not any("skipped" in line for line in lines), lines
     want, got = greedy_both(ck, tmp_path / "out", [list(b"To be"), list(b"or not")])
     assert got == want
 
 
 def test_gpt2_attention_is_onnxruntimes_fused_op_reading_the_cache_itself(gpt2):
+    """GPT-2's attention (K == H) exports as GroupQueryAttention with kv_num_heads = num_heads: it
+    appends to the cache itself, and into a shared preallocated buffer, which the export declares."""
     model = onnx.load(str(gpt2["out"] / "model.onnx"), load_external_data=False)
-    mha = [n for n in model.graph.node if (n.domain, n.op_type) == ("com.microsoft", "MultiHeadAttention")]
-    assert len(mha) == 2
-    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in mha[0].attribute}
-    assert attrs == {"num_heads": 4, "unidirectional": 1}
-    assert mha[0].input[6:8] == ["past_key_values.0.key", "past_key_values.0.value"]
-    assert mha[1].output[1:] == ["present.1.key", "present.1.value"]
+    gqa = [n for n in model.graph.node if (n.domain, n.op_type) == ("com.microsoft", "GroupQueryAttention")]
+    assert len(gqa) == 2
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in gqa[0].attribute}
+    assert attrs == {"num_heads": 4, "kv_num_heads": 4}
+    assert gqa[0].input[3:5] == ["past_key_values.0.key", "past_key_values.0.value"]
+    assert gqa[1].output[1:] == ["present.1.key", "present.1.value"]
+    assert len(gqa[0].input) <= 16  # onnxruntime 1.30's schema (Node, the browser) takes at most 16
     assert not _cache_concats(model)
+    assert gpt2["meta"]["io_contract"]["past_present_share_buffer"] is True
+    assert "shared-buffer" in gpt2["meta"]["verification"]["cases"]
+    genai = json.loads((gpt2["out"] / "genai_config.json").read_text())
+    assert genai["search"]["past_present_share_buffer"] is True
     weights = {t.name for t in model.graph.initializer}
-    leftover = [n for n in model.graph.node if n.op_type in ("Softmax", "Where", "Transpose", "Reshape")]
-    assert [n.input[0] in weights for n in leftover] == [True]  # no attention arithmetic or head views; the tied LM head
+    leftover = [(n.op_type, n.input[0] in weights) for n in model.graph.node if n.op_type in ("Softmax", "Where", "Transpose", "Reshape")]
+    # no attention arithmetic or head views: the padding mask turned into the additive bias once
+    # for all layers, and the tied LM head's transpose
+    assert sorted(leftover) == [("Transpose", True), ("Where", False)]
     # the left-padded batch's real rows decode as PyTorch does (test_greedy_tokens_equal_pytorch_with_gpt2_vocab)
 
 
@@ -408,6 +420,18 @@ def test_grouped_query_attention_exports_group_query_attention(tmp_path, kv_head
     assert [d.dim_value for d in model.graph.input[3].type.tensor_type.shape.dim[1::2]] == [kv_heads, 8]  # [B, K, P, D]
     prompts = [list(b"To be, or not"), list(b"Ay"), list(b"x")]  # a left-padded batch
     want, got = greedy_both(ck, tmp_path / "out", prompts, new_tokens=10)
+    assert got == want
+
+
+def test_a_head_size_groupqueryattention_refuses_exports_multiheadattention(tmp_path):
+    """onnxruntime's GroupQueryAttention needs head_dim % 8 == 0; with 12 (3 heads of a 36-wide
+    model) K == H attention exports MultiHeadAttention, which cannot share a preallocated cache."""
+    ck = make_checkpoint(tmp_path / "run", {"n_embd": 36, "n_head": 3}, seed=4)
+    meta = export_checkpoint(ck, tmp_path / "out", log=quiet)
+    assert meta["fusions"]["MultiHeadAttention"] == 2 and "GroupQueryAttention" not in meta["fusions"]
+    assert meta["io_contract"]["past_present_share_buffer"] is False
+    assert "shared-buffer" not in meta["verification"]["cases"]
+    want, got = greedy_both(ck, tmp_path / "out", [list(b"To be, or not"), list(b"Ay")], new_tokens=10)
     assert got == want
 
 
@@ -444,7 +468,8 @@ def test_a_broken_fused_attention_falls_back_to_the_plain_attention(tmp_path, by
     fallback = [x for x in logs if "not kept" in x]  # one line, naming the fused attention
     assert len(fallback) == 1 and fallback[0].startswith(expected), logs
     assert fallback[0].endswith("; exporting the plain attention")
-    assert "MultiHeadAttention" not in meta["fusions"] and meta["fusions"]  # the operator fusions remain
+    assert not {"MultiHeadAttention", "GroupQueryAttention"} & set(meta["fusions"]) and meta["fusions"]  # the operator fusions remain
+    assert meta["io_contract"]["past_present_share_buffer"] is False
     assert meta["verification"]["max_abs_diff"] <= 1e-4
     graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
     assert not [n for n in graph.graph.node if "Attention" in n.op_type]
@@ -515,10 +540,10 @@ def test_a_fused_graph_off_tolerance_falls_back_to_the_plain_one(tmp_path, byte_
     logs = []
     meta = export_checkpoint(byte_ckpt, tmp_path / "out", log=logs.append)
     # the plain (operator-unfused) graph of the fused attention is kept: its own verification passed
-    assert meta["fusions"] == {"MultiHeadAttention": 2} and meta["verification"]["max_abs_diff"] <= 1e-4
+    assert meta["fusions"] == {"GroupQueryAttention": 2} and meta["verification"]["max_abs_diff"] <= 1e-4
     assert any(x.startswith("fused graph not kept (export verification failed") for x in logs), logs
     graph = onnx.load(str(tmp_path / "out" / "model.onnx"))
-    assert [n.op_type for n in graph.graph.node if n.domain == "com.microsoft"] == ["MultiHeadAttention"] * 2
+    assert [n.op_type for n in graph.graph.node if n.domain == "com.microsoft"] == ["GroupQueryAttention"] * 2
     torch_ids, onnx_ids = greedy_both(byte_ckpt, tmp_path / "out", [[1, 2, 3]])
     assert onnx_ids == torch_ids
 

@@ -88,6 +88,31 @@ def test_past_the_context_each_token_sees_the_last_block_as_in_pytorch(exported)
     assert cropped == exported["gen"].generate([prompts[0]], 12, greedy).ids
 
 
+def test_shared_buffer_decoding_matches_the_copying_loop(exported):
+    """The default attention exports as GroupQueryAttention and declares past_present_share_buffer,
+    so the generator decodes into one preallocated cache per tensor, written in place. Every step's
+    logits must equal the loop that feeds each present back as the next past: a left-padded batch,
+    through the context and past it (where the window is refilled from the buffer's start)."""
+    import numpy as np
+
+    from gptx.export import cache_layout
+    from gptx.export.runtime import KVDecoder
+
+    gen, tok = exported["gen"], exported["tok"]
+    assert gen.meta["io_contract"]["past_present_share_buffer"] is True
+    assert gen.meta["fusions"]["GroupQueryAttention"] == 2
+    prompts = [tok.encode(PROMPTS[2]), tok.encode(PROMPTS[1])]
+    new = BLOCK + 8 - len(prompts[0])  # 8 tokens past the context
+    shared, copying = (KVDecoder(gen.session, gen.n_layer, cache_layout(gen.meta), flag) for flag in (True, False))
+    a, b = shared.start(prompts, new), copying.start(prompts, new)  # [B, T, V]
+    for _ in range(new - 1):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+        nxt = b[:, -1].argmax(-1)  # [B]
+        a, b = ((d.step(nxt) if d.length < BLOCK else d.window(nxt, BLOCK)) for d in (shared, copying))
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+    assert shared.length == copying.length == BLOCK + 7
+
+
 def test_empty_prompt_is_an_error(exported):
     with pytest.raises(GptxError, match="must not be empty"):
         exported["gen"].generate([[1], []], 5, Sampler(temperature=0))

@@ -17,7 +17,7 @@ from gptx.base import Tokenizer
 from gptx.errors import GptxError, first_line, read_format_json
 from gptx.export import (
     EXPORT_FORMAT, EXPORT_FORMAT_VERSION, IO_CONTRACT, IO_CONTRACT_VERSION, META_FILE, MODEL_FILE,
-    LOGITS, cache_layout, empty_past, input_names, output_names, shares_buffer, tokenizer_hash,
+    LOGITS, SHARE_BUFFER, cache_layout, empty_past, input_names, output_names, shares_buffer, tokenizer_hash,
 )
 
 MAX_SIZE = 1 << 31  # any size in gptx_export.json: beyond it the file was altered
@@ -35,7 +35,7 @@ def make_session(path, threads: Optional[int] = None):
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # fatal only: errors reach the caller as exceptions, said once in gptx's words
     if threads:
         so.intra_op_num_threads = threads
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -60,6 +60,8 @@ def read_meta(directory: Path) -> dict:
     if eot is not None and (not isinstance(eot, dict) or type(eot.get("id")) is not int or not 0 <= eot["id"] < m["vocab_size"]):
         raise GptxError(f"{path}: corrupted (special_tokens.eot: expected an id below vocab_size {m['vocab_size']}, got {eot!r})")
     cache_layout(meta)  # checks the declaration
+    if type(contract.get(SHARE_BUFFER, False)) is not bool:
+        raise GptxError(f"{path}: corrupted (io_contract.{SHARE_BUFFER}: expected true or false, got {contract[SHARE_BUFFER]!r})")
     return meta
 
 
@@ -154,7 +156,7 @@ class OnnxGenerator:
             raise GptxError("--prompt: a prompt must not be empty")
         limit = self.context_length  # past it, each new token sees the last `limit` (nanoGPT's crop, as torch)
         kept = [list(p[-(limit - 1):]) if limit > 1 else list(p[-1:]) for p in prompts]
-        decoder = KVDecoder(self.session, self.n_layer, self.cache, shares_buffer(self.meta))
+        decoder = KVDecoder(self.session, self.n_layer, self.cache, shares_buffer(self.meta), str(self.directory / MODEL_FILE))
         out = Collector(len(prompts), eot_id)
         logits = decoder.start(kept, max_new_tokens)  # [B, T, V]
         for _ in range(max_new_tokens):
@@ -178,8 +180,9 @@ class KVDecoder:
       (no copy here, but the graph concatenates the whole cache every token).
     gptx's generator and the export's quantization report decode through this one loop."""
 
-    def __init__(self, session, n_layer: int, cache: list[dict], shared: bool = False):
+    def __init__(self, session, n_layer: int, cache: list[dict], shared: bool = False, where: str = MODEL_FILE):
         self.session, self.n_layer, self.cache, self.shared = session, n_layer, cache, shared
+        self.where = where  # the graph's path, for errors
         self.inputs, self.outputs = input_names(n_layer, cache), output_names(n_layer, cache)
         self.steps = 0  # session runs so far: the prompt is 1
 
@@ -229,15 +232,20 @@ class KVDecoder:
         feeds = [OrtValue.ortvalue_from_numpy(ids), OrtValue.ortvalue_from_numpy(np.ascontiguousarray(mask)),
                  OrtValue.ortvalue_from_numpy(self.pos), *self.past]
         self.steps += 1
-        if self.shared:
-            binding = self.session.io_binding()
-            for name, value in zip(self.inputs, feeds):
-                binding.bind_ortvalue_input(name, value)
-            binding.bind_output(LOGITS)
-            for name, value in zip(self.outputs[1:], self.past):  # present.* written into past's buffers
-                binding.bind_ortvalue_output(name, value)
-            self.session.run_with_iobinding(binding)
-            return binding.get_outputs()[0].numpy()  # [B, T, V]
-        results = self.session.run_with_ort_values(self.outputs, dict(zip(self.inputs, feeds)))
+        try:
+            if self.shared:
+                binding = self.session.io_binding()
+                for name, value in zip(self.inputs, feeds):
+                    binding.bind_ortvalue_input(name, value)
+                binding.bind_output(LOGITS)
+                for name, value in zip(self.outputs[1:], self.past):  # present.* written into past's buffers
+                    binding.bind_ortvalue_output(name, value)
+                self.session.run_with_iobinding(binding)
+                return binding.get_outputs()[0].numpy()  # [B, T, V]
+            results = self.session.run_with_ort_values(self.outputs, dict(zip(self.inputs, feeds)))
+        except Exception as err:  # onnxruntime's own types (RuntimeError, Fail, InvalidArgument, ...)
+            hint = ("; gptx_export.json declares a shared cache (io_contract.past_present_share_buffer) "
+                    "that this graph may not support" if self.shared else "")
+            raise GptxError(f"{self.where}: onnxruntime failed to run the graph: {first_line(err)}{hint}") from None
         self.past = results[1:]  # present.* -> next step's past_key_values.*, no copy
         return results[0].numpy()  # [B, T, V]

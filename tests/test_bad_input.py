@@ -378,6 +378,11 @@ def export_metadata_with_a_bad_cache_declaration(d, art):
     return gen(edit_export_meta(d, art, lambda m: m["cache"][0].update(seq_axis=9)))
 
 
+@case("gptx_export.json", "io_contract.past_present_share_buffer: expected true or false")
+def export_metadata_with_a_non_boolean_shared_cache_flag(d, art):
+    return gen(edit_export_meta(d, art, lambda m: m["io_contract"].update(past_present_share_buffer="yes")))
+
+
 @case("data.path", "binary")
 def a_kind_change_note_never_comes_before_an_error(d, art):
     """--set drops the old kind's option (a note), then the data is refused: the error alone."""

@@ -238,7 +238,7 @@ def bench_train(experiment=None, overrides: tuple = (), steps: int = 50, warmup:
     from gptx.config import load_experiment
     from gptx.distributed import Dist
     from gptx.model import GPT
-    from gptx.train import BatchSplit, TrainStep, build_optimizer, build_schedule, prepare, set_lr
+    from gptx.train import BatchSplit, TrainStep, build_optimizer, build_schedule, keep_freed_memory, prepare, set_lr
 
     experiment = experiment or default_experiment()
     cfg = load_experiment(experiment, list(overrides))
@@ -253,6 +253,7 @@ def bench_train(experiment=None, overrides: tuple = (), steps: int = 50, warmup:
     train_model = torch.compile(model) if tc.compile else model
     optimizer, schedule = build_optimizer(cfg, model, device), build_schedule(cfg)
     step = TrainStep(train_model, optimizer, tc, Dist(), device, BatchSplit.plan(tc))
+    keep_freed_memory(device)  # as gptx run does
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tokens_per_step = tc.grad_accum_steps * tc.batch_size * cfg.model.block_size
 

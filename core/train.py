@@ -91,6 +91,31 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+def keep_freed_memory(device: torch.device) -> bool:
+    """On CPU, make freed tensor memory stay with the process for the next step (Linux, glibc).
+
+    glibc serves every allocation above 32 MiB with a fresh mmap and unmaps it on free, so each
+    step's large tensors come back as new pages the kernel must fault in and zero. With GPT-2's
+    50,257-token vocabulary the logits and their gradients are ~200 MiB each at batch 8 x 128:
+    measured, 43 % of the baseline's run time was kernel time, and serving every allocation from
+    the heap and never trimming it (mallopt M_MMAP_MAX = 0, M_TRIM_THRESHOLD = max) ran the same
+    steps 1.6-2.0x faster with bit-identical losses, for ~0.8 GiB more peak RSS (memory freed in
+    a step is kept for the next one instead of returned). Called once training is set up, after
+    the data is loaded. Returns whether it applied."""
+    import ctypes
+    import ctypes.util
+
+    if device.type != "cpu" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # musl and other libcs: leave the allocator as it is
+        return False
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's malloc.h
+    return bool(mallopt(M_MMAP_MAX, 0)) and bool(mallopt(M_TRIM_THRESHOLD, 2**31 - 1))
+
+
 def resolve_dtype(dtype: str, device: torch.device) -> str:
     """``auto``: bfloat16 on a CUDA device that supports it, float32 elsewhere. On CPUs, even with
     native bf16 (AMX, AVX512-BF16), bf16 autocast measured no faster on the models gptx trains
@@ -442,6 +467,7 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
         self.train_step = TrainStep(self.train_model, self.optimizer, self.tc, self.dist, self.device, self.split)
         self.autocast = autocast_context(self.tc, self.device)
+        keep_freed_memory(self.device)
         self.tokens_per_step = self.tc.grad_accum_steps * self.tc.batch_size * self.cfg.model.block_size
         self.show = Progress(self.tc.max_steps, self.tc.log_interval, progress and self.dist.main)
         self.stop = StopFlag()

@@ -156,7 +156,7 @@ class OnnxGenerator:
             raise GptxError("--prompt: a prompt must not be empty")
         limit = self.context_length  # past it, each new token sees the last `limit` (nanoGPT's crop, as torch)
         kept = [list(p[-(limit - 1):]) if limit > 1 else list(p[-1:]) for p in prompts]
-        decoder = KVDecoder(self.session, self.n_layer, self.cache, shares_buffer(self.meta), str(self.directory / MODEL_FILE))
+        decoder = KVDecoder(self.session, self.n_layer, self.cache, shares_buffer(self.meta), str(self.directory / MODEL_FILE), limit)
         out = Collector(len(prompts), eot_id)
         logits = decoder.start(kept, max_new_tokens)  # [B, T, V]
         for _ in range(max_new_tokens):
@@ -180,9 +180,11 @@ class KVDecoder:
       (no copy here, but the graph concatenates the whole cache every token).
     gptx's generator and the export's quantization report decode through this one loop."""
 
-    def __init__(self, session, n_layer: int, cache: list[dict], shared: bool = False, where: str = MODEL_FILE):
+    def __init__(self, session, n_layer: int, cache: list[dict], shared: bool = False, where: str = MODEL_FILE,
+                 context: Optional[int] = None):
         self.session, self.n_layer, self.cache, self.shared = session, n_layer, cache, shared
         self.where = where  # the graph's path, for errors
+        self.context = context  # the most tokens one run sees (the window past it): a shared buffer's size at most
         self.inputs, self.outputs = input_names(n_layer, cache), output_names(n_layer, cache)
         self.steps = 0  # session runs so far: the prompt is 1
 
@@ -197,7 +199,8 @@ class KVDecoder:
         self.full_mask = np.ones((B, longest + max_new_tokens), dtype=np.int64)
         self.full_mask[:, :longest] = mask
         self.length = longest
-        self.past = self._past(B, longest + max_new_tokens if self.shared else 0)
+        capacity = min(longest + max_new_tokens, self.context or longest + max_new_tokens)
+        self.past = self._past(B, capacity if self.shared else 0)
         return self._run(ids, self.full_mask[:, :self.length])
 
     def step(self, next_ids: np.ndarray) -> np.ndarray:

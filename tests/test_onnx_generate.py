@@ -103,8 +103,9 @@ def test_shared_buffer_decoding_matches_the_copying_loop(exported):
     assert gen.meta["fusions"]["GroupQueryAttention"] == 2
     prompts = [tok.encode(PROMPTS[2]), tok.encode(PROMPTS[1])]
     new = BLOCK + 8 - len(prompts[0])  # 8 tokens past the context
-    shared, copying = (KVDecoder(gen.session, gen.n_layer, cache_layout(gen.meta), flag) for flag in (True, False))
+    shared, copying = (KVDecoder(gen.session, gen.n_layer, cache_layout(gen.meta), flag, context=BLOCK) for flag in (True, False))
     a, b = shared.start(prompts, new), copying.start(prompts, new)  # [B, T, V]
+    assert shared.past[0].shape() == [2, 2, BLOCK, 16]  # [B, K, capacity, D]: the context at most, not prompt + new
     for _ in range(new - 1):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
         nxt = b[:, -1].argmax(-1)  # [B]

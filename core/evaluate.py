@@ -72,6 +72,9 @@ class TorchScorer:
         self.tokenizer, self.context = self.ck.tokenizer, self.ck.config.model.block_size
         self.vocab_size = self.ck.config.model.vocab_size
         self.device, self.step = device, self.ck.meta.get("step")
+        from gptx.train import keep_freed_memory
+
+        keep_freed_memory(torch.device(device))  # each batch's [B, L, V] logits: reused, not faulted in again
 
     def token_losses(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """inputs, targets [B, L] int64 -> next-token losses [B, L] float64 (nats)."""

@@ -173,7 +173,7 @@ class KVDecoder:
 
     Two ways to keep it, chosen by what the export declares:
     - ``shared`` (``io_contract.past_present_share_buffer``): one preallocated buffer per cache
-      tensor, as long as the whole generation, bound as both the past and the present; the graph
+      tensor, as long as the generation (the context at most), bound as both past and present; the graph
       writes each step's new keys and values into it in place (the mask's width says how much of
       it is filled). Nothing is copied per token.
     - otherwise each step hands the previous step's ``present.*`` back as ``past_key_values.*``

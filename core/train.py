@@ -97,7 +97,7 @@ def keep_freed_memory(device: torch.device) -> bool:
     glibc serves every allocation above 32 MiB with a fresh mmap and unmaps it on free, so each
     step's large tensors come back as new pages the kernel must fault in and zero. With GPT-2's
     50,257-token vocabulary the logits and their gradients are ~200 MiB each at batch 8 x 128:
-    measured, 43 % of the baseline's run time was kernel time, and serving every allocation from
+    measured, 42 % of the baseline's CPU time went to the kernel, and serving every allocation from
     the heap and never trimming it (mallopt M_MMAP_MAX = 0, M_TRIM_THRESHOLD = max) ran the same
     steps 1.6-2.0x faster with bit-identical losses, for ~0.8 GiB more peak RSS (memory freed in
     a step is kept for the next one instead of returned). Called once training is set up, after

@@ -99,7 +99,7 @@ def keep_freed_memory(device: torch.device) -> bool:
     50,257-token vocabulary the logits and their gradients are ~200 MiB each at batch 8 x 128:
     measured, 42 % of the baseline's CPU time went to the kernel, and serving every allocation from
     the heap and never trimming it (mallopt M_MMAP_MAX = 0, M_TRIM_THRESHOLD = max) ran the same
-    steps 1.8-2.0x faster with bit-identical losses, for ~0.5 GB more peak RSS at batch 8 (memory freed in
+    steps 1.8-2.2x faster with bit-identical losses, for ~0.5 GB more peak RSS at batch 8 (memory freed in
     a step is kept for the next one instead of returned). Called once training is set up, after
     the data is loaded. Returns whether it applied."""
     import ctypes

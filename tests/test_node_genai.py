@@ -116,6 +116,7 @@ def test_node_example_generates_past_the_context_as_python_does(node_modules, gp
     assert [r["ids"] for r in run_node(node_modules, gpt2_out, prompts, 24)] == want
 
 
+@pytest.mark.xdist_group("node")
 def test_node_example_with_a_char_tokenizer(node_modules, tmp_path):
     out = wandering_export(tmp_path, "char", seed=5, state={"chars": list("\n !',.?abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")})
     prompts = ["To be, or not to be", "Ay"]

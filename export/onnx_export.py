@@ -403,7 +403,7 @@ def _fuse_and_verify(model, plain: onnx.ModelProto, path: Path, log: Callable[[s
     (already saved at ``path``) and verify that, unless ``plain_report`` already did; a
     VerificationError of the plain graph stands. Returns the verification report with ``fusions``
     (onnxruntime operator -> count in the graph kept; empty: nothing fused)."""
-    from gptx.export.fuse import contrib_ops, fuse
+    from gptx.export.fuse import fuse
     from gptx.export.verify import VerificationError
 
     cfg = model.config
@@ -417,25 +417,25 @@ def _fuse_and_verify(model, plain: onnx.ModelProto, path: Path, log: Callable[[s
         save(fused, path)
         try:
             report = _verify(model, fused, path)
-            report.fusions = contrib_ops(fused)
             log("fused for onnxruntime: " + ", ".join(f"{n} {op}" for op, n in sorted(report.fusions.items())))
             return report
         except VerificationError as err:
             log(f"fused graph not kept ({err}); using the unfused graph")
             save(plain, path)
-    report = plain_report or _verify(model, plain, path)
-    report.fusions = contrib_ops(plain)
-    return report
+    return plain_report or _verify(model, plain, path)
 
 
 def _verify(model, graph: onnx.ModelProto, path: Path):
-    """Verify the graph saved at ``path``; one whose every layer is GroupQueryAttention (which reads
-    the total length from the mask) is checked for shared-buffer decoding too, which it then declares."""
+    """Verify ``graph``, saved at ``path``; its report carries the graph's onnxruntime operators
+    (``fusions``). One whose every layer is GroupQueryAttention (which reads the total length from
+    the mask) is checked for shared-buffer decoding too, which it then declares."""
     from gptx.export.fuse import contrib_ops
     from gptx.export.verify import session, verify
 
-    shared = contrib_ops(graph).get("GroupQueryAttention", 0) == model.config.n_layer
-    return verify(model, session(path), shared_buffer=shared)
+    ops = contrib_ops(graph)
+    report = verify(model, session(path), shared_buffer=ops.get("GroupQueryAttention", 0) == model.config.n_layer)
+    report.fusions = ops
+    return report
 
 
 def _quantize(scheme: str, path: Path, tmp: Path, meta: dict, log: Callable[[str], None]) -> dict:

@@ -167,6 +167,21 @@ class OnnxGenerator:
         return Generation(prompt_ids=[list(p) for p in prompts], ids=out.ids)
 
 
+def run_shared(session, inputs: list[str], outputs: list[str], feeds: list) -> np.ndarray:
+    """One run with the cache shared: ``feeds`` (OrtValues in ``inputs``' order) end with the past
+    buffers, and each is bound as its layer's present too, so the graph writes the new entries into
+    it in place (io_contract.past_present_share_buffer). Returns the logits [B, T, V]."""
+    binding = session.io_binding()
+    for name, value in zip(inputs, feeds):
+        binding.bind_ortvalue_input(name, value)
+    binding.bind_output(LOGITS)
+    buffers = feeds[len(feeds) - (len(outputs) - 1):]  # the pasts, in the presents' order
+    for name, value in zip(outputs[1:], buffers):
+        binding.bind_ortvalue_output(name, value)
+    session.run_with_iobinding(binding)
+    return binding.get_outputs()[0].numpy()
+
+
 class KVDecoder:
     """One generation on an exported graph: ``start`` runs the left-padded prompts, each ``step``
     feeds one new token per row. The KV cache stays in onnxruntime's own tensors (OrtValue).
@@ -199,7 +214,7 @@ class KVDecoder:
         self.full_mask = np.ones((B, longest + max_new_tokens), dtype=np.int64)
         self.full_mask[:, :longest] = mask
         self.length = longest
-        capacity = min(longest + max_new_tokens, self.context or longest + max_new_tokens)
+        capacity = min(longest + max_new_tokens, self.context) if self.context else longest + max_new_tokens
         self.past = self._past(B, capacity if self.shared else 0)
         return self._run(ids, self.full_mask[:, :self.length])
 
@@ -237,14 +252,7 @@ class KVDecoder:
         self.steps += 1
         try:
             if self.shared:
-                binding = self.session.io_binding()
-                for name, value in zip(self.inputs, feeds):
-                    binding.bind_ortvalue_input(name, value)
-                binding.bind_output(LOGITS)
-                for name, value in zip(self.outputs[1:], self.past):  # present.* written into past's buffers
-                    binding.bind_ortvalue_output(name, value)
-                self.session.run_with_iobinding(binding)
-                return binding.get_outputs()[0].numpy()  # [B, T, V]
+                return run_shared(self.session, self.inputs, self.outputs, feeds)  # [B, T, V]
             results = self.session.run_with_ort_values(self.outputs, dict(zip(self.inputs, feeds)))
         except Exception as err:  # onnxruntime's own types (RuntimeError, Fail, InvalidArgument, ...)
             hint = ("; gptx_export.json declares a shared cache (io_contract.past_present_share_buffer) "

@@ -72,20 +72,16 @@ class _Pair:
             self.buffers = [OrtValue.ortvalue_from_numpy(np.zeros(shape, dtype=p.dtype)) for shape, p in zip(shapes, self.o_past)]
 
     def _run_shared(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> list[np.ndarray]:
-        """One step with the buffers bound as past and present; the presents returned are the
-        buffers' first S = mask width slots (the rest is not written yet)."""
-        binding = self.sess.io_binding()
-        for name, value in zip(self.inputs, [ids, mask, pos]):
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        for name, buf in zip(self.inputs[3:], self.buffers):
-            binding.bind_ortvalue_input(name, buf)
-        binding.bind_output(self.outputs[0])
-        for name, buf in zip(self.outputs[1:], self.buffers):
-            binding.bind_ortvalue_output(name, buf)
-        self.sess.run_with_iobinding(binding)
+        """One step with the buffers bound as past and present (the runtime's ``run_shared``); the
+        presents returned are the buffers' first S = mask width slots (the rest is not written yet)."""
+        from onnxruntime import OrtValue
+
+        from gptx.export.runtime import run_shared
+
+        feeds = [OrtValue.ortvalue_from_numpy(np.ascontiguousarray(x)) for x in (ids, mask, pos)] + self.buffers
+        logits = run_shared(self.sess, self.inputs, self.outputs, feeds)
         S = mask.shape[1]
-        return [binding.get_outputs()[0].numpy(),
-                *(np.take(b.numpy(), np.arange(S), axis=axis) for b, axis in zip(self.buffers, self.seq_axes))]
+        return [logits, *(np.take(b.numpy(), np.arange(S), axis=axis) for b, axis in zip(self.buffers, self.seq_axes))]
 
     @torch.inference_mode()
     def step(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray):

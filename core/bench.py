@@ -228,6 +228,15 @@ def gemm_floor(run_step: Callable[[], object], device, repeats: int = 5) -> dict
             "gflops": round(flops / best / 1e9, 1) if replay else None}
 
 
+def _minor_faults() -> Optional[int]:
+    """This process's minor page faults so far (None where getrusage is not available)."""
+    try:
+        import resource
+    except ImportError:  # Windows
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def bench_train(experiment=None, overrides: tuple = (), steps: int = 50, warmup: int = 5,
                 peak: Optional[dict] = None) -> dict:
     """Time ``steps`` optimizer steps of the experiment's real training step after ``warmup``
@@ -270,11 +279,13 @@ def bench_train(experiment=None, overrides: tuple = (), steps: int = 50, warmup:
     sync()
     warmup_s = time.perf_counter() - t0
     times, loss = [], first_loss
+    faults = _minor_faults()
     for i in range(warmup, warmup + steps):
         t = time.perf_counter()
         loss = one(i)
         sync()
         times.append(time.perf_counter() - t)
+    faults = None if faults is None else round((_minor_faults() - faults) / steps)
     median = statistics.median(times)
     floor = gemm_floor(lambda: one(warmup + steps), device)
     flops_per_token = model.flops_per_token(cfg.model.block_size)
@@ -295,6 +306,7 @@ def bench_train(experiment=None, overrides: tuple = (), steps: int = 50, warmup:
         "tokens_per_s_best": round(tokens_per_step / min(times), 1),
         "flops_per_token": flops_per_token,
         "model_gflops": round(flops_per_token * tok_s / 1e9, 2),
+        "minor_page_faults_per_step": faults,  # pages the kernel had to map in again (see keep_freed_memory)
         "loss_first": round(first_loss, 4) if first_loss is not None else None,
         "loss_last": round(loss, 4) if loss is not None else None,
         "mfu": None,

@@ -23,6 +23,7 @@ def test_bench_json_has_every_section_and_sane_values(tmp_path):
     assert floor["gflop"] == pytest.approx(6 * 128 * (2 * 12 * 32 * 32 + 65 * 32) / 1e9, rel=1e-4)
     assert floor["ms"] > 0 and 0 < floor["share_of_step"] < 1 < floor["max_speedup"]  # a tiny model: mostly overhead
     assert t["tokens_per_s"] > 0 and t["step_ms_median"] > 0
+    assert t["minor_page_faults_per_step"] >= 0  # Linux: getrusage is there
     assert t["flops_per_token"] > 6 * 20_000  # 2 layers x 32 wide: ~25k non-embedding parameters
     assert 0 < t["mfu"] < 1.5 and t["mfu_peak"] == "float32"
     assert t["loss_first"] == pytest.approx(4.17, abs=0.3)  # ln(65): a char vocabulary at random init

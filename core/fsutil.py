@@ -28,6 +28,8 @@ def temp_sibling(final: Path, kind: str = "tmp") -> Path:
             return path
         except FileExistsError:
             continue
+        except OSError as e:  # name the path the user gave, not our hidden temporary
+            raise OSError(e.errno, f"cannot be written there: {e.strerror}", str(final)) from None
     raise FileExistsError(f"cannot create a temporary directory beside {final}")
 
 

@@ -37,6 +37,7 @@ import numpy as np
 
 from gptx import shards
 from gptx.errors import GptxError, first_line
+from gptx.fsutil import remove_stale_siblings, temp_sibling
 from gptx.progress import bar, hms
 
 READ_BYTES = 1 << 20  # bytes read per block
@@ -468,12 +469,10 @@ def prepare(source_path: str | os.PathLike, out_dir: str | os.PathLike, kind: st
         raise GptxError(f"{source.path}: --tokenizer {kind} has no end-of-text token to separate jsonl documents")
     if tokenizer.requires_fit and not tokenizer.state():
         fit(tokenizer, source, progress)
-    _remove_stale_partials(out)
+    remove_stale_siblings(out)  # earlier prepares into out that were killed
     created = next((p for p in reversed(out.parents) if not p.exists()), None)  # to remove on failure
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    tmp = temp_sibling(out, "partial")
     try:
         manifest = _write_shards(source, tmp, kind, tokenizer, dataclasses.replace(args, workers=workers), progress)
         shards.write_manifest(tmp, manifest)
@@ -537,23 +536,4 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         os.close(fd)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
-
-
-def _remove_stale_partials(out: Path) -> None:
-    """Temporary directories of earlier prepares into ``out`` whose process is gone (killed)."""
-    if not out.parent.is_dir():
-        return
-    for p in out.parent.glob(f".{out.name}.partial-*"):
-        pid = p.name.rsplit("-", 1)[-1]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(p, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
     return True

@@ -221,6 +221,11 @@ def export_out_under_a_regular_file(d, art):
     return ["export", art.ckpt, "-o", d / "blocker" / "out"]
 
 
+@case("/proc/gptx-export: cannot be written there")  # the user's path, not gptx's hidden temporary
+def export_out_on_a_filesystem_that_refuses(d, art):
+    return ["export", art.ckpt, "-o", "/proc/gptx-export"]
+
+
 @case("--quantize", "unknown scheme 'int5'", "supported: int8, int4")
 def export_quantize_unknown_scheme(d, art):
     return ["export", art.ckpt, "-o", d / "out", "--quantize", "int5"]
@@ -502,6 +507,12 @@ def compare_a_corrupted_run(d, art):
 
 def prep(source, *more):
     return ["prepare", source, "-o", Path(source).parent / "out", "--tokenizer", "gpt2", *more]
+
+
+@case("/proc/gptx-shards: cannot be written there")
+def prepare_out_on_a_filesystem_that_refuses(d, art):
+    source = data_file(d, b"some text to tokenize\n" * 50)
+    return ["prepare", source, "-o", "/proc/gptx-shards", "--tokenizer", "char"]
 
 
 @case("data file not found", "nowhere.txt")

@@ -32,15 +32,22 @@ class Variant:
 
 def parse_vary(items: list[str]) -> list[Variant]:
     """``["model.positional.kind=learned,rope", "model.n_layer=2,4"]`` -> the 4 combinations."""
-    axes = []
+    axes, keys = [], set()
     for item in items:
         key, sep, values = item.partition("=")
-        if not sep or not key.strip() or not values.strip():
+        key = key.strip()
+        if not sep or not key or not values.strip():
             raise ConfigError(f"expected KEY.PATH=V1,V2,..., got {item!r}", file="--vary")
         values = [v.strip() for v in values.split(",") if v.strip()]
         if not values:
             raise ConfigError(f"no values to try in {item!r}; expected KEY.PATH=V1,V2,...", file="--vary")
-        axes.append([f"{key.strip()}={v}" for v in values])
+        twice = next((v for i, v in enumerate(values) if v in values[:i]), None)
+        if twice is not None:  # the same variant twice would train twice and compare with itself
+            raise ConfigError(f"{key}: the value {twice!r} is given twice", file="--vary")
+        if key in keys:
+            raise ConfigError(f"{key} is varied twice; give all its values in one --vary", file="--vary")
+        keys.add(key)
+        axes.append([f"{key}={v}" for v in values])
     return [Variant(list(combo)) for combo in itertools.product(*axes)] if axes else [Variant([])]
 
 

@@ -463,6 +463,16 @@ def sweep_alpha_nan(d, art):
     return sweep(d, "--seeds", "3", "--alpha", "nan")
 
 
+@case("--vary", "training.learning_rate", "'1e-3' is given twice")
+def sweep_vary_value_given_twice(d, art):
+    return ["sweep", experiment(d), "--vary", "training.learning_rate=1e-3,3e-3,1e-3"]
+
+
+@case("--vary", "model.n_layer is varied twice")
+def sweep_vary_key_given_twice(d, art):
+    return ["sweep", experiment(d), "--vary", "model.n_layer=1,2", "--vary", "model.n_layer=3"]
+
+
 @case("--seeds", "do not --vary training.seed as well")
 def sweep_seeds_and_varied_seed(d, art):
     return ["sweep", experiment(d), "--vary", "training.seed=1,2", "--seeds", "3"]

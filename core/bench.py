@@ -2,10 +2,10 @@
 
 Sections (``--only``):
 
-- ``peak``: practical matmul throughput, fp32 and bf16 (square GEMMs, the thread count the other
-  sections use), the reference for model-FLOPs utilization; and memory bandwidth (reading a
-  buffer far larger than the caches), the bound of batch-1 decoding, which reads every weight
-  once per token.
+- ``peak``: practical matmul throughput, fp32 and bf16 (square GEMMs on the device the train
+  section trains on, else the CPU, with the thread count the other sections use), the reference
+  for model-FLOPs utilization; and memory bandwidth (reading a buffer far larger than the
+  caches), the bound of batch-1 decoding, which reads every weight once per token.
 - ``train``: tokens/s and MFU of the real training step (``gptx.train.TrainStep``: the same
   code ``gptx run`` executes) for an experiment file, over a fixed number of steps after warm-up.
   flops per token = 6N + 12·L·H·Q·T (``GPT.flops_per_token``), against the fp32 peak (the bf16
@@ -151,7 +151,7 @@ def matmul_peak(dtype: str = "float32", seconds: float = 1.0, max_n: int = 2048,
         return time.perf_counter() - t
 
     n = 256
-    while True:
+    while True:  # on a GPU, n = 2048 is launch-bound: give it room (max_n 16384: 0.5 GiB of bf16 operands)
         a = torch.randn(n, n, device=device).to(dt)
         b = torch.randn(n, n, device=device).to(dt)
         once(a, b)  # first touch / kernel selection
@@ -161,7 +161,16 @@ def matmul_peak(dtype: str = "float32", seconds: float = 1.0, max_n: int = 2048,
         n *= 2
     times = _timings(lambda: once(a, b), seconds, [t])
     best = min(times)
-    return {"dtype": dtype, "n": n, "gflops": round(2 * n ** 3 / best / 1e9, 1), "repeats": len(times)}
+    return {"dtype": dtype, "n": n, "gflops": round(2 * n ** 3 / best / 1e9, 1), "repeats": len(times),
+            "device": torch.device(device).type}
+
+
+def train_device(experiment, overrides: tuple) -> str:
+    """The device the train section will train on (``training.device``; auto: CUDA when present)."""
+    from gptx.config import load_experiment
+    from gptx.train import pick_device
+
+    return str(pick_device(load_experiment(experiment or default_experiment(), list(overrides)).training))
 
 
 def memory_bandwidth(seconds: float = 1.0, mib: int = 512) -> dict:
@@ -315,7 +324,7 @@ def bench_train(experiment=None, overrides: tuple = (), steps: int = 50, warmup:
                                "max_speedup": round(median * 1e3 / floor["ms"], 2) if floor["ms"] else None},
     }
     ref = (peak or {}).get("bfloat16" if tc.dtype == "bfloat16" else "float32")
-    if ref and device.type == "cpu":
+    if ref and ref.get("device", "cpu") == device.type:  # a peak measured on the device that trained
         out["mfu"] = round(flops_per_token * tok_s / (ref["gflops"] * 1e9), 4)
         out["mfu_peak"] = ref["dtype"]
     return out
@@ -596,9 +605,11 @@ def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: 
     out: dict = {"machine": machine()}
     t0 = time.perf_counter()
     peak = bandwidth = None
-    if "peak" in sections or "train" in sections:  # train's MFU needs the peak of this run
-        log("measuring matmul peak (fp32, bf16)...")
-        peak = {dt: matmul_peak(dt, peak_seconds) for dt in ("float32", "bfloat16")}
+    if "peak" in sections or "train" in sections:  # train's MFU needs the peak of this run, on its device
+        device = train_device(experiment, tuple(overrides)) if "train" in sections else "cpu"
+        log(f"measuring matmul peak (fp32, bf16) on {device}...")
+        max_n = 16384 if device.startswith("cuda") else 2048
+        peak = {dt: matmul_peak(dt, peak_seconds, max_n, device) for dt in ("float32", "bfloat16")}
         if "peak" in sections:
             out["peak"] = peak
     if "peak" in sections or "generate" in sections:  # the bound of batch-1 decoding
@@ -610,7 +621,7 @@ def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: 
         log(f"training {train_steps} steps of {experiment}...")
         out["train"] = bench_train(experiment, tuple(overrides), train_steps, warmup_steps, peak)
         t = out["train"]
-        if t["mfu_peak"] == "float32":  # a neighbour's burst can depress one peak reading: take the better of two
+        if t["mfu_peak"] == "float32" and t["device"] == "cpu":  # a neighbour's burst can depress one reading
             again = matmul_peak("float32", peak_seconds)
             if again["gflops"] > peak["float32"]["gflops"]:
                 peak["float32"] = again

@@ -13,8 +13,8 @@ def test_bench_json_has_every_section_and_sane_values(tmp_path):
                 "--prompt-tokens", "4", "--new-tokens", "3", "--repeats", "1", check=True, timeout=900)
     r = json.loads(proc.stdout)
     assert r["machine"]["cores"] >= 1 and r["machine"]["threads"] >= 1
-    for dt in ("float32", "bfloat16"):
-        assert r["peak"][dt]["gflops"] > 0 and r["peak"][dt]["n"] >= 256
+    for dt in ("float32", "bfloat16"):  # measured on the device the train section trains on
+        assert r["peak"][dt]["gflops"] > 0 and r["peak"][dt]["n"] >= 256 and r["peak"][dt]["device"] == "cpu"
     assert r["memory_bandwidth"]["gbps"] > 0
     t = r["train"]
     assert t["steps"] == 2 and t["tokens_per_step"] == 4 * 32
@@ -55,6 +55,20 @@ def test_bench_table_and_sections(tmp_path):
     bad = gptx("bench", "--only", "trian")
     assert bad.returncode == 2 and "Error: --only: unknown section trian" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_mfu_only_against_a_peak_measured_on_the_device_that_trained(tmp_path):
+    """A GPU's step divided by a CPU's peak (or the reverse) is not a utilization: no MFU then."""
+    from gptx.bench import bench_train, train_device
+
+    exp = write_experiment(tmp_path / "e.toml")
+    assert train_device(exp, ("training.device=cpu",)) == "cpu"
+    peak = {"float32": {"dtype": "float32", "n": 256, "gflops": 100.0, "repeats": 3, "device": "cpu"}}
+    here = bench_train(exp, ("training.batch_size=2",), steps=1, warmup=0, peak=peak)
+    assert here["device"] == "cpu" and here["mfu"] == pytest.approx(here["model_gflops"] / 100.0, abs=1e-4)
+    peak["float32"]["device"] = "cuda"
+    elsewhere = bench_train(exp, ("training.batch_size=2",), steps=1, warmup=0, peak=peak)
+    assert elsewhere["mfu"] is None and elsewhere["mfu_peak"] is None
 
 
 def test_bench_int4_row():

@@ -237,7 +237,7 @@ def test_auto_dtype_is_float32_on_cpu_where_bf16_measured_slower():
 
 
 HEAP_PROBE = """
-import ctypes, resource, torch
+import ctypes, torch
 from gptx.train import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (glibc >= 2.33)
@@ -248,18 +248,17 @@ mallinfo2 = ctypes.CDLL("libc.so.6").mallinfo2
 mallinfo2.restype = MallInfo2
 MiB = 2**20
 
-def one_step():  # a step's large tensor: allocated, written, freed
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    x = torch.ones(64 * MiB // 4)  # 64 MiB, above glibc's 32 MiB mmap ceiling
-    mapped_while_alive = mallinfo2().hblkhd // MiB  # bytes in chunks glibc mmapped (and unmaps on free)
+def a_large_tensor(mib):  # allocated, written, freed, as a step's logits
+    x = torch.ones(mib * MiB // 4)
+    mapped_while_alive = mallinfo2().hblkhd // MiB  # in chunks glibc mmapped (and unmaps on free)
     del x
-    faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
-    return mapped_while_alive, mallinfo2().arena // MiB, faults
+    return mapped_while_alive, mallinfo2().arena // MiB  # arena: the heap, free parts included
 
-plain = one_step()
+plain = a_large_tensor(64)
 applied = keep_freed_memory(torch.device("cpu"))
-kept = [one_step() for _ in range(8)]
-print((applied, keep_freed_memory(torch.device("meta")), plain, kept))
+first = a_large_tensor(64)
+then = a_large_tensor(48)
+print((applied, keep_freed_memory(torch.device("meta")), plain, first, then))
 """
 
 
@@ -267,15 +266,16 @@ print((applied, keep_freed_memory(torch.device("meta")), plain, kept))
 def test_cpu_training_keeps_freed_tensor_memory_in_the_heap_for_the_next_step():
     """Each step's logits (~200 MiB with GPT-2's vocabulary) used to be mmapped and unmapped by
     glibc every step, so the kernel faulted in and zeroed them again; after keep_freed_memory they
-    come from the heap, stay there when freed and serve the next step. (What that saves in page
-    faults and time depends on the kernel: `gptx bench --only train` reports faults per step.)"""
+    come from the heap, stay there when freed and serve the next step's tensors. (What that saves
+    in page faults and time depends on the kernel: `gptx bench --only train` reports faults per step.)
+    The second tensor is smaller than the first: torch asks glibc for 64-byte-aligned blocks, for
+    which glibc 2.36 wants 96 bytes more than a same-size block leaves free, so whether one lone
+    tensor of one size reuses its predecessor depends on what else sits in the heap (seen both ways
+    in two environments; training's steps free many tensors together and stayed bounded in both)."""
     r = subprocess.run([sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
-    applied, on_meta, plain, kept = ast.literal_eval(r.stdout)
+    applied, on_meta, plain, first, then = ast.literal_eval(r.stdout)
     assert applied is True and on_meta is False
     assert plain[0] >= 64, plain  # before: the block was a fresh mapping of its own
-    for mapped, arena, faults in kept:
-        assert mapped < 64, kept  # after: never mmapped...
-        assert arena >= 64, kept  # ...and still in the heap once freed (not trimmed)
-    arenas = [arena for _, arena, _ in kept]
-    assert arenas[-1] - arenas[2] < 64, kept  # reused: the heap stops growing (3 steps at most, seen)
+    assert first[0] < 64 and first[1] >= 64, first  # after: from the heap, and still there once freed
+    assert then[0] < 48 and then[1] - first[1] < 16, (first, then)  # the next tensor reuses it: no growth

@@ -91,6 +91,18 @@ def cpu_flags() -> set[str]:
     return set()
 
 
+KEEP_FREED_MEMORY = "GPTX_KEEP_FREED_MEMORY"  # 0: leave glibc's allocator as it is (see keep_freed_memory)
+
+
+def keep_freed_memory_wanted() -> bool:
+    """$GPTX_KEEP_FREED_MEMORY: unset or 1 applies keep_freed_memory on CPU, 0 does not (a machine
+    short of memory, or a workload whose heap grows with it); anything else is an error."""
+    raw = os.environ.get(KEEP_FREED_MEMORY, "1").strip()
+    if raw not in ("0", "1"):
+        raise GptxError(f"{KEEP_FREED_MEMORY}: expected 0 or 1, got {raw!r}")
+    return raw == "1"
+
+
 def keep_freed_memory(device: torch.device) -> bool:
     """On CPU, make freed tensor memory stay with the process for the next step (Linux, glibc).
 
@@ -107,11 +119,12 @@ def keep_freed_memory(device: torch.device) -> bool:
     bytes more than a same-size block leaves free, so a process that frees and reallocates one lone
     large tensor of one size can grow its heap by that tensor every time (seen in one environment,
     not in another). Training and evaluation free many tensors together: their heaps stayed bounded
-    in both environments (baseline: 1.8-3.8 GB over 40 steps, glibc trimming free tops above 2 GiB)."""
+    in both environments (baseline: 1.8-3.8 GB over 40 steps, glibc trimming free tops above 2 GiB).
+    GPTX_KEEP_FREED_MEMORY=0 turns it off."""
     import ctypes
     import ctypes.util
 
-    if device.type != "cpu" or not sys.platform.startswith("linux"):
+    if device.type != "cpu" or not sys.platform.startswith("linux") or not keep_freed_memory_wanted():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
@@ -262,6 +275,7 @@ def prepare(cfg: ExperimentConfig, resume: bool = False, progress=None, outputs:
 
     tc = cfg.training
     device = pick_device(tc)
+    keep_freed_memory_wanted()  # a bad $GPTX_KEEP_FREED_MEMORY fails here, before anything is written
     tc.dtype = resolve_dtype(tc.dtype, device)  # the resolved choice is what checkpoints and MLflow record
     world = int(os.environ.get("WORLD_SIZE", "1"))
     BatchSplit.plan(tc, 0, world)

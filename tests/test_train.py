@@ -279,3 +279,14 @@ def test_cpu_training_keeps_freed_tensor_memory_in_the_heap_for_the_next_step():
     assert plain[0] >= 64, plain  # before: the block was a fresh mapping of its own
     assert first[0] < 64 and first[1] >= 64, first  # after: from the heap, and still there once freed
     assert then[0] < 48 and then[1] - first[1] < 16, (first, then)  # the next tensor reuses it: no growth
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator: Linux only")
+def test_gptx_keep_freed_memory_0_leaves_the_allocator_alone_and_other_values_are_refused(tmp_path):
+    env = os.environ | {"GPTX_KEEP_FREED_MEMORY": "0"}
+    r = subprocess.run([sys.executable, "-c", HEAP_PROBE], capture_output=True, text=True, timeout=120, env=env)
+    assert r.returncode == 0, r.stderr
+    applied, _, _, first, _ = ast.literal_eval(r.stdout)
+    assert applied is False and first[0] >= 64, first  # still a mapping of its own, unmapped on free
+    bad = gptx("validate", write_experiment(tmp_path / "e.toml"), env={"GPTX_KEEP_FREED_MEMORY": "yes"})
+    assert bad.returncode == 2 and bad.stderr == "Error: GPTX_KEEP_FREED_MEMORY: expected 0 or 1, got 'yes'\n"

@@ -33,6 +33,29 @@ def temp_sibling(final: Path, kind: str = "tmp") -> Path:
     raise FileExistsError(f"cannot create a temporary directory beside {final}")
 
 
+def replace_dir(new: Path, final: Path) -> None:
+    """Move the finished directory ``new`` to ``final``. A directory already there is renamed into
+    a temporary sibling first (put back if the move fails, deleted after), so ``final`` is at every
+    moment the old or the new whole; the parent is synced so the rename survives a crash."""
+    old = None
+    if final.exists():
+        old = temp_sibling(final.resolve(), "old")
+        os.rename(final, old / "old")
+    try:
+        os.rename(new, final)
+    except BaseException:
+        if old is not None:
+            os.rename(old / "old", final)
+        raise
+    fd = os.open(final.resolve().parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 def remove_stale_siblings(final: Path) -> list[Path]:
     """Remove ``.<name>.<kind>-<pid>-*`` leftovers beside ``final`` whose process has exited,
     with the side files SQLite keeps beside a database being written (``-journal``, ``-wal``, ``-shm``)."""

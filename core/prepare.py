@@ -37,7 +37,7 @@ import numpy as np
 
 from gptx import shards
 from gptx.errors import GptxError, first_line
-from gptx.fsutil import remove_stale_siblings, temp_sibling
+from gptx.fsutil import remove_stale_siblings, replace_dir, temp_sibling
 from gptx.progress import bar, hms
 
 READ_BYTES = 1 << 20  # bytes read per block
@@ -476,7 +476,7 @@ def prepare(source_path: str | os.PathLike, out_dir: str | os.PathLike, kind: st
     try:
         manifest = _write_shards(source, tmp, kind, tokenizer, dataclasses.replace(args, workers=workers), progress)
         shards.write_manifest(tmp, manifest)
-        _replace_dir(tmp, out)
+        replace_dir(tmp, out)  # an earlier prepare there is replaced whole
     except BaseException:
         shutil.rmtree(created or tmp, ignore_errors=True)
         raise
@@ -519,21 +519,3 @@ def _gptx_version() -> str:
     from gptx import __version__
 
     return __version__
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Move the finished directory into place; an earlier prepare there is renamed aside first
-    and deleted after, so ``out`` is at every moment either the old or the new output."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-    os.rename(tmp, out)
-    fd = os.open(out.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return True

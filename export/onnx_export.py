@@ -27,7 +27,7 @@ from gptx import __version__
 from gptx.base import ONNX_EXPORT, ONNX_FUSED_ATTENTION
 from gptx.components import Attention
 from gptx.errors import GptxError, first_line
-from gptx.fsutil import remove_stale_siblings, temp_sibling
+from gptx.fsutil import remove_stale_siblings, replace_dir, temp_sibling
 from gptx.export import (
     ATTENTION_MASK, BATCH, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, IO_CONTRACT, IO_CONTRACT_VERSION,
     PAST, SEQ, SHARE_BUFFER, TOTAL, input_names, output_names, tokenizer_hash,
@@ -346,7 +346,7 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
         meta["files"] = files
         meta["total_seconds"] = round(time.perf_counter() - t_start, 2)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -464,23 +464,6 @@ def _quantize(scheme: str, path: Path, tmp: Path, meta: dict, log: Callable[[str
 def meta_for_graph(meta: dict) -> dict:
     """What goes into model.onnx's metadata_props: everything but the per-run reports."""
     return {k: v for k, v in meta.items() if k not in ("files", "total_seconds")}
-
-
-def _replace_dir(new: Path, out_dir: Path) -> None:
-    import os
-    import shutil
-
-    if out_dir.exists():
-        trash = temp_sibling(out_dir.resolve(), "old")
-        os.rename(out_dir, trash / "old")
-        try:
-            os.rename(new, out_dir)
-        except BaseException:
-            os.rename(trash / "old", out_dir)
-            raise
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(new, out_dir)
 
 
 def _log_to_mlflow(source, ck, out_dir: Path, track: Optional[bool], log) -> None:

@@ -573,9 +573,11 @@ def check_inputs(sections, experiment, overrides: tuple, checkpoint_dir: Optiona
     """Every input a section will use, checked before a minute of measuring the machine."""
     from gptx import checkpoint as ckpt
     from gptx.config import load_experiment
+    from gptx.train import keep_freed_memory_wanted
 
     if "train" in sections:
         load_experiment(experiment or default_experiment(), list(overrides))
+        keep_freed_memory_wanted()  # the train step applies it, as gptx run does
     if "generate" in sections:
         unknown = [b for b in backends if b not in BACKENDS]
         if unknown:

@@ -288,5 +288,7 @@ def test_gptx_keep_freed_memory_0_leaves_the_allocator_alone_and_other_values_ar
     assert r.returncode == 0, r.stderr
     applied, _, _, first, _ = ast.literal_eval(r.stdout)
     assert applied is False and first[0] >= 64, first  # still a mapping of its own, unmapped on free
-    bad = gptx("validate", write_experiment(tmp_path / "e.toml"), env={"GPTX_KEEP_FREED_MEMORY": "yes"})
-    assert bad.returncode == 2 and bad.stderr == "Error: GPTX_KEEP_FREED_MEMORY: expected 0 or 1, got 'yes'\n"
+    exp = write_experiment(tmp_path / "e.toml")
+    for command in (["validate", exp], ["bench", "--only", "train", "--experiment", exp]):  # bench: before measuring
+        bad = gptx(*command, env={"GPTX_KEEP_FREED_MEMORY": "yes"})
+        assert bad.returncode == 2 and bad.stderr == "Error: GPTX_KEEP_FREED_MEMORY: expected 0 or 1, got 'yes'\n"

@@ -58,8 +58,10 @@ def replace_dir(new: Path, final: Path) -> None:
 
 def remove_stale_siblings(final: Path) -> list[Path]:
     """Remove ``.<name>.<kind>-<pid>-*`` leftovers beside ``final`` whose process has exited,
-    with the side files SQLite keeps beside a database being written (``-journal``, ``-wal``, ``-shm``)."""
-    pattern = re.compile(rf"^\.{re.escape(final.name)}\.[a-z]+-(\d+)-[0-9a-f]+(-journal|-wal|-shm)?$")
+    with the side files SQLite keeps beside a database being written (``-journal``, ``-wal``, ``-shm``).
+    A killed replace_dir's earlier output (``.<name>.old-*/old``) goes back to ``final`` when nothing
+    took its place: the kill came between its two renames."""
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.([a-z]+)-(\d+)-[0-9a-f]+(-journal|-wal|-shm)?$")
     removed = []
     try:
         entries = list(final.parent.iterdir())
@@ -67,7 +69,9 @@ def remove_stale_siblings(final: Path) -> list[Path]:
         return removed
     for entry in entries:
         m = pattern.match(entry.name)
-        if m and not pid_alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(2))):
+            if m.group(1) == "old" and (entry / "old").is_dir() and not os.path.lexists(final):
+                os.rename(entry / "old", final)
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:

@@ -184,6 +184,27 @@ def test_a_failure_midway_leaves_nothing_and_keeps_an_earlier_output(tmp_path, s
     assert again["shards"]["train"][0]["tokens"] == 5000 and sorted(p.name for p in out.parent.iterdir()) == ["out"]
 
 
+def test_an_earlier_output_moved_aside_by_a_killed_prepare_comes_back(tmp_path, small_pieces):
+    """A kill between replace_dir's two renames leaves OUT_DIR absent and the earlier output in
+    .out.old-<pid>-*/old: the next prepare puts it back before it writes, so it survives even when
+    that prepare fails too."""
+    good, bad, out = tmp_path / "good.txt", tmp_path / "late-binary.txt", tmp_path / "out"
+    good.write_text(TRICKY)
+    bad.write_bytes(TRICKY.encode() + b"\x00tail")
+    first = prep.prepare(good, out, "byte", ByteTokenizer(None), prep.PrepareArgs(shard_tokens=2000))
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    aside, partial = tmp_path / f".out.old-{dead}-abc123", tmp_path / f".out.partial-{dead}-abc123"
+    aside.mkdir()
+    os.rename(out, aside / "old")  # the killed prepare's first rename
+    partial.mkdir()
+    (partial / "part_000000.bin").write_bytes(b"half")  # its finished output, never renamed into place
+    with pytest.raises(GptxError, match="looks binary"):
+        prep.prepare(bad, out, "byte", ByteTokenizer(None), prep.PrepareArgs(shard_tokens=2000))
+    assert json.loads((out / shards.MANIFEST).read_text()) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.txt", "late-binary.txt", "out"]
+
+
 @pytest.mark.slow
 def test_kill_9_midway_then_rerun(tmp_path):
     """SIGKILL while shards are being written: OUT_DIR never appears half-made; the rerun cleans

@@ -9,7 +9,7 @@ far it moves the output from fp32.
   fewer when the model is narrower; int8 compute: ``accuracy_level`` 4) and the embedding tables
   ``GatherBlockQuantized``. Blocks of 128 rather than 32: on GPT-2 124M they decode 25-50 %
   faster and prefill 30 % faster, and moved the logits about as much as blocks of 32 on the
-  models measured (README "Performance").
+  models measured (docs/performance.md).
 
 The trap: in the fp32 export the LM head reads the tied embedding through a
 Transpose. Quantizing that as it is leaves the head in fp32 (its B input is not a constant), or,
@@ -31,7 +31,7 @@ from onnx import numpy_helper
 from gptx.export.onnx_export import save
 
 SCHEMES = ("int8", "int4")
-INT4_BLOCK_SIZE = 128  # inputs per scale (at most); see README "Performance" for 32 vs 128
+INT4_BLOCK_SIZE = 128  # inputs per scale (at most); see docs/performance.md for 32 vs 128
 QUANTIZED_MATMULS = ("MatMulInteger", "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "MatMulNBits")
 WEIGHTS = {
     "int8": "int8 per-tensor: MatMul/Gemm with constant weights (dynamic activation quantization) and Gather tables",

@@ -400,161 +400,158 @@ def _time_backend(backend: _Backend, prompt: list[int], new_tokens: int, repeats
     }
 
 
-def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, backends=BACKENDS,
-                   prompt_tokens: int = 32, new_tokens: int = 128, repeats: int = 3,
-                   log: Callable[[str], None] = lambda s: None, bandwidth: Optional[dict] = None) -> dict:
-    import numpy as np
-    import torch
+class _GenerateBench:
+    """The weights under test and the ways to decode them. Each ``load_<backend>`` returns a
+    callable ``run(prompt, new_tokens) -> ids``; exports are made once, on first use."""
 
-    from gptx import checkpoint as ckpt
-    from gptx.generate import decoding_layout, generate_ids
-    from gptx.sampling import Sampler
+    def __init__(self, source: Path, cfg, work: Path, prompt: list[int], threads: int, info: dict, log):
+        self.source, self.cfg, self.work, self.prompt = source, cfg, work, prompt
+        self.threads, self.info, self.log = threads, info, log
+        self.onnx_dirs: dict[str, Path] = {}
 
-    threads = torch.get_num_threads()  # --backends was checked by check_inputs
-    work = Path(tempfile.mkdtemp(prefix="gptx-bench-"))
-    results: dict = {}
-    skipped: dict = {}
-    try:
-        source = Path(checkpoint_dir) if checkpoint_dir else _synthetic_checkpoint(model, work)
-        ck = ckpt.load(source)
-        cfg = ck.config
-        vocab = cfg.model.vocab_size
-        if prompt_tokens + new_tokens > cfg.model.block_size:
-            raise GptxError(f"--prompt-tokens + --new-tokens = {prompt_tokens + new_tokens} exceeds the model's "
-                            f"context of {cfg.model.block_size}")
-        prompt = np.random.default_rng(0).integers(0, vocab, prompt_tokens).tolist()
-        info = {"model": checkpoint_dir or model, "parameters": ck.model.num_params(), "n_layer": cfg.model.n_layer,
-                "n_embd": cfg.model.n_embd, "vocab_size": vocab, "prompt_tokens": prompt_tokens,
-                "new_tokens": new_tokens, "batch": 1, "threads": threads, "repeats": repeats,
-                # batch-1 decoding reads every weight once per token: fp32 bytes / bandwidth bounds it
-                "fp32_weights_mib": round(ck.model.num_params() * 4 / 2**20, 1)}
-        if bandwidth:
-            info["fp32_bandwidth_bound_tok_s"] = round(bandwidth["gbps"] * 1e9 / (ck.model.num_params() * 4), 1)
-        del ck
-        gc.collect()
+    def skip_reason(self, name: str) -> Optional[str]:
+        """Why a backend cannot run on this model and machine, or None."""
+        if name == "hf":
+            try:
+                import transformers  # noqa: F401
+            except ImportError:
+                return "transformers is not installed"
+            if not _is_plain_gpt2(self.cfg):
+                return "the model is not plain GPT-2 (HF GPT2LMHeadModel cannot hold it)"
+        if name == "genai":
+            try:
+                import onnxruntime_genai  # noqa: F401
+            except ImportError:
+                return "onnxruntime-genai is not installed"
+        if name in ("ort", *QUANTIZED, "genai"):
+            from gptx.export.onnx_export import check_exportable
 
-        def load_torch():
-            m = decoding_layout(ckpt.load(source).model.eval())
-            return lambda p, n: generate_ids(m, [p], n, Sampler(temperature=0), None).ids[0]
+            try:
+                check_exportable(self.cfg.model)
+            except GptxError as err:
+                return str(err)
+        if name == "genai" and self.cfg.tokenizer.kind != "gpt2":
+            return "onnxruntime-genai needs tokenizer.json (GPT-2 BPE exports only)"
+        return None
 
-        onnx_dirs: dict[str, Path] = {}
+    def loader(self, name: str) -> Callable[[], Callable[[list[int], int], list[int]]]:
+        if name in ("ort", *QUANTIZED):
+            scheme = QUANTIZED.get(name, "fp32")
+            self.export(scheme)  # export time is not generation time
+            return lambda: self.load_ort(scheme)
+        if name == "genai":
+            self.export("fp32")
+        return getattr(self, f"load_{name}")
 
-        def export(kind: str) -> Path:
-            if kind in onnx_dirs:
-                return onnx_dirs[kind]
-            from gptx.export.onnx_export import export_checkpoint
+    def export(self, scheme: str) -> Path:
+        if scheme in self.onnx_dirs:
+            return self.onnx_dirs[scheme]
+        from gptx.export.onnx_export import export_checkpoint
 
-            if "fp32" not in onnx_dirs:
-                log("exporting to ONNX (verified against PyTorch)...")
-                t = time.perf_counter()
-                export_checkpoint(source, work / "onnx-fp32", log=lambda s: None, track=False)
-                info["export_s"] = round(time.perf_counter() - t, 1)
-                onnx_dirs["fp32"] = work / "onnx-fp32"
-            if kind != "fp32":
-                from gptx.export import MODEL_FILE
-                from gptx.export.quantize import quantize
+        if "fp32" not in self.onnx_dirs:
+            self.log("exporting to ONNX (verified against PyTorch)...")
+            t = time.perf_counter()
+            export_checkpoint(self.source, self.work / "onnx-fp32", log=lambda s: None, track=False)
+            self.info["export_s"] = round(time.perf_counter() - t, 1)
+            self.onnx_dirs["fp32"] = self.work / "onnx-fp32"
+        if scheme != "fp32":
+            from gptx.export import MODEL_FILE
+            from gptx.export.quantize import quantize
 
-                log(f"quantizing to {kind}...")
-                shutil.copytree(onnx_dirs["fp32"], work / f"onnx-{kind}")
-                quantize(kind, onnx_dirs["fp32"] / MODEL_FILE, work / f"onnx-{kind}" / MODEL_FILE, work)
-                onnx_dirs[kind] = work / f"onnx-{kind}"
-            return onnx_dirs[kind]
+            self.log(f"quantizing to {scheme}...")
+            out = self.work / f"onnx-{scheme}"
+            shutil.copytree(self.onnx_dirs["fp32"], out)
+            quantize(scheme, self.onnx_dirs["fp32"] / MODEL_FILE, out / MODEL_FILE, self.work)
+            self.onnx_dirs[scheme] = out
+        return self.onnx_dirs[scheme]
 
-        def load_ort(kind: str):
-            def load():
-                from gptx.export.runtime import OnnxGenerator
+    def load_torch(self):
+        from gptx import checkpoint as ckpt
+        from gptx.generate import decoding_layout, generate_ids
+        from gptx.sampling import Sampler
 
-                gen = OnnxGenerator(export(kind), threads=threads)
-                return lambda p, n: gen.generate([p], n, Sampler(temperature=0), eot_id=None).ids[0]
-            return load
+        m = decoding_layout(ckpt.load(self.source).model.eval())
+        return lambda p, n: generate_ids(m, [p], n, Sampler(temperature=0), None).ids[0]
 
-        def load_hf():
-            import transformers
+    def load_ort(self, scheme: str):
+        from gptx.export.runtime import OnnxGenerator
+        from gptx.sampling import Sampler
 
-            from gptx.hf import to_hf_state_dict
+        gen = OnnxGenerator(self.export(scheme), threads=self.threads)
+        return lambda p, n: gen.generate([p], n, Sampler(temperature=0), eot_id=None).ids[0]
 
-            config = transformers.GPT2Config(
-                vocab_size=vocab, n_positions=cfg.model.block_size, n_embd=cfg.model.n_embd,
-                n_layer=cfg.model.n_layer, n_head=cfg.model.n_head, activation_function="gelu_new",
-                resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, layer_norm_epsilon=cfg.model.norm.options.eps,
-                tie_word_embeddings=True,
-            )
-            hf = transformers.GPT2LMHeadModel(config).eval()
-            weights = ckpt.load(source).model
-            missing, unexpected = hf.load_state_dict(to_hf_state_dict(weights), strict=False)
-            missing = [k for k in missing if not k.endswith(".attn.bias") and not k.endswith(".masked_bias")]
-            if missing or unexpected:
-                raise GptxError(f"HF GPT-2: weights did not map (missing {missing[:3]}, unexpected {unexpected[:3]})")
-            hf.tie_weights()
+    def load_hf(self):
+        import torch
+        import transformers
+
+        from gptx import checkpoint as ckpt
+        from gptx.hf import to_hf_state_dict
+
+        m = self.cfg.model
+        config = transformers.GPT2Config(
+            vocab_size=m.vocab_size, n_positions=m.block_size, n_embd=m.n_embd, n_layer=m.n_layer, n_head=m.n_head,
+            activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+            layer_norm_epsilon=m.norm.options.eps, tie_word_embeddings=True,
+        )
+        hf = transformers.GPT2LMHeadModel(config).eval()
+        weights = ckpt.load(self.source).model
+        missing, unexpected = hf.load_state_dict(to_hf_state_dict(weights), strict=False)
+        missing = [k for k in missing if not k.endswith(".attn.bias") and not k.endswith(".masked_bias")]
+        if missing or unexpected:
+            raise GptxError(f"HF GPT-2: weights did not map (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        hf.tie_weights()
+        with torch.no_grad():
+            x = torch.tensor([self.prompt])
+            self.info["hf_logits_max_abs_diff"] = float((hf(x).logits - weights(x)[0]).abs().max())
+        del weights
+
+        def run(p, n):
             with torch.no_grad():
-                x = torch.tensor([prompt])
-                info["hf_logits_max_abs_diff"] = float((hf(x).logits - weights(x)[0]).abs().max())
-            del weights
+                out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                  max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
+            return out[0, len(p):].tolist()
+        return run
 
-            def run(p, n):
-                with torch.no_grad():
-                    out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                      max_new_tokens=n, min_new_tokens=n, do_sample=False, pad_token_id=0)
-                return out[0, len(p):].tolist()
-            return run
+    def load_genai(self):
+        import onnxruntime_genai as og
 
-        def load_genai():
-            import onnxruntime_genai as og
+        og_model = og.Model(str(self.export("fp32")))
 
-            og_model = og.Model(str(export("fp32")))
+        def run(p, n):
+            params = og.GeneratorParams(og_model)
+            params.set_search_options(do_sample=False, max_length=len(p) + n, min_length=len(p) + n, batch_size=1)
+            gen = og.Generator(og_model, params)
+            gen.append_tokens(p)
+            got = []
+            while not gen.is_done() and len(got) < n:
+                gen.generate_next_token()
+                got.append(int(gen.get_next_tokens()[0]))
+            return got
+        return run
 
-            def run(p, n):
-                params = og.GeneratorParams(og_model)
-                params.set_search_options(do_sample=False, max_length=len(p) + n, min_length=len(p) + n, batch_size=1)
-                gen = og.Generator(og_model, params)
-                gen.append_tokens(p)
-                got = []
-                while not gen.is_done() and len(got) < n:
-                    gen.generate_next_token()
-                    got.append(int(gen.get_next_tokens()[0]))
-                return got
-            return run
 
-        plan = {"torch": load_torch, "ort": load_ort("fp32"), "hf": load_hf, "genai": load_genai}
-        plan |= {name: load_ort(scheme) for name, scheme in QUANTIZED.items()}
-        # the torch-based backends before the export work (torch.onnx export, int8 quantization) in
-        # this process: one gpt2 run measured HF at 2 tok/s after it, 18 without (cause not isolated)
-        for name in ("torch", "hf", "ort", *QUANTIZED, "genai"):
-            if name not in backends:
-                continue
-            if name == "hf":
-                try:
-                    import transformers  # noqa: F401
-                except ImportError:
-                    skipped[name] = "transformers is not installed"
-                    continue
-                if not _is_plain_gpt2(cfg):
-                    skipped[name] = "the model is not plain GPT-2 (HF GPT2LMHeadModel cannot hold it)"
-                    continue
-            if name == "genai":
-                try:
-                    import onnxruntime_genai  # noqa: F401
-                except ImportError:
-                    skipped[name] = "onnxruntime-genai is not installed"
-                    continue
-            if name in ("ort", *QUANTIZED, "genai"):
-                from gptx.export.onnx_export import check_exportable
+def _model_info(source: Path, name: str, prompt_tokens: int, new_tokens: int, threads: int, repeats: int,
+                bandwidth: Optional[dict]):
+    """The model's config and the figures that describe it (the weights are loaded and let go)."""
+    from gptx import checkpoint as ckpt
 
-                try:
-                    check_exportable(cfg.model)
-                except GptxError as err:
-                    skipped[name] = str(err)
-                    continue
-            if name == "genai" and cfg.tokenizer.kind != "gpt2":
-                skipped[name] = "onnxruntime-genai needs tokenizer.json (GPT-2 BPE exports only)"
-                continue
-            if name in ("ort", *QUANTIZED, "genai"):
-                export(QUANTIZED.get(name, "fp32"))  # export time is not generation time
-            log(f"generating with {name}...")
-            results[name] = _time_backend(_Backend(name, plan[name]), prompt, new_tokens, repeats)
-            gc.collect()
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    ck = ckpt.load(source)
+    m, params = ck.config.model, ck.model.num_params()
+    if prompt_tokens + new_tokens > m.block_size:
+        raise GptxError(f"--prompt-tokens + --new-tokens = {prompt_tokens + new_tokens} exceeds the model's "
+                        f"context of {m.block_size}")
+    info = {"model": name, "parameters": params, "n_layer": m.n_layer, "n_embd": m.n_embd, "vocab_size": m.vocab_size,
+            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "batch": 1, "threads": threads,
+            "repeats": repeats,
+            # batch-1 decoding reads every weight once per token: fp32 bytes / bandwidth bounds it
+            "fp32_weights_mib": round(params * 4 / 2**20, 1)}
+    if bandwidth:
+        info["fp32_bandwidth_bound_tok_s"] = round(bandwidth["gbps"] * 1e9 / (params * 4), 1)
+    return ck.config, info
+
+
+def _compare_backends(results: dict) -> None:
+    """Each backend's first token that differs from PyTorch's, and its speed against HF and genai."""
     ref = results.get("torch", {}).get("ids")
     for r in results.values():
         ids = r.pop("ids")
@@ -564,6 +561,40 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
     for r in results.values():
         r["vs_hf"] = round(r["tokens_per_s"] / hf, 2) if hf else None
         r["vs_genai"] = round(r["tokens_per_s"] / genai, 2) if genai else None
+
+
+def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, backends=BACKENDS,
+                   prompt_tokens: int = 32, new_tokens: int = 128, repeats: int = 3,
+                   log: Callable[[str], None] = lambda s: None, bandwidth: Optional[dict] = None) -> dict:
+    import numpy as np
+    import torch
+
+    threads = torch.get_num_threads()  # --backends was checked by check_inputs
+    work = Path(tempfile.mkdtemp(prefix="gptx-bench-"))
+    results: dict = {}
+    skipped: dict = {}
+    try:
+        source = Path(checkpoint_dir) if checkpoint_dir else _synthetic_checkpoint(model, work)
+        cfg, info = _model_info(source, checkpoint_dir or model, prompt_tokens, new_tokens, threads, repeats, bandwidth)
+        gc.collect()
+        prompt = np.random.default_rng(0).integers(0, info["vocab_size"], prompt_tokens).tolist()
+        bench = _GenerateBench(source, cfg, work, prompt, threads, info, log)
+        # the torch-based backends before the export work (torch.onnx export, int8 quantization) in
+        # this process: one gpt2 run measured HF at 2 tok/s after it, 18 without (cause not isolated)
+        for name in ("torch", "hf", "ort", *QUANTIZED, "genai"):
+            if name not in backends:
+                continue
+            reason = bench.skip_reason(name)
+            if reason:
+                skipped[name] = reason
+                continue
+            load = bench.loader(name)
+            log(f"generating with {name}...")
+            results[name] = _time_backend(_Backend(name, load), prompt, new_tokens, repeats)
+            gc.collect()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    _compare_backends(results)
     return info | {"backends": results, "skipped": skipped}
 
 

@@ -182,14 +182,23 @@ def wandering_export(root: Path, tokenizer: str, seed: int, state=None, stop_pro
 NPM_NETWORK_ERRORS = ("ENOTFOUND", "EAI_AGAIN", "ECONNREFUSED", "ECONNRESET", "ETIMEDOUT", "ENETUNREACH", "EHOSTUNREACH")
 
 
-def skip_if_registry_unreachable(output: str) -> None:
-    """An npm install that failed because the registry cannot be reached skips the test, saying so;
-    any other failure is left to the caller's assertion."""
+def missing_tool(reason: str) -> None:
+    """A tool the test needs is not on this machine: skip, saying so, on a developer's machine; in CI
+    (CI set, as .ci/run's environment has it) fail, since CI installs every tool and a skip there
+    would keep it green without running the test."""
     import pytest
 
+    if os.environ.get("CI"):
+        pytest.fail(f"CI must have it: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
+def skip_if_registry_unreachable(output: str) -> None:
+    """An npm install that failed because the registry cannot be reached skips the test, saying so
+    (fails in CI); any other failure is left to the caller's assertion."""
     hits = [code for code in NPM_NETWORK_ERRORS if code in output]
     if hits:
-        pytest.skip(f"the npm registry is unreachable from this machine ({', '.join(hits)}): cannot install the JavaScript packages")
+        missing_tool(f"the npm registry is unreachable from this machine ({', '.join(hits)}): cannot install the JavaScript packages")
 
 
 def npm_install_pinned(cache_dir: Path, package_json: Path, env=None) -> Path:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 import torch
-from helpers import gptx, start_mlflow_server, write_experiment
+from helpers import gptx, missing_tool, start_mlflow_server, write_experiment
 
 from gptx import checkpoint
 from gptx.config import load_experiment
@@ -158,7 +158,7 @@ def test_disk_full_during_a_checkpoint_write_is_reported_and_the_previous_checkp
     if not shutil.which("unshare") or subprocess.run(
             ["unshare", "-m", "sh", "-c", f"mount -t tmpfs -o size=64k tmpfs {tmp_path}"],
             capture_output=True).returncode != 0:
-        pytest.skip("needs a private mount namespace (unshare -m, root) to make a small disk")
+        missing_tool("needs a private mount namespace (unshare -m, root) to make a small disk")
     f = write_experiment(tmp_path / "e.toml")
     steps = ["--set", "training.max_steps=12", "--set", "training.checkpoint_interval=5", "--set",
              "training.eval_interval=5", "--quiet"]

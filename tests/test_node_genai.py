@@ -11,7 +11,7 @@ import pytest
 
 from gptx.export.runtime import OnnxGenerator
 from gptx.sampling import Sampler
-from helpers import npm_install_pinned, once, wandering_export
+from helpers import missing_tool, npm_install_pinned, once, wandering_export
 
 pytestmark = pytest.mark.slow
 
@@ -38,7 +38,7 @@ def node_modules(request, tmp_path_factory):
     @huggingface/tokenizers), installed once into pytest's cache directory (.pytest_cache,
     git-ignored), or into the test's temporary directory when the cache is disabled."""
     if shutil.which("node") is None or shutil.which("npm") is None:
-        pytest.skip("Node.js (node and npm) is not installed: the Node example cannot be run here")
+        missing_tool("Node.js (node and npm) is not installed: the Node example cannot be run here")
     cache = getattr(request.config, "cache", None)
     root = Path(cache.mkdir("gptx-node")) if cache is not None else tmp_path_factory.mktemp("gptx-node")
     package_json = Path(str(resources.files("gptx.export") / "node" / "package.json"))

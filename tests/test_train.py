@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import REPO, gptx, write_experiment
+from helpers import REPO, gptx, missing_tool, write_experiment
 
 from gptx.config import load_experiment
 from gptx.plugins.tokenizers import GPT2Tokenizer
@@ -103,8 +103,9 @@ def test_bfloat16_autocast_trains_on_cpu_and_keeps_fp32_weights(tmp_path):
     assert {t.dtype for t in checkpoint.load_weights(bf16.checkpoint).values()} == {torch.float32}
 
 
-@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")), reason="torch.compile on CPU needs a C++ compiler")
 def test_torch_compile_on_cpu_follows_the_eager_loss_curve(tmp_path):
+    if not (shutil.which("g++") or shutil.which("c++")):
+        missing_tool("torch.compile on CPU needs a C++ compiler")
     f = write_experiment(tmp_path / "e.toml")
     steps = ["training.max_steps=6", "training.eval_interval=3", "training.sample_tokens=0", "training.final_eval_tokens=0"]
     eager = train(load_experiment(f, steps), progress=False)

@@ -15,8 +15,8 @@ def decoding_layout(model):
     """Re-store every ``nn.Linear`` weight on CPU as the transposed view of a contiguous [in, out]
     matrix: same values, same modules, tied weights still one tensor, but ``F.linear`` then
     multiplies by a contiguous [in, out] matrix, which CPU matrix-vector products (batch-1
-    decoding) read faster than [out, in] (GPT-2 124M: 19.7 -> 25.0 tok/s, same tokens). For
-    inference: returns the model."""
+    decoding) read faster than [out, in] (same tokens; `gptx bench --only generate` measures the torch
+    backend with it). For inference: returns the model."""
     with torch.no_grad():
         for module in model.modules():
             w = module.weight if isinstance(module, torch.nn.Linear) else None

@@ -7,9 +7,9 @@ far it moves the output from fp32.
 - int4: 4-bit block quantization (onnxruntime ``MatMulNBitsQuantizer``): every constant-weight
   MatMul becomes ``MatMulNBits`` (symmetric, one scale per block of ``INT4_BLOCK_SIZE`` inputs,
   fewer when the model is narrower; int8 compute: ``accuracy_level`` 4) and the embedding tables
-  ``GatherBlockQuantized``. Blocks of 128 rather than 32: on GPT-2 124M they decode 25-50 %
-  faster and prefill 30 % faster, and moved the logits about as much as blocks of 32 on the
-  models measured (docs/performance.md).
+  ``GatherBlockQuantized``. Blocks of 128 rather than 32: on GPT-2 124M they decoded and
+  prefilled faster and moved the logits about as much as blocks of 32 on the models measured
+  (the figures: docs/performance.md).
 
 The trap: in the fp32 export the LM head reads the tied embedding through a
 Transpose. Quantizing that as it is leaves the head in fp32 (its B input is not a constant), or,

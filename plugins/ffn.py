@@ -23,7 +23,7 @@ class MLPOptions:
 
 @dataclasses.dataclass(frozen=True)
 class GeluOptions(MLPOptions):
-    approximate: str = "tanh"  # "tanh": GPT-2's GELU; "none": the exact erf GELU (nanoGPT's nn.GELU, ~2x faster on CPU)
+    approximate: str = "tanh"  # "tanh": GPT-2's GELU; "none": the exact erf GELU (nanoGPT's nn.GELU, faster on CPU: docs/performance.md)
 
     def __post_init__(self):
         super().__post_init__()

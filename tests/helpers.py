@@ -83,22 +83,38 @@ def start_mlflow_server(d: Path) -> tuple[subprocess.Popen, str]:
         time.sleep(0.3)
 
 
-def tiny_checkpoint_and_export(root: Path, block_size: int = 32):
-    """A 1-layer byte-level checkpoint (random weights, seed 0) in root/run and its verified ONNX
-    export in root/export, made in-process. Returns (checkpoint dir, export dir)."""
+def tiny_model(tokenizer: str = "byte", state=None, seed: int = 0, **model):
+    """A randomly initialised (seed ``seed``) model of the given sizes — by default 1 layer, 2 heads,
+    16 wide, context 32 — with its config and tokenizer, vocab_size taken from the tokenizer.
+    Returns (model, config, tokenizer)."""
     import torch
 
     from gptx import checkpoint
     from gptx.config import from_dict
-    from gptx.export.onnx_export import export_checkpoint
     from gptx.model import GPT
 
-    cfg = from_dict({"model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": block_size},
-                     "tokenizer": {"kind": "byte"}})
-    tok = checkpoint.build_tokenizer(cfg.tokenizer)
+    sizes = {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 32} | model
+    cfg = from_dict({"model": sizes, "tokenizer": {"kind": tokenizer}})
+    tok = checkpoint.build_tokenizer(cfg.tokenizer, state)
     cfg.model.vocab_size = tok.vocab_size
-    torch.manual_seed(0)
-    ck = checkpoint.save(root / "run", 1, GPT(cfg.model), cfg, tok)
+    torch.manual_seed(seed)
+    return GPT(cfg.model), cfg, tok
+
+
+def tiny_checkpoint(run_dir: Path, tokenizer: str = "byte", state=None, seed: int = 0, **model) -> Path:
+    """The one recipe for a test checkpoint: ``tiny_model(...)`` saved at step 1 under run_dir;
+    returns the checkpoint directory."""
+    from gptx import checkpoint
+
+    return checkpoint.save(Path(run_dir), 1, *tiny_model(tokenizer, state, seed, **model))
+
+
+def tiny_checkpoint_and_export(root: Path, block_size: int = 32):
+    """A 1-layer byte-level checkpoint (random weights, seed 0) in root/run and its verified ONNX
+    export in root/export, made in-process. Returns (checkpoint dir, export dir)."""
+    from gptx.export.onnx_export import export_checkpoint
+
+    ck = tiny_checkpoint(root / "run", block_size=block_size)
     export_checkpoint(ck, root / "export", log=lambda _msg: None, track=False)
     return ck, root / "export"
 
@@ -154,16 +170,11 @@ def wandering_export(root: Path, tokenizer: str, seed: int, state=None, stop_pro
     import torch
 
     from gptx import checkpoint
-    from gptx.config import from_dict
     from gptx.export.onnx_export import export_checkpoint
-    from gptx.model import GPT
 
-    cfg = from_dict({"model": {"n_layer": 2, "n_head": 4, "n_embd": 64, "block_size": 96, "tie_embeddings": False},
-                     "tokenizer": {"kind": tokenizer}})
-    tok = checkpoint.build_tokenizer(cfg.tokenizer, state)
-    cfg.model.vocab_size = tok.vocab_size
-    torch.manual_seed(seed)
-    model = GPT(cfg.model).eval()
+    model, cfg, tok = tiny_model(tokenizer, state, seed, n_layer=2, n_head=4, n_embd=64, block_size=96,
+                                 tie_embeddings=False)
+    model.eval()
     with torch.no_grad():
         for p in model.parameters():
             if p.dim() == 2:

@@ -21,7 +21,7 @@ from typing import Callable
 
 import pytest
 import torch
-from helpers import tiny_checkpoint_and_export, write_experiment
+from helpers import tiny_checkpoint, tiny_checkpoint_and_export, write_experiment
 
 
 BLOCK = 32  # the context of the fixture checkpoint and export
@@ -663,14 +663,7 @@ def eval_empty_task(d, art):
 
 @case("--data: ", "corpus.txt: character 'Ω' is not in this char tokenizer's vocabulary")
 def eval_text_beyond_a_char_vocabulary(d, art):
-    from gptx import checkpoint
-    from gptx.config import from_dict
-    from gptx.model import GPT
-
-    cfg = from_dict({"model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16}, "tokenizer": {"kind": "char"}})
-    tok = checkpoint.build_tokenizer(cfg.tokenizer, {"chars": list("abc \n")})
-    cfg.model.vocab_size = tok.vocab_size
-    ck = checkpoint.save(d / "char-run", 1, GPT(cfg.model), cfg, tok)
+    ck = tiny_checkpoint(d / "char-run", "char", {"chars": list("abc \n")}, block_size=16)
     return ["eval", ck, "--data", data_file(d, "abc abc Ω\n".encode())]
 
 

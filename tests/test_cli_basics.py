@@ -6,15 +6,13 @@ import subprocess
 import sys
 
 import pytest
-import torch
 from click.testing import CliRunner
 
-from gptx import checkpoint
+from helpers import tiny_checkpoint
+
 from gptx import registry as registry_mod
 from gptx.cli import cli
-from gptx.config import from_dict
 from gptx.kinds import KINDS
-from gptx.model import GPT
 
 BLOCK = 48
 
@@ -23,13 +21,7 @@ BLOCK = 48
 def ckpt(tmp_path_factory):
     """A saved tiny byte-level model (random weights): the run directory."""
     run = tmp_path_factory.mktemp("run")
-    cfg = from_dict({"model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": BLOCK},
-                     "tokenizer": {"kind": "byte"}}, registry_mod.registry())
-    tok = checkpoint.build_tokenizer(cfg.tokenizer)
-    cfg.model.vocab_size = tok.vocab_size
-    torch.manual_seed(0)
-    model = GPT(cfg.model)
-    checkpoint.save(run, 1, model, cfg, tok)
+    tiny_checkpoint(run, n_layer=2, n_embd=32, block_size=BLOCK)
     return run
 
 

@@ -11,18 +11,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+from helpers import tiny_checkpoint
+
 from gptx import checkpoint
 from gptx import registry as registry_mod
 from gptx.base import KV_CACHE, ONNX_EXPORT
 from gptx.cli import cli
-from gptx.config import from_dict
 from gptx.errors import GptxError
 from gptx.export import IO_CONTRACT, IO_CONTRACT_VERSION, input_names, output_names
 from gptx.export.onnx_export import export_checkpoint
 from gptx.export.runtime import OnnxGenerator, make_session
 from gptx.kinds import BY_NAME, KINDS
 from gptx.generate import generate_ids
-from gptx.model import GPT
 from gptx.sampling import Sampler
 
 SMALL = {"n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 64}
@@ -30,12 +30,7 @@ SMALL = {"n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 64}
 
 def make_checkpoint(run_dir, model=None, tokenizer="byte", seed=0, tokenizer_state=None):
     """Save a randomly initialised tiny model; returns the checkpoint directory."""
-    raw = {"model": {**SMALL, **(model or {})}, "tokenizer": {"kind": tokenizer}}
-    cfg = from_dict(raw, registry_mod.registry())
-    tok = checkpoint.build_tokenizer(cfg.tokenizer, tokenizer_state)
-    cfg.model.vocab_size = tok.vocab_size
-    torch.manual_seed(seed)
-    return checkpoint.save(run_dir, 1, GPT(cfg.model), cfg, tok)
+    return tiny_checkpoint(run_dir, tokenizer, tokenizer_state, seed, **(SMALL | (model or {})))
 
 
 def quiet(_msg):

@@ -6,16 +6,14 @@ import subprocess
 import sys
 
 import pytest
-import torch
+
+from helpers import tiny_checkpoint
 
 from gptx import checkpoint
-from gptx import registry as registry_mod
-from gptx.config import from_dict
 from gptx.errors import GptxError
 from gptx.export.onnx_export import export_checkpoint
 from gptx.export.runtime import OnnxGenerator
 from gptx.generate import generate_ids
-from gptx.model import GPT
 from gptx.sampling import Sampler
 
 BLOCK = 64
@@ -25,12 +23,8 @@ BLOCK = 64
 def exported(tmp_path_factory):
     """A tiny GPT-2-vocabulary model, saved and exported once for this module."""
     root = tmp_path_factory.mktemp("onnxgen")
-    cfg = from_dict({"model": {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": BLOCK},
-                     "tokenizer": {"kind": "gpt2"}}, registry_mod.registry())
-    tok = checkpoint.build_tokenizer(cfg.tokenizer)
-    cfg.model.vocab_size = tok.vocab_size
-    torch.manual_seed(3)
-    ck = checkpoint.save(root / "run", 1, GPT(cfg.model), cfg, tok)
+    ck = tiny_checkpoint(root / "run", "gpt2", seed=3, n_layer=2, n_embd=32, block_size=BLOCK)
+    tok = checkpoint.build_tokenizer(checkpoint.load(ck).config.tokenizer)
     export_checkpoint(ck, root / "out", log=lambda _m: None)
     return {"ck": ck, "out": root / "out", "model": checkpoint.load(ck).model, "tok": tok, "gen": OnnxGenerator(root / "out")}
 

@@ -613,9 +613,11 @@ def _tokenizer(name: str, option_items: tuple[str, ...]):
 @click.option("--val-fraction", default="0.1", show_default=True, help="The last fraction of the tokens validates.")
 @click.option("--workers", default=None, help="Tokenizing processes [default: the CPUs, 1 for small input].")
 @click.option("--shard-tokens", default=str(100_000_000), show_default=True, help="Tokens per shard.")
+@click.option("--force", is_flag=True, help="Replace OUT even if it holds files gptx prepare did not write.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def prepare(source, out_dir, tokenizer_name, tokenizer_options, val_fraction, workers, shard_tokens, as_json, quiet):
+def prepare(source, out_dir, tokenizer_name, tokenizer_options, val_fraction, workers, shard_tokens, force, as_json,
+            quiet):
     """Tokenize SOURCE (a text file, a directory of .txt files or a .jsonl file with a "text"
     field per line) into llm.c-format shards in OUT, for [data] kind = "tokens". Streaming,
     parallel, exact; OUT appears only when complete."""
@@ -627,8 +629,11 @@ def prepare(source, out_dir, tokenizer_name, tokenizer_options, val_fraction, wo
     args.check()  # bad numbers fail before the tokenizer loads
     tokenizer = _tokenizer(tokenizer_name, tokenizer_options)
     try:
-        with StatusLine() as status:
-            manifest = prep.prepare(source, out_dir, tokenizer_name, tokenizer, args, None if quiet else status)
+        with prep.sigterm_raises(), StatusLine() as status:
+            manifest = prep.prepare(source, out_dir, tokenizer_name, tokenizer, args, None if quiet else status, force)
+    except prep.Terminated as err:
+        fail(f"{out_dir}: stopped by SIGTERM " + ("after the output was written" if err.published else
+                                                  "before the output was complete; nothing was written there"), 143)
     except KeyboardInterrupt:
         fail(f"{out_dir}: interrupted; nothing was written there", 130)
     if as_json:

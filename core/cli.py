@@ -418,6 +418,10 @@ def run(file, overrides, resume, nproc, quiet):
             BatchSplit.plan(cfg.training, 0, nproc)
         except ConfigError as err:
             raise err.located(file) from None
+        if resume:  # a run another process still trains is refused here, once, not by rank 0 under torchrun
+            from gptx import checkpoint, runs
+
+            runs.find_resumable(cfg, checkpoint.complete_checkpoints)[1].release()  # rank 0 takes it again
         args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                 "-m", "gptx", "run", file, *[f"--set={o}" for o in overrides]]
         args += ["--resume"] * resume + ["--quiet"] * quiet

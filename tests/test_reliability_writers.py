@@ -157,9 +157,12 @@ def start_parallel_prepare(tmp_path: Path, out: Path) -> tuple[subprocess.Popen,
     return proc, parent.children()
 
 
-def gone(processes: list[psutil.Process], seconds: float = 10) -> bool:
+def gone_or_killed(processes: list[psutil.Process], seconds: float = 10) -> list[int]:
+    """The pids still alive ``seconds`` later (then killed, so a failing test leaves none behind)."""
     _, alive = psutil.wait_procs(processes, timeout=seconds)
-    return not alive
+    for p in alive:
+        p.kill()
+    return [p.pid for p in alive]
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
@@ -170,8 +173,9 @@ def test_a_stopped_prepare_leaves_no_worker_and_the_output_as_it_was(tmp_path, s
     proc, workers = start_parallel_prepare(tmp_path, out)
     assert len(workers) >= 2
     proc.send_signal(sig)
+    survivors = gone_or_killed(workers)  # orphaned workers would hold the pipes open: check before reading them
     _, err = proc.communicate(timeout=60)
-    assert gone(workers), [w.pid for w in workers if w.is_running()]
+    assert not survivors
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     if sig == signal.SIGTERM:
         assert proc.returncode == 143
@@ -188,9 +192,10 @@ def test_sigterm_before_a_first_output_leaves_nothing(tmp_path):
     (tmp_path / "new").mkdir()
     proc, workers = start_parallel_prepare(tmp_path / "new", out)
     proc.send_signal(signal.SIGTERM)
+    survivors = gone_or_killed(workers)
     _, err = proc.communicate(timeout=60)
+    assert not survivors
     assert proc.returncode == 143 and "stopped by SIGTERM" in one_error_line(err)
-    assert gone(workers)
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["big.txt"]
 
 

@@ -57,12 +57,18 @@ def publishable(tmp: Path) -> Path:
 
 
 def is_our_temporary(entry: Path) -> bool:
-    """Whether ``entry`` is a directory that temp_sibling made (its marker names it)."""
+    """Whether ``entry`` is a directory that temp_sibling made (its marker names it), or one it
+    was killed in the middle of making (empty, or an empty marker alone: removing it loses nothing)."""
     try:
-        return (not entry.is_symlink() and entry.is_dir()
-                and (entry / MARKER).read_text(encoding="utf-8", errors="replace") == entry.name)
+        if entry.is_symlink() or not entry.is_dir():
+            return False
+        names = os.listdir(entry)
+        if MARKER not in names:
+            return not names
+        text = (entry / MARKER).read_text(encoding="utf-8", errors="replace")
     except OSError:
         return False
+    return text == entry.name or (text == "" and names == [MARKER])
 
 
 def replace_dir(new: Path, final: Path) -> None:

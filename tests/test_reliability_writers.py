@@ -113,6 +113,8 @@ def test_leftovers_are_removed_only_when_gptx_made_them(tmp_path):
     (users_dir / "data.bin").write_text("mine")
     users_file = tmp_path / f".out.tmp-{dead}-abcdef"
     users_file.write_text("mine too")
+    unmarked_empty = tmp_path / f".out.partial-{dead}-0a0b0c"  # killed between mkdir and its marker
+    unmarked_empty.mkdir()
     other_output = tmp_path / f".out.old-{dead}-fedcba"
     gptx(*prepare_args(SHAKESPEARE, other_output), check=True)  # another prepare's finished output
     src = tmp_path / "big.txt"
@@ -121,10 +123,10 @@ def test_leftovers_are_removed_only_when_gptx_made_them(tmp_path):
     wait_for(lambda: list(tmp_path.glob(".out.partial-*/part_000002.bin")), proc, "prepare started writing")
     proc.kill()
     proc.communicate()
-    killed = [p for p in tmp_path.glob(".out.partial-*") if p != users_dir]
+    killed = [p for p in tmp_path.glob(".out.partial-*") if p not in (users_dir, unmarked_empty)]
     assert len(killed) == 1 and not out.exists()
     gptx(*prepare_args(SHAKESPEARE, out), check=True)
-    assert not killed[0].exists() and (out / shards.MANIFEST).is_file()
+    assert not killed[0].exists() and not unmarked_empty.exists() and (out / shards.MANIFEST).is_file()
     assert (users_dir / "data.bin").read_text() == "mine" and users_file.read_text() == "mine too"
     assert (other_output / shards.MANIFEST).is_file()
 

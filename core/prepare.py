@@ -31,6 +31,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -327,6 +328,10 @@ def encoded(tasks: Iterator[list[Piece]], tokenizer, workers: int) -> Iterator[n
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    except BrokenProcessPool:  # a worker was killed from outside (the OOM killer, a signal to it alone)
+        _stop_workers(pool)
+        raise GptxError(f"a tokenizing worker process died (killed by a signal or out of memory); "
+                        f"try fewer --workers (now {workers})") from None
     except BaseException:  # an error, Ctrl-C, SIGTERM: the workers' tasks are no longer wanted
         _stop_workers(pool)
         raise

@@ -233,3 +233,16 @@ def test_a_run_killed_with_9_leaves_no_stale_lock(tmp_path):
     first.communicate()
     r = gptx("run", f, *overrides, "--set", "training.max_steps=60", "--resume", "--quiet", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
+
+
+def test_a_worker_killed_from_outside_is_one_line_and_leaves_nothing(tmp_path):
+    out = tmp_path / "out"
+    proc, workers = start_parallel_prepare(tmp_path, out)
+    workers[0].kill()  # as the OOM killer would
+    survivors = gone_or_killed(workers)
+    _, err = proc.communicate(timeout=60)
+    assert not survivors
+    assert proc.returncode == 2
+    assert one_error_line(err) == ("Error: a tokenizing worker process died (killed by a signal or out of memory); "
+                                   "try fewer --workers (now 2)")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt"]

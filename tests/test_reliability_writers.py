@@ -131,6 +131,21 @@ def test_leftovers_are_removed_only_when_gptx_made_them(tmp_path):
     assert (other_output / shards.MANIFEST).is_file()
 
 
+def test_a_file_added_to_out_while_prepare_runs_is_kept(tmp_path):
+    """OUT is checked again just before it is replaced, not only at the start."""
+    out, src = tmp_path / "out", tmp_path / "big.txt"
+    gptx(*prepare_args(SHAKESPEARE, out), check=True)
+    before = (out / shards.MANIFEST).read_text()
+    src.write_text(SHAKESPEARE.read_text() * 8)
+    proc = start_gptx(*prepare_args(src, out, "--workers", "1"))
+    wait_for(lambda: list(tmp_path.glob(".out.partial-*/part_000001.bin")), proc, "prepare started writing")
+    (out / "notes.txt").write_text("added meanwhile")
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 2 and "holds files gptx did not write (notes.txt)" in one_error_line(err)
+    assert (out / "notes.txt").read_text() == "added meanwhile" and (out / shards.MANIFEST).read_text() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["big.txt", "out"]
+
+
 def test_two_prepares_into_one_folder_at_once_leave_one_whole_output(tmp_path):
     out = tmp_path / "out"
     src = tmp_path / "big.txt"

@@ -418,6 +418,10 @@ def run(file, overrides, resume, nproc, quiet):
             BatchSplit.plan(cfg.training, 0, nproc)
         except ConfigError as err:
             raise err.located(file) from None
+        if resume:  # a run another process still trains is refused here, once, not by rank 0 under torchrun
+            from gptx import checkpoint, runs
+
+            runs.find_resumable(cfg, checkpoint.complete_checkpoints)[1].release()  # rank 0 takes it again
         args = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                 "-m", "gptx", "run", file, *[f"--set={o}" for o in overrides]]
         args += ["--resume"] * resume + ["--quiet"] * quiet
@@ -613,9 +617,11 @@ def _tokenizer(name: str, option_items: tuple[str, ...]):
 @click.option("--val-fraction", default="0.1", show_default=True, help="The last fraction of the tokens validates.")
 @click.option("--workers", default=None, help="Tokenizing processes [default: the CPUs, 1 for small input].")
 @click.option("--shard-tokens", default=str(100_000_000), show_default=True, help="Tokens per shard.")
+@click.option("--force", is_flag=True, help="Replace OUT even if it holds files gptx prepare did not write.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def prepare(source, out_dir, tokenizer_name, tokenizer_options, val_fraction, workers, shard_tokens, as_json, quiet):
+def prepare(source, out_dir, tokenizer_name, tokenizer_options, val_fraction, workers, shard_tokens, force, as_json,
+            quiet):
     """Tokenize SOURCE (a text file, a directory of .txt files or a .jsonl file with a "text"
     field per line) into llm.c-format shards in OUT, for [data] kind = "tokens". Streaming,
     parallel, exact; OUT appears only when complete."""
@@ -627,8 +633,11 @@ def prepare(source, out_dir, tokenizer_name, tokenizer_options, val_fraction, wo
     args.check()  # bad numbers fail before the tokenizer loads
     tokenizer = _tokenizer(tokenizer_name, tokenizer_options)
     try:
-        with StatusLine() as status:
-            manifest = prep.prepare(source, out_dir, tokenizer_name, tokenizer, args, None if quiet else status)
+        with prep.sigterm_raises(), StatusLine() as status:
+            manifest = prep.prepare(source, out_dir, tokenizer_name, tokenizer, args, None if quiet else status, force)
+    except prep.Terminated as err:
+        fail(f"{out_dir}: stopped by SIGTERM " + ("after the output was written" if err.published else
+                                                  "before the output was complete; nothing was written there"), 143)
     except KeyboardInterrupt:
         fail(f"{out_dir}: interrupted; nothing was written there", 130)
     if as_json:

@@ -1,17 +1,27 @@
 """Writing files so that a crash never leaves a half-written result where a whole one is expected.
 
 Everything gptx publishes (a checkpoint, an export, a prepared dataset, a cache entry) is built
-in a hidden sibling named ``.<name>.tmp-<pid>-<random>`` and renamed into place when complete.
-A process killed with -9 leaves its temporary behind; the next writer of the same name removes
-the temporaries whose process is gone (and never one a live process is still writing).
+in a hidden sibling directory named ``.<name>.<kind>-<pid>-<random>`` and renamed into place when
+complete. A process killed with -9 leaves its temporary behind; the next writer of the same name
+removes the temporaries whose process is gone (and never one a live process is still writing).
+
+A name proves nothing (a user or another tool may own ``.out.tmp-123-abc``), so each temporary
+carries a marker file, ``.gptx-temporary``, holding its own name: only a directory whose marker
+says so is ever removed as a leftover. ``publishable`` takes the marker out just before the
+temporary is renamed into place, so no published output carries it.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import re
 import secrets
 import shutil
 from pathlib import Path
+from typing import Optional
+
+MARKER = ".gptx-temporary"
 
 
 def cache_root() -> Path:
@@ -20,24 +30,54 @@ def cache_root() -> Path:
 
 
 def temp_sibling(final: Path, kind: str = "tmp") -> Path:
-    """A new hidden directory beside ``final`` for building it (mode as an ordinary mkdir)."""
+    """A new hidden directory beside ``final`` for building it (mode as an ordinary mkdir),
+    marked as gptx's temporary."""
     for _ in range(100):
         path = final.parent / f".{final.name}.{kind}-{os.getpid()}-{secrets.token_hex(3)}"
         try:
             path.mkdir()
-            return path
         except FileExistsError:
             continue
         except OSError as e:  # name the path the user gave, not our hidden temporary
             raise OSError(e.errno, f"cannot be written there: {e.strerror}", str(final)) from None
+        try:
+            (path / MARKER).write_text(path.name)
+        except OSError as e:
+            shutil.rmtree(path, ignore_errors=True)
+            raise OSError(e.errno, f"cannot be written there: {e.strerror}", str(final)) from None
+        return path
     raise FileExistsError(f"cannot create a temporary directory beside {final}")
 
 
+def publishable(tmp: Path) -> Path:
+    """``tmp`` without its marker, ready to be renamed into place (a kill right after this leaves
+    an unmarked temporary: never removed automatically, never data lost)."""
+    (tmp / MARKER).unlink(missing_ok=True)
+    return tmp
+
+
+def is_our_temporary(entry: Path) -> bool:
+    """Whether ``entry`` is a directory that temp_sibling made (its marker names it), or one it
+    was killed in the middle of making (empty, or an empty marker alone: removing it loses nothing)."""
+    try:
+        if entry.is_symlink() or not entry.is_dir():
+            return False
+        names = os.listdir(entry)
+        if MARKER not in names:
+            return not names
+        text = (entry / MARKER).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    return text == entry.name or (text == "" and names == [MARKER])
+
+
 def replace_dir(new: Path, final: Path) -> None:
-    """Move the finished directory ``new`` to ``final``. A directory already there is renamed into
-    a temporary sibling first (put back if the move fails, deleted after), so ``final`` is at every
-    moment the old or the new whole; the parent is synced so the rename survives a crash."""
+    """Move the finished directory ``new`` (a temp_sibling) to ``final``. A directory already there
+    is renamed into a temporary sibling first (put back if the move fails, deleted after), so
+    ``final`` is at every moment the old or the new whole; the parent is synced so the rename
+    survives a crash."""
     old = None
+    publishable(new)
     if final.exists():
         old = temp_sibling(final.resolve(), "old")
         os.rename(final, old / "old")
@@ -57,11 +97,11 @@ def replace_dir(new: Path, final: Path) -> None:
 
 
 def remove_stale_siblings(final: Path) -> list[Path]:
-    """Remove ``.<name>.<kind>-<pid>-*`` leftovers beside ``final`` whose process has exited,
-    with the side files SQLite keeps beside a database being written (``-journal``, ``-wal``, ``-shm``).
-    A killed replace_dir's earlier output (``.<name>.old-*/old``) goes back to ``final`` when nothing
-    took its place: the kill came between its two renames."""
-    pattern = re.compile(rf"^\.{re.escape(final.name)}\.([a-z]+)-(\d+)-[0-9a-f]+(-journal|-wal|-shm)?$")
+    """Remove gptx's temporaries beside ``final`` (``.<name>.<kind>-<pid>-*``, marked) whose process
+    has exited. A killed replace_dir's earlier output (``.<name>.old-*/old``) goes back to ``final``
+    when nothing took its place: the kill came between its two renames. Anything without gptx's
+    marker is left alone, whatever its name."""
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.([a-z]+)-(\d+)-[0-9a-f]+$")
     removed = []
     try:
         entries = list(final.parent.iterdir())
@@ -69,15 +109,82 @@ def remove_stale_siblings(final: Path) -> list[Path]:
         return removed
     for entry in entries:
         m = pattern.match(entry.name)
-        if m and not pid_alive(int(m.group(2))):
-            if m.group(1) == "old" and (entry / "old").is_dir() and not os.path.lexists(final):
-                os.rename(entry / "old", final)
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry, ignore_errors=True)
-            else:
-                entry.unlink(missing_ok=True)
-            removed.append(entry)
+        if not m or pid_alive(int(m.group(2))) or not is_our_temporary(entry):
+            continue
+        if m.group(1) == "old" and (entry / "old").is_dir() and not os.path.lexists(final):
+            os.rename(entry / "old", final)
+        shutil.rmtree(entry, ignore_errors=True)
+        removed.append(entry)
     return removed
+
+
+def remove_created_dirs(deepest: Path, created: Optional[Path]) -> None:
+    """Remove the directories from ``deepest`` up to ``created`` that a failed writer made, each
+    only while it is empty: another writer (or the user) may have put something there meanwhile."""
+    if created is None:
+        return
+    path = deepest
+    while True:
+        try:
+            path.rmdir()
+        except OSError:
+            return
+        if path == created or path.parent == path:
+            return
+        path = path.parent
+
+
+def first_missing(path: Path) -> Optional[Path]:
+    """The outermost directory of ``path``'s parents (or ``path``) that does not exist yet."""
+    return next((p for p in [*reversed(path.parents), path] if not os.path.lexists(p)), None)
+
+
+@contextlib.contextmanager
+def directory_lock(directory: Path):
+    """An exclusive lock held on the directory itself while the block runs (nothing is left
+    behind in it); waits for another holder."""
+    import fcntl
+
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+class HeldLock:
+    """An exclusive ``flock`` on a lock file, held until ``release()`` or the process's end (the OS
+    drops it when the process dies, even by kill -9: a lock is never stale)."""
+
+    def __init__(self, fd: int, path: Path):
+        self.fd, self.path = fd, path
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    __del__ = release  # a lock nobody refers to any more is not held
+
+
+def try_lock(path: Path) -> tuple[Optional[HeldLock], str]:
+    """Take the lock file ``path`` (created if missing) without waiting: the held lock, or None
+    and what the holder wrote into it (its pid). The holder's pid is written into the file."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        holder = os.pread(fd, 64, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return None, holder
+        raise OSError(err.errno, f"cannot be locked: {err.strerror}", str(path)) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return HeldLock(fd, path), ""
 
 
 def pid_alive(pid: int) -> bool:

@@ -29,7 +29,7 @@ import shutil
 from pathlib import Path
 
 from gptx.errors import GptxError, first_line
-from gptx.fsutil import remove_stale_siblings, temp_sibling
+from gptx.fsutil import publishable, remove_stale_siblings, temp_sibling
 
 # activation_function values that are GELU with the tanh approximation (GPT-2's gelu_new)
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -281,7 +281,7 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, registry=No
         checkpoint.save(tmp, 0, model, config, tokenizer, extra=extra, keep=1)
         if final.exists():
             final.rmdir()  # the empty directory checked above
-        os.rename(tmp, final)
+        os.rename(publishable(tmp), final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

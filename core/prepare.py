@@ -20,6 +20,7 @@ tokenizer's end-of-text token (as llm.c's FineWeb shards), i.e. the ids of
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import math
@@ -30,6 +31,7 @@ import signal
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Callable, Iterator, Optional
 
@@ -37,7 +39,8 @@ import numpy as np
 
 from gptx import shards
 from gptx.errors import GptxError, first_line
-from gptx.fsutil import remove_stale_siblings, replace_dir, temp_sibling
+from gptx.fsutil import (directory_lock, first_missing, remove_created_dirs, remove_stale_siblings, replace_dir,
+                         temp_sibling)
 from gptx.progress import bar, hms
 
 READ_BYTES = 1 << 20  # bytes read per block
@@ -235,10 +238,61 @@ _worker_tokenizer = None
 _START_METHOD = "fork" if sys.platform.startswith("linux") else "spawn"
 
 
-def _init_worker(cls, options, state) -> None:
+def _init_worker(parent_pid: int, cls, options, state) -> None:
     global _worker_tokenizer
+    _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle (it stops the pool)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the parent's handler, inherited through fork
     _worker_tokenizer = cls(options, state or None)
+
+
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Linux: the kernel kills this worker when its parent dies, even by kill -9, which runs none
+    of the parent's clean-up (a worker blocked on the task queue would otherwise live on)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+    if os.getppid() != parent_pid:  # the parent died before the request above took effect
+        os._exit(1)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process was, so that every clean-up (``finally``) runs as for
+    Ctrl-C. ``published``: whether the output had been put in place when it came."""
+
+    published = False
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """While the block runs, SIGTERM raises ``Terminated`` (the default would end the process at
+    once, leaving its temporary directory and its workers behind)."""
+    def handle(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handle)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+@contextlib.contextmanager
+def _signals_deferred():
+    """SIGINT and SIGTERM wait until the block is done: the output is replaced whole or not at all."""
+    blocked = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, blocked)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _encode_in_worker(task: list[Piece]) -> np.ndarray:
@@ -265,7 +319,7 @@ def encoded(tasks: Iterator[list[Piece]], tokenizer, workers: int) -> Iterator[n
         return
     ctx = multiprocessing.get_context(_START_METHOD)
     pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker,
-                               initargs=(type(tokenizer), tokenizer.options, tokenizer.state()))
+                               initargs=(os.getpid(), type(tokenizer), tokenizer.options, tokenizer.state()))
     try:
         pending = collections.deque()
         for task in tasks:
@@ -274,8 +328,24 @@ def encoded(tasks: Iterator[list[Piece]], tokenizer, workers: int) -> Iterator[n
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+    except BrokenProcessPool:  # a worker was killed from outside (the OOM killer, a signal to it alone)
+        _stop_workers(pool)
+        raise GptxError(f"a tokenizing worker process died (killed by a signal or out of memory); "
+                        f"try fewer --workers (now {workers})") from None
+    except BaseException:  # an error, Ctrl-C, SIGTERM: the workers' tasks are no longer wanted
+        _stop_workers(pool)
+        raise
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _stop_workers(pool: ProcessPoolExecutor) -> None:
+    """End the pool's processes now rather than after their current task (up to a second each)."""
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        try:
+            process.kill()
+        except (OSError, ValueError, AttributeError):  # already gone
+            pass
 
 
 def piece_chars_for(tokenizer) -> Optional[int]:
@@ -386,17 +456,41 @@ class PrepareArgs:
                             f"(the header's int32 count), got {self.shard_tokens}")
 
 
-def check_out_dir(out: Path) -> None:
-    """OUT_DIR may be new, an empty directory or an earlier prepare's output (then replaced)."""
+def check_out_dir(out: Path, force: bool = False, protected: tuple[Path, ...] = ()) -> None:
+    """OUT_DIR may be new, an empty directory or an earlier prepare's output holding only the files
+    that prepare wrote (then replaced); anything else only with ``force``. Never a directory that
+    holds one of ``protected`` (the source, the working directory), whose replacement would delete it."""
+    target = out.resolve()
+    for p in protected:
+        p = p.resolve()
+        if target == p or target in p.parents:
+            raise GptxError(f"{out}: refusing to replace a directory that contains {p}")
     if out.exists() and not out.is_dir():
         raise GptxError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not (out / shards.MANIFEST).is_file():
-        raise GptxError(f"{out}: not empty and not written by gptx prepare; choose another -o")
     parent = out.parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise GptxError(f"{out}: {parent} is not a writable directory")
+    if force or not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / shards.MANIFEST).is_file():
+        raise GptxError(f"{out}: not empty and not written by gptx prepare; choose another -o or pass --force to replace it")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in _written_by_prepare(out))
+    if foreign:  # replacing the output would delete them: only ever remove what gptx wrote
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise GptxError(f"{out}: an earlier gptx prepare's output, but it also holds files gptx did not write ({shown}); "
+                        "move them, choose another -o, or pass --force to replace the whole directory")
+
+
+def _written_by_prepare(out: Path) -> set[str]:
+    """The names an earlier prepare in ``out`` wrote: its manifest and the shards it lists."""
+    try:
+        meta = json.loads((out / shards.MANIFEST).read_text(encoding="utf-8"))
+        listed = [s.get("file") for split in meta["shards"].values() for s in split]
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        listed = []
+    return {shards.MANIFEST} | {f for f in listed if isinstance(f, str)}
 
 
 class Roller:
@@ -455,30 +549,41 @@ def split_parts(parts: list[tuple[Path, int]], n_train: int, dtype: str) -> dict
 
 
 def prepare(source_path: str | os.PathLike, out_dir: str | os.PathLike, kind: str, tokenizer, args: PrepareArgs,
-            progress: Progress = None) -> dict:
+            progress: Progress = None, force: bool = False) -> dict:
     """Tokenize ``source_path`` into shards in ``out_dir`` (see the module docstring) and return
     the manifest. ``tokenizer`` is registered as ``kind``; one that learns its vocabulary is fit
     on the source first. Everything is written into a temporary sibling directory that replaces
-    ``out_dir`` only when complete, the manifest last."""
+    ``out_dir`` only when complete, the manifest last. ``force``: replace ``out_dir`` even when it
+    holds files gptx did not write."""
     args.check()
     out = Path(out_dir).expanduser().absolute()
-    check_out_dir(out)
-    source = Source(Path(source_path).expanduser())
+    source_file = Path(source_path).expanduser()
+    protected = (source_file, Path.cwd())
+    check_out_dir(out, force, protected)
+    source = Source(source_file)
     workers = args.workers or default_workers(source)
     if source.jsonl and tokenizer.eot_id is None:
         raise GptxError(f"{source.path}: --tokenizer {kind} has no end-of-text token to separate jsonl documents")
     if tokenizer.requires_fit and not tokenizer.state():
         fit(tokenizer, source, progress)
     remove_stale_siblings(out)  # earlier prepares into out that were killed
-    created = next((p for p in reversed(out.parents) if not p.exists()), None)  # to remove on failure
+    created = first_missing(out.parent)  # removed on failure, while still empty
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_sibling(out, "partial")
+    published = False
     try:
         manifest = _write_shards(source, tmp, kind, tokenizer, dataclasses.replace(args, workers=workers), progress)
         shards.write_manifest(tmp, manifest)
-        replace_dir(tmp, out)  # an earlier prepare there is replaced whole
-    except BaseException:
-        shutil.rmtree(created or tmp, ignore_errors=True)
+        with _signals_deferred(), directory_lock(out.parent):  # two prepares into one OUT_DIR: one at a time
+            check_out_dir(out, force, protected)  # the user may have put a file there meanwhile
+            replace_dir(tmp, out)  # an earlier prepare there is replaced whole
+            published = True
+    except BaseException as err:
+        if not published:
+            shutil.rmtree(tmp, ignore_errors=True)  # only ever what this prepare wrote
+            remove_created_dirs(out.parent, created)
+        if isinstance(err, Terminated):
+            err.published = published
         raise
     return manifest
 

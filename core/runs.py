@@ -21,8 +21,10 @@ from typing import Optional
 
 from gptx import metrics_log
 from gptx.errors import ConfigError, GptxError, first_line
+from gptx.fsutil import HeldLock, try_lock
 
 RUN_FILE = "run.json"
+LOCK_FILE = "run.lock"  # held (flock) by the one process training in the run directory
 SWEEP_FILE = "sweep.json"
 # What a run reports once: the whole-split val loss (the last sampled one where a run skipped it), and
 # the target metrics when the run had a target.
@@ -77,14 +79,40 @@ def new_run_dir(cfg) -> Path:
     raise GptxError(f"training.out_dir: {root} already holds 9,999 runs named {base!r}; choose another tracking.run_name")
 
 
-def find_resumable(cfg, complete_checkpoints) -> Path:
-    """The newest run of this experiment that did not finish and has a checkpoint."""
+def lock_run_dir(run_dir: Path, what: str = "training.out_dir") -> HeldLock:
+    """Own ``run_dir`` for the run's life: an exclusive lock on its ``run.lock``, which the OS drops
+    when the process ends (even by kill -9, so a lock is never stale). Another process holding it
+    is training there: refused, before anything is written."""
+    try:
+        lock, holder = try_lock(Path(run_dir) / LOCK_FILE)
+    except OSError as err:
+        raise GptxError(f"{what}: cannot lock {err.filename}: {err.strerror}") from None
+    if lock is None:
+        pid = f" (pid {holder})" if holder.isdigit() else ""
+        raise GptxError(f"{what}: {run_dir} is in use by another gptx process{pid}; wait for it to finish or stop it")
+    return lock
+
+
+def find_resumable(cfg, complete_checkpoints, lock: bool = True) -> tuple[Path, Optional[HeldLock]]:
+    """The newest run of this experiment that did not finish and has a checkpoint, and (``lock``:
+    rank 0) the lock that makes this process its only writer. The newest one still in use by
+    another process is refused, not passed over: that is the run the user means."""
     root = experiment_dir(cfg)
     candidates = sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime) if root.is_dir() else []
     for run_dir in reversed(candidates):
-        if read_run_file(run_dir).get("status") != "FINISHED" and complete_checkpoints(run_dir / "checkpoints"):
-            return run_dir
+        if not _resumable(run_dir, complete_checkpoints):
+            continue
+        if not lock:
+            return run_dir, None
+        held = lock_run_dir(run_dir, "--resume")
+        if _resumable(run_dir, complete_checkpoints):  # it may have finished while we took the lock
+            return run_dir, held
+        held.release()
     raise GptxError(f"--resume: no interrupted run of '{cfg.name}' with a checkpoint under {root}")
+
+
+def _resumable(run_dir: Path, complete_checkpoints) -> bool:
+    return read_run_file(run_dir).get("status") != "FINISHED" and bool(complete_checkpoints(run_dir / "checkpoints"))
 
 
 def check_writable(cfg) -> None:

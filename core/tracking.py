@@ -11,7 +11,6 @@ import contextlib
 import json
 import logging
 import os
-import secrets
 import shutil
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from typing import Optional
 
 from gptx import __version__
 from gptx.errors import GptxError
+from gptx.fsutil import directory_lock
 
 # A tracking server that dies mid-run must cost the run seconds, not MLflow's default of 7 retries
 # with exponential backoff (about 4 minutes stalled in the first call that fails). Users' settings win.
@@ -69,7 +69,7 @@ def ensure_sqlite_store(uri: str) -> None:
         return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with _directory_lock(path.parent):
+        with directory_lock(path.parent):
             if _store_is_current(path) or (path.exists() and _store_holds_runs(path)):
                 return
             _create_store(path)
@@ -109,33 +109,20 @@ def _create_store(path: Path) -> None:
     from mlflow.store.tracking import DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    from gptx.fsutil import remove_stale_siblings
+    from gptx.fsutil import remove_stale_siblings, temp_sibling
 
     remove_stale_siblings(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
+    tmp = temp_sibling(path)  # the database and SQLite's side files are built in it
     quiet = logging.getLogger("mlflow.store.db.utils")
     level = quiet.level
     quiet.setLevel(logging.WARNING)  # "Creating initial MLflow database tables..." is not the user's business
     try:
-        store = SqlAlchemyStore(f"sqlite:///{tmp}", DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
+        store = SqlAlchemyStore(f"sqlite:///{tmp / path.name}", DEFAULT_LOCAL_FILE_AND_ARTIFACT_PATH)
         store.engine.dispose()
-        os.replace(tmp, path)  # replaces an incomplete store that holds no runs
+        os.replace(tmp / path.name, path)  # replaces an incomplete store that holds no runs
     finally:
         quiet.setLevel(level)
-        tmp.unlink(missing_ok=True)
-
-
-@contextlib.contextmanager
-def _directory_lock(directory: Path):
-    """An exclusive lock held on the directory itself (nothing is left behind in it)."""
-    import fcntl
-
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # releases the lock
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
@@ -345,7 +332,7 @@ def run_id_of(source) -> Optional[str]:
 def download_checkpoint(uri: str) -> Path:
     """``runs:/<run_id>`` -> a local copy of that run's logged checkpoint directory (cached:
     downloaded into a temporary sibling and renamed into place only when whole)."""
-    from gptx.fsutil import cache_root, remove_stale_siblings, temp_sibling
+    from gptx.fsutil import cache_root, publishable, remove_stale_siblings, temp_sibling
 
     run_id = run_id_of(uri)
     dest = cache_root() / "mlflow-runs" / run_id
@@ -357,7 +344,7 @@ def download_checkpoint(uri: str) -> Path:
     tmp = temp_sibling(dest)
     try:
         mlflow_client.download_artifacts(run_id, "checkpoint", str(tmp))
-        os.replace(tmp, dest)  # a concurrent download of the same run may have won: same files
+        os.replace(publishable(tmp), dest)  # a concurrent download of the same run may have won: same files
     except OSError:
         if not (dest / "checkpoint" / "gptx.json").is_file():
             raise

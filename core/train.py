@@ -263,6 +263,7 @@ class Plan:
     resume_dir: Optional[Path] = None
     init_from: Optional[Path] = None  # the checkpoint the weights start from
     run_dir: Optional[Path] = None  # a new, empty directory the caller made for the run (gptx sweep)
+    lock: Optional[object] = None  # rank 0's hold on resume_dir (runs.lock_run_dir): this process alone writes there
 
 
 def prepare(cfg: ExperimentConfig, resume: bool = False, progress=None, outputs: bool = True) -> Plan:
@@ -282,7 +283,8 @@ def prepare(cfg: ExperimentConfig, resume: bool = False, progress=None, outputs:
     if world > 1 and tc.parallel == "fsdp" and not tc.optimizer.cls.sharded_ok:
         raise ConfigError(f"'{tc.optimizer.kind}' cannot update FSDP-sharded parameters; use training.parallel = "
                           "\"ddp\" or another optimizer", "training.optimizer.kind")
-    resume_dir = runs.find_resumable(cfg, ckpt.complete_checkpoints) if resume else None
+    main = int(os.environ.get("RANK", "0")) == 0
+    resume_dir, lock = runs.find_resumable(cfg, ckpt.complete_checkpoints, lock=main) if resume else (None, None)
     source = _apply_init_from(cfg) if tc.init_from else None  # the model and tokenizer, resumed or not
     tokenizer_state = ckpt.read_meta(source).get("tokenizer_state") or None if source else None
     if resume_dir:
@@ -308,7 +310,7 @@ def prepare(cfg: ExperimentConfig, resume: bool = False, progress=None, outputs:
         runs.check_writable(cfg)
         if cfg.tracking.enabled:
             tracking.check_store(tracking.tracking_uri(cfg.tracking.uri))
-    return Plan(cfg, device, tokenizer, dataset, resume_dir, init_from)
+    return Plan(cfg, device, tokenizer, dataset, resume_dir, init_from, lock=lock)
 
 
 def _resume_checks(cfg: ExperimentConfig, resume_dir: Path) -> Optional[dict]:
@@ -729,10 +731,13 @@ class Trainer:
         made = self.plan.resume_dir or self.plan.run_dir
         created = runs.new_run_dir(self.cfg) if self.dist.main and made is None else None
         try:
+            if self.dist.main and self.plan.lock is None:  # a resumed run's was taken before its checks
+                self.plan.lock = runs.lock_run_dir(created or made)
             self.tracker = tracking.start(self.cfg, run_id=run_id, rank=self.dist.rank)
         except BaseException:
-            if created is not None:
-                created.rmdir()  # still empty: a run that could not be tracked leaves nothing behind
+            if created is not None:  # a run that could not be tracked leaves nothing behind
+                (created / runs.LOCK_FILE).unlink(missing_ok=True)
+                created.rmdir()
             raise
         self.run_dir = self.dist.broadcast(created or made)
         self.metrics_log = metrics_log.MetricsLog(self.run_dir, self.step0, enabled=self.dist.main)
@@ -759,6 +764,9 @@ class Trainer:
                 runs.write_run_file(self.run_dir, status=status)
             except OSError:  # e.g. the disk that just refused a checkpoint: keep the error that matters
                 pass
+        if self.plan.lock is not None:
+            self.plan.lock.release()  # the last write is done: another process may continue the run
+            self.plan.lock = None
         self.dist.close()
 
     def result(self, step: int, sample: Optional[str]) -> TrainResult:

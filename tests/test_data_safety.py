@@ -59,11 +59,13 @@ def test_export_removes_what_a_killed_export_left_but_not_a_live_one(tmp_path):
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f".export.tmp-{int(dead.stdout)}-abcdef"
     stale.mkdir()
+    (stale / ".gptx-temporary").write_text(stale.name)  # as temp_sibling marks its directories
     (stale / "model.onnx").write_bytes(b"half")
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         live = tmp_path / f".export.tmp-{sleeper.pid}-abcdef"
         live.mkdir()
+        (live / ".gptx-temporary").write_text(live.name)
         gptx("export", ck, "-o", out, cwd=tmp_path, check=True)
         assert not stale.exists() and live.is_dir()
     finally:

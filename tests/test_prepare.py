@@ -195,9 +195,10 @@ def test_an_earlier_output_moved_aside_by_a_killed_prepare_comes_back(tmp_path, 
     dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
                               text=True).stdout)
     aside, partial = tmp_path / f".out.old-{dead}-abc123", tmp_path / f".out.partial-{dead}-abc123"
-    aside.mkdir()
+    for made in (aside, partial):  # as temp_sibling makes them: marked as gptx's
+        made.mkdir()
+        (made / ".gptx-temporary").write_text(made.name)
     os.rename(out, aside / "old")  # the killed prepare's first rename
-    partial.mkdir()
     (partial / "part_000000.bin").write_bytes(b"half")  # its finished output, never renamed into place
     with pytest.raises(GptxError, match="looks binary"):
         prep.prepare(bad, out, "byte", ByteTokenizer(None), prep.PrepareArgs(shard_tokens=2000))

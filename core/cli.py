@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import click
 from gptx import __version__
 from gptx.errors import GptxError, first_line
 from gptx.kinds import KINDS
+from gptx.numeric import NumberError, env_int, parse_float, parse_int
 
 REPORT_URL = "https://github.com/gptx-dev/gptx/issues"
 
@@ -139,7 +139,7 @@ class GptxGroup(click.Group):
 
 
 class BoundedInt(click.ParamType):
-    """An integer in [low, high]; anything else (text, 2**70, a float) is a one-line error."""
+    """An integer in [low, high]; anything else (text, '²', '+-1', 2**70, a float) is a one-line error."""
 
     name = "integer"
 
@@ -147,16 +147,10 @@ class BoundedInt(click.ParamType):
         self.low, self.high = low, high
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int) and not isinstance(value, bool):
-            number = value
-        else:
-            text = str(value).strip()
-            if not text.lstrip("+-").isdigit():
-                self.fail(f"expected an integer, got {value!r}", param, ctx)
-            number = int(text)
-        if not self.low <= number <= self.high:
-            self.fail(f"must be from {self.low} to {self.high}, got {number}", param, ctx)
-        return number
+        try:
+            return parse_int(value, "", self.low, self.high)
+        except NumberError as err:
+            self.fail(err.problem, param, ctx)
 
 
 class BoundedFloat(click.ParamType):
@@ -170,15 +164,9 @@ class BoundedFloat(click.ParamType):
 
     def convert(self, value, param, ctx):
         try:
-            number = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"expected a number, got {value!r}", param, ctx)
-        above = number > self.low if self.low_open else number >= self.low
-        below = number < self.high if self.high_open else number <= self.high
-        if not (above and below):  # NaN fails both
-            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            self.fail(f"must be a finite number in {left}{self.low:g}, {self.high:g}{right}, got {value}", param, ctx)
-        return number
+            return parse_float(value, "", self.low, self.high, self.low_open, self.high_open)
+        except NumberError as err:
+            self.fail(err.problem, param, ctx)
 
 
 class Device(click.ParamType):
@@ -430,7 +418,7 @@ def run(file, overrides, resume, nproc, quiet):
     except Interrupted as err:
         click.echo(f"Stopped: {err}. Continue with: gptx run {file} --resume", err=True)
         sys.exit(err.exit_code)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if env_int("RANK", 0) != 0:
         return
     if result.sample is not None:
         click.echo("\n---- sample ----")
@@ -471,8 +459,9 @@ class Port(click.ParamType):
     name = "port"
 
     def convert(self, value, param, ctx):
-        text = str(value).strip()
-        if not text.isdigit() or int(text) > 65535:
+        try:
+            return parse_int(value, "--port", 0, 65535)
+        except NumberError:
             self.fail(f"expected an integer from 0 (any free port) to 65535, got {value!r}", param, ctx)
         return int(text)
 
@@ -578,13 +567,7 @@ def _number(text: Optional[str], option: str, kind: type):
     """A number option parsed here, not by click, so a bad one is one 'Error:' line like any other."""
     if text is None:
         return None
-    try:
-        value = kind(text)
-    except ValueError:
-        raise GptxError(f"{option}: expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-    if kind is float and not math.isfinite(value):
-        raise GptxError(f"{option}: must be a finite number, got {text}")
-    return value
+    return parse_int(text, option) if kind is int else parse_float(text, option)
 
 
 def _tokenizer(name: str, option_items: tuple[str, ...]):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from gptx.errors import ConfigError, GptxError
+from gptx.numeric import int_or_none
 from gptx.kinds import KINDS, Kind
 from gptx.options import did_you_mean, fields_of, parse, to_dict
 
@@ -165,7 +166,7 @@ def _valid_device(device: str) -> bool:
     kind, _, index = device.partition(":")
     if device in ("auto", "cpu", "mps", "cuda"):
         return True
-    return kind == "cuda" and index.isdigit() and len(index) <= 4
+    return kind == "cuda" and index[:1].isascii() and index[:1].isdigit() and int_or_none(index, 0, 9999) is not None
 
 
 @dataclasses.dataclass

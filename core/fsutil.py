@@ -61,7 +61,7 @@ def remove_stale_siblings(final: Path) -> list[Path]:
     with the side files SQLite keeps beside a database being written (``-journal``, ``-wal``, ``-shm``).
     A killed replace_dir's earlier output (``.<name>.old-*/old``) goes back to ``final`` when nothing
     took its place: the kill came between its two renames."""
-    pattern = re.compile(rf"^\.{re.escape(final.name)}\.([a-z]+)-(\d+)-[0-9a-f]+(-journal|-wal|-shm)?$")
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.([a-z]+)-([0-9]+)-[0-9a-f]+(-journal|-wal|-shm)?$")
     removed = []
     try:
         entries = list(final.parent.iterdir())

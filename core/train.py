@@ -31,6 +31,7 @@ from gptx import checkpoint as ckpt
 from gptx import distributed, metrics_log, runs
 from gptx.config import ExperimentConfig, from_dict
 from gptx.errors import ConfigError, GptxError, first_line
+from gptx.numeric import env_int
 
 
 @dataclasses.dataclass
@@ -68,7 +69,7 @@ class Interrupted(Exception):
 def pick_device(tc) -> torch.device:
     if tc.device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            return torch.device("cuda", env_int("LOCAL_RANK", 0))
         return torch.device("cpu")
     dev = torch.device(tc.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -277,7 +278,7 @@ def prepare(cfg: ExperimentConfig, resume: bool = False, progress=None, outputs:
     device = pick_device(tc)
     keep_freed_memory_wanted()  # a bad $GPTX_KEEP_FREED_MEMORY fails here, before anything is written
     tc.dtype = resolve_dtype(tc.dtype, device)  # the resolved choice is what checkpoints and MLflow record
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_int("WORLD_SIZE", 1, 1)
     BatchSplit.plan(tc, 0, world)
     if world > 1 and tc.parallel == "fsdp" and not tc.optimizer.cls.sharded_ok:
         raise ConfigError(f"'{tc.optimizer.kind}' cannot update FSDP-sharded parameters; use training.parallel = "
@@ -791,13 +792,13 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True, ru
     ``checked`` is called once everything is validated, before anything is created."""
     from gptx.progress import StatusLine
 
-    shown = progress and int(os.environ.get("RANK", "0")) == 0
+    shown = progress and env_int("RANK", 0) == 0
     try:
         with StatusLine() if shown else contextlib.nullcontext() as status:  # tokenizing a cold cache takes a while
             plan = prepare(cfg, resume, progress=status)
     except ConfigError as err:  # name the experiment file, as the loader's own errors do
         raise err.located(str(cfg.source) if cfg.source else None) from None
-    if int(os.environ.get("RANK", "0")) == 0:
+    if env_int("RANK", 0) == 0:
         checked()
     plan.run_dir = run_dir
     return Trainer(plan, progress).fit()

@@ -463,7 +463,20 @@ class Port(click.ParamType):
             return parse_int(value, "--port", 0, 65535)
         except NumberError:
             self.fail(f"expected an integer from 0 (any free port) to 65535, got {value!r}", param, ctx)
-        return int(text)
+
+
+class HostName(click.ParamType):
+    """A host name or address as a browser sends it in Host (no port, no scheme, no path)."""
+
+    name = "host"
+
+    def convert(self, value, param, ctx):
+        from gptx.export.server import host_name
+
+        parsed = host_name(str(value))
+        if parsed is None or parsed[1] is not None or "/" in parsed[0]:
+            self.fail(f"expected a host name or address without a port, got {value!r}", param, ctx)
+        return parsed[0]
 
 
 @cli.command("web")
@@ -473,7 +486,9 @@ class Port(click.ParamType):
 @click.option("--install", is_flag=True, help="npm install the page's JavaScript packages into gptx's cache first.")
 @click.option("--node-modules", default=None, type=click.Path(file_okay=False, path_type=str),
               help="A node_modules folder holding the packages (default: the web folder's, then gptx's cache).")
-def web(out_dir, host, port, install, node_modules):
+@click.option("--allow-host", "allow_hosts", multiple=True, type=HostName(), metavar="NAME",
+              help="Also answer requests for this host name (repeatable); by default only localhost and --host.")
+def web(out_dir, host, port, install, node_modules, allow_hosts):
     """Serve OUT_DIR (a gptx export) with a web page that generates in the browser (onnxruntime-web:
     WebAssembly, or WebGPU where the browser has it). Ctrl-C stops it (exit 0). With --install
     and no OUT_DIR, only installs the JavaScript packages."""
@@ -489,7 +504,7 @@ def web(out_dir, host, port, install, node_modules):
         raise GptxError("OUT_DIR: missing: the export folder to serve (from gptx export), or --install alone")
     server_mod.check_export(out_dir)
     modules = server_mod.find_node_modules(node_modules)
-    srv = server_mod.serve(out_dir, host, port, modules)
+    srv = server_mod.serve(out_dir, host, port, modules, allow_hosts)
 
     def announce():
         click.echo(server_mod.banner(srv, out_dir, modules))

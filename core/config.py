@@ -178,10 +178,15 @@ class TrackingConfig:
     parent_run_id: Optional[str] = None  # nest this run under another (gptx sweep sets it)
 
     def __post_init__(self):
-        for name in ("experiment", "run_name"):
+        from gptx.fsutil import path_name_problem
+
+        for name in ("experiment", "run_name"):  # each names a folder: <out_dir>/<experiment>/<run_name>
             value = getattr(self, name)
-            if value is not None and (not value.strip() or "/" in value or "\0" in value or len(value) > 200):
-                raise ValueError((name, f"must be a non-empty name of at most 200 characters without '/', got {value!r}"))
+            problem = path_name_problem(value) if value is not None else None
+            if problem is None and value is not None and len(value) > 200:
+                problem = "must be at most 200 characters"
+            if problem:
+                raise ValueError((name, f"{problem}, got {value[:60]!r}{'...' if len(value) > 60 else ''}"))
 
 
 @dataclasses.dataclass
@@ -371,6 +376,7 @@ def load_experiment(path: str | os.PathLike, overrides: list[str] = (), registry
         start = cfg.training.init_from
         if "training.init_from" in origin and start and not start.startswith("runs:/"):  # typed in the current folder
             cfg.training = dataclasses.replace(cfg.training, init_from=str(Path(os.path.expanduser(start)).absolute()))
+        check_name_from_file(cfg)
         if check_data:
             check_paths(cfg)
         return cfg
@@ -381,6 +387,17 @@ def load_experiment(path: str | os.PathLike, overrides: list[str] = (), registry
 def _locate(err: ConfigError, path: Path, origin: dict[str, str], moved: dict[str, str]) -> ConfigError:
     """Name the --set item that set the key (or one of its tables), else the file; a key that
     moved is named as the file wrote it too."""
+def check_name_from_file(cfg: ExperimentConfig) -> None:
+    """Without tracking.experiment the file's stem names the experiment's folder: a file named
+    '...toml' (stem '..') must not put runs beside training.out_dir."""
+    from gptx.fsutil import path_name_problem
+
+    problem = path_name_problem(cfg.name) if cfg.tracking.experiment is None else None
+    if problem:
+        raise ConfigError(f"the file name {cfg.name!r} names the experiment's folder and {problem}; "
+                          "set tracking.experiment", "tracking.experiment")
+
+
     key = err.key or ""
     item = next((v for k, v in origin.items() if key and (key == k or key.startswith(k + ".") or k.startswith(key + "."))), None)
     if item is None and key in moved:

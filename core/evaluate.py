@@ -274,7 +274,9 @@ def log_to_run(uri: str, results: dict, step: Optional[int]) -> None:
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    run_id = uri[len("runs:/"):].strip("/").split("/")[0]
+    from gptx.tracking import run_id_of
+
+    run_id = run_id_of(uri)
     ts = int(time.time() * 1000)
     metrics = [Metric(f"eval/{Path(r['file']).stem}/{k}", float(v), ts, int(step or 0))
                for r in results.values() for k, v in r.items() if k != "file"]

@@ -115,6 +115,7 @@ class TrainingConfig:
     threads: Optional[int] = None  # torch intra-op threads on CPU; None: torch's default
     out_dir: str = "runs"  # run directories go to <out_dir>/<experiment>/<run>; relative to the working directory
     init_from: Optional[str] = None  # start from these weights: a checkpoint or run directory (relative to the file), runs:/<id>, or gptx import-hf output
+    init_partial: bool = False  # with init_from: load the tensors that fit, start the rest from random init (said on one line); false: refuse unless every tensor fits
     target_val_loss: Optional[float] = None  # record steps/tokens/seconds to the first evaluation at or below it
     stop_at_target: bool = False  # and end the run there (needs target_val_loss)
     sample_prompt: str = "\n"
@@ -149,6 +150,8 @@ class TrainingConfig:
             raise ValueError(("target_val_loss", f"must be positive, got {self.target_val_loss}"))
         if self.stop_at_target and self.target_val_loss is None:
             raise ValueError(("stop_at_target", "needs training.target_val_loss"))
+        if self.init_partial and not self.init_from:
+            raise ValueError(("init_partial", "needs training.init_from (the weights to load in part)"))
 
     def to_dict(self) -> dict:
         return _section_dict(self)
@@ -373,10 +376,10 @@ def load_experiment(path: str | os.PathLike, overrides: list[str] = (), registry
         kind_set = {k.rsplit(".", 1)[0] for k in origin if k.endswith(".kind")}
         cfg = from_dict(raw, registry, source=path.resolve(), kind_set=kind_set, set_keys=set(origin), notes=notes)
         cfg.explicit = frozenset(_dotted_keys(raw))
+        check_name_from_file(cfg)
         start = cfg.training.init_from
         if "training.init_from" in origin and start and not start.startswith("runs:/"):  # typed in the current folder
             cfg.training = dataclasses.replace(cfg.training, init_from=str(Path(os.path.expanduser(start)).absolute()))
-        check_name_from_file(cfg)
         if check_data:
             check_paths(cfg)
         return cfg
@@ -384,9 +387,6 @@ def load_experiment(path: str | os.PathLike, overrides: list[str] = (), registry
         raise _locate(err, path, origin, moved) from None
 
 
-def _locate(err: ConfigError, path: Path, origin: dict[str, str], moved: dict[str, str]) -> ConfigError:
-    """Name the --set item that set the key (or one of its tables), else the file; a key that
-    moved is named as the file wrote it too."""
 def check_name_from_file(cfg: ExperimentConfig) -> None:
     """Without tracking.experiment the file's stem names the experiment's folder: a file named
     '...toml' (stem '..') must not put runs beside training.out_dir."""
@@ -398,6 +398,9 @@ def check_name_from_file(cfg: ExperimentConfig) -> None:
                           "set tracking.experiment", "tracking.experiment")
 
 
+def _locate(err: ConfigError, path: Path, origin: dict[str, str], moved: dict[str, str]) -> ConfigError:
+    """Name the --set item that set the key (or one of its tables), else the file; a key that
+    moved is named as the file wrote it too."""
     key = err.key or ""
     item = next((v for k, v in origin.items() if key and (key == k or key.startswith(k + ".") or k.startswith(key + "."))), None)
     if item is None and key in moved:

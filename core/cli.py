@@ -582,7 +582,7 @@ def _number(text: Optional[str], option: str, kind: type):
     """A number option parsed here, not by click, so a bad one is one 'Error:' line like any other."""
     if text is None:
         return None
-    return parse_int(text, option) if kind is int else parse_float(text, option)
+    return parse_int(text, option, None, None) if kind is int else parse_float(text, option)  # ranges: checked where used
 
 
 def _tokenizer(name: str, option_items: tuple[str, ...]):

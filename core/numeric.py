@@ -35,16 +35,17 @@ def shown(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def parse_int(value, what: str = "", low: int = INT64_MIN, high: int = INT64_MAX) -> int:
+def parse_int(value, what: str = "", low: Optional[int] = INT64_MIN, high: Optional[int] = INT64_MAX) -> int:
     """An integer in [low, high] from an int or from text (ASCII digits, one optional sign,
-    surrounding blanks ignored); NumberError otherwise. A bool or a float is not an integer."""
+    surrounding blanks ignored); NumberError otherwise. A bool or a float is not an integer.
+    ``low``/``high`` None: no bound here (the caller checks the range and names it its way)."""
     if isinstance(value, int) and not isinstance(value, bool):
         number = value
     elif isinstance(value, str) and len(value) <= MAX_TEXT and _INT.fullmatch(value.strip()):
         number = int(value.strip())
     else:
         raise NumberError(what, f"expected an integer, got {shown(value)}")
-    if not low <= number <= high:
+    if (low is not None and number < low) or (high is not None and number > high):
         raise NumberError(what, f"must be from {low} to {high}, got {number}")
     return number
 

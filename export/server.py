@@ -177,13 +177,24 @@ class HostCheck:
     def __init__(self, bound: str, port: int, allowed: tuple[str, ...] = ()):
         names = set(LOCAL_NAMES) | {bound.lower().strip("[]")} | {a.lower().strip("[]") for a in allowed}
         self.names, self.port = names, port
+        # bound to every address (0.0.0.0, ::): each of the machine's addresses is one it serves. An
+        # address is safe to answer: rebinding needs a name, and a page at an address is its own origin.
+        self.any_address = is_address(bound.strip("[]")) and ipaddress.ip_address(bound.strip("[]")).is_unspecified
 
     def allows(self, header: Optional[str]) -> bool:
         parsed = host_name(header)
         if parsed is None:
             return False
         name, port = parsed
-        return name in self.names and port in (None, self.port)
+        return (name in self.names or (self.any_address and is_address(name))) and port in (None, self.port)
+
+
+def is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
 
 
 def url_segments(raw_path: str) -> Optional[list[str]]:
@@ -341,7 +352,8 @@ def banner(server: http.server.ThreadingHTTPServer, out_dir: Path, node_modules:
     lines = [f"serving {out_dir} at {url_of(server)}  (Ctrl-C stops)",
              f"the page downloads {runtime:.1f} MB of runtime (onnxruntime-web, tokenizer, page) and {model:.1f} MB of model"]
     if not ipaddress.ip_address(server.server_address[0]).is_loopback:
-        lines.append(f"Warning: listening on {server.server_address[0]}: other machines can reach this page and the export")
+        lines.append(f"Warning: listening on {server.server_address[0]}: other machines can reach this page and the export "
+                     "(by address, or by a name given with --allow-host)")
     return "\n".join(lines)
 
 

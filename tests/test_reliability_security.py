@@ -93,6 +93,18 @@ def test_the_hosts_it_serves_are_answered(served, export_dir):
         assert status == 200 and reply.endswith(secret), host
 
 
+def test_bound_to_every_address_it_answers_addresses_but_not_foreign_names(export_dir, node_modules):
+    s = WebServer(export_dir, "--node-modules", node_modules, "--host", "0.0.0.0")
+    try:
+        p = s.port
+        assert get(p, "/export/gptx_export.json", f"127.0.0.2:{p}")[0] == 200  # what another machine would type
+        assert get(p, "/export/gptx_export.json", f"localhost:{p}")[0] == 200
+        assert get(p, "/export/gptx_export.json", f"evil.example:{p}")[0] == 421
+        assert get(p, "/export/gptx_export.json", f"127.0.0.1.nip.example:{p}")[0] == 421
+    finally:
+        s.stop()
+
+
 def test_an_absolute_uri_in_the_request_line_is_refused(served, export_dir):
     p = served.port
     for target in ["http://evil.example/export/gptx_export.json", f"http://127.0.0.1:{p}/export/gptx_export.json", "*"]:

@@ -278,7 +278,8 @@ def log_to_run(uri: str, results: dict, step: Optional[int]) -> None:
 
     run_id = run_id_of(uri)
     ts = int(time.time() * 1000)
-    metrics = [Metric(f"eval/{Path(r['file']).stem}/{k}", float(v), ts, int(step or 0))
+    step = int_or_none(step, 0) or 0  # the checkpoint's stored step; a foreign value logs at step 0
+    metrics = [Metric(f"eval/{Path(r['file']).stem}/{k}", float(v), ts, step)
                for r in results.values() for k, v in r.items() if k != "file"]
     try:
         MlflowClient().log_batch(run_id, metrics=metrics)

@@ -31,7 +31,7 @@ from gptx import checkpoint as ckpt
 from gptx import distributed, metrics_log, runs
 from gptx.config import ExperimentConfig, from_dict
 from gptx.errors import ConfigError, GptxError, first_line
-from gptx.numeric import env_int
+from gptx.numeric import env_int, parse_float, parse_int
 
 
 @dataclasses.dataclass
@@ -572,8 +572,9 @@ class Trainer:
             distributed.load_full_state(self.model, self.optimizer, ckpt.load_weights(path), state["optimizer"], self.dist)
             self.dataset.load_state_dict(state["dataset"])
             torch.set_rng_state(state["torch_rng"])
-            self.step0, self.history = int(state["step"]), list(json.loads(state.get("history", "[]")))
-            self.seconds0 = float(state.get("seconds", 0.0))
+            self.step0 = parse_int(state["step"], f"{path / 'trainer.pt'}: step", 0)
+            self.history = list(json.loads(state.get("history", "[]")))
+            self.seconds0 = parse_float(state.get("seconds", 0.0), f"{path / 'trainer.pt'}: seconds", 0.0)
             self.target = json.loads(state["target"]) if state.get("target") else None
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
             raise GptxError(f"{path / 'trainer.pt'}: corrupted or from another run ({type(err).__name__}: "

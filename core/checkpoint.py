@@ -29,7 +29,7 @@ from gptx.errors import ConfigError, GptxError, first_line, read_format_json
 
 FORMAT = "gptx.checkpoint"
 FORMAT_VERSION = 1
-STEP_DIR = re.compile(r"^step-(\d+)$")
+STEP_DIR = re.compile(r"^step-([0-9]+)$")  # ASCII digits: int() would also read a foreign 'step-٣' folder
 
 
 @dataclasses.dataclass

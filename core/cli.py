@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import click
 from gptx import __version__
 from gptx.errors import GptxError, first_line
 from gptx.kinds import KINDS
+from gptx.numeric import NumberError, env_int, parse_float, parse_int
 
 REPORT_URL = "https://github.com/gptx-dev/gptx/issues"
 
@@ -139,7 +139,7 @@ class GptxGroup(click.Group):
 
 
 class BoundedInt(click.ParamType):
-    """An integer in [low, high]; anything else (text, 2**70, a float) is a one-line error."""
+    """An integer in [low, high]; anything else (text, '²', '+-1', 2**70, a float) is a one-line error."""
 
     name = "integer"
 
@@ -147,16 +147,10 @@ class BoundedInt(click.ParamType):
         self.low, self.high = low, high
 
     def convert(self, value, param, ctx):
-        if isinstance(value, int) and not isinstance(value, bool):
-            number = value
-        else:
-            text = str(value).strip()
-            if not text.lstrip("+-").isdigit():
-                self.fail(f"expected an integer, got {value!r}", param, ctx)
-            number = int(text)
-        if not self.low <= number <= self.high:
-            self.fail(f"must be from {self.low} to {self.high}, got {number}", param, ctx)
-        return number
+        try:
+            return parse_int(value, "", self.low, self.high)
+        except NumberError as err:
+            self.fail(err.problem, param, ctx)
 
 
 class BoundedFloat(click.ParamType):
@@ -170,15 +164,9 @@ class BoundedFloat(click.ParamType):
 
     def convert(self, value, param, ctx):
         try:
-            number = float(value)
-        except (TypeError, ValueError):
-            self.fail(f"expected a number, got {value!r}", param, ctx)
-        above = number > self.low if self.low_open else number >= self.low
-        below = number < self.high if self.high_open else number <= self.high
-        if not (above and below):  # NaN fails both
-            left, right = "(" if self.low_open else "[", ")" if self.high_open else "]"
-            self.fail(f"must be a finite number in {left}{self.low:g}, {self.high:g}{right}, got {value}", param, ctx)
-        return number
+            return parse_float(value, "", self.low, self.high, self.low_open, self.high_open)
+        except NumberError as err:
+            self.fail(err.problem, param, ctx)
 
 
 class Device(click.ParamType):
@@ -434,7 +422,7 @@ def run(file, overrides, resume, nproc, quiet):
     except Interrupted as err:
         click.echo(f"Stopped: {err}. Continue with: gptx run {file} --resume", err=True)
         sys.exit(err.exit_code)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if env_int("RANK", 0) != 0:
         return
     if result.sample is not None:
         click.echo("\n---- sample ----")
@@ -475,10 +463,24 @@ class Port(click.ParamType):
     name = "port"
 
     def convert(self, value, param, ctx):
-        text = str(value).strip()
-        if not text.isdigit() or int(text) > 65535:
+        try:
+            return parse_int(value, "--port", 0, 65535)
+        except NumberError:
             self.fail(f"expected an integer from 0 (any free port) to 65535, got {value!r}", param, ctx)
-        return int(text)
+
+
+class HostName(click.ParamType):
+    """A host name or address as a browser sends it in Host (no port, no scheme, no path)."""
+
+    name = "host"
+
+    def convert(self, value, param, ctx):
+        from gptx.export.server import host_name
+
+        parsed = host_name(str(value))
+        if parsed is None or parsed[1] is not None or "/" in parsed[0]:
+            self.fail(f"expected a host name or address without a port, got {value!r}", param, ctx)
+        return parsed[0]
 
 
 @cli.command("web")
@@ -488,7 +490,9 @@ class Port(click.ParamType):
 @click.option("--install", is_flag=True, help="npm install the page's JavaScript packages into gptx's cache first.")
 @click.option("--node-modules", default=None, type=click.Path(file_okay=False, path_type=str),
               help="A node_modules folder holding the packages (default: the web folder's, then gptx's cache).")
-def web(out_dir, host, port, install, node_modules):
+@click.option("--allow-host", "allow_hosts", multiple=True, type=HostName(), metavar="NAME",
+              help="Also answer requests for this host name (repeatable); by default only localhost and --host.")
+def web(out_dir, host, port, install, node_modules, allow_hosts):
     """Serve OUT_DIR (a gptx export) with a web page that generates in the browser (onnxruntime-web:
     WebAssembly, or WebGPU where the browser has it). Ctrl-C stops it (exit 0). With --install
     and no OUT_DIR, only installs the JavaScript packages."""
@@ -504,7 +508,7 @@ def web(out_dir, host, port, install, node_modules):
         raise GptxError("OUT_DIR: missing: the export folder to serve (from gptx export), or --install alone")
     server_mod.check_export(out_dir)
     modules = server_mod.find_node_modules(node_modules)
-    srv = server_mod.serve(out_dir, host, port, modules)
+    srv = server_mod.serve(out_dir, host, port, modules, allow_hosts)
 
     def announce():
         click.echo(server_mod.banner(srv, out_dir, modules))
@@ -582,13 +586,7 @@ def _number(text: Optional[str], option: str, kind: type):
     """A number option parsed here, not by click, so a bad one is one 'Error:' line like any other."""
     if text is None:
         return None
-    try:
-        value = kind(text)
-    except ValueError:
-        raise GptxError(f"{option}: expected {'an integer' if kind is int else 'a number'}, got {text!r}") from None
-    if kind is float and not math.isfinite(value):
-        raise GptxError(f"{option}: must be a finite number, got {text}")
-    return value
+    return parse_int(text, option, None, None) if kind is int else parse_float(text, option)  # ranges: checked where used
 
 
 def _tokenizer(name: str, option_items: tuple[str, ...]):

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from gptx.errors import ConfigError, GptxError
+from gptx.numeric import int_or_none
 from gptx.kinds import KINDS, Kind
 from gptx.options import did_you_mean, fields_of, parse, to_dict
 
@@ -114,6 +115,7 @@ class TrainingConfig:
     threads: Optional[int] = None  # torch intra-op threads on CPU; None: torch's default
     out_dir: str = "runs"  # run directories go to <out_dir>/<experiment>/<run>; relative to the working directory
     init_from: Optional[str] = None  # start from these weights: a checkpoint or run directory (relative to the file), runs:/<id>, or gptx import-hf output
+    init_partial: bool = False  # with init_from: load the tensors that fit, start the rest from random init (said on one line); false: refuse unless every tensor fits
     target_val_loss: Optional[float] = None  # record steps/tokens/seconds to the first evaluation at or below it
     stop_at_target: bool = False  # and end the run there (needs target_val_loss)
     sample_prompt: str = "\n"
@@ -148,6 +150,8 @@ class TrainingConfig:
             raise ValueError(("target_val_loss", f"must be positive, got {self.target_val_loss}"))
         if self.stop_at_target and self.target_val_loss is None:
             raise ValueError(("stop_at_target", "needs training.target_val_loss"))
+        if self.init_partial and not self.init_from:
+            raise ValueError(("init_partial", "needs training.init_from (the weights to load in part)"))
 
     def to_dict(self) -> dict:
         return _section_dict(self)
@@ -165,7 +169,7 @@ def _valid_device(device: str) -> bool:
     kind, _, index = device.partition(":")
     if device in ("auto", "cpu", "mps", "cuda"):
         return True
-    return kind == "cuda" and index.isdigit() and len(index) <= 4
+    return kind == "cuda" and index[:1].isascii() and index[:1].isdigit() and int_or_none(index, 0, 9999) is not None
 
 
 @dataclasses.dataclass
@@ -177,10 +181,15 @@ class TrackingConfig:
     parent_run_id: Optional[str] = None  # nest this run under another (gptx sweep sets it)
 
     def __post_init__(self):
-        for name in ("experiment", "run_name"):
+        from gptx.fsutil import path_name_problem
+
+        for name in ("experiment", "run_name"):  # each names a folder: <out_dir>/<experiment>/<run_name>
             value = getattr(self, name)
-            if value is not None and (not value.strip() or "/" in value or "\0" in value or len(value) > 200):
-                raise ValueError((name, f"must be a non-empty name of at most 200 characters without '/', got {value!r}"))
+            problem = path_name_problem(value) if value is not None else None
+            if problem is None and value is not None and len(value) > 200:
+                problem = "must be at most 200 characters"
+            if problem:
+                raise ValueError((name, f"{problem}, got {value[:60]!r}{'...' if len(value) > 60 else ''}"))
 
 
 @dataclasses.dataclass
@@ -367,6 +376,7 @@ def load_experiment(path: str | os.PathLike, overrides: list[str] = (), registry
         kind_set = {k.rsplit(".", 1)[0] for k in origin if k.endswith(".kind")}
         cfg = from_dict(raw, registry, source=path.resolve(), kind_set=kind_set, set_keys=set(origin), notes=notes)
         cfg.explicit = frozenset(_dotted_keys(raw))
+        check_name_from_file(cfg)
         start = cfg.training.init_from
         if "training.init_from" in origin and start and not start.startswith("runs:/"):  # typed in the current folder
             cfg.training = dataclasses.replace(cfg.training, init_from=str(Path(os.path.expanduser(start)).absolute()))
@@ -375,6 +385,17 @@ def load_experiment(path: str | os.PathLike, overrides: list[str] = (), registry
         return cfg
     except ConfigError as err:
         raise _locate(err, path, origin, moved) from None
+
+
+def check_name_from_file(cfg: ExperimentConfig) -> None:
+    """Without tracking.experiment the file's stem names the experiment's folder: a file named
+    '...toml' (stem '..') must not put runs beside training.out_dir."""
+    from gptx.fsutil import path_name_problem
+
+    problem = path_name_problem(cfg.name) if cfg.tracking.experiment is None else None
+    if problem:
+        raise ConfigError(f"the file name {cfg.name!r} names the experiment's folder and {problem}; "
+                          "set tracking.experiment", "tracking.experiment")
 
 
 def _locate(err: ConfigError, path: Path, origin: dict[str, str], moved: dict[str, str]) -> ConfigError:

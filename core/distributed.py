@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 
 import torch
 from torch import nn
+
+from gptx.numeric import env_int
 
 
 @dataclasses.dataclass
@@ -62,12 +63,12 @@ class Dist:
 
 def setup(device: torch.device, mode: str) -> Dist:
     """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; NCCL on CUDA, gloo on CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_int("WORLD_SIZE", 1, 1)
     if world == 1:
         return Dist(mode=mode)
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return Dist(torch.distributed.get_rank(), world, int(os.environ.get("LOCAL_RANK", "0")), mode)
+    return Dist(torch.distributed.get_rank(), world, env_int("LOCAL_RANK", 0), mode)
 
 
 def wrap(model: nn.Module, dist: Dist, device: torch.device) -> nn.Module:

@@ -28,6 +28,7 @@ from typing import Optional
 import numpy as np
 
 from gptx.errors import GptxError, first_line
+from gptx.numeric import int_or_none
 
 LOGITS_BUDGET = 2**27  # floats of logits per forward (512 MiB) when choosing rows per batch
 
@@ -195,8 +196,8 @@ def _example(raw: bytes, tokenizer, context: int, where: str) -> Example:
         raise GptxError(f"{where}: 'ctx' must be a non-empty string")
     if not (isinstance(endings, list) and len(endings) >= 2 and all(isinstance(e, str) for e in endings)):
         raise GptxError(f"{where}: 'endings' must be a list of at least 2 strings")
-    if isinstance(label, str) and label.isdigit():
-        label = int(label)  # some HellaSwag copies store it as a string
+    if isinstance(label, str) and int_or_none(label, 0) is not None:
+        label = int_or_none(label, 0)  # some HellaSwag copies store it as a string ('²' is none)
     if not (isinstance(label, int) and not isinstance(label, bool) and 0 <= label < len(endings)):
         raise GptxError(f"{where}: 'label' must be an integer from 0 to {len(endings) - 1}, got {label!r}")
     try:
@@ -273,9 +274,12 @@ def log_to_run(uri: str, results: dict, step: Optional[int]) -> None:
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    run_id = uri[len("runs:/"):].strip("/").split("/")[0]
+    from gptx.tracking import run_id_of
+
+    run_id = run_id_of(uri)
     ts = int(time.time() * 1000)
-    metrics = [Metric(f"eval/{Path(r['file']).stem}/{k}", float(v), ts, int(step or 0))
+    step = int_or_none(step, 0) or 0  # the checkpoint's stored step; a foreign value logs at step 0
+    metrics = [Metric(f"eval/{Path(r['file']).stem}/{k}", float(v), ts, step)
                for r in results.values() for k, v in r.items() if k != "file"]
     try:
         MlflowClient().log_batch(run_id, metrics=metrics)

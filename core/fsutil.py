@@ -29,6 +29,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("GPTX_CACHE_DIR") or Path.home() / ".cache" / "gptx")
 
 
+MAX_NAME_BYTES = 255  # the longest file name Linux and macOS file systems take
+
+
+def path_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be one folder's name inside another (None when it can): a name that
+    becomes a path (an experiment, a run) must stay inside its parent, whatever it holds."""
+    if not isinstance(name, str) or not name.strip():
+        return "must be a non-empty name"
+    if name in (".", ".."):
+        return f"must be a folder name, not {name!r}"
+    if "/" in name or "\\" in name:
+        return "must not contain '/' or '\\' (it names one folder)"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "must not contain control characters (NUL, newline, ...)"
+    if name.startswith("-"):
+        return "must not start with '-' (it would read as an option on a command line)"
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        return f"must be at most {MAX_NAME_BYTES} bytes as a file name, got {len(name.encode('utf-8', 'surrogatepass'))}"
+    return None
+
+
 def temp_sibling(final: Path, kind: str = "tmp") -> Path:
     """A new hidden directory beside ``final`` for building it (mode as an ordinary mkdir),
     marked as gptx's temporary."""
@@ -101,7 +122,7 @@ def remove_stale_siblings(final: Path) -> list[Path]:
     has exited. A killed replace_dir's earlier output (``.<name>.old-*/old``) goes back to ``final``
     when nothing took its place: the kill came between its two renames. Anything without gptx's
     marker is left alone, whatever its name."""
-    pattern = re.compile(rf"^\.{re.escape(final.name)}\.([a-z]+)-(\d+)-[0-9a-f]+$")
+    pattern = re.compile(rf"^\.{re.escape(final.name)}\.([a-z]+)-([0-9]+)-[0-9a-f]+$")
     removed = []
     try:
         entries = list(final.parent.iterdir())

@@ -16,7 +16,6 @@ checkpoint it resumed from and continues the clock where they ended.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -26,6 +25,7 @@ from typing import Optional
 import numpy as np
 
 from gptx.errors import GptxError
+from gptx.numeric import INT64_MAX, float_or_none, int_or_none, number_or_none, shown
 
 FILE = "metrics.jsonl"
 MAX_LINE = 64 * 1024  # a record is ~120 bytes; a longer line is not ours
@@ -111,15 +111,13 @@ def _parse(raw: bytes, path: Path, lineno: int, last: bool) -> Optional[dict]:
     if not isinstance(record, dict):
         raise GptxError(f"{path}: line {lineno} is not a JSON object")
     step, seconds = record.get("step"), record.get("seconds")
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise GptxError(f"{path}: line {lineno}: 'step' must be a non-negative integer, got {step!r}")
-    if not _is_number(seconds) or not math.isfinite(seconds) or seconds < 0:
-        raise GptxError(f"{path}: line {lineno}: 'seconds' must be a non-negative number, got {seconds!r}")
-    return {k: v for k, v in record.items() if _is_number(v)}  # unknown text fields: ignored
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
+    # JSON integers only (the writer writes no "5" or 5.0), and within int64, where numpy and MLflow keep steps
+    if not isinstance(step, int) or int_or_none(step, 0, INT64_MAX) is None:
+        raise GptxError(f"{path}: line {lineno}: 'step' must be a non-negative integer below 2**63, got {shown(step)}")
+    if float_or_none(number_or_none(seconds)) is None or seconds < 0:
+        raise GptxError(f"{path}: line {lineno}: 'seconds' must be a non-negative number, got {shown(seconds)}")
+    # unknown text fields and integers beyond the float range: ignored
+    return {k: v for k, v in record.items() if number_or_none(v) is not None}
 
 
 def series(records: list[dict], key: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

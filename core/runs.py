@@ -22,6 +22,7 @@ from typing import Optional
 from gptx import metrics_log
 from gptx.errors import ConfigError, GptxError, first_line
 from gptx.fsutil import HeldLock, try_lock
+from gptx.numeric import int_or_none, number_or_none, parse_int
 
 RUN_FILE = "run.json"
 LOCK_FILE = "run.lock"  # held (flock) by the one process training in the run directory
@@ -139,8 +140,7 @@ class FinishedRun:
 
     @property
     def seed(self) -> Optional[int]:
-        value = self.settings.get("training.seed")
-        return int(value) if value is not None and value.lstrip("-").isdigit() else None
+        return int_or_none(self.settings.get("training.seed"))  # '²' or text from a foreign run: no seed
 
     @property
     def experiment(self) -> str:
@@ -186,18 +186,14 @@ def from_run_dir(path: Path, mlflow: Optional["MlflowRuns"] = None) -> FinishedR
     run_id = info.get("mlflow_run_id") if isinstance(info.get("mlflow_run_id"), str) else None
     if not records and run_id and mlflow is not None and mlflow.available():  # a run from before metrics.jsonl
         records = mlflow.records(mlflow.get(run_id, str(path)))
-    results = {k: float(info[k]) for k in RESULT_KEYS if _is_number(info.get(k))}
+    results = {k: v for k in RESULT_KEYS if (v := number_or_none(info.get(k))) is not None}
     for key in RESULT_KEYS:  # the metrics file has them too (final_val_loss at least)
         if key not in results and metrics_log.last(records, key) is not None:
             results[key] = metrics_log.last(records, key)
-    params = info.get("num_params")
+    params = int_or_none(info.get("num_params"), 0)
     return FinishedRun(name=path.name, settings=flatten(config), results=results, records=records, run_id=run_id,
-                       run_dir=path, num_params=params if isinstance(params, int) else None,
+                       run_dir=path, num_params=params,
                        wall_seconds=max((r["seconds"] for r in records), default=None))
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def run_dirs_in(folder: Path) -> list[Path]:
@@ -267,7 +263,7 @@ class MlflowRuns:
         return FinishedRun(name=run.info.run_name or run.info.run_id, settings=dict(run.data.params),
                            results={k: float(v) for k, v in run.data.metrics.items() if k in RESULT_KEYS},
                            records=records, run_id=run.info.run_id,
-                           num_params=int(run.data.metrics["num_params"]) if "num_params" in run.data.metrics else None,
+                           num_params=int_or_none(run.data.metrics.get("num_params"), 0),
                            wall_seconds=max((r["seconds"] for r in records), default=None))
 
     def records(self, run) -> list[dict]:
@@ -283,7 +279,8 @@ class MlflowRuns:
         merged: dict[tuple[int, str], dict] = {}
         for key, kind in RECORD_KINDS.items():
             for m in client.get_metric_history(run.info.run_id, key):
-                rec = merged.setdefault((m.step, kind), {"step": int(m.step), "seconds": max(0.0, (m.timestamp - start) / 1000)})
+                rec = merged.setdefault((m.step, kind), {"step": parse_int(m.step, f"MLflow run {run.info.run_id}: {key} step", 0),
+                                                         "seconds": max(0.0, (m.timestamp - start) / 1000)})
                 rec[key] = float(m.value)
         return sorted(merged.values(), key=lambda r: (r["step"], r["seconds"]))
 

@@ -11,6 +11,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -318,14 +319,17 @@ def check_store(uri: Optional[str]) -> None:
         raise GptxError(f"tracking.uri: MLflow cannot track to {uri!r} ({_short(err)})") from None
 
 
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,255}")  # MLflow's own rule for a run id
+
+
 def run_id_of(source) -> Optional[str]:
     """The run id of an MLflow run URI ``runs:/<run_id>[/...]``; None for anything else."""
     src = str(source)
     if not src.startswith("runs:/"):
         return None
     run_id = src[len("runs:/"):].strip("/").split("/")[0]
-    if not run_id:
-        raise GptxError(f"{src}: expected runs:/<run_id>")
+    if not RUN_ID.fullmatch(run_id):  # it names a cache folder: '..' must not step out of it
+        raise GptxError(f"{src[:100]}: expected runs:/<run_id> (letters, digits, '_' and '-', as MLflow makes them)")
     return run_id
 
 

@@ -31,6 +31,7 @@ from gptx import checkpoint as ckpt
 from gptx import distributed, metrics_log, runs
 from gptx.config import ExperimentConfig, from_dict
 from gptx.errors import ConfigError, GptxError, first_line
+from gptx.numeric import env_int, parse_float, parse_int
 
 
 @dataclasses.dataclass
@@ -68,7 +69,7 @@ class Interrupted(Exception):
 def pick_device(tc) -> torch.device:
     if tc.device == "auto":
         if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            return torch.device("cuda", env_int("LOCAL_RANK", 0))
         return torch.device("cpu")
     dev = torch.device(tc.device)
     if dev.type == "cuda" and not torch.cuda.is_available():
@@ -262,6 +263,8 @@ class Plan:
     dataset: object
     resume_dir: Optional[Path] = None
     init_from: Optional[Path] = None  # the checkpoint the weights start from
+    init_weights: Optional[dict] = None  # init_from's tensors that fit the model (the Trainer loads them)
+    init_not_loaded: str = ""  # with training.init_partial: what init_from did not cover ("" when it covered all)
     run_dir: Optional[Path] = None  # a new, empty directory the caller made for the run (gptx sweep)
     lock: Optional[object] = None  # rank 0's hold on resume_dir (runs.lock_run_dir): this process alone writes there
 
@@ -278,7 +281,7 @@ def prepare(cfg: ExperimentConfig, resume: bool = False, progress=None, outputs:
     device = pick_device(tc)
     keep_freed_memory_wanted()  # a bad $GPTX_KEEP_FREED_MEMORY fails here, before anything is written
     tc.dtype = resolve_dtype(tc.dtype, device)  # the resolved choice is what checkpoints and MLflow record
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = env_int("WORLD_SIZE", 1, 1)
     BatchSplit.plan(tc, 0, world)
     if world > 1 and tc.parallel == "fsdp" and not tc.optimizer.cls.sharded_ok:
         raise ConfigError(f"'{tc.optimizer.kind}' cannot update FSDP-sharded parameters; use training.parallel = "
@@ -306,11 +309,12 @@ def prepare(cfg: ExperimentConfig, resume: bool = False, progress=None, outputs:
             raise ConfigError(f"{err}; choose a prompt the tokenizer can encode (or sample_tokens = 0)",
                               "training.sample_prompt") from None
     check_memory(cfg, device)
+    init_weights, not_loaded = _init_weights(cfg, init_from) if init_from is not None else (None, "")
     if outputs:
         runs.check_writable(cfg)
         if cfg.tracking.enabled:
             tracking.check_store(tracking.tracking_uri(cfg.tracking.uri))
-    return Plan(cfg, device, tokenizer, dataset, resume_dir, init_from, lock=lock)
+    return Plan(cfg, device, tokenizer, dataset, resume_dir, init_from, init_weights, not_loaded, lock=lock)
 
 
 def _resume_checks(cfg: ExperimentConfig, resume_dir: Path) -> Optional[dict]:
@@ -353,6 +357,62 @@ def _apply_init_from(cfg: ExperimentConfig) -> Path:
                                   f"remove it (the {section} comes from {path})", key)
     cfg.model, cfg.tokenizer = stored.model, stored.tokenizer
     return path
+
+
+def _init_weights(cfg: ExperimentConfig, source: Path) -> tuple[dict, str]:
+    """training.init_from's tensors that fit the model (same name, same shape) and, with
+    training.init_partial, one line saying what they leave at random init. Without it, weights
+    that do not cover the whole model are refused (a ConfigError naming what differs): a run must
+    not silently train from a half-random start. Checked before anything is created."""
+    weights = ckpt.load_weights(source)
+    if cfg.model.tie_embeddings and "wte.weight" not in weights and ckpt.TIED_KEY in weights:
+        weights["wte.weight"] = weights.pop(ckpt.TIED_KEY)  # the shared matrix stored under its other name
+    expected = _state_shapes(cfg)
+    if cfg.model.tie_embeddings:
+        expected.pop(ckpt.TIED_KEY, None)  # the token embedding: stored (and loaded) once
+    missing = sorted(set(expected) - set(weights))
+    unexpected = sorted(set(weights) - set(expected))
+    other_shape = sorted(k for k in set(weights) & set(expected) if tuple(weights[k].shape) != expected[k])
+    file = source / "model.safetensors"
+    broken = next((k for k, t in weights.items() if k in expected and t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if broken is not None:
+        raise ConfigError(f"{file}: weights are not finite (NaN or infinity in {broken}); use an earlier checkpoint",
+                          "training.init_from")
+    fits = {k: t for k, t in weights.items() if k in expected and k not in other_shape}
+    if not (missing or unexpected or other_shape):
+        return fits, ""
+    parts = [f"missing {_some(missing)}" if missing else "",
+             f"unexpected {_some(unexpected)}" if unexpected else "",
+             "other shape " + _some([f"{k} {list(weights[k].shape)} (model {list(expected[k])})" for k in other_shape])
+             if other_shape else ""]
+    what = "; ".join(filter(None, parts))
+    if not cfg.training.init_partial:
+        raise ConfigError(f"{file} does not fit the model ({what}); set training.init_partial = true to load the "
+                          "tensors that fit and start the rest from random init", "training.init_from")
+    if not fits:
+        raise ConfigError(f"{file}: no tensor fits the model ({what})", "training.init_from")
+    note = (f"training.init_partial: loaded {len(fits)} of {len(expected)} tensors from {file}; "
+            f"random init for the rest, not loaded: {what}")
+    cfg.notes.append(note)
+    return fits, note
+
+
+def _state_shapes(cfg: ExperimentConfig) -> dict[str, tuple]:
+    """Name -> shape of every tensor in the model's state dict, without allocating it."""
+    from gptx.model import GPT
+
+    try:
+        with torch.device("meta"):
+            model = GPT(cfg.model)
+    except Exception:  # a component that computes on its tensors while it is built: build it for real
+        model = _allocating(lambda: GPT(cfg.model))
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _some(names: list[str], shown: int = 3) -> str:
+    """A few names and how many more: one line however many tensors differ."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return f"{len(names)}: " + ", ".join(names[:shown]) + more
 
 
 def _lookup(d: dict, dotted: str):
@@ -476,8 +536,9 @@ class Trainer:
             torch.set_num_threads(self.tc.threads)
         torch.manual_seed(self.tc.seed)
         self.model = _allocating(lambda: GPT(self.cfg.model).to(self.device))
-        if plan.init_from is not None:
-            self.model.load_state_dict(ckpt.load_weights(plan.init_from), strict=False)  # a tied lm_head is stored once
+        if plan.init_weights is not None:  # checked by prepare: each fits; a tied lm_head is stored once
+            self.model.load_state_dict(plan.init_weights, strict=False)
+            plan.init_weights = None  # the model holds them now
         self.train_model = distributed.wrap(self.model, self.dist, self.device)  # FSDP shards ``model`` in place
         self.optimizer = build_optimizer(self.cfg, self.model, self.device)
         self.schedule = build_schedule(self.cfg)
@@ -513,8 +574,9 @@ class Trainer:
             distributed.load_full_state(self.model, self.optimizer, ckpt.load_weights(path), state["optimizer"], self.dist)
             self.dataset.load_state_dict(state["dataset"])
             torch.set_rng_state(state["torch_rng"])
-            self.step0, self.history = int(state["step"]), list(json.loads(state.get("history", "[]")))
-            self.seconds0 = float(state.get("seconds", 0.0))
+            self.step0 = parse_int(state["step"], f"{path / 'trainer.pt'}: step", 0)
+            self.history = list(json.loads(state.get("history", "[]")))
+            self.seconds0 = parse_float(state.get("seconds", 0.0), f"{path / 'trainer.pt'}: seconds", 0.0)
             self.target = json.loads(state["target"]) if state.get("target") else None
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
             raise GptxError(f"{path / 'trainer.pt'}: corrupted or from another run ({type(err).__name__}: "
@@ -658,6 +720,8 @@ class Trainer:
             extra = {"mlflow_run_id": self.tracker.run_id}
             if self.plan.init_from is not None:
                 extra["init_from"] = str(self.plan.init_from)
+            if self.plan.init_not_loaded:
+                extra["init_not_loaded"] = self.plan.init_not_loaded
             self.last_ckpt = ckpt.save(self.run_dir, step, weights, self.cfg, self.tokenizer, state, extra=extra)
             runs.write_run_file(self.run_dir, step=step, checkpoint=str(self.last_ckpt))
         self.saved_step = step
@@ -750,7 +814,8 @@ class Trainer:
         if run_id is None:
             self.tracker.log_params(tracking.flatten(self.cfg.to_dict()))
             self.tracker.log_metrics({"num_params": self.model.num_params()}, 0)  # gptx compare <run id> reads it
-            self.tracker.set_tags(tracking.run_tags(self.cfg, registry_mod.registry(), self.plan.init_from))
+            self.tracker.set_tags(tracking.run_tags(self.cfg, registry_mod.registry(), self.plan.init_from)
+                                  | ({"gptx.init_not_loaded": self.plan.init_not_loaded[:5000]} if self.plan.init_not_loaded else {}))
             self.tracker.log_text(json.dumps(self.cfg.to_dict(), indent=2), "config.json")
         self.show.say(f"gptx run {self.cfg.name}: {self.model.num_params() / 1e6:.2f}M parameters, "
                       f"{self.tokens_per_step:,} tokens/step, {self.dist.world} process(es) on {self.device}, "
@@ -799,13 +864,13 @@ def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True, ru
     ``checked`` is called once everything is validated, before anything is created."""
     from gptx.progress import StatusLine
 
-    shown = progress and int(os.environ.get("RANK", "0")) == 0
+    shown = progress and env_int("RANK", 0) == 0
     try:
         with StatusLine() if shown else contextlib.nullcontext() as status:  # tokenizing a cold cache takes a while
             plan = prepare(cfg, resume, progress=status)
     except ConfigError as err:  # name the experiment file, as the loader's own errors do
         raise err.located(str(cfg.source) if cfg.source else None) from None
-    if int(os.environ.get("RANK", "0")) == 0:
+    if env_int("RANK", 0) == 0:
         checked()
     plan.run_dir = run_dir
     return Trainer(plan, progress).fit()

@@ -15,6 +15,7 @@ import http.server
 import ipaddress
 import json
 import mimetypes
+import os
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,8 @@ from typing import Optional
 
 from gptx.errors import GptxError
 from gptx.export import META_FILE, MODEL_FILE, TOKENIZER_FILE
+from gptx.fsutil import MAX_NAME_BYTES
+from gptx.numeric import int_or_none
 
 WEB_DIR = Path(__file__).resolve().parent / "web"
 EXPORT_PREFIX = "export"  # the page reads the export folder at /export/...
@@ -138,6 +141,62 @@ def check_export(out_dir: Path) -> dict:
 
 # ---- HTTP ---------------------------------------------------------------------------------------
 
+def host_name(header: Optional[str]) -> Optional[tuple[str, Optional[int]]]:
+    """A Host header as (lower-case name, port or None); None when it is missing or malformed.
+    An IPv6 address comes without its brackets."""
+    if not header or header != header.strip() or any(c.isspace() or ord(c) < 32 for c in header):
+        return None
+    header = header.lower()
+    if header.startswith("["):
+        name, sep, rest = header[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            return None
+        port_text = rest[1:] if rest else None
+    else:
+        name, sep, port_text = header.rpartition(":") if ":" in header else (header, "", None)
+        if ":" in name:  # an IPv6 address without brackets is not a valid Host
+            return None
+    if not name:
+        return None
+    if port_text is None:
+        return name, None
+    port = int_or_none(port_text, 0, 65535) if port_text[:1].isascii() and port_text[:1].isdigit() else None
+    return None if port is None else (name, port)
+
+
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+
+
+class HostCheck:
+    """Which Host headers the server answers: the names that mean this machine (localhost, the
+    loopback addresses), the address it is bound to and the names given with ``--allow-host``,
+    each with no port or the server's own. Anything else is refused: a page on another site whose
+    name an attacker re-points at this machine (DNS rebinding) sends that site's name as Host,
+    so it cannot read the export through the visitor's browser."""
+
+    def __init__(self, bound: str, port: int, allowed: tuple[str, ...] = ()):
+        names = set(LOCAL_NAMES) | {bound.lower().strip("[]")} | {a.lower().strip("[]") for a in allowed}
+        self.names, self.port = names, port
+        # bound to every address (0.0.0.0, ::): each of the machine's addresses is one it serves. An
+        # address is safe to answer: rebinding needs a name, and a page at an address is its own origin.
+        self.any_address = is_address(bound.strip("[]")) and ipaddress.ip_address(bound.strip("[]")).is_unspecified
+
+    def allows(self, header: Optional[str]) -> bool:
+        parsed = host_name(header)
+        if parsed is None:
+            return False
+        name, port = parsed
+        return (name in self.names or (self.any_address and is_address(name))) and port in (None, self.port)
+
+
+def is_address(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
 def url_segments(raw_path: str) -> Optional[list[str]]:
     """The decoded, non-empty segments of a request path; None when a segment could step outside
     its folder ('..', '.', a backslash, a NUL) once decoded."""
@@ -149,10 +208,16 @@ def url_segments(raw_path: str) -> Optional[list[str]]:
 
 
 def inside(root: Path, segments: list[str]) -> Optional[Path]:
-    """The regular file ``root/segments`` when it (symlinks resolved) lies under ``root``."""
-    root = root.resolve()
-    target = root.joinpath(*segments).resolve()
-    return target if target.is_relative_to(root) and target.is_file() else None
+    """The regular file ``root/segments`` when it (symlinks resolved) lies under ``root``; None for
+    anything the file system refuses to look up (a name too long, a loop of links)."""
+    if any(len(s.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES for s in segments):
+        return None
+    try:
+        root = root.resolve()
+        target = root.joinpath(*segments).resolve()
+        return target if target.is_relative_to(root) and target.is_file() else None
+    except (OSError, ValueError, RuntimeError):  # ENAMETOOLONG, ELOOP, an embedded NUL
+        return None
 
 
 class Site:
@@ -187,6 +252,7 @@ class Site:
 
 class Handler(http.server.BaseHTTPRequestHandler):
     site: Site  # set on the subclass that serve() makes
+    hosts: HostCheck  # likewise
     server_version = "gptx-web"
 
     def do_GET(self):
@@ -196,22 +262,31 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.respond(body=False)
 
     def respond(self, body: bool):
+        if not self.hosts.allows(self.headers.get("Host")) or len(self.headers.get_all("Host") or []) != 1:
+            self.send_error(421, "Misdirected request", "this server answers only the host it serves (see gptx web --allow-host)")
+            return
+        if not self.path.startswith("/"):  # absolute URIs and '*': we are no proxy
+            self.send_error(400, "Bad request", "the request target must be a path")
+            return
         path = self.site.file_for(self.path)
-        if path is None:
+        try:
+            f = open(path, "rb") if path is not None else None
+        except OSError:  # removed or made unreadable since the lookup
+            f = None
+        if f is None:
             self.send_error(404, "Not found")
             return
-        size = path.stat().st_size
-        self.send_response(200)
-        self.send_header("Content-Type", CONTENT_TYPES.get(path.suffix, mimetypes.guess_type(path.name)[0] or "application/octet-stream"))
-        self.send_header("Content-Length", str(size))
-        self.send_header("Cache-Control", "no-cache")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        # cross-origin isolation lets onnxruntime-web run its WebAssembly on several threads
-        self.send_header("Cross-Origin-Opener-Policy", "same-origin")
-        self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
-        self.end_headers()
-        if body:
-            with open(path, "rb") as f:
+        with f:
+            self.send_response(200)
+            self.send_header("Content-Type", CONTENT_TYPES.get(path.suffix, mimetypes.guess_type(path.name)[0] or "application/octet-stream"))
+            self.send_header("Content-Length", str(os.fstat(f.fileno()).st_size))
+            self.send_header("Cache-Control", "no-cache")
+            self.send_header("X-Content-Type-Options", "nosniff")
+            # cross-origin isolation lets onnxruntime-web run its WebAssembly on several threads
+            self.send_header("Cross-Origin-Opener-Policy", "same-origin")
+            self.send_header("Cross-Origin-Embedder-Policy", "require-corp")
+            self.end_headers()
+            if body:
                 try:
                     shutil.copyfileobj(f, self.wfile, 1 << 20)
                 except (BrokenPipeError, ConnectionResetError):
@@ -221,17 +296,27 @@ class Handler(http.server.BaseHTTPRequestHandler):
         pass
 
 
-def serve(out_dir: Path, host: str, port: int, node_modules: Path) -> http.server.ThreadingHTTPServer:
-    """A bound (not yet serving) server for the page and ``out_dir``; GptxError when it cannot bind."""
+class QuietServer(http.server.ThreadingHTTPServer):
+    """A request that fails past the handler's own checks (a client gone mid-response) costs that
+    connection only: no traceback on the server's console."""
+
+    def handle_error(self, request, client_address):
+        pass
+
+
+def serve(out_dir: Path, host: str, port: int, node_modules: Path, allow_hosts: tuple[str, ...] = ()) -> http.server.ThreadingHTTPServer:
+    """A bound (not yet serving) server for the page and ``out_dir``; GptxError when it cannot bind.
+    It answers only requests whose Host is this machine, ``host`` or one of ``allow_hosts``."""
     handler = type("GptxWebHandler", (Handler,), {"site": Site(out_dir, node_modules)})
     try:
-        server = http.server.ThreadingHTTPServer((host, port), handler)
+        server = QuietServer((host, port), handler)
     except OSError as err:
         if err.errno in (errno.EADDRINUSE, errno.EACCES):
             what = "is in use" if err.errno == errno.EADDRINUSE else f"is not open to this user ({err.strerror})"
             raise GptxError(f"--port: {port} on {host} {what}") from None
         raise GptxError(f"--host: cannot listen on {host!r} ({err.strerror or err})") from None
     server.daemon_threads = True
+    handler.hosts = HostCheck(host, server.server_address[1], tuple(allow_hosts))
     return server
 
 
@@ -267,7 +352,8 @@ def banner(server: http.server.ThreadingHTTPServer, out_dir: Path, node_modules:
     lines = [f"serving {out_dir} at {url_of(server)}  (Ctrl-C stops)",
              f"the page downloads {runtime:.1f} MB of runtime (onnxruntime-web, tokenizer, page) and {model:.1f} MB of model"]
     if not ipaddress.ip_address(server.server_address[0]).is_loopback:
-        lines.append(f"Warning: listening on {server.server_address[0]}: other machines can reach this page and the export")
+        lines.append(f"Warning: listening on {server.server_address[0]}: other machines can reach this page and the export "
+                     "(by address, or by a name given with --allow-host)")
     return "\n".join(lines)
 
 

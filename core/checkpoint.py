@@ -67,6 +67,10 @@ def save(run_dir: Path, step: int, model, config: ExperimentConfig, tokenizer, t
             "step": step,
             "config": config.to_dict(),
             "tokenizer_state": tokenizer.state(),
+            # what read() checks the stored tokenizer against: a state edited by hand (a shortened
+            # char vocabulary) would otherwise decode ids to the wrong characters without an error
+            "tokenizer_sha256": _tokenizer_sha256(config, tokenizer),
+            "tokenizer_vocab_size": tokenizer.vocab_size,
         } | (extra or {})
         (tmp / "gptx.json").write_text(json.dumps(meta, indent=2))
         if trainer_state is not None:
@@ -95,6 +99,13 @@ def save(run_dir: Path, step: int, model, config: ExperimentConfig, tokenizer, t
     for old in complete_checkpoints(root)[:-keep]:
         _discard(old)
     return final
+
+
+def _tokenizer_sha256(config: ExperimentConfig, tokenizer) -> str:
+    from gptx.export import tokenizer_hash
+
+    spec = config.tokenizer.to_dict()
+    return tokenizer_hash(spec.pop("kind"), spec, tokenizer.state())
 
 
 def _reason(err: BaseException) -> str:
@@ -171,7 +182,7 @@ def resolve(source: str | os.PathLike) -> Path:
     if src.startswith("runs:/"):
         return _download_run_checkpoint(src)
     p = Path(src)
-    if (p / "gptx.json").is_file():
+    if os.path.lexists(p / "gptx.json"):  # read() says what is wrong with one that is not a file
         return p
     for root in (p / "checkpoints", p):
         found = complete_checkpoints(root)
@@ -189,7 +200,33 @@ def _download_run_checkpoint(uri: str) -> Path:
 
 
 def read_meta(path: Path) -> dict:
-    return read_format_json(path / "gptx.json", FORMAT, FORMAT_VERSION, "gptx checkpoint")
+    """A checkpoint's gptx.json, validated whole (see ``read``)."""
+    return read(path)[0]
+
+
+def read(path: Path) -> tuple[dict, ExperimentConfig]:
+    """gptx.json and the experiment config it stores, validated whole before use: its fields
+    (gptx.schemas.CheckpointMeta), the config (as an experiment file is), the tokenizer state (the
+    tokenizer's own schema) and, where the checkpoint records them, the tokenizer's hash and size.
+    Any problem is a GptxError ``PATH: key: problem``."""
+    from gptx.export import tokenizer_hash
+    from gptx.schemas import CheckpointMeta, tokenizer_state, validate
+
+    where = Path(path) / "gptx.json"
+    meta = read_format_json(where, FORMAT, FORMAT_VERSION, "gptx checkpoint")
+    validate(CheckpointMeta, meta, where)
+    try:
+        config = from_dict(meta["config"])
+    except ConfigError as err:
+        key = f"config.{err.key}" if err.key else "config"
+        raise GptxError(f"{where}: {key}: {err.problem}") from None
+    state = tokenizer_state(config.tokenizer.cls, meta.get("tokenizer_state"), where, "tokenizer_state")
+    recorded = meta.get("tokenizer_sha256")
+    if recorded is not None:
+        spec = config.tokenizer.to_dict()
+        if tokenizer_hash(spec.pop("kind"), spec, state) != recorded:
+            raise GptxError(f"{where}: tokenizer_sha256: does not match the stored tokenizer and its state (altered)")
+    return meta, config
 
 
 def load(source: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
@@ -197,17 +234,9 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu") -> Check
     from gptx.model import GPT
 
     path = resolve(source)
-    meta = read_meta(path)
+    meta, config = read(path)
     where = path / "gptx.json"
-    if not isinstance(meta.get("config"), dict):
-        raise GptxError(f"{where}: corrupted (no 'config' object)")
-    try:
-        config = from_dict(meta["config"])
-    except ConfigError as err:
-        raise GptxError(f"{where}: stored config is invalid here: {err}") from None
     state = meta.get("tokenizer_state") or None
-    if state is not None and not isinstance(state, dict):
-        raise GptxError(f"{where}: corrupted ('tokenizer_state' is not an object)")
     try:
         tokenizer = build_tokenizer(config.tokenizer, state)
         vocab = tokenizer.vocab_size
@@ -215,10 +244,12 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu") -> Check
         raise
     except Exception as err:  # a tampered state the tokenizer cannot rebuild from
         raise GptxError(f"{where}: corrupted tokenizer_state ({type(err).__name__}: {err})") from None
+    if meta.get("tokenizer_vocab_size") not in (None, vocab):
+        raise GptxError(f"{where}: tokenizer_vocab_size: {meta['tokenizer_vocab_size']}, but the stored tokenizer has {vocab} tokens")
     if config.model.vocab_size is None:
         config.model.vocab_size = vocab
     elif config.model.vocab_size < vocab:
-        raise GptxError(f"{where}: model.vocab_size {config.model.vocab_size} is smaller than its tokenizer's {vocab}")
+        raise GptxError(f"{where}: config.model.vocab_size: {config.model.vocab_size} is smaller than its tokenizer's {vocab}")
     model = GPT(config.model)
     try:
         weights = load_weights(path)

@@ -83,9 +83,10 @@ def start_mlflow_server(d: Path) -> tuple[subprocess.Popen, str]:
         time.sleep(0.3)
 
 
-def tiny_checkpoint_and_export(root: Path, block_size: int = 32):
-    """A 1-layer byte-level checkpoint (random weights, seed 0) in root/run and its verified ONNX
-    export in root/export, made in-process. Returns (checkpoint dir, export dir)."""
+def tiny_checkpoint_and_export(root: Path, block_size: int = 32, tokenizer: str = "byte", state: dict | None = None):
+    """A 1-layer checkpoint (random weights, seed 0; byte-level unless ``tokenizer`` and its
+    ``state`` say otherwise) in root/run and its verified ONNX export in root/export, made
+    in-process. Returns (checkpoint dir, export dir)."""
     import torch
 
     from gptx import checkpoint
@@ -94,8 +95,8 @@ def tiny_checkpoint_and_export(root: Path, block_size: int = 32):
     from gptx.model import GPT
 
     cfg = from_dict({"model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": block_size},
-                     "tokenizer": {"kind": "byte"}})
-    tok = checkpoint.build_tokenizer(cfg.tokenizer)
+                     "tokenizer": {"kind": tokenizer}})
+    tok = checkpoint.build_tokenizer(cfg.tokenizer, state)
     cfg.model.vocab_size = tok.vocab_size
     torch.manual_seed(0)
     ck = checkpoint.save(root / "run", 1, GPT(cfg.model), cfg, tok)

@@ -123,7 +123,7 @@ def key_path(parts) -> str:
 
 def _lower(text: str) -> str:
     """pydantic's message in the project's words: lower case, 'table' for a JSON object."""
-    text = re.sub(r"valid dictionary( or instance of \w+)?", "table (a JSON object)", text)
+    text = re.sub(r"valid dictionary( or instance of \w+)?", "table (a JSON object)", text).replace(" after validation", "")
     return text[:1].lower() + text[1:]
 
 
@@ -176,7 +176,7 @@ def _safe_file_name(name: str) -> str:
 
 
 class ShardRecord(Schema):
-    file: Annotated[Name, Field(pattern=r"^[^/\\\x00]+$")]
+    file: Name
     tokens: Annotated[int, Field(ge=1, le=2**31 - 1)]
     bytes: Optional[Annotated[int, Field(ge=0)]] = None
     sha256: Optional[Sha256] = None

@@ -58,9 +58,10 @@ ONNX_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": 
 
 
 def check_graph_matches(session, meta: dict, cache: list[dict], model_path: Path) -> None:
-    """The graph's fixed sizes must be the metadata's (``cache``: its checked layout): a model.onnx
-    swapped for another graph with the same names (another width, vocabulary or cache) is refused
-    before it decodes garbage."""
+    """The graph must be the one the metadata describes (``cache``: its layout): its fixed sizes and
+    input dtypes, and the copy of the metadata the exporter wrote into it (context, cache, tokenizer,
+    special tokens), so a model.onnx swapped for another graph with the same names, or a
+    gptx_export.json edited by hand, is refused before it decodes garbage."""
     declared = {f"past_key_values.{i}.{c['name']}": c["dims"] for i in range(meta["model"]["n_layer"]) for c in cache}
     for arg in session.get_inputs():
         want = declared.get(arg.name)
@@ -74,6 +75,11 @@ def check_graph_matches(session, meta: dict, cache: list[dict], model_path: Path
         if want is not None and arg.type != want:
             raise GptxError(f"{model_path}: {arg.name} is {arg.type} but {META_FILE} declares {want}: "
                             "the graph and its metadata do not belong together")
+    logits = next(o for o in session.get_outputs() if o.name == LOGITS)
+    vocab = logits.shape[-1] if logits.shape else None
+    if type(vocab) is int and vocab != meta["model"]["vocab_size"]:
+        raise GptxError(f"{model_path}: logits have {vocab} entries per token but {META_FILE} says vocab_size "
+                        f"{meta['model']['vocab_size']}: the graph and its metadata do not belong together")
     stored = session.get_modelmeta().custom_metadata_map.get("gptx.metadata")
     if stored is not None:  # what the exporter wrote into the graph itself: the runtime fields must agree
         try:
@@ -83,11 +89,6 @@ def check_graph_matches(session, meta: dict, cache: list[dict], model_path: Path
         found = graph_mismatch(meta, graph) if isinstance(graph, dict) else "gptx.metadata: not JSON in the graph"
         if found:
             raise GptxError(f"{model_path.parent / META_FILE}: {found}: the graph and its metadata do not belong together")
-    logits = next(o for o in session.get_outputs() if o.name == LOGITS)
-    vocab = logits.shape[-1] if logits.shape else None
-    if type(vocab) is int and vocab != meta["model"]["vocab_size"]:
-        raise GptxError(f"{model_path}: logits have {vocab} entries per token but {META_FILE} says vocab_size "
-                        f"{meta['model']['vocab_size']}: the graph and its metadata do not belong together")
 
 
 def _plugin_module(module: str) -> bool:

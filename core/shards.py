@@ -148,7 +148,7 @@ def read_manifest(directory: Path) -> dict:
     if not directory.is_dir():
         raise GptxError(f"{directory}: no such directory of prepared shards" if not directory.exists()
                         else f"{directory}: is a file, expected a directory written by gptx prepare")
-    if not path.is_file():
+    if not os.path.lexists(path):  # one that is there but not a file: read_format_json says what it is
         raise GptxError(f"{directory}: not a prepared data directory (no {MANIFEST}; write one with gptx prepare)")
     meta = read_format_json(path, FORMAT, FORMAT_VERSION, "prepared data directory")
     validate(ShardManifest, meta, path)  # the whole file: every shard record, counts, the tokenizer record

@@ -69,7 +69,7 @@ def save(run_dir: Path, step: int, model, config: ExperimentConfig, tokenizer, t
             "tokenizer_state": tokenizer.state(),
             # what read() checks the stored tokenizer against: a state edited by hand (a shortened
             # char vocabulary) would otherwise decode ids to the wrong characters without an error
-            "tokenizer_sha256": _tokenizer_sha256(config, tokenizer),
+            "tokenizer_state_sha256": state_sha256(tokenizer.state()),
             "tokenizer_vocab_size": tokenizer.vocab_size,
         } | (extra or {})
         (tmp / "gptx.json").write_text(json.dumps(meta, indent=2))
@@ -101,11 +101,12 @@ def save(run_dir: Path, step: int, model, config: ExperimentConfig, tokenizer, t
     return final
 
 
-def _tokenizer_sha256(config: ExperimentConfig, tokenizer) -> str:
-    from gptx.export import tokenizer_hash
+def state_sha256(state: dict) -> str:
+    """sha256 of a tokenizer state as gptx.json stores it. The state alone: the options are checked
+    as config, and a later gptx adding an option with a default must still read old checkpoints."""
+    import hashlib
 
-    spec = config.tokenizer.to_dict()
-    return tokenizer_hash(spec.pop("kind"), spec, tokenizer.state())
+    return hashlib.sha256(json.dumps(state, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def _reason(err: BaseException) -> str:
@@ -207,9 +208,9 @@ def read_meta(path: Path) -> dict:
 def read(path: Path) -> tuple[dict, ExperimentConfig]:
     """gptx.json and the experiment config it stores, validated whole before use: its fields
     (gptx.schemas.CheckpointMeta), the config (as an experiment file is), the tokenizer state (the
-    tokenizer's own schema) and, where the checkpoint records them, the tokenizer's hash and size.
+    tokenizer's own schema) and, where the checkpoint records them, the state's hash and the
+    tokenizer's size (``load`` compares that one with the tokenizer it builds).
     Any problem is a GptxError ``PATH: key: problem``."""
-    from gptx.export import tokenizer_hash
     from gptx.schemas import CheckpointMeta, tokenizer_state, validate
 
     where = Path(path) / "gptx.json"
@@ -221,11 +222,8 @@ def read(path: Path) -> tuple[dict, ExperimentConfig]:
         key = f"config.{err.key}" if err.key else "config"
         raise GptxError(f"{where}: {key}: {err.problem}") from None
     state = tokenizer_state(config.tokenizer.cls, meta.get("tokenizer_state"), where, "tokenizer_state")
-    recorded = meta.get("tokenizer_sha256")
-    if recorded is not None:
-        spec = config.tokenizer.to_dict()
-        if tokenizer_hash(spec.pop("kind"), spec, state) != recorded:
-            raise GptxError(f"{where}: tokenizer_sha256: does not match the stored tokenizer and its state (altered)")
+    if meta.get("tokenizer_state_sha256") not in (None, state_sha256(state)):
+        raise GptxError(f"{where}: tokenizer_state_sha256: does not match tokenizer_state (altered)")
     return meta, config
 
 

@@ -247,7 +247,7 @@ class CheckpointMeta(Schema):
     step: Annotated[int, Field(ge=0, le=2**63 - 1)]
     config: dict[str, Any]
     tokenizer_state: Optional[dict[str, Any]] = None
-    tokenizer_sha256: Optional[Sha256] = None
+    tokenizer_state_sha256: Optional[Sha256] = None
     tokenizer_vocab_size: Optional[Size] = None
     mlflow_run_id: Optional[str] = None
     init_from: Optional[str] = None

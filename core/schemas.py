@@ -258,10 +258,18 @@ class CheckpointMeta(Schema):
 
 class CacheTensor(Schema):
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_]+$", max_length=64)]
-    dims: list[Annotated[int, Field(ge=0, le=MAX_SIZE)] | Annotated[str, Field(min_length=1, max_length=64)]] = Field(
-        min_length=1, max_length=8)
+    dims: list[Any] = Field(min_length=1, max_length=8)
     seq_axis: Annotated[int, Field(ge=0)]
     dtype: Literal[CACHE_DTYPES]  # type: ignore[valid-type]
+
+    @field_validator("dims")
+    @classmethod
+    def _sizes_or_names(cls, dims: list) -> list:
+        for i, d in enumerate(dims):
+            size = type(d) is int and 0 <= d <= MAX_SIZE
+            if not (size or (isinstance(d, str) and 0 < len(d) <= 64)):
+                raise Problem(f"[{i}]", f"expected a size from 0 to {MAX_SIZE:,} or a dimension name, got {shown(d)}")
+        return dims
 
     @model_validator(mode="after")
     def _axes(self):
@@ -275,7 +283,7 @@ class CacheTensor(Schema):
 
 class IoContract(Schema):
     name: Literal["gptx.decoder"]
-    version: Literal[1]
+    version: Annotated[int, Field(ge=1, le=1)]  # not Literal[1]: that accepts true
     inputs: Optional[list[str]] = None
     outputs: Optional[list[str]] = None
     past_present_share_buffer: bool = False

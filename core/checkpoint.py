@@ -278,6 +278,10 @@ def load_trainer_state(path: Path) -> Optional[dict]:
     if not f.is_file():
         return None
     try:
-        return torch.load(f, map_location="cpu", weights_only=True)
+        state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupted, or a pickle that is more than tensors and numbers
         raise GptxError(f"{f}: cannot be loaded safely ({type(err).__name__}: {first_line(err)})") from None
+    from gptx.schemas import TrainerState, validate
+
+    validate(TrainerState, state, f)  # every field --resume reads, before any of it is used
+    return state

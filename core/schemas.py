@@ -253,6 +253,38 @@ class CheckpointMeta(Schema):
     init_from: Optional[str] = None
 
 
+# ---- trainer.pt (what --resume reads: tensors and numbers, torch.load(weights_only=True)) ------
+
+class HistoryEntry(Schema):
+    step: Count
+    train_loss: Annotated[float, Field(allow_inf_nan=True)]
+    val_loss: Annotated[float, Field(allow_inf_nan=True)]
+
+
+class TrainerState(Schema):
+    model_config = ConfigDict(arbitrary_types_allowed=True)  # tensors in torch_rng and the optimizer's state
+
+    step: Annotated[int, Field(ge=0, le=2**63 - 1)]
+    optimizer: dict[str, Any]
+    dataset: dict[str, Any]
+    torch_rng: Any
+    history: list[HistoryEntry] = []  # stored as a JSON string
+    seconds: Annotated[float, Field(ge=0)] = 0.0
+    target: Optional[dict[str, Any]] = None  # stored as a JSON string, "" for none
+
+    @field_validator("history", "target", mode="before")
+    @classmethod
+    def _json_text(cls, value):
+        if not isinstance(value, str):
+            raise ValueError(f"expected JSON text, got {shown(value)}")
+        if value == "":
+            return None
+        try:
+            return json.loads(value)
+        except ValueError as err:
+            raise ValueError(f"not JSON ({err})") from None
+
+
 # ---- gptx_export.json ------------------------------------------------------------------------
 
 

@@ -168,6 +168,8 @@ EXPORT = {
     "context not the graph's": (at("model.context_length", 64), "model.context_length: 64 here, 32 in the graph"),
     "io_contract a string": (at("io_contract", "gptx.decoder"), "io_contract"),
     "io_contract version": (at("io_contract.version", 2), "io_contract.version"),
+    "io_contract version true": (at("io_contract.version", True), "io_contract.version"),
+    "cache dim negative": (at("cache[0].dims[1]", -2), "cache[0].dims[1]"),
     "io_contract inputs": (at("io_contract.inputs", ["x"]), "io_contract.inputs"),
     "shared buffer flag as text": (at("io_contract.past_present_share_buffer", "yes"), "io_contract.past_present_share_buffer"),
     "special tokens a list": (at("special_tokens", []), "special_tokens"),
@@ -311,3 +313,34 @@ def test_a_stored_file_that_is_not_a_json_file_is_one_line(art, tmp_path, which,
     d, f, args = _command(art, tmp_path, which)
     damage(f)
     one_line_error(gptx(*args, timeout=120), str(f) if shape != "a list" else str(d), fragment)
+
+
+# ---- trainer.pt (what --resume reads) --------------------------------------------------------
+
+TRAINER = {
+    "a history entry without losses": ({"history": '[{"step": 1}]'}, "history[0].train_loss: missing"),
+    "history not JSON": ({"history": "[{"}, "history: not JSON"),
+    "history a tensor": ({"history": [1]}, "history: expected JSON text"),
+    "negative step": ({"step": -1}, "step"),
+    "step as text": ({"step": "1"}, "step"),
+    "seconds negative": ({"seconds": -5.0}, "seconds"),
+    "dataset state missing": ({"dataset": None}, "dataset"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TRAINER))
+def test_a_tampered_trainer_state_stops_resume_in_one_line(art, tmp_path, case):
+    """An interrupted run of an experiment with the checkpoint's model, whose trainer.pt (tensors
+    and numbers, as torch.load(weights_only=True) reads them) was altered."""
+    import torch
+
+    change, key = TRAINER[case]
+    ck = Path(shutil.copytree(art.ck, tmp_path / "runs" / "exp" / "run-1" / "checkpoints" / "step-000001"))
+    state = {"optimizer": {}, "step": 1, "dataset": {}, "torch_rng": torch.get_rng_state(),
+             "history": '[{"step": 1, "train_loss": 3.0, "val_loss": 3.1}]', "seconds": 1.0, "target": ""}
+    torch.save({k: v for k, v in (state | change).items() if v is not None}, ck / "trainer.pt")
+    exp = tmp_path / "exp.toml"
+    exp.write_text(f'[model]\nn_layer = 1\nn_head = 2\nn_embd = 16\nblock_size = 32\n[tokenizer]\nkind = "char"\n'
+                   f'[data]\npath = "{art.text}"\n[training]\nmax_steps = 4\nbatch_size = 2\nsample_tokens = 0\n'
+                   f'out_dir = "{tmp_path / "runs"}"\n[tracking]\nenabled = false\n')
+    one_line_error(gptx("run", exp, "--resume"), f"{ck / 'trainer.pt'}: {key}")

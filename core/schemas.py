@@ -4,6 +4,7 @@
     gptx.json          CheckpointMeta    (a checkpoint's metadata, gptx.checkpoint; its ``config`` is
                                           an experiment, checked by gptx.config.from_dict)
     gptx_export.json   ExportMeta        (an ONNX export's metadata, gptx.export.runtime)
+    trainer.pt         TrainerState      (what --resume reads back, gptx.checkpoint)
     tokenizer state    Tokenizer.State   (declared by each tokenizer; stored inside all three)
 
 Every problem becomes the project's one-line error ``FILE: key.path: problem`` (exit 2).
@@ -22,14 +23,14 @@ import stat
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from gptx.errors import GptxError
 from gptx.export import BATCH, CACHE_DTYPES
 
 MAX_SIZE = 1 << 31  # any model size or count: beyond it the file was altered
 MAX_META_BYTES = 64 << 20  # a metadata file is kilobytes (a learned vocabulary: megabytes)
-SHA256 = r"^[0-9a-f]{64}$"
+SHA256 = r"[0-9a-f]{64}"
 
 
 class Problem(ValueError):
@@ -47,7 +48,17 @@ class Schema(BaseModel):
 Size = Annotated[int, Field(ge=1, le=MAX_SIZE)]
 Count = Annotated[int, Field(ge=0, le=MAX_SIZE)]
 Name = Annotated[str, Field(min_length=1, max_length=255)]
-Sha256 = Annotated[str, Field(pattern=SHA256)]
+def _matching(pattern: str, what: str):
+    """A check that a string matches ``pattern``, its message saying ``what`` was expected."""
+    def check(text: str) -> str:
+        if not re.fullmatch(pattern, text):
+            raise ValueError(f"expected {what}, got {shown(text)}")
+        return text
+    return AfterValidator(check)
+
+
+Sha256 = Annotated[str, _matching(SHA256, "a sha256 (64 lowercase hex digits)")]
+ClassPath = Annotated[str, _matching(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", "'module:Class'")]
 
 
 # ---- reading and reporting -------------------------------------------------------------------
@@ -81,11 +92,11 @@ def read_json(path: Path, what: str) -> Any:
         raise GptxError(f"{path}: corrupted (JSON nested too deeply)") from None
 
 
-def validate(schema: type[BaseModel], data: Any, path: Path | str, prefix: str = "", context: Optional[dict] = None):
+def validate(schema: type[BaseModel], data: Any, path: Path | str, prefix: str = ""):
     """``data`` checked against ``schema``; the first problem is a GptxError ``PATH: KEY: problem``
     (``prefix``: the key path of ``data`` inside the file)."""
     try:
-        return schema.model_validate(data, context=context)
+        return schema.model_validate(data)
     except ValidationError as err:
         raise GptxError(describe(err, path, prefix)) from None
 
@@ -105,7 +116,8 @@ def describe(err: ValidationError, path: Path | str, prefix: str = "") -> str:
     else:
         message = f"{_lower(first['msg'])}, got {shown(first.get('input'))}"
     key = key_path([*([prefix] if prefix else []), *loc])
-    more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+    more = len(problems) - 1
+    more = f" (and {more} more problem{'s' if more > 1 else ''})" if more else ""
     return f"{path}: {key or '(top level)'}: {message}{more}"
 
 
@@ -128,7 +140,7 @@ def _lower(text: str) -> str:
 
 
 def shown(value) -> str:
-    text = repr(value) if not isinstance(value, (dict, list)) else json.dumps(value, ensure_ascii=False)
+    text = repr(value) if not isinstance(value, (dict, list)) else json.dumps(value, ensure_ascii=False, default=repr)
     if isinstance(value, dict):
         text = "a table" if len(text) > 60 else text
     elif isinstance(value, list):
@@ -155,7 +167,7 @@ def tokenizer_state(tokenizer_cls, state: Any, path: Path | str, key: str) -> di
 
 class TokenizerRecord(Schema):
     kind: Optional[Name]
-    class_: str = Field(alias="class", pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+    class_: ClassPath = Field(alias="class")
     options: dict[str, Any]
     state: dict[str, Any]
     sha256: Sha256

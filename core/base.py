@@ -40,6 +40,9 @@ class Tokenizer(Component, abc.ABC):
     """
 
     requires_fit: ClassVar[bool] = False
+    # the schema of state() as checkpoints, prepared data and exports store it: a gptx.schemas.Schema
+    # (pydantic) subclass, checked before the stored state reaches __init__; None: any JSON object
+    State: ClassVar[Optional[type]] = None
     # encode(a + b) == encode(a) + encode(b) wherever gptx.prepare.safe_cut cuts (after a newline
     # or before a space, each between non-space characters): gptx then tokenizes big text in
     # pieces, in parallel, with bounded memory. Otherwise it hands encode() the whole text.

@@ -67,6 +67,10 @@ def save(run_dir: Path, step: int, model, config: ExperimentConfig, tokenizer, t
             "step": step,
             "config": config.to_dict(),
             "tokenizer_state": tokenizer.state(),
+            # what read() checks the stored tokenizer against: a state edited by hand (a shortened
+            # char vocabulary) would otherwise decode ids to the wrong characters without an error
+            "tokenizer_state_sha256": state_sha256(tokenizer.state()),
+            "tokenizer_vocab_size": tokenizer.vocab_size,
         } | (extra or {})
         (tmp / "gptx.json").write_text(json.dumps(meta, indent=2))
         if trainer_state is not None:
@@ -95,6 +99,14 @@ def save(run_dir: Path, step: int, model, config: ExperimentConfig, tokenizer, t
     for old in complete_checkpoints(root)[:-keep]:
         _discard(old)
     return final
+
+
+def state_sha256(state: dict) -> str:
+    """sha256 of a tokenizer state as gptx.json stores it. The state alone: the options are checked
+    as config, and a later gptx adding an option with a default must still read old checkpoints."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(state, sort_keys=True, ensure_ascii=False).encode("utf-8")).hexdigest()
 
 
 def _reason(err: BaseException) -> str:
@@ -171,7 +183,7 @@ def resolve(source: str | os.PathLike) -> Path:
     if src.startswith("runs:/"):
         return _download_run_checkpoint(src)
     p = Path(src)
-    if (p / "gptx.json").is_file():
+    if os.path.lexists(p / "gptx.json"):  # read() says what is wrong with one that is not a file
         return p
     for root in (p / "checkpoints", p):
         found = complete_checkpoints(root)
@@ -189,7 +201,30 @@ def _download_run_checkpoint(uri: str) -> Path:
 
 
 def read_meta(path: Path) -> dict:
-    return read_format_json(path / "gptx.json", FORMAT, FORMAT_VERSION, "gptx checkpoint")
+    """A checkpoint's gptx.json, validated whole (see ``read``)."""
+    return read(path)[0]
+
+
+def read(path: Path) -> tuple[dict, ExperimentConfig]:
+    """gptx.json and the experiment config it stores, validated whole before use: its fields
+    (gptx.schemas.CheckpointMeta), the config (as an experiment file is), the tokenizer state (the
+    tokenizer's own schema) and, where the checkpoint records them, the state's hash and the
+    tokenizer's size (``load`` compares that one with the tokenizer it builds).
+    Any problem is a GptxError ``PATH: key: problem``."""
+    from gptx.schemas import CheckpointMeta, tokenizer_state, validate
+
+    where = Path(path) / "gptx.json"
+    meta = read_format_json(where, FORMAT, FORMAT_VERSION, "gptx checkpoint")
+    validate(CheckpointMeta, meta, where)
+    try:
+        config = from_dict(meta["config"])
+    except ConfigError as err:
+        key = f"config.{err.key}" if err.key else "config"
+        raise GptxError(f"{where}: {key}: {err.problem}") from None
+    state = tokenizer_state(config.tokenizer.cls, meta.get("tokenizer_state"), where, "tokenizer_state")
+    if meta.get("tokenizer_state_sha256") not in (None, state_sha256(state)):
+        raise GptxError(f"{where}: tokenizer_state_sha256: does not match tokenizer_state (altered)")
+    return meta, config
 
 
 def load(source: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
@@ -197,17 +232,9 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu") -> Check
     from gptx.model import GPT
 
     path = resolve(source)
-    meta = read_meta(path)
+    meta, config = read(path)
     where = path / "gptx.json"
-    if not isinstance(meta.get("config"), dict):
-        raise GptxError(f"{where}: corrupted (no 'config' object)")
-    try:
-        config = from_dict(meta["config"])
-    except ConfigError as err:
-        raise GptxError(f"{where}: stored config is invalid here: {err}") from None
     state = meta.get("tokenizer_state") or None
-    if state is not None and not isinstance(state, dict):
-        raise GptxError(f"{where}: corrupted ('tokenizer_state' is not an object)")
     try:
         tokenizer = build_tokenizer(config.tokenizer, state)
         vocab = tokenizer.vocab_size
@@ -215,10 +242,12 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu") -> Check
         raise
     except Exception as err:  # a tampered state the tokenizer cannot rebuild from
         raise GptxError(f"{where}: corrupted tokenizer_state ({type(err).__name__}: {err})") from None
+    if meta.get("tokenizer_vocab_size") not in (None, vocab):
+        raise GptxError(f"{where}: tokenizer_vocab_size: {meta['tokenizer_vocab_size']}, but the stored tokenizer has {vocab} tokens")
     if config.model.vocab_size is None:
         config.model.vocab_size = vocab
     elif config.model.vocab_size < vocab:
-        raise GptxError(f"{where}: model.vocab_size {config.model.vocab_size} is smaller than its tokenizer's {vocab}")
+        raise GptxError(f"{where}: config.model.vocab_size: {config.model.vocab_size} is smaller than its tokenizer's {vocab}")
     model = GPT(config.model)
     try:
         weights = load_weights(path)
@@ -249,6 +278,10 @@ def load_trainer_state(path: Path) -> Optional[dict]:
     if not f.is_file():
         return None
     try:
-        return torch.load(f, map_location="cpu", weights_only=True)
+        state = torch.load(f, map_location="cpu", weights_only=True)
     except Exception as err:  # corrupted, or a pickle that is more than tensors and numbers
         raise GptxError(f"{f}: cannot be loaded safely ({type(err).__name__}: {first_line(err)})") from None
+    from gptx.schemas import TrainerState, validate
+
+    validate(TrainerState, state, f)  # every field --resume reads, before any of it is used
+    return state

@@ -3,7 +3,6 @@
 Anything wrong with what a user gave us (a config file, a checkpoint, a flag) is a
 ``GptxError``: the CLI prints its message on one line and exits with code 2, no traceback.
 """
-import json
 from pathlib import Path
 
 
@@ -36,15 +35,15 @@ def read_format_json(path: Path, fmt: str, max_version: int, what: str) -> dict:
     """A gptx metadata file (``gptx.json``, ``gptx_export.json``): missing, corrupted, of another
     format or written by a newer gptx, it is a GptxError naming the file. Torch-free, for the
     checkpoint loader and the onnxruntime runtime alike."""
+    from gptx.schemas import read_json
+
     path = Path(path)
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise GptxError(f"{path.parent}: not a {what} (no {path.name})") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise GptxError(f"{path}: corrupted ({err})") from None
+    meta = read_json(path, what)
     if not isinstance(meta, dict) or meta.get("format") != fmt:
         raise GptxError(f"{path}: not a {what} (format is {meta.get('format') if isinstance(meta, dict) else None!r})")
-    if meta.get("format_version", 0) > max_version:
+    version = meta.get("format_version", 0)
+    if type(version) is not int:
+        raise GptxError(f"{path}: format_version: expected a whole number, got {version!r}")
+    if version > max_version:
         raise GptxError(f"{path.parent}: written by a newer gptx (format {meta['format_version']}); upgrade gptx")
     return meta

@@ -53,7 +53,11 @@ class OnnxScorer:
         feeds = {"input_ids": inputs, "attention_mask": np.ones((B, L), dtype=np.int64),
                  "position_ids": np.broadcast_to(np.arange(L, dtype=np.int64), (B, L)).copy()}
         feeds |= dict(zip(g.inputs[3:], empty_past(g.cache, g.n_layer, B)))  # no past: every position at once
-        logits = g.session.run(["logits"], feeds)[0]  # [B, L, V] float32
+        try:
+            logits = g.session.run(["logits"], feeds)[0]  # [B, L, V] float32
+        except Exception as err:  # onnxruntime's own types (Fail, InvalidArgument, RuntimeException, ...)
+            raise GptxError(f"{g.directory / 'model.onnx'}: onnxruntime failed to run the graph: "
+                            f"{first_line(err) or type(err).__name__}") from None
         top = logits.max(axis=-1, keepdims=True)  # [B, L, 1]
         lse = np.log(np.exp(logits - top).sum(axis=-1)) + top[..., 0]  # [B, L]
         picked = np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, L]

@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 
 from gptx.errors import GptxError, read_format_json
+from gptx.schemas import ShardManifest, validate
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -140,39 +141,18 @@ def write_manifest(directory: Path, manifest: dict) -> Path:
 
 
 def read_manifest(directory: Path) -> dict:
-    """A prepared directory's manifest, checked for the fields gptx reads; a missing, corrupted
-    or foreign one is a GptxError naming the file."""
+    """A prepared directory's manifest, validated whole (gptx.schemas.ShardManifest); a missing,
+    corrupted, foreign or inconsistent one is a GptxError naming the file and the key."""
     directory = Path(directory)
     path = directory / MANIFEST
     if not directory.is_dir():
         raise GptxError(f"{directory}: no such directory of prepared shards" if not directory.exists()
                         else f"{directory}: is a file, expected a directory written by gptx prepare")
-    if not path.is_file():
+    if not os.path.lexists(path):  # one that is there but not a file: read_format_json says what it is
         raise GptxError(f"{directory}: not a prepared data directory (no {MANIFEST}; write one with gptx prepare)")
     meta = read_format_json(path, FORMAT, FORMAT_VERSION, "prepared data directory")
-    try:
-        _check_manifest(meta)
-    except (KeyError, TypeError, ValueError) as err:
-        raise GptxError(f"{path}: malformed ({err})") from None
+    validate(ShardManifest, meta, path)  # the whole file: every shard record, counts, the tokenizer record
     return meta
-
-
-def _check_manifest(meta: dict) -> None:
-    if meta["dtype"] not in HEADERS:
-        raise ValueError(f"dtype {meta['dtype']!r}")
-    for key in ("kind", "class", "options", "state"):
-        meta["tokenizer"][key]  # noqa: B018 - a KeyError names the missing field
-    if not isinstance(meta["max_token_id"], int):
-        raise TypeError("max_token_id is not an integer")
-    for split in SPLITS:
-        shards = meta["shards"][split]
-        if not isinstance(shards, list) or not shards:
-            raise ValueError(f"no {split} shards")
-        for s in shards:
-            if not (isinstance(s["file"], str) and "/" not in s["file"] and s["file"] not in ("", ".", "..")):
-                raise ValueError(f"shard file name {s['file']!r}")
-            if not (isinstance(s["tokens"], int) and s["tokens"] > 0):
-                raise ValueError(f"token count {s['tokens']!r} of {s['file']}")
 
 
 def shard_record(path: Path, tokens: int) -> dict:

@@ -53,31 +53,11 @@ def default_cache(kv_heads: int, head_dim: int) -> list[dict]:
 
 
 def cache_layout(meta: dict) -> list[dict]:
-    """The cache tensors of every layer of an export, checked: ``meta["cache"]`` or the default."""
-    from gptx.errors import GptxError
-
-    if "cache" not in meta:
+    """The cache tensors of every layer of an export: ``meta["cache"]`` or the default. (A stored
+    gptx_export.json is checked whole by gptx.schemas.ExportMeta when it is read.)"""
+    if meta.get("cache") is None:
         return default_cache(meta["model"]["kv_heads"], meta["model"]["head_dim"])
-    cache = meta["cache"]
-    if not isinstance(cache, list) or not cache:
-        raise GptxError(f"{META_FILE}: cache: expected a list of tensor declarations")
-    for i, entry in enumerate(cache):
-        where = f"{META_FILE}: cache[{i}]"
-        if not isinstance(entry, dict):
-            raise GptxError(f"{where}: expected a table with name, dims, seq_axis and dtype")
-        name, dims, axis, dtype = (entry.get(k) for k in ("name", "dims", "seq_axis", "dtype"))
-        if not isinstance(name, str) or not name or not all(c.isalnum() or c == "_" for c in name):
-            raise GptxError(f"{where}.name: expected a plain name, got {name!r}")
-        if not isinstance(dims, list) or not all((isinstance(d, str) and d) or (type(d) is int and d >= 0) for d in dims):
-            raise GptxError(f"{where}.dims: expected names and sizes, got {dims!r}")
-        if type(axis) is not int or not 0 <= axis < len(dims):
-            raise GptxError(f"{where}.seq_axis: expected an axis of dims, got {axis!r}")
-        if dtype not in CACHE_DTYPES:
-            raise GptxError(f"{where}.dtype: {dtype!r} is not one of {', '.join(CACHE_DTYPES)}")
-        unknown = [d for a, d in enumerate(dims) if isinstance(d, str) and d != BATCH and a != axis]
-        if unknown:
-            raise GptxError(f"{where}.dims: unknown symbolic dimension {unknown[0]!r} ({BATCH} or the sequence axis)")
-    return cache
+    return meta["cache"]
 
 
 def _cache_names(cache) -> list[str]:

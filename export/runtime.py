@@ -7,6 +7,7 @@ the PyTorch generator, so the same seed gives the same tokens).
 from __future__ import annotations
 
 import importlib
+import json
 import os
 from pathlib import Path
 from typing import Optional
@@ -15,12 +16,12 @@ import numpy as np
 
 from gptx.base import Tokenizer
 from gptx.errors import GptxError, first_line, read_format_json
+from gptx.schemas import graph_mismatch
 from gptx.export import (
     EXPORT_FORMAT, EXPORT_FORMAT_VERSION, IO_CONTRACT, IO_CONTRACT_VERSION, META_FILE, MODEL_FILE,
-    LOGITS, SHARE_BUFFER, cache_layout, empty_past, input_names, output_names, shares_buffer, tokenizer_hash,
+    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, SHARE_BUFFER, cache_layout, empty_past, input_names, output_names, shares_buffer, tokenizer_hash,
 )
 
-MAX_SIZE = 1 << 31  # any size in gptx_export.json: beyond it the file was altered
 from gptx.sampling import Collector, Generation, Sampler, left_pad, positions_from_mask
 
 _UNSET = object()
@@ -42,44 +43,52 @@ def make_session(path, threads: Optional[int] = None):
 
 
 def read_meta(directory: Path) -> dict:
-    meta = read_format_json(Path(directory) / META_FILE, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, "gptx export")
-    contract = meta.get("io_contract", {})
-    if contract.get("name") != IO_CONTRACT or contract.get("version") != IO_CONTRACT_VERSION:
-        raise GptxError(f"{directory}: I/O contract {contract.get('name')}/{contract.get('version')} is not "
-                        f"{IO_CONTRACT}/{IO_CONTRACT_VERSION}, which this gptx reads")
+    """An export's gptx_export.json, validated whole (gptx.schemas.ExportMeta): a GptxError
+    ``PATH: key: problem`` names the first problem."""
+    from gptx.schemas import ExportMeta, validate
+
     path = Path(directory) / META_FILE
-    m = meta.get("model")
-    if not isinstance(m, dict):
-        raise GptxError(f"{path}: corrupted (model: expected a table)")
-    for key in ("n_layer", "n_head", "kv_heads", "head_dim", "n_embd", "vocab_size", "context_length"):
-        if type(m.get(key)) is not int or not 1 <= m[key] <= MAX_SIZE:
-            raise GptxError(f"{path}: corrupted (model.{key}: expected a whole number from 1 to {MAX_SIZE:,}, got {m.get(key)!r})")
-    if not isinstance(meta.get("tokenizer"), dict):
-        raise GptxError(f"{path}: corrupted (tokenizer: expected a table)")
-    eot = (meta.get("special_tokens") or {}).get("eot")
-    if eot is not None and (not isinstance(eot, dict) or type(eot.get("id")) is not int or not 0 <= eot["id"] < m["vocab_size"]):
-        raise GptxError(f"{path}: corrupted (special_tokens.eot: expected an id below vocab_size {m['vocab_size']}, got {eot!r})")
-    cache_layout(meta)  # checks the declaration
-    if type(contract.get(SHARE_BUFFER, False)) is not bool:
-        raise GptxError(f"{path}: corrupted (io_contract.{SHARE_BUFFER}: expected true or false, got {contract[SHARE_BUFFER]!r})")
+    meta = read_format_json(path, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, "gptx export")
+    validate(ExportMeta, meta, path)
     return meta
 
 
+ONNX_TYPES = {"float32": "tensor(float)", "float16": "tensor(float16)", "int8": "tensor(int8)", "uint8": "tensor(uint8)",
+              "int32": "tensor(int32)", "int64": "tensor(int64)"}  # a cache dtype -> onnxruntime's name for it
+
+
 def check_graph_matches(session, meta: dict, cache: list[dict], model_path: Path) -> None:
-    """The graph's fixed sizes must be the metadata's (``cache``: its checked layout): a model.onnx
-    swapped for another graph with the same names (another width, vocabulary or cache) is refused
-    before it decodes garbage."""
+    """The graph must be the one the metadata describes (``cache``: its layout): its fixed sizes and
+    input dtypes, and the copy of the metadata the exporter wrote into it (context, cache, tokenizer,
+    special tokens), so a model.onnx swapped for another graph with the same names, or a
+    gptx_export.json edited by hand, is refused before it decodes garbage."""
     declared = {f"past_key_values.{i}.{c['name']}": c["dims"] for i in range(meta["model"]["n_layer"]) for c in cache}
     for arg in session.get_inputs():
         want = declared.get(arg.name)
         if want is not None and any(type(w) is int and type(g) is int and w != g for w, g in zip(want, arg.shape)):
             raise GptxError(f"{model_path}: {arg.name} has shape {arg.shape} but {META_FILE} declares {want}: "
                             "the graph and its metadata do not belong together")
+    types = {INPUT_IDS: "int64", ATTENTION_MASK: "int64", POSITION_IDS: "int64"} | {
+        f"past_key_values.{i}.{c['name']}": c["dtype"] for i in range(meta["model"]["n_layer"]) for c in cache}
+    for arg in session.get_inputs():
+        want = ONNX_TYPES.get(types.get(arg.name))
+        if want is not None and arg.type != want:
+            raise GptxError(f"{model_path}: {arg.name} is {arg.type} but {META_FILE} declares {want}: "
+                            "the graph and its metadata do not belong together")
     logits = next(o for o in session.get_outputs() if o.name == LOGITS)
     vocab = logits.shape[-1] if logits.shape else None
     if type(vocab) is int and vocab != meta["model"]["vocab_size"]:
         raise GptxError(f"{model_path}: logits have {vocab} entries per token but {META_FILE} says vocab_size "
                         f"{meta['model']['vocab_size']}: the graph and its metadata do not belong together")
+    stored = session.get_modelmeta().custom_metadata_map.get("gptx.metadata")
+    if stored is not None:  # what the exporter wrote into the graph itself: the runtime fields must agree
+        try:
+            graph = json.loads(stored)
+        except ValueError:
+            graph = None
+        found = graph_mismatch(meta, graph) if isinstance(graph, dict) else "gptx.metadata: not JSON in the graph"
+        if found:
+            raise GptxError(f"{model_path.parent / META_FILE}: {found}: the graph and its metadata do not belong together")
 
 
 def _plugin_module(module: str) -> bool:
@@ -93,9 +102,12 @@ def _plugin_module(module: str) -> bool:
     return top == "gptx" or any(ep.module.split(".")[0] == top for ep in importlib.metadata.entry_points(group="gptx"))
 
 
-def load_tokenizer(info: dict) -> Tokenizer:
-    """Rebuild the export's tokenizer from its class, options and state; check it is the same one."""
+def load_tokenizer(info: dict, where: Path | str = META_FILE) -> Tokenizer:
+    """Rebuild the export's tokenizer from its class, options and state (``info``: the validated
+    ``tokenizer`` table of ``where``); the options and state are checked by the tokenizer's schemas."""
+    from gptx.errors import ConfigError
     from gptx.options import parse
+    from gptx.schemas import tokenizer_state
 
     module, _, qualname = str(info.get("class", "")).partition(":")
     if not _plugin_module(module):  # metadata is data: it may not choose what code gets imported
@@ -110,12 +122,22 @@ def load_tokenizer(info: dict) -> Tokenizer:
                         "install the plugin that provides it") from None
     if not (isinstance(obj, type) and issubclass(obj, Tokenizer)):
         raise GptxError(f"{info.get('class')} is not a gptx tokenizer")
-    options = parse(obj.Options, dict(info.get("options") or {}), "tokenizer")
-    state = info.get("state") or {}
+    try:
+        options = parse(obj.Options, dict(info.get("options") or {}), "tokenizer.options")
+    except ConfigError as err:
+        raise GptxError(f"{where}: {err}") from None
+    state = tokenizer_state(obj, info.get("state"), where, "tokenizer.state")
     digest = tokenizer_hash(info.get("kind"), info.get("options") or {}, state)
-    if digest != info.get("sha256"):
-        raise GptxError(f"tokenizer sha256 {digest} does not match the export's {info.get('sha256')}: {META_FILE} was altered")
-    return obj(options, state or None)
+    if digest != info.get("sha256"):  # read_meta checked it; a caller may hand a table of its own
+        raise GptxError(f"{where}: tokenizer.sha256: does not match the tokenizer's kind, options and state (altered)")
+    try:
+        tokenizer = obj(options, state or None)
+        vocab = tokenizer.vocab_size
+    except GptxError as err:
+        raise GptxError(f"{where}: tokenizer: {err}") from None
+    if info.get("vocab_size") not in (None, vocab):  # e.g. a char vocabulary shortened by hand
+        raise GptxError(f"{where}: tokenizer.vocab_size: {info['vocab_size']}, but its state gives {vocab} tokens")
+    return tokenizer
 
 
 class OnnxGenerator:
@@ -134,7 +156,7 @@ class OnnxGenerator:
         m = self.meta["model"]
         self.n_layer, self.context_length = m["n_layer"], m["context_length"]
         self.cache = cache_layout(self.meta)  # each layer's cache tensors
-        self.tokenizer = load_tokenizer(self.meta["tokenizer"])
+        self.tokenizer = load_tokenizer(self.meta["tokenizer"], self.directory / META_FILE)
         eot = self.meta.get("special_tokens", {}).get("eot")
         self.eot_id = None if eot is None else int(eot["id"])
         try:

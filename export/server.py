@@ -119,7 +119,7 @@ def npm_install(npm: str, prefix: Path, log) -> None:
 
 def check_export(out_dir: Path) -> dict:
     """The export's metadata, after checking the page can run it; GptxError naming the problem."""
-    from gptx.export.runtime import read_meta
+    from gptx.export.runtime import load_tokenizer, read_meta
 
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
@@ -127,14 +127,14 @@ def check_export(out_dir: Path) -> dict:
     meta = read_meta(out_dir)
     if not (out_dir / MODEL_FILE).is_file():
         raise GptxError(f"{out_dir}: missing {MODEL_FILE}")
-    tok = meta.get("tokenizer") or {}
-    if tok.get("gpt2_bpe"):
+    tok = meta["tokenizer"]  # validated whole by read_meta
+    if tok["gpt2_bpe"]:
         if not (out_dir / TOKENIZER_FILE).is_file():
             raise GptxError(f"{out_dir}: missing {TOKENIZER_FILE} (the GPT-2 BPE tokenizer the page reads)")
-    elif tok.get("kind") == "char" and not isinstance((tok.get("state") or {}).get("chars"), list):
-        raise GptxError(f"{out_dir / META_FILE}: tokenizer.state.chars: missing (the char tokenizer's vocabulary)")
-    elif tok.get("kind") not in ("char", "byte"):
-        raise GptxError(f"{out_dir / META_FILE}: tokenizer '{tok.get('kind')}' has no JavaScript implementation "
+    elif tok["kind"] in ("char", "byte"):
+        load_tokenizer(tok, out_dir / META_FILE)  # its state checked by the tokenizer's schema, as the page will read it
+    else:
+        raise GptxError(f"{out_dir / META_FILE}: tokenizer '{tok['kind']}' has no JavaScript implementation "
                         "(the page runs GPT-2 BPE, char and byte)")
     return meta
 

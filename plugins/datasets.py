@@ -184,6 +184,7 @@ class TokensDataset(TokenArrayDataset):
     def _matching_tokenizer(self, meta: dict, manifest: Path):
         """The experiment's tokenizer, if it is the one the shards were made with; one that learns
         from data and is not fitted yet takes the manifest's learned state."""
+        from gptx.schemas import tokenizer_state
         from gptx.shards import options_dict
 
         made, tok = meta["tokenizer"], self.tokenizer
@@ -194,8 +195,11 @@ class TokensDataset(TokenArrayDataset):
             raise GptxError(f"{manifest}: the shards were made with tokenizer '{made['kind']}' ({made['class']}, options "
                             f"{made['options']}){learned}; the experiment's is {ours['class']} with options {ours['options']}; "
                             f"set [tokenizer] to match or prepare the data again with its tokenizer")
+        state = tokenizer_state(cls, made["state"], manifest, "tokenizer.state")
         if tok.requires_fit and not tok.state():
-            tok = cls(tok.options, made["state"])
+            tok = cls(tok.options, state)
+        if meta.get("vocab_size") not in (None, tok.vocab_size):  # e.g. a char vocabulary shortened by hand
+            raise GptxError(f"{manifest}: vocab_size: {meta['vocab_size']}, but its tokenizer has {tok.vocab_size} tokens")
         if meta["max_token_id"] >= tok.vocab_size:
             raise GptxError(f"{manifest}: token id {meta['max_token_id']} is beyond the tokenizer's vocabulary of {tok.vocab_size}")
         return tok

@@ -8,9 +8,12 @@ import hashlib
 import os
 from importlib import resources
 
+from pydantic import Field, field_validator
+
 import gptx
 from gptx.base import Tokenizer
 from gptx.errors import GptxError
+from gptx.schemas import MAX_SIZE, Problem, Schema, shown
 
 GPT2_FILES = {  # sha256 as tiktoken's own gpt2 encoding checks them
     "vocab.bpe": "1ce1664773c50f3e0cc8842619a93edc4624525b728b188a9e0be33b7726adc5",
@@ -126,12 +129,32 @@ class TiktokenTokenizer(_TiktokenBase):
             ) from None
 
 
+class CharState(Schema):
+    """The char tokenizer's learned vocabulary: distinct characters, one per id."""
+
+    chars: list[str] = Field(min_length=1, max_length=MAX_SIZE)
+
+    @field_validator("chars")
+    @classmethod
+    def _distinct_characters(cls, chars: list[str]) -> list[str]:
+        seen: dict[str, int] = {}
+        for i, ch in enumerate(chars):
+            if len(ch) != 1 or "\ud800" <= ch <= "\udfff":
+                raise Problem(f"[{i}]", f"expected one character, got {shown(ch)}")
+            if ch in seen:
+                raise Problem(f"[{i}]", f"{ch!r} is already id {seen[ch]}: a vocabulary lists each character once")
+            seen[ch] = i
+        return chars
+
+
+
 class CharTokenizer(Tokenizer):
     """One token per character, the vocabulary learned from the training text (sorted characters,
     as nanoGPT's shakespeare_char) and saved with every checkpoint."""
 
     requires_fit = True
     encodes_in_pieces = True
+    State = CharState
 
     def __init__(self, options, state=None):
         super().__init__(options, state)

@@ -109,12 +109,13 @@ def tiny_checkpoint(run_dir: Path, tokenizer: str = "byte", state=None, seed: in
     return checkpoint.save(Path(run_dir), 1, *tiny_model(tokenizer, state, seed, **model))
 
 
-def tiny_checkpoint_and_export(root: Path, block_size: int = 32):
-    """A 1-layer byte-level checkpoint (random weights, seed 0) in root/run and its verified ONNX
-    export in root/export, made in-process. Returns (checkpoint dir, export dir)."""
+def tiny_checkpoint_and_export(root: Path, block_size: int = 32, tokenizer: str = "byte", state: dict | None = None):
+    """A 1-layer checkpoint (random weights, seed 0; byte-level unless ``tokenizer`` and its
+    ``state`` say otherwise) in root/run and its verified ONNX export in root/export, made
+    in-process. Returns (checkpoint dir, export dir)."""
     from gptx.export.onnx_export import export_checkpoint
 
-    ck = tiny_checkpoint(root / "run", block_size=block_size)
+    ck = tiny_checkpoint(root / "run", tokenizer, state, block_size=block_size)
     export_checkpoint(ck, root / "export", log=lambda _msg: None, track=False)
     return ck, root / "export"
 

@@ -281,7 +281,7 @@ def checkpoint_from_another_config(d, art):
     return gen(ck)
 
 
-@case("gptx.json", "stored config is invalid here", "unknown attention 'flash9000'")
+@case("gptx.json", "config.model.attention.kind", "unknown attention 'flash9000'")
 def checkpoint_from_a_missing_plugin(d, art):
     ck = copy_ckpt(d, art)
     meta = json.loads((ck / "gptx.json").read_text())
@@ -383,7 +383,7 @@ def export_metadata_with_a_bad_cache_declaration(d, art):
     return gen(edit_export_meta(d, art, lambda m: m["cache"][0].update(seq_axis=9)))
 
 
-@case("gptx_export.json", "io_contract.past_present_share_buffer: expected true or false")
+@case("gptx_export.json", "io_contract.past_present_share_buffer: input should be a valid boolean")
 def export_metadata_with_a_non_boolean_shared_cache_flag(d, art):
     return gen(edit_export_meta(d, art, lambda m: m["io_contract"].update(past_present_share_buffer="yes")))
 

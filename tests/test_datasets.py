@@ -152,14 +152,14 @@ BAD = {
     "corrupted manifest": (lambda d, m: (d / shards.MANIFEST).write_text("{oops"), "gptx_data.json: corrupted"),
     "foreign manifest": (lambda d, m: set_manifest(d, m, format="other"), "not a prepared data directory (format is 'other')"),
     "newer manifest": (lambda d, m: set_manifest(d, m, format_version=99), "written by a newer gptx"),
-    "malformed manifest": (lambda d, m: set_manifest(d, m, shards={"train": []}), "gptx_data.json: malformed"),
+    "malformed manifest": (lambda d, m: set_manifest(d, m, shards={"train": []}), "gptx_data.json: shards.train: list should have at least 1 item"),
     "path in manifest": (lambda d, m: set_manifest(d, m, shards=m["shards"] | {"val": [{"file": "../x.bin", "tokens": 9}]}),
-                         "malformed (shard file name '../x.bin')"),
+                         "gptx_data.json: shards.val[0].file: expected a file name inside the directory, got '../x.bin'"),
     "missing shard": (lambda d, m: (d / "train_000001.bin").unlink(), "train_000001.bin: missing (listed in gptx_data.json)"),
     "truncated shard": (lambda d, m: rewrite(d / "train_000000.bin", lambda b: b[:-10]), "train_000000.bin: its header says 20000 tokens"),
     "bad magic": (lambda d, m: rewrite(d / "val_000000.bin", lambda b: b"\x00" * 4 + b[4:]), "val_000000.bin: not a token shard"),
     "shard swapped": (lambda d, m: shutil.copy(d / "train_000000.bin", d / "val_000000.bin"), "val_000000.bin: holds 20000 uint16 tokens"),
-    "id beyond vocab": (lambda d, m: set_manifest(d, m, max_token_id=50257), "token id 50257 is beyond the tokenizer's vocabulary of 50257"),
+    "id beyond vocab": (lambda d, m: set_manifest(d, m, max_token_id=50257), "gptx_data.json: max_token_id: 50257 is beyond vocab_size 50257"),
 }
 
 

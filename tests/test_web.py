@@ -182,11 +182,17 @@ def test_bad_export_directories_are_one_line(tmp_path, out_dir, node_modules):
     (bad / "gptx_export.json").write_text(json.dumps(meta))
     one_line_error(gptx("web", bad), "missing model.onnx")
     (bad / "model.onnx").write_bytes(b"")
-    (bad / "gptx_export.json").write_text(json.dumps(meta | {"tokenizer": {"kind": "tiktoken", "options": {"encoding": "cl100k_base"}}}))
+    def with_tokenizer(kind, options, state, **more):
+        from gptx.export import tokenizer_hash
+
+        tok = meta["tokenizer"] | {"kind": kind, "options": options, "state": state, "sha256": tokenizer_hash(kind, options, state)}
+        (bad / "gptx_export.json").write_text(json.dumps(meta | {"tokenizer": tok | more}))
+
+    with_tokenizer("tiktoken", {"encoding": "cl100k_base"}, {})
     one_line_error(gptx("web", bad), "tokenizer 'tiktoken' has no JavaScript implementation")
-    (bad / "gptx_export.json").write_text(json.dumps(meta | {"tokenizer": {"kind": "gpt2", "gpt2_bpe": True}}))
+    with_tokenizer("gpt2", {}, {}, gpt2_bpe=True)
     one_line_error(gptx("web", bad), "missing tokenizer.json")
-    (bad / "gptx_export.json").write_text(json.dumps(meta | {"tokenizer": {"kind": "char", "state": {}}}))
+    with_tokenizer("char", {}, {}, **{"class": "gptx.plugins.tokenizers:CharTokenizer"})
     one_line_error(gptx("web", bad), "tokenizer.state.chars: missing")
 
 

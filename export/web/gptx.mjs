@@ -24,6 +24,10 @@ export function checkMeta(meta) {
       throw new Error(`gptx_export.json: model.${key}: expected a positive integer, got ${JSON.stringify(meta.model?.[key])}`);
     }
   }
+  const eot = meta.special_tokens?.eot;
+  if (eot !== undefined && !(Number.isInteger(eot?.id) && eot.id >= 0 && eot.id < meta.model.vocab_size)) {
+    throw new Error(`gptx_export.json: special_tokens.eot.id: expected an id below vocab_size ${meta.model.vocab_size}, got ${JSON.stringify(eot?.id)}`);
+  }
   return meta;
 }
 
@@ -91,7 +95,16 @@ function gpt2Tokenizer(Tokenizer, tokenizerJson, tokenizerConfig) {
 }
 
 function charTokenizer(chars) {
-  const index = new Map(chars.map((c, i) => [c, i]));
+  // the same rules as gptx's CharState schema: at least one character, each a single one, each once
+  if (chars.length === 0) throw new Error("gptx_export.json: tokenizer.state.chars: expected at least one character");
+  const index = new Map();
+  chars.forEach((c, i) => {
+    if (typeof c !== "string" || [...c].length !== 1) {
+      throw new Error(`gptx_export.json: tokenizer.state.chars[${i}]: expected one character, got ${JSON.stringify(c)}`);
+    }
+    if (index.has(c)) throw new Error(`gptx_export.json: tokenizer.state.chars[${i}]: ${JSON.stringify(c)} is already id ${index.get(c)}`);
+    index.set(c, i);
+  });
   return {
     encode: (text) => Array.from(text, (c) => {
       if (!index.has(c)) throw new Error(`character ${JSON.stringify(c)} is not in this char tokenizer's vocabulary`);

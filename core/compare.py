@@ -10,7 +10,6 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 import statistics
 import textwrap
 from pathlib import Path
@@ -200,9 +199,9 @@ def new_folder(parent: Path, prefix: str) -> Path:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    from gptx.fsutil import write_atomic
+
+    write_atomic(path, json.dumps(data, indent=2))
 
 
 PLOT = "loss_curves.png"

@@ -37,7 +37,7 @@ import numpy as np
 
 from gptx import shards
 from gptx.errors import GptxError, first_line
-from gptx.fsutil import remove_stale_siblings, replace_dir, temp_sibling
+from gptx.fsutil import refused_write, remove_stale_siblings, replace_dir, temp_sibling
 from gptx.progress import bar, hms
 
 READ_BYTES = 1 << 20  # bytes read per block
@@ -359,8 +359,11 @@ def tokenize_to_shard(source: Source, tokenizer, path: Path, workers: int, progr
         for ids in token_stream(source, tokenizer, workers, meter):
             writer.write(ids)
         out = writer.close()
-    except BaseException:
+    except BaseException as err:
         writer.discard()
+        refused = refused_write(err, path, "the tokenized data cache ($GPTX_CACHE_DIR)")
+        if refused is not None:
+            raise refused from None
         raise
     meter.finish("")
     return out
@@ -477,8 +480,11 @@ def prepare(source_path: str | os.PathLike, out_dir: str | os.PathLike, kind: st
         manifest = _write_shards(source, tmp, kind, tokenizer, dataclasses.replace(args, workers=workers), progress)
         shards.write_manifest(tmp, manifest)
         replace_dir(tmp, out)  # an earlier prepare there is replaced whole
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(created or tmp, ignore_errors=True)
+        refused = refused_write(err, out, "the shards")  # a full disk names the folder, not our temporary
+        if refused is not None:
+            raise refused from None
         raise
     return manifest
 

@@ -653,7 +653,7 @@ class Trainer:
                 "seconds": self.seconds(),
                 "target": json.dumps(self.target) if self.target else "",
             }
-            extra = {"mlflow_run_id": self.tracker.run_id}
+            extra = {"mlflow_run_id": self.tracker.run_id, "mlflow_tracking_uri": self.tracker.uri}  # export logs there
             if self.plan.init_from is not None:
                 extra["init_from"] = str(self.plan.init_from)
             self.last_ckpt = ckpt.save(self.run_dir, step, weights, self.cfg, self.tokenizer, state, extra=extra)
@@ -741,7 +741,8 @@ class Trainer:
         if not self.dist.main:
             return
         runs.write_run_file(self.run_dir, status="RUNNING", experiment=self.cfg.name, mlflow_run_id=self.tracker.run_id,
-                            config=self.cfg.to_dict(), pid=os.getpid(), num_params=self.model.num_params())
+                            mlflow_tracking_uri=self.tracker.uri, config=self.cfg.to_dict(), pid=os.getpid(),
+                            num_params=self.model.num_params())
         if run_id is None:
             self.tracker.log_params(tracking.flatten(self.cfg.to_dict()))
             self.tracker.log_metrics({"num_params": self.model.num_params()}, 0)  # gptx compare <run id> reads it

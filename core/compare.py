@@ -222,8 +222,8 @@ def compare(names: list[str], alpha: float, out: Optional[Path], tracking_uri: O
     if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GptxError(f"--out: {out} exists and is not an empty folder; name a new one")
     runs, warnings = resolve(names, MlflowRuns(tracking_uri))
-    if not runs:
-        raise GptxError("no finished runs to compare")
+    if not runs:  # say why each was passed over (a diverged run keeps its reason in run.json)
+        raise GptxError("no finished runs to compare" + (f" ({'; '.join(warnings)})" if warnings else ""))
     groups = group_runs(runs)
     result = summarize(groups, alpha)
     if out is None:

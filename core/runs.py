@@ -149,7 +149,8 @@ def from_run_dir(path: Path, mlflow: Optional["MlflowRuns"] = None) -> FinishedR
 
     info = read_json_file(path / RUN_FILE, "run directory")
     if info.get("status") != "FINISHED":
-        raise NotFinished(f"{path}: the run has not finished (status {info.get('status')!r})")
+        why = f": {info['error']}" if isinstance(info.get("error"), str) else ""
+        raise NotFinished(f"{path}: the run has not finished (status {info.get('status')!r}){why}")
     config = info.get("config")
     if not isinstance(config, dict):
         raise GptxError(f"{path / RUN_FILE}: has no resolved 'config' object")

@@ -495,6 +495,7 @@ class Trainer:
         self.run_dir: Optional[Path] = None
         self.last_ckpt: Optional[Path] = None
         self.saved_step: Optional[int] = None
+        self.error: Optional[str] = None  # why the run failed, for run.json
         self.final_val_loss: Optional[float] = None
         self.pending: list = []  # (step, loss, aux, lr, step seconds, clock) not yet read from the device
         self.step_times: list[float] = []
@@ -550,6 +551,9 @@ class Trainer:
         except KeyboardInterrupt:
             status = "KILLED"
             raise
+        except GptxError as err:
+            self.error = str(err)  # run.json says why the run failed: gptx compare shows it
+            raise
         finally:
             self.close(status)
         return self.result(step, sample)
@@ -583,8 +587,8 @@ class Trainer:
             i += 1 + len(aux)
             if not math.isfinite(loss):  # stop before a checkpoint could store the broken weights
                 self.pending.clear()
-                raise GptxError(f"training diverged: loss is {loss} at step {s}; the last good checkpoint is "
-                                f"{self.last_ckpt or 'none (no checkpoint yet)'}; try a lower training.learning_rate")
+                raise GptxError(f"training diverged: loss is {loss} at step {s}; {self.kept_after_divergence()}; "
+                                "try a lower training.learning_rate")
             tok_s = self.tokens_per_step / dt
             self.step_times.append(dt)
             self.tracker.log_metrics({"train_loss": loss, "lr": lr, "tokens_per_sec": tok_s}, s)
@@ -597,6 +601,15 @@ class Trainer:
         if aux_means:
             self.tracker.log_metrics(aux_means, self.pending[-1][0])
         self.pending.clear()
+
+    def kept_after_divergence(self) -> str:
+        """What a diverged run leaves, truthfully: its last good checkpoint (gptx run --resume
+        continues from it, say with a lower learning rate), or a run folder that holds only its
+        curves and is marked FAILED with the reason (--resume and gptx compare pass it over)."""
+        if self.last_ckpt is not None:
+            return f"the last good checkpoint is {self.last_ckpt}"
+        return (f"no checkpoint was written before it, so there is nothing to resume; {self.run_dir} keeps run.json "
+                f"(status FAILED) and the curves in {metrics_log.FILE}")
 
     def seconds(self) -> float:
         return time.perf_counter() - self.clock
@@ -757,7 +770,7 @@ class Trainer:
             self.tracker.finish(status)
         if self.dist.main and self.run_dir is not None:
             try:
-                runs.write_run_file(self.run_dir, status=status)
+                runs.write_run_file(self.run_dir, status=status, error=self.error)  # None: a resumed run's old error is gone
             except OSError:  # e.g. the disk that just refused a checkpoint: keep the error that matters
                 pass
         self.dist.close()

@@ -265,7 +265,7 @@ class Plan:
     run_dir: Optional[Path] = None  # a new, empty directory the caller made for the run (gptx sweep)
 
 
-def prepare(cfg: ExperimentConfig, resume: bool = False, progress=None, outputs: bool = True) -> Plan:
+def prepare(cfg: ExperimentConfig, resume: bool | Path = False, progress=None, outputs: bool = True) -> Plan:
     """Every check a run makes on its input, before anything is created: device, batch split,
     the run to resume or the weights to start from, tokenizer, data (read and tokenized here),
     the sample prompt, the memory the model needs and (``outputs``) where it writes: the output
@@ -282,7 +282,10 @@ def prepare(cfg: ExperimentConfig, resume: bool = False, progress=None, outputs:
     if world > 1 and tc.parallel == "fsdp" and not tc.optimizer.cls.sharded_ok:
         raise ConfigError(f"'{tc.optimizer.kind}' cannot update FSDP-sharded parameters; use training.parallel = "
                           "\"ddp\" or another optimizer", "training.optimizer.kind")
-    resume_dir = runs.find_resumable(cfg, ckpt.complete_checkpoints) if resume else None
+    if isinstance(resume, Path):  # a run directory named by the caller (gptx sweep --resume)
+        resume_dir = resume
+    else:
+        resume_dir = runs.find_resumable(cfg, ckpt.complete_checkpoints) if resume else None
     source = _apply_init_from(cfg) if tc.init_from else None  # the model and tokenizer, resumed or not
     tokenizer_state = ckpt.read_meta(source).get("tokenizer_state") or None if source else None
     if resume_dir:
@@ -798,7 +801,7 @@ def _allocating(fn):
         raise
 
 
-def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True, run_dir: Optional[Path] = None,
+def train(cfg: ExperimentConfig, resume: bool | Path = False, progress: bool = True, run_dir: Optional[Path] = None,
           checked: Callable[[], None] = lambda: None) -> TrainResult:
     """Validate everything, then train: ``Trainer(prepare(cfg, resume)).fit()``. ``run_dir``: a
     new, empty directory the caller made for the run (gptx sweep), instead of a fresh one;

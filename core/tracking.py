@@ -335,12 +335,15 @@ def _short(err: Exception) -> str:
     return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
 
 
-def start(cfg, run_id: Optional[str] = None, rank: int = 0):
-    """The tracker for this process: MLflow on rank 0 when enabled, else a NullTracker."""
+def start(cfg, run_id: Optional[str] = None, rank: int = 0, store: Optional[str] = None):
+    """The tracker for this process: MLflow on rank 0 when enabled, else a NullTracker. A resumed
+    run (``run_id``) continues in ``store``, the store its run.json recorded: its MLflow run is
+    there and nowhere else, whatever the working directory or $MLFLOW_TRACKING_URI is now."""
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
     t = cfg.tracking
-    return MlflowTracker(tracking_uri(t.uri), cfg.name, t.run_name, run_id, t.parent_run_id)
+    uri = store if run_id and isinstance(store, str) else tracking_uri(t.uri)
+    return MlflowTracker(uri, cfg.name, t.run_name, run_id, t.parent_run_id)
 
 
 def run_tags(cfg, registry, init_from=None) -> dict[str, str]:

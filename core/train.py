@@ -741,11 +741,12 @@ class Trainer:
         from gptx import registry as registry_mod
         from gptx import tracking
 
-        run_id = runs.read_run_file(self.plan.resume_dir).get("mlflow_run_id") if self.plan.resume_dir else None
+        earlier = runs.read_run_file(self.plan.resume_dir) if self.plan.resume_dir else {}
+        run_id = earlier.get("mlflow_run_id")
         made = self.plan.resume_dir or self.plan.run_dir
         created = runs.new_run_dir(self.cfg) if self.dist.main and made is None else None
         try:
-            self.tracker = tracking.start(self.cfg, run_id=run_id, rank=self.dist.rank)
+            self.tracker = tracking.start(self.cfg, run_id=run_id, rank=self.dist.rank, store=earlier.get("mlflow_tracking_uri"))
         except BaseException:
             if created is not None:
                 created.rmdir()  # still empty: a run that could not be tracked leaves nothing behind

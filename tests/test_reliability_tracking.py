@@ -83,6 +83,31 @@ def test_an_export_logs_to_the_store_its_run_was_tracked_in_and_never_creates_on
     assert not store.exists() and sorted(x.name for x in elsewhere.iterdir()) == ["onnx", "onnx2"]
 
 
+def test_resume_from_another_folder_continues_in_the_runs_own_store(tmp_path, no_store_configured):
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "store" / "mlflow.db"
+    f = write_experiment(tmp_path / "e.toml")
+    proc = subprocess.Popen([sys.executable, "-m", "gptx", "run", str(f), "--set", "tracking.enabled=true",
+                             "--set", f"tracking.uri='sqlite:///{store}'", "--set", "training.max_steps=2000",
+                             "--set", "training.checkpoint_interval=5", "--set", "training.sample_tokens=0", "--quiet"],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list((tmp_path / "runs" / "e").glob("*/checkpoints/step-*")):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    p = gptx("run", f, "--resume", "--set", "tracking.enabled=true", "--set", "training.max_steps=40",
+             "--set", "training.sample_tokens=0", "--quiet", cwd=elsewhere)  # no store named: the default is ./mlflow.db
+    assert p.returncode == 0, p.stderr
+    assert list(elsewhere.iterdir()) == []  # no new store, no artifacts folder
+    run_id = json.loads((run_dir_of(tmp_path / "runs" / "e") / "run.json").read_text())["mlflow_run_id"]
+    assert MlflowClient(f"sqlite:///{store}").get_run(run_id).info.status == "FINISHED"
+
+
 def test_a_run_that_diverges_before_its_first_checkpoint_says_what_it_left(tmp_path):
     driver = tmp_path / "nan_driver.py"
     driver.write_text(NAN_DRIVER)

@@ -526,9 +526,11 @@ def web(out_dir, host, port, install, node_modules, allow_hosts):
               help="Train every variant with N seeds: training.seed, +1, ... (the same for every variant).")
 @click.option("--alpha", default=0.05, show_default=True, type=OPEN_UNIT,
               help="Mark differences to the base variant significant below this p-value (Welch's t-test).")
+@click.option("--resume", is_flag=True, help="Continue the newest unfinished sweep of this grid: finished runs are kept, "
+              "an interrupted one resumes from its checkpoint, the rest train.")
 @click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress output.")
-def sweep(base, vary, overrides, seeds, alpha, as_json, quiet):
+def sweep(base, vary, overrides, seeds, alpha, resume, as_json, quiet):
     """Train every combination of --vary values over BASE, each with --seeds seeds (one MLflow run
     each, under one parent run; one run directory each in runs/<experiment>/sweep-<timestamp>/),
     and compare them against the first variant: mean ± std of the final val loss, 95% CI, difference
@@ -538,9 +540,17 @@ def sweep(base, vary, overrides, seeds, alpha, as_json, quiet):
 
     registry()
     try:
-        result = sweep_mod.sweep(Path(base), list(vary), list(overrides), seeds=seeds, alpha=alpha, progress=not quiet)
+        result = sweep_mod.sweep(Path(base), list(vary), list(overrides), seeds=seeds, alpha=alpha, progress=not quiet,
+                                 resume=resume)
     except Interrupted as err:
-        click.echo(f"Stopped: {err}. The sweep's finished runs stay in its folder; compare them with: gptx compare FOLDER", err=True)
+        import shlex
+
+        again = shlex.join(["gptx", "sweep", base, *[a for o in vary for a in ("--vary", o)],
+                            *[a for o in overrides for a in ("--set", o)], *(["--seeds", str(seeds)] if seeds != 1 else []),
+                            "--resume"])
+        folder = getattr(err, "sweep_folder", None) or "FOLDER"
+        click.echo(f"Stopped: {err}. The sweep's finished runs stay in {folder} (gptx compare {folder}); "
+                   f"continue the sweep with: {again}", err=True)
         sys.exit(err.exit_code)
     _print_comparison(result, as_json)
 

@@ -10,7 +10,6 @@ import dataclasses
 import datetime
 import json
 import math
-import os
 import statistics
 import textwrap
 from pathlib import Path
@@ -200,9 +199,9 @@ def new_folder(parent: Path, prefix: str) -> Path:
 
 
 def write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)
+    from gptx.fsutil import write_atomic
+
+    write_atomic(path, json.dumps(data, indent=2))
 
 
 PLOT = "loss_curves.png"
@@ -223,8 +222,8 @@ def compare(names: list[str], alpha: float, out: Optional[Path], tracking_uri: O
     if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise GptxError(f"--out: {out} exists and is not an empty folder; name a new one")
     runs, warnings = resolve(names, MlflowRuns(tracking_uri))
-    if not runs:
-        raise GptxError("no finished runs to compare")
+    if not runs:  # say why each was passed over (a diverged run keeps its reason in run.json)
+        raise GptxError("no finished runs to compare" + (f" ({'; '.join(warnings)})" if warnings else ""))
     groups = group_runs(runs)
     result = summarize(groups, alpha)
     if out is None:

@@ -276,17 +276,17 @@ def evaluate(source: str, data: Optional[str] = None, task: Optional[str] = None
 def log_to_run(uri: str, results: dict, step: Optional[int]) -> None:
     """eval/<file stem>/<metric> metrics on the MLflow run the checkpoint came from."""
     from mlflow.entities import Metric
-    from mlflow.tracking import MlflowClient
 
-    from gptx.tracking import run_id_of
+    from gptx import tracking
 
-    run_id = run_id_of(uri)
+    run_id = tracking.run_id_of(uri)
     ts = int(time.time() * 1000)
     step = int_or_none(step, 0) or 0  # the checkpoint's stored step; a foreign value logs at step 0
     metrics = [Metric(f"eval/{Path(r['file']).stem}/{k}", float(v), ts, step)
                for r in results.values() for k, v in r.items() if k != "file"]
+    client = tracking.existing_client(None, uri)  # the store the checkpoint came from, never a new one
     try:
-        MlflowClient().log_batch(run_id, metrics=metrics)
+        client.log_batch(run_id, metrics=metrics)
     except Exception as err:
         raise GptxError(f"{uri}: evaluated, but cannot log the results to the run ({type(err).__name__}: "
                         f"{first_line(err)})") from None

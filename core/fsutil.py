@@ -21,6 +21,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+from gptx.errors import GptxError
+
 MARKER = ".gptx-temporary"
 
 
@@ -220,3 +222,37 @@ def pid_alive(pid: int) -> bool:
     except OverflowError:
         return False
     return True
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` by a file holding ``text`` (UTF-8): written beside it and renamed, so a
+    crash leaves the previous version whole. A write the machine refuses (a full disk, a file
+    size limit, a read-only folder) leaves no temporary behind and is an OSError naming ``path``,
+    never a bare "No space left on device"."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(3)}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, f"cannot write: {err.strerror or err}", str(path)) from None
+
+
+def refused_write(err: BaseException, final: Path, what: str) -> Optional[GptxError]:
+    """The one-line error for a build of ``final`` (``what``: "the shards", "the export") that
+    the machine refused to write (a full disk, a file size limit, a read-only folder): the OS's
+    reason from anywhere in the exception's chain (torch, onnx and numpy wrap it), the path the user
+    named rather than our hidden temporary, and what is left there. None when ``err`` is no such
+    refusal (or is an interrupt), so the caller re-raises it as it was."""
+    if not isinstance(err, Exception):
+        return None
+    e, seen = err, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.strerror:
+            left = "the earlier one there is intact" if os.path.lexists(final) else "nothing was written there"
+            return GptxError(f"{final}: cannot write {what} ({e.strerror}); {left}")
+        e = e.__cause__ or e.__context__
+    return None

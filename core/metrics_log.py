@@ -16,7 +16,6 @@ checkpoint it resumed from and continues the clock where they ended.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -42,9 +41,9 @@ class MetricsLog:
         if enabled:
             kept = self._records_before(resume_step)
             offset = max((r["seconds"] for r in kept), default=0.0)
-            tmp = self.path.with_name(f".{FILE}.tmp")
-            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-            os.replace(tmp, self.path)  # a new run starts empty; a resumed one keeps its past
+            from gptx.fsutil import write_atomic
+
+            write_atomic(self.path, "".join(json.dumps(r) + "\n" for r in kept))  # a new run starts empty; a resumed one keeps its past
         self._start = time.perf_counter() - offset
 
     def _records_before(self, resume_step: int) -> list[dict]:

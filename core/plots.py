@@ -190,8 +190,12 @@ def _save(fig, path: Path) -> Path:
     rgb = Image.fromarray(np.asarray(fig.canvas.buffer_rgba())).convert("RGB")  # [H, W, 3]
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
-    rgb.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(tmp, format="PNG", optimize=True)
-    tmp.replace(path)  # a reader never sees half a PNG
+    try:
+        rgb.quantize(colors=256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(tmp, format="PNG", optimize=True)
+        tmp.replace(path)  # a reader never sees half a PNG
+    except OSError as err:  # a full disk: no half PNG left, and the message names the plot, not our temporary
+        tmp.unlink(missing_ok=True)
+        raise OSError(err.errno, f"cannot write: {err.strerror or err}", str(path)) from None
     return path
 
 
@@ -208,7 +212,8 @@ def log_run_curves(run_dir: Path, tracker) -> Optional[Path]:
     try:
         path = plot_run(run_dir, Path(run_dir) / RUN_PLOT)
     except Exception as err:  # noqa: BLE001 (matplotlib can raise anything; the run's results are safe)
-        print(f"Warning: no loss-curve plot ({type(err).__name__}: {err})", file=sys.stderr, flush=True)
+        reason = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else f"{type(err).__name__}: {err}"
+        print(f"Warning: no loss-curve plot ({reason})", file=sys.stderr, flush=True)
         return None
     tracker.log_artifact(path)
     return path

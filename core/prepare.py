@@ -39,8 +39,8 @@ import numpy as np
 
 from gptx import shards
 from gptx.errors import GptxError, first_line
-from gptx.fsutil import (directory_lock, first_missing, remove_created_dirs, remove_stale_siblings, replace_dir,
-                         temp_sibling)
+from gptx.fsutil import (directory_lock, first_missing, refused_write, remove_created_dirs, remove_stale_siblings,
+                         replace_dir, temp_sibling)
 from gptx.progress import bar, hms
 
 READ_BYTES = 1 << 20  # bytes read per block
@@ -429,8 +429,11 @@ def tokenize_to_shard(source: Source, tokenizer, path: Path, workers: int, progr
         for ids in token_stream(source, tokenizer, workers, meter):
             writer.write(ids)
         out = writer.close()
-    except BaseException:
+    except BaseException as err:
         writer.discard()
+        refused = refused_write(err, path, "the tokenized data cache ($GPTX_CACHE_DIR)")
+        if refused is not None:
+            raise refused from None
         raise
     meter.finish("")
     return out
@@ -584,6 +587,9 @@ def prepare(source_path: str | os.PathLike, out_dir: str | os.PathLike, kind: st
             remove_created_dirs(out.parent, created)
         if isinstance(err, Terminated):
             err.published = published
+        refused = refused_write(err, out, "the shards")  # a full disk names the folder, not our temporary
+        if refused is not None:
+            raise refused from None
         raise
     return manifest
 

@@ -55,10 +55,9 @@ def read_run_file(run_dir: Path) -> dict:
 
 def write_run_file(run_dir: Path, **fields) -> None:
     """Merge ``fields`` into run.json, atomically (a crash leaves the previous version)."""
-    data = read_run_file(run_dir) | fields
-    tmp = Path(run_dir) / f".{RUN_FILE}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, Path(run_dir) / RUN_FILE)
+    from gptx.fsutil import write_atomic
+
+    write_atomic(Path(run_dir) / RUN_FILE, json.dumps(read_run_file(run_dir) | fields, indent=2))
 
 
 def new_run_dir(cfg) -> Path:
@@ -178,7 +177,8 @@ def from_run_dir(path: Path, mlflow: Optional["MlflowRuns"] = None) -> FinishedR
 
     info = read_json_file(path / RUN_FILE, "run directory")
     if info.get("status") != "FINISHED":
-        raise NotFinished(f"{path}: the run has not finished (status {info.get('status')!r})")
+        why = f": {info['error']}" if isinstance(info.get("error"), str) else ""
+        raise NotFinished(f"{path}: the run has not finished (status {info.get('status')!r}){why}")
     config = info.get("config")
     if not isinstance(config, dict):
         raise GptxError(f"{path / RUN_FILE}: has no resolved 'config' object")
@@ -227,12 +227,8 @@ class MlflowRuns:
 
             if not self.available():
                 raise GptxError(f"{named}: no MLflow store at {self.uri[len('sqlite:///'):]} (set MLFLOW_TRACKING_URI or --tracking-uri)")
-            try:
-                tracking.check_reachable(self.uri)
-            except GptxError as err:  # it names the config key; here the store came from --tracking-uri
-                raise GptxError(f"{named}: {str(err).removeprefix('tracking.uri: ')}") from None
             os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # stderr stays one line per problem
-            self._client = tracking.client(self.uri)
+            self._client = tracking.existing_client(self.uri, named)
         return self._client
 
     def get(self, run_id: str, named: str):

@@ -4,8 +4,11 @@ the sweep's folder ``<out_dir>/<experiment>/sweep-<timestamp>/``; one table (``g
 and one plot compare the variants over their seeds."""
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import itertools
+import os
 import re
 import sys
 from pathlib import Path
@@ -92,10 +95,12 @@ def _slug(text: str) -> str:
 
 
 def sweep(base: Path, vary: list[str], overrides: list[str] = (), seeds: int = 1, alpha: float = 0.05,
-          progress: bool = True) -> dict:
-    """Validate everything, create the sweep folder and the parent MLflow run, train each
-    variant × seed into its own new run directory, then compare (table data, sweep.json,
-    loss_curves.png; both logged to the parent run). Returns the comparison."""
+          progress: bool = True, resume: bool = False) -> dict:
+    """Validate everything (every variant's config and data), create the sweep folder and the
+    parent MLflow run, train each variant × seed into its own run directory, then compare (table
+    data, sweep.json, loss_curves.png; both logged to the parent run). Returns the comparison.
+    ``resume``: continue the newest unfinished sweep of the same grid instead: its finished runs
+    are kept, an interrupted one resumes from its checkpoint, the others train."""
     from gptx import compare, tracking
     from gptx.runs import check_writable, experiment_dir
     from gptx.train import Interrupted
@@ -103,25 +108,34 @@ def sweep(base: Path, vary: list[str], overrides: list[str] = (), seeds: int = 1
     alpha = compare.check_alpha(alpha)
     check_seeds(seeds, vary)
     planned = plan(base, vary, list(overrides), seeds)
+    grid = {"vary": list(vary), "set": list(overrides), "seeds": seeds}
     base_cfg = planned[0].cfg
+    folder = find_resumable(experiment_dir(base_cfg), grid, planned) if resume else None
+    check_all(planned, len(planned) // seeds, progress)
     check_writable(base_cfg)
     uri = tracking.tracking_uri(base_cfg.tracking.uri)
+    earlier = read_sweep_file(folder) if folder is not None else {}
     parent = None
     if base_cfg.tracking.enabled:
         tracking.check_store(uri)
-        parent = tracking.MlflowTracker(uri, base_cfg.name, f"sweep {' '.join(vary)}" + (f" × {seeds} seeds" if seeds > 1 else ""))
-    status, folder, result = "FAILED", None, {}
+        parent = tracking.MlflowTracker(uri, base_cfg.name, f"sweep {' '.join(vary)}" + (f" × {seeds} seeds" if seeds > 1 else ""),
+                                        run_id=earlier.get("parent_run_id") if isinstance(earlier.get("parent_run_id"), str) else None)
+    status, result = "FAILED", {}
     try:
-        folder = compare.new_folder(experiment_dir(base_cfg), "sweep")
-        result = {"parent_run_id": parent.run_id if parent else None, "folder": str(folder)}
-        if parent is not None:
+        if folder is None:
+            folder = compare.new_folder(experiment_dir(base_cfg), "sweep")
+        result = {"parent_run_id": parent.run_id if parent else None, "folder": str(folder), "grid": grid}
+        compare.write_json(folder / "sweep.json", result | {"status": "RUNNING", "pid": os.getpid()})
+        if parent is not None and not earlier:
             parent.log_params({"sweep.vary": " ; ".join(vary), "sweep.variants": str(len(planned) // seeds),
                                "sweep.seeds": str(seeds), "sweep.alpha": str(alpha), "sweep.folder": str(folder)})
         runs = _train_all(planned, folder, parent, progress)
-        result = _finish(planned, runs, folder, parent, alpha, base_cfg.name) | {"status": "FINISHED"}
+        result = _finish(planned, runs, folder, parent, alpha, base_cfg.name, grid) | {"status": "FINISHED"}
         status = "FINISHED"
-    except (Interrupted, KeyboardInterrupt):
+    except (Interrupted, KeyboardInterrupt) as err:
         status = "KILLED"
+        if isinstance(err, Interrupted):
+            err.sweep_folder = folder
         raise
     finally:
         if status != "FINISHED" and folder is not None:  # what finished stays comparable: gptx compare FOLDER
@@ -131,8 +145,60 @@ def sweep(base: Path, vary: list[str], overrides: list[str] = (), seeds: int = 1
     return result
 
 
+def check_all(planned: list[Planned], n_variants: int, progress: bool) -> None:
+    """Every check ``gptx run`` makes before it creates anything (data read and tokenized,
+    memory, output directory, tracking store), for every variant, before the first trains: the
+    last variant's empty data file costs nothing. Seeds change no check, so the first seed's
+    variants stand for all (the plan is seed-major)."""
+    from gptx.progress import StatusLine
+    from gptx.train import prepare
+
+    for p in planned[:n_variants]:
+        cfg = copy.deepcopy(p.cfg)  # prepare resolves values in place; each run resolves its own
+        try:
+            with StatusLine() if progress else contextlib.nullcontext() as status:
+                prepare(cfg, progress=status)
+        except ConfigError as err:
+            where = str(cfg.source) if cfg.source else None
+            raise ConfigError(f"{err.problem} (variant {p.variant.label})", err.key, err.file or where) from None
+        except GptxError as err:
+            raise GptxError(f"{err} (variant {p.variant.label})") from None
+
+
+def read_sweep_file(folder: Path) -> dict:
+    from gptx.runs import SWEEP_FILE, read_json_file
+
+    return read_json_file(folder / SWEEP_FILE, "sweep folder")
+
+
+def find_resumable(root: Path, grid: dict, planned: list[Planned]) -> Path:
+    """The newest sweep folder under ``root`` that did not finish and was started with this very
+    grid (--vary, --set, --seeds); one whose sweep is still running is refused."""
+    from gptx.fsutil import pid_alive
+
+    folders = sorted((p for p in root.glob("sweep-*") if (p / "sweep.json").is_file()), key=lambda p: p.stat().st_mtime) \
+        if root.is_dir() else []
+    for folder in reversed(folders):
+        try:
+            info = read_sweep_file(folder)
+        except GptxError:
+            continue  # a damaged sweep.json is not this sweep's
+        if info.get("grid") != grid or info.get("status") == "FINISHED":
+            continue
+        pid = info.get("pid")
+        if info.get("status") == "RUNNING" and isinstance(pid, int) and pid != os.getpid() and pid_alive(pid):
+            raise GptxError(f"--resume: the sweep in {folder} is still running (pid {pid}); stop it first")
+        return folder
+    raise GptxError(f"--resume: no unfinished sweep of '{planned[0].cfg.name}' with these --vary, --set and --seeds "
+                    f"under {root}")
+
+
 def _train_all(planned: list[Planned], folder: Path, parent, progress: bool) -> list:
-    from gptx.runs import from_run_dir
+    """Each variant × seed in order. A run directory that is there already (a resumed sweep) is
+    kept when its run finished, resumed from its newest checkpoint when it has one, and trained
+    again from the start when it has none (nothing of it was worth keeping)."""
+    from gptx import checkpoint as ckpt
+    from gptx.runs import from_run_dir, read_run_file
     from gptx.train import train
 
     runs = []
@@ -142,22 +208,35 @@ def _train_all(planned: list[Planned], folder: Path, parent, progress: bool) -> 
         if parent is not None:
             cfg.tracking.parent_run_id = parent.run_id
         run_dir = folder / p.dir_name
-        run_dir.mkdir()  # new, or an error: a sweep never reuses a run directory
+        resume = None
+        if run_dir.is_dir() and read_run_file(run_dir).get("status") == "FINISHED":
+            if progress:
+                print(f"== [{i}/{len(planned)}] {cfg.tracking.run_name}: finished before, kept", file=sys.stderr, flush=True)
+            runs.append(from_run_dir(run_dir))
+            continue
+        if run_dir.is_dir() and ckpt.complete_checkpoints(run_dir / "checkpoints"):
+            resume = run_dir
+        else:
+            run_dir.mkdir(exist_ok=True)  # a directory of ours that no checkpoint reached starts over
         if progress:
-            print(f"== [{i}/{len(planned)}] {cfg.tracking.run_name}", file=sys.stderr, flush=True)
-        train(cfg, progress=progress, run_dir=run_dir)
+            print(f"== [{i}/{len(planned)}] {cfg.tracking.run_name}" + (" (resumed)" if resume else ""), file=sys.stderr, flush=True)
+        if resume is not None:
+            train(cfg, resume=resume, progress=progress)
+        else:
+            train(cfg, progress=progress, run_dir=run_dir)
         runs.append(from_run_dir(run_dir))
     return runs
 
 
-def _finish(planned: list[Planned], runs: list, folder: Path, parent, alpha: float, experiment: str) -> dict:
+def _finish(planned: list[Planned], runs: list, folder: Path, parent, alpha: float, experiment: str, grid: dict) -> dict:
     from gptx import compare
 
     labels = list(dict.fromkeys(p.variant.label for p in planned))
     by_label = {label: [r for p, r in zip(planned, runs) if p.variant.label == label] for label in labels}
     settings = {p.variant.label: p.variant.settings for p in planned}
     groups = [compare.Group(label, settings[label], by_label[label]) for label in labels]
-    result = compare.summarize(groups, alpha) | {"parent_run_id": parent.run_id if parent else None, "folder": str(folder)}
+    result = compare.summarize(groups, alpha) | {"parent_run_id": parent.run_id if parent else None, "folder": str(folder),
+                                                  "grid": grid}
     n_seeds = len(runs) // len(groups)
     title = f"{experiment} sweep: {len(groups)} variants × {n_seeds} seed{'s' * (n_seeds != 1)}"
     result["plots"] = [str(compare.plot(groups, folder, title))]

@@ -47,7 +47,48 @@ def client(uri: Optional[str] = None):
     if uri:
         mlflow.set_tracking_uri(uri)
     ensure_sqlite_store(mlflow.get_tracking_uri())
+    quiet_store_logs()
     return MlflowClient()
+
+
+def store_uri(uri: Optional[str] = None) -> str:
+    """The store gptx means by ``uri`` (None: $MLFLOW_TRACKING_URI, else MLflow's default
+    ``./mlflow.db``), with a sqlite file made absolute: what a run records as its store, so that
+    later commands find it from any working directory."""
+    uri = tracking_uri(uri) or "sqlite:///mlflow.db"
+    path = sqlite_file(uri)
+    return f"sqlite:///{path}" if path is not None else uri
+
+
+def existing_client(uri: Optional[str], named: str):
+    """An ``MlflowClient`` for a store that must already be there (``store_uri(uri)``): looking a
+    run up never creates a store. A missing sqlite file, a server that does not answer or a store
+    that cannot be opened is a GptxError starting with ``named``."""
+    uri = store_uri(uri)
+    path = sqlite_file(uri)
+    if path is not None and not path.is_file():
+        raise GptxError(f"{named}: no MLflow store at {path} (set MLFLOW_TRACKING_URI to the store that holds the run)")
+    try:
+        check_reachable(uri)
+    except GptxError as err:  # it names the config key; here the store came from elsewhere
+        raise GptxError(f"{named}: {str(err).removeprefix('tracking.uri: ')}") from None
+    for key, value in MLFLOW_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    mlflow.set_tracking_uri(uri)
+    quiet_store_logs()
+    try:
+        return MlflowClient(uri)
+    except Exception as err:
+        raise GptxError(f"{named}: cannot open the MLflow store {uri}: {_short(err)}") from None
+
+
+def quiet_store_logs() -> None:
+    """MLflow's database store logs every failed statement with its traceback (a read-only or
+    full store: ~65 lines) before raising; gptx reports each failure itself, in one line."""
+    logging.getLogger("mlflow.store").setLevel(logging.CRITICAL)
 
 
 def sqlite_file(uri: str) -> Optional[Path]:
@@ -176,6 +217,7 @@ class NullTracker:
     """Tracking disabled (or a rank other than 0): every call does nothing."""
 
     run_id: Optional[str] = None
+    uri: Optional[str] = None  # the store the run is in (absolute), recorded with the run and its checkpoints
 
     def log_params(self, params: dict[str, str]) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
@@ -198,6 +240,7 @@ class MlflowTracker(NullTracker):
         self._buffer: list = []
         try:
             self.client = client(uri)
+            self.uri = store_uri(mlflow.get_tracking_uri())
             if run_id is None:
                 exp = self.client.get_experiment_by_name(experiment)
                 exp_id = exp.experiment_id if exp else self.client.create_experiment(experiment)
@@ -218,7 +261,7 @@ class MlflowTracker(NullTracker):
         try:
             return fn(*args, **kwargs)
         except Exception as err:  # tracking must never stop training
-            self.broken = f"{what}: {_short(err)}"
+            self.broken = f"{what} at {self.uri}: {_short(err)}"  # the store, say a full or read-only disk
             print(f"Warning: MLflow tracking stopped ({self.broken}); training continues, checkpoints are unaffected",
                   file=sys.stderr, flush=True)
             return None
@@ -264,16 +307,31 @@ class MlflowTracker(NullTracker):
 
 
 def _short(err: Exception) -> str:
+    """One line for an MLflow failure: the database's or the OS's own word when one is in the
+    chain (MLflow and SQLAlchemy wrap "attempt to write a readonly database" under a first line
+    about autoflush), else the exception's first line."""
+    import sqlite3
+
+    e, seen = err, set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, sqlite3.Error) or (isinstance(e, OSError) and e.strerror):
+            err = e
+            break
+        e = e.__cause__ or e.__context__
     text = str(err).strip().splitlines()
     return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
 
 
-def start(cfg, run_id: Optional[str] = None, rank: int = 0):
-    """The tracker for this process: MLflow on rank 0 when enabled, else a NullTracker."""
+def start(cfg, run_id: Optional[str] = None, rank: int = 0, store: Optional[str] = None):
+    """The tracker for this process: MLflow on rank 0 when enabled, else a NullTracker. A resumed
+    run (``run_id``) continues in ``store``, the store its run.json recorded: its MLflow run is
+    there and nowhere else, whatever the working directory or $MLFLOW_TRACKING_URI is now."""
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
     t = cfg.tracking
-    return MlflowTracker(tracking_uri(t.uri), cfg.name, t.run_name, run_id, t.parent_run_id)
+    uri = store if run_id and isinstance(store, str) else tracking_uri(t.uri)
+    return MlflowTracker(uri, cfg.name, t.run_name, run_id, t.parent_run_id)
 
 
 def run_tags(cfg, registry, init_from=None) -> dict[str, str]:
@@ -342,7 +400,7 @@ def download_checkpoint(uri: str) -> Path:
     dest = cache_root() / "mlflow-runs" / run_id
     if (dest / "checkpoint" / "gptx.json").is_file():
         return dest / "checkpoint"
-    mlflow_client = client()
+    mlflow_client = existing_client(None, uri)
     dest.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(dest)
     tmp = temp_sibling(dest)
@@ -353,9 +411,7 @@ def download_checkpoint(uri: str) -> Path:
         if not (dest / "checkpoint" / "gptx.json").is_file():
             raise
     except Exception as err:
-        import mlflow
-
-        raise GptxError(f"{uri}: cannot fetch the run's checkpoint from {mlflow.get_tracking_uri()}: {_short(err)}") from None
+        raise GptxError(f"{uri}: cannot fetch the run's checkpoint from {store_uri()}: {_short(err)}") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest / "checkpoint"

@@ -269,7 +269,7 @@ class Plan:
     lock: Optional[object] = None  # rank 0's hold on resume_dir (runs.lock_run_dir): this process alone writes there
 
 
-def prepare(cfg: ExperimentConfig, resume: bool = False, progress=None, outputs: bool = True) -> Plan:
+def prepare(cfg: ExperimentConfig, resume: bool | Path = False, progress=None, outputs: bool = True) -> Plan:
     """Every check a run makes on its input, before anything is created: device, batch split,
     the run to resume or the weights to start from, tokenizer, data (read and tokenized here),
     the sample prompt, the memory the model needs and (``outputs``) where it writes: the output
@@ -287,7 +287,10 @@ def prepare(cfg: ExperimentConfig, resume: bool = False, progress=None, outputs:
         raise ConfigError(f"'{tc.optimizer.kind}' cannot update FSDP-sharded parameters; use training.parallel = "
                           "\"ddp\" or another optimizer", "training.optimizer.kind")
     main = int(os.environ.get("RANK", "0")) == 0
-    resume_dir, lock = runs.find_resumable(cfg, ckpt.complete_checkpoints, lock=main) if resume else (None, None)
+    if isinstance(resume, Path):  # a run directory named by the caller (gptx sweep --resume)
+        resume_dir, lock = resume, (runs.lock_run_dir(resume, "--resume") if main else None)
+    else:
+        resume_dir, lock = runs.find_resumable(cfg, ckpt.complete_checkpoints, lock=main) if resume else (None, None)
     source = _apply_init_from(cfg) if tc.init_from else None  # the model and tokenizer, resumed or not
     tokenizer_state = ckpt.read_meta(source).get("tokenizer_state") or None if source else None
     if resume_dir:
@@ -558,6 +561,7 @@ class Trainer:
         self.run_dir: Optional[Path] = None
         self.last_ckpt: Optional[Path] = None
         self.saved_step: Optional[int] = None
+        self.error: Optional[str] = None  # why the run failed, for run.json
         self.final_val_loss: Optional[float] = None
         self.pending: list = []  # (step, loss, aux, lr, step seconds, clock) not yet read from the device
         self.step_times: list[float] = []
@@ -614,6 +618,9 @@ class Trainer:
         except KeyboardInterrupt:
             status = "KILLED"
             raise
+        except GptxError as err:
+            self.error = str(err)  # run.json says why the run failed: gptx compare shows it
+            raise
         finally:
             self.close(status)
         return self.result(step, sample)
@@ -647,8 +654,8 @@ class Trainer:
             i += 1 + len(aux)
             if not math.isfinite(loss):  # stop before a checkpoint could store the broken weights
                 self.pending.clear()
-                raise GptxError(f"training diverged: loss is {loss} at step {s}; the last good checkpoint is "
-                                f"{self.last_ckpt or 'none (no checkpoint yet)'}; try a lower training.learning_rate")
+                raise GptxError(f"training diverged: loss is {loss} at step {s}; {self.kept_after_divergence()}; "
+                                "try a lower training.learning_rate")
             tok_s = self.tokens_per_step / dt
             self.step_times.append(dt)
             self.tracker.log_metrics({"train_loss": loss, "lr": lr, "tokens_per_sec": tok_s}, s)
@@ -661,6 +668,15 @@ class Trainer:
         if aux_means:
             self.tracker.log_metrics(aux_means, self.pending[-1][0])
         self.pending.clear()
+
+    def kept_after_divergence(self) -> str:
+        """What a diverged run leaves, truthfully: its last good checkpoint (gptx run --resume
+        continues from it, say with a lower learning rate), or a run folder that holds only its
+        curves and is marked FAILED with the reason (--resume and gptx compare pass it over)."""
+        if self.last_ckpt is not None:
+            return f"the last good checkpoint is {self.last_ckpt}"
+        return (f"no checkpoint was written before it, so there is nothing to resume; {self.run_dir} keeps run.json "
+                f"(status FAILED) and the curves in {metrics_log.FILE}")
 
     def seconds(self) -> float:
         return time.perf_counter() - self.clock
@@ -717,7 +733,7 @@ class Trainer:
                 "seconds": self.seconds(),
                 "target": json.dumps(self.target) if self.target else "",
             }
-            extra = {"mlflow_run_id": self.tracker.run_id}
+            extra = {"mlflow_run_id": self.tracker.run_id, "mlflow_tracking_uri": self.tracker.uri}  # export logs there
             if self.plan.init_from is not None:
                 extra["init_from"] = str(self.plan.init_from)
             if self.plan.init_not_loaded:
@@ -791,13 +807,14 @@ class Trainer:
         from gptx import registry as registry_mod
         from gptx import tracking
 
-        run_id = runs.read_run_file(self.plan.resume_dir).get("mlflow_run_id") if self.plan.resume_dir else None
+        earlier = runs.read_run_file(self.plan.resume_dir) if self.plan.resume_dir else {}
+        run_id = earlier.get("mlflow_run_id")
         made = self.plan.resume_dir or self.plan.run_dir
         created = runs.new_run_dir(self.cfg) if self.dist.main and made is None else None
         try:
             if self.dist.main and self.plan.lock is None:  # a resumed run's was taken before its checks
                 self.plan.lock = runs.lock_run_dir(created or made)
-            self.tracker = tracking.start(self.cfg, run_id=run_id, rank=self.dist.rank)
+            self.tracker = tracking.start(self.cfg, run_id=run_id, rank=self.dist.rank, store=earlier.get("mlflow_tracking_uri"))
         except BaseException:
             if created is not None:  # a run that could not be tracked leaves nothing behind
                 (created / runs.LOCK_FILE).unlink(missing_ok=True)
@@ -810,7 +827,8 @@ class Trainer:
         if not self.dist.main:
             return
         runs.write_run_file(self.run_dir, status="RUNNING", experiment=self.cfg.name, mlflow_run_id=self.tracker.run_id,
-                            config=self.cfg.to_dict(), pid=os.getpid(), num_params=self.model.num_params())
+                            mlflow_tracking_uri=self.tracker.uri, config=self.cfg.to_dict(), pid=os.getpid(),
+                            num_params=self.model.num_params())
         if run_id is None:
             self.tracker.log_params(tracking.flatten(self.cfg.to_dict()))
             self.tracker.log_metrics({"num_params": self.model.num_params()}, 0)  # gptx compare <run id> reads it
@@ -826,7 +844,7 @@ class Trainer:
             self.tracker.finish(status)
         if self.dist.main and self.run_dir is not None:
             try:
-                runs.write_run_file(self.run_dir, status=status)
+                runs.write_run_file(self.run_dir, status=status, error=self.error)  # None: a resumed run's old error is gone
             except OSError:  # e.g. the disk that just refused a checkpoint: keep the error that matters
                 pass
         if self.plan.lock is not None:
@@ -857,7 +875,7 @@ def _allocating(fn):
         raise
 
 
-def train(cfg: ExperimentConfig, resume: bool = False, progress: bool = True, run_dir: Optional[Path] = None,
+def train(cfg: ExperimentConfig, resume: bool | Path = False, progress: bool = True, run_dir: Optional[Path] = None,
           checked: Callable[[], None] = lambda: None) -> TrainResult:
     """Validate everything, then train: ``Trainer(prepare(cfg, resume)).fit()``. ``run_dir``: a
     new, empty directory the caller made for the run (gptx sweep), instead of a fresh one;

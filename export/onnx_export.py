@@ -27,7 +27,7 @@ from gptx import __version__
 from gptx.base import ONNX_EXPORT, ONNX_FUSED_ATTENTION
 from gptx.components import Attention
 from gptx.errors import GptxError, first_line
-from gptx.fsutil import remove_stale_siblings, replace_dir, temp_sibling
+from gptx.fsutil import refused_write, remove_stale_siblings, replace_dir, temp_sibling
 from gptx.export import (
     ATTENTION_MASK, BATCH, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, IO_CONTRACT, IO_CONTRACT_VERSION,
     PAST, SEQ, SHARE_BUFFER, TOTAL, input_names, output_names, tokenizer_hash,
@@ -347,8 +347,11 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
         meta["total_seconds"] = round(time.perf_counter() - t_start, 2)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
         replace_dir(tmp, out_dir)
-    except BaseException:
+    except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
+        refused = refused_write(err, out_dir, "the export")  # a full disk names the folder, not our temporary
+        if refused is not None:
+            raise refused from None
         raise
     log(f"wrote {out_dir}: {', '.join(meta['files'])} ({meta['total_seconds']:.1f} s)")
     _log_to_mlflow(source, ck, out_dir, track, log)
@@ -471,14 +474,23 @@ def _log_to_mlflow(source, ck, out_dir: Path, track: Optional[bool], log) -> Non
     checkpoint's metadata), under artifacts ``onnx/``. A tracking failure is a warning, not an error."""
     from gptx import tracking
 
-    run_id = tracking.run_id_of(source) or ck.meta.get("mlflow_run_id") or ck.meta.get("run_id")
+    from_run = tracking.run_id_of(source)
+    run_id = from_run or ck.meta.get("mlflow_run_id") or ck.meta.get("run_id")
     if track is False or (track is None and not run_id):
         return
     if not run_id:
         log("tracking: the checkpoint names no MLflow run; export not logged")
         return
+    # The store the run was tracked in: where runs:/ was fetched from, else the one the checkpoint
+    # recorded (a checkpoint from before gptx recorded it: $MLFLOW_TRACKING_URI or ./mlflow.db).
+    # Never a new store: a run can only be logged to where it is.
+    stored = ck.meta.get("mlflow_tracking_uri")
+    uri = None if from_run or not isinstance(stored, str) else stored
     try:
-        tracking.client().log_artifacts(run_id, str(out_dir), "onnx")
-        log(f"logged to MLflow run {run_id} (artifacts onnx/)")
-    except Exception as err:  # the export itself succeeded
-        log(f"Warning: could not log the export to MLflow run {run_id}: {type(err).__name__}: {first_line(err)}")
+        tracking.existing_client(uri, f"MLflow run {run_id}").log_artifacts(run_id, str(out_dir), "onnx")
+        log(f"logged to MLflow run {run_id} in {tracking.store_uri(uri)} (artifacts onnx/)")
+    except GptxError as err:  # the export itself succeeded
+        log(f"Warning: export not logged: {err}")
+    except Exception as err:
+        log(f"Warning: could not log the export to MLflow run {run_id} in {tracking.store_uri(uri)}: "
+            f"{type(err).__name__}: {first_line(err)}")

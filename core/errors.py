@@ -36,9 +36,11 @@ def read_format_json(path: Path, fmt: str, max_version: int, what: str) -> dict:
     """A gptx metadata file (``gptx.json``, ``gptx_export.json``): missing, corrupted, of another
     format or written by a newer gptx, it is a GptxError naming the file. Torch-free, for the
     checkpoint loader and the onnxruntime runtime alike."""
+    from gptx.fsutil import read_regular
+
     path = Path(path)
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(read_regular(path).decode("utf-8"))
     except FileNotFoundError:
         raise GptxError(f"{path.parent}: not a {what} (no {path.name})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

@@ -7,11 +7,16 @@ the temporaries whose process is gone (and never one a live process is still wri
 """
 from __future__ import annotations
 
+import io  # noqa: F401 (the type open_regular returns)
+
 import os
 import re
 import secrets
 import shutil
+import stat
 from pathlib import Path
+
+from gptx.errors import GptxError
 
 
 def cache_root() -> Path:
@@ -92,3 +97,27 @@ def pid_alive(pid: int) -> bool:
     except OverflowError:
         return False
     return True
+
+
+def open_regular(path, what: str = "") -> "io.BufferedReader":
+    """``open(path, "rb")`` for a file a user named, refusing anything but a regular file: opening a
+    FIFO waits for a writer forever and a device never ends. Opened without blocking, checked on
+    the open descriptor (no window between a check and the open). ``what``: a prefix for the error
+    (the option or key that named the file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, socket or device, which would block or never end"
+            raise GptxError(f"{what + ': ' if what else ''}{path}: is not a regular file ({kind})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path, what: str = "") -> bytes:
+    """The bytes of a regular file (see ``open_regular``)."""
+    with open_regular(path, what) as f:
+        return f.read()

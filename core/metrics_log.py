@@ -26,6 +26,7 @@ from typing import Optional
 import numpy as np
 
 from gptx.errors import GptxError
+from gptx.fsutil import open_regular
 
 FILE = "metrics.jsonl"
 MAX_LINE = 64 * 1024  # a record is ~120 bytes; a longer line is not ours
@@ -81,7 +82,7 @@ def read(path: Path) -> list[dict]:
     path = Path(path)
     records: list[dict] = []
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             lineno = 0
             while True:
                 raw = f.readline(MAX_LINE + 1)

@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 
 from gptx.errors import GptxError, read_format_json
+from gptx.fsutil import open_regular
 
 HEADER_INTS = 256
 HEADER_BYTES = HEADER_INTS * 4
@@ -99,8 +100,9 @@ def open_shard(path: Path) -> np.memmap:
     for its header, another magic or version, a size that disagrees with the count) is a GptxError."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+        with open_regular(path) as f:  # np.fromfile on a FIFO would wait forever
+            size = os.fstat(f.fileno()).st_size
+            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
     except OSError as err:
         raise GptxError(f"{path}: cannot read ({err.strerror or err})") from None
     if size < HEADER_BYTES:

@@ -182,8 +182,8 @@ def shard_record(path: Path, tokens: int) -> dict:
 
 
 def open_split(directory: Path, meta: dict, split: str, verify: str = "size") -> tuple[list[np.memmap], list[Path]]:
-    """Memory-map a split's shards, each checked against the manifest (format, token count and
-    file size; with ``verify="sha256"`` also the contents' hash)."""
+    """Memory-map a split's shards, each checked against the manifest (format, token count, file
+    size and no id above its max_token_id; with ``verify="sha256"`` also the contents' hash)."""
     arrays, paths = [], []
     for s in meta["shards"][split]:
         path = Path(directory) / s["file"]
@@ -195,6 +195,10 @@ def open_split(directory: Path, meta: dict, split: str, verify: str = "size") ->
                             f"{s['tokens']} {meta['dtype']} (altered or from another prepare)")
         if verify == "sha256" and file_sha256(path) != s.get("sha256"):
             raise GptxError(f"{path}: sha256 does not match {MANIFEST} (altered or damaged)")
+        top = int(tokens.max())  # one pass at memory speed, here, before a run folder exists
+        if top > meta["max_token_id"]:
+            raise GptxError(f"{path}: holds token id {top}, above the max_token_id {meta['max_token_id']} "
+                            f"{MANIFEST} declares (altered or from another prepare); prepare the data again")
         arrays.append(tokens)
         paths.append(path)
     return arrays, paths

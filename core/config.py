@@ -53,7 +53,7 @@ class ModelConfig:
     n_embd: int = 768
     block_size: int = 1024  # the longest context the model is trained (and allowed) to see
     vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary size
-    dropout: float = 0.0
+    dropout: float = option(0.0, low=0, high=1, high_open=True)
     bias: bool = True  # biases in linear layers, as GPT-2 (a norm's own bias is its option)
     tie_embeddings: bool = True  # the LM head reuses the token embedding matrix, as GPT-2
     # filled in by the loader from the [model.<kind>] tables
@@ -70,8 +70,6 @@ class ModelConfig:
             raise ValueError(("n_embd", f"{self.n_embd} is not divisible by n_head = {self.n_head}"))
         if self.vocab_size is not None:
             check_range("vocab_size", self.vocab_size, 1, 1 << 24)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(("dropout", f"must be in [0, 1), got {self.dropout}"))
 
     @property
     def head_dim(self) -> int:

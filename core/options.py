@@ -46,37 +46,46 @@ FLOAT_LIMIT = 1e6  # the largest magnitude a float option may take unless it dec
 
 @dataclasses.dataclass(frozen=True)
 class Range:
-    """The values a number option accepts: low <= value <= high (``low_open``: low < value);
-    None leaves a side unbounded."""
+    """The values a number option accepts: low <= value <= high (``low_open``: low < value,
+    ``high_open``: value < high); None leaves a side unbounded."""
 
     low: float | int | None = None
     high: float | int | None = None
     low_open: bool = False
+    high_open: bool = False
+
+    def __str__(self) -> str:
+        left = "(-inf" if self.low is None else f"{'(' if self.low_open else '['}{self.low:g}"
+        right = "inf)" if self.high is None else f"{self.high:g}{')' if self.high_open else ']'}"
+        return f"{left}, {right}"
 
     def problem(self, value) -> str | None:
         """Why ``value`` is outside, or None."""
         too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
-        too_high = self.high is not None and value > self.high
-        if not (too_low or too_high):
-            return None
-        left = "-inf" if self.low is None else f"{self.low:g}"
-        right = "inf" if self.high is None else f"{self.high:g}"
-        return f"must be in {'(' if self.low_open or self.low is None else '['}{left}, {right}{']' if self.high is not None else ')'}, got {value:g}"
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return f"must be in {self} , got {value:g}".replace(" ,", ",") if too_low or too_high else None
 
 
-def option(default=dataclasses.MISSING, *, low=None, high=None, low_open: bool = False, **metadata):
+def option(default=dataclasses.MISSING, *, low=None, high=None, low_open: bool = False, high_open: bool = False, **metadata):
     """A dataclass field for a number option with the range training survives (see ``Range``)."""
-    return dataclasses.field(default=default, metadata=metadata | {"range": Range(low, high, low_open)})
+    return dataclasses.field(default=default, metadata=metadata | {"range": Range(low, high, low_open, high_open)})
 
 
-def _check_range(value, f: dataclasses.Field, key: str) -> None:
-    """A declared range, else FLOAT_LIMIT for floats; None (an unset optional) passes."""
+def range_of(f: dataclasses.Field, tp) -> Range | None:
+    """The values option field ``f`` of type ``tp`` accepts: its declared range, else FLOAT_LIMIT
+    for a float option; None for other types."""
+    declared = f.metadata.get("range")
+    if declared is None and (tp is float or float in get_args(tp)):
+        return Range(-FLOAT_LIMIT, FLOAT_LIMIT)
+    return declared
+
+
+def _check_range(value, f: dataclasses.Field, tp, key: str) -> None:
+    """Raise a ConfigError naming ``key`` when a number lies outside the field's range."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return
-    declared = f.metadata.get("range")
-    if declared is None and isinstance(value, float):
-        declared = Range(-FLOAT_LIMIT, FLOAT_LIMIT)
-    problem = declared.problem(value) if declared else None
+    accepted = range_of(f, tp)
+    problem = accepted.problem(value) if accepted else None
     if problem:
         raise ConfigError(problem, key)
 
@@ -154,7 +163,7 @@ def parse(cls, data: dict | None, prefix: str = ""):
     for name, f in fields.items():
         if name in data:
             kwargs[name] = _check(data[name], hints[name], join(name))
-            _check_range(kwargs[name], f, join(name))
+            _check_range(kwargs[name], f, hints[name], join(name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError("required key is missing", join(name))
     try:

@@ -63,13 +63,10 @@ class Cosine(Schedule):
 @dataclasses.dataclass(frozen=True)
 class WsdOptions:
     warmup_steps: int = 100
-    decay_fraction: float = 0.2  # the last fraction of max_steps decays; the rest after warmup is flat
+    decay_fraction: float = option(0.2, low=0, high=1, low_open=True)  # the last fraction of max_steps decays; the rest after warmup is flat
     min_lr: float = option(0.0, low=0, high=10)  # where the decay ends (absolute)
     shape: Literal["linear", "1-sqrt"] = "linear"  # 1-sqrt: Hägele et al. 2024's cooldown
 
-    def __post_init__(self):
-        if not 0 < self.decay_fraction <= 1:
-            raise ValueError(("decay_fraction", f"must be in (0, 1], got {self.decay_fraction}"))
 
 
 class Wsd(Schedule):

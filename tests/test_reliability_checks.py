@@ -68,9 +68,27 @@ def test_a_size_beyond_any_tensor_is_refused_not_overflowed(tmp_path):
     (["training.schedule.min_lr=1e300"], "training.schedule.min_lr", "must be in [0, 10]"),
     (["training.grad_clip=1e300"], "training.grad_clip", "must be in [-1e+06, 1e+06], got 1e+300"),  # no declared range: FLOAT_LIMIT
     (["training.sample_temperature=1e300"], "training.sample_temperature", "must be in [0, 10000]"),
+    (['training.optimizer={kind="muon", ns_steps=100}'], "training.optimizer.ns_steps", "must be in [1, 99], got 100"),  # torch's limit
+    (["training.optimizer.beta2=1.0"], "training.optimizer.beta2", "must be in [0, 1), got 1"),
+    (["model.dropout=1.0"], "model.dropout", "must be in [0, 1), got 1"),
 ])
 def test_absurd_option_values_are_refused_before_the_run(tmp_path, sets, key, problem):
     refused_before_anything(tmp_path, sets, f"{key}: {problem}")
+
+
+def test_a_third_party_components_float_options_are_held_to_the_default_limit(tmp_path):
+    """A plugin's option that declares no range (the Lion optimizer of the test plugin package)
+    still cannot be 1e300: every float option is held to FLOAT_LIMIT unless it declares more."""
+    from helpers import install_plugin_packages, plugin_env
+
+    env = plugin_env(install_plugin_packages(tmp_path, ["gptx-training-plugin"]))
+    f = write_experiment(tmp_path / "e.toml")
+    for command in ("validate", "run"):
+        one_error_line(gptx(command, f, "--set", 'training.optimizer={kind="lion", weight_decay=1e300}', env=env, cwd=tmp_path),
+                       "training.optimizer.weight_decay: must be in [-1e+06, 1e+06], got 1e+300")
+    assert not (tmp_path / "runs").exists()
+    proc = gptx("components", "lion", env=env, cwd=tmp_path)  # the catalog says the accepted range
+    assert "weight_decay = 0.0  (number in [-1e+06, 1e+06])" in proc.stdout, proc.stdout
 
 
 def test_values_training_survives_still_validate(tmp_path):
@@ -248,3 +266,33 @@ def test_a_batch_size_that_cannot_fit_is_refused_before_scoring(tmp_path, byte_m
                        "--batch-size: 1,000,000,000,000 windows of 32 tokens need at least", "for their logits;", "is free")
     proc = gptx("eval", ck, "--data", text, "--batch-size", "1000", cwd=tmp_path)  # more rows than windows: fine
     assert proc.returncode == 0, proc.stderr
+
+
+def test_a_shard_holding_ids_above_its_manifests_max_is_refused_before_the_run(tmp_path):
+    """An id above max_token_id (still inside the byte vocabulary, so training would not notice)
+    is found when the shards are opened: validate and run refuse it, nothing is created."""
+    import json
+
+    text = tmp_path / "t.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 400)
+    tokens = tmp_path / "tokens"
+    assert gptx("prepare", text, "-o", tokens, "--tokenizer", "byte", "--quiet", cwd=tmp_path).returncode == 0
+    manifest = json.loads((tokens / "gptx_data.json").read_text())
+    shard = tokens / manifest["shards"]["train"][0]["file"]
+    raw = bytearray(shard.read_bytes())
+    raw[-2:] = (200).to_bytes(2, "little")  # the last uint16 token; the text's highest byte is 'z' (122)
+    shard.write_bytes(bytes(raw))
+    f = write_experiment(tmp_path / "e.toml", data=tokens)
+    f.write_text(f.read_text().replace('kind = "char"', 'kind = "byte"').replace("[data]", '[data]\nkind = "tokens"'))
+    for command in ("validate", "run"):
+        one_error_line(gptx(command, f, cwd=tmp_path), "data.path", f"{shard}: holds token id 200, above the max_token_id 122")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_bench_checks_its_sections_inputs_before_measuring_the_machine(tmp_path):
+    """One error line and nothing else: no 'measuring ...' progress line came first."""
+    one_error_line(gptx("bench", "--only", "peak,generate", "--backends", "torch", "--prompt-tokens", "2000", cwd=tmp_path),
+                   "--prompt-tokens + --new-tokens = 2128 exceeds the model's context of 1024")
+    f = write_experiment(tmp_path / "e.toml")
+    one_error_line(gptx("bench", "--only", "peak,train", "--experiment", f, "--set", "training.batch_size=100000000", cwd=tmp_path),
+                   "e.toml: training.batch_size: training needs at least")

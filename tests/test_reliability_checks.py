@@ -184,6 +184,13 @@ def test_node_never_samples_padded_ids(padded_run, request, tmp_path_factory):
     assert r.returncode == 0, r.stderr
     ids = json.loads(r.stdout.strip().splitlines()[0])["ids"]
     assert len(ids) == 60 and max(ids) < CHARS and len(set(ids)) > 20
+    piped = d / "export-fifo"  # the Node example refuses a FIFO too, instead of waiting for a writer
+    piped.mkdir()
+    (piped / "model.onnx").write_bytes((out / "model.onnx").read_bytes())
+    fifo(piped / "gptx_export.json")
+    r = subprocess.run(["node", str(script), str(piped), "--prompt", "a"], capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, NODE_PATH=str(modules)))
+    assert r.returncode == 2 and "gptx_export.json: is not a regular file" in r.stderr, r.stderr
 
 
 # ---- the first probe's leftovers: files that never end, messages of one line ----------------------

@@ -14,6 +14,7 @@ imported only to estimate (``size`` and ``free_bytes`` serve the torch-free onnx
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 from gptx.errors import ConfigError, first_line
@@ -28,19 +29,49 @@ class Part:
     bytes: int
 
 
+# in-place tensor methods that change a shape; every other in-place method only sets values
+SHAPE_CHANGING = {"resize_", "resize_as_", "set_", "as_strided_", "squeeze_", "unsqueeze_", "t_", "transpose_",
+                  "swapdims_", "swapaxes_"}
+
+
+@contextlib.contextmanager
+def on_meta():
+    """Modules built inside get their parameters on the meta device (shapes, no storage), and the
+    initialisers' in-place fills are skipped: a meta tensor holds no values, and some of their meta
+    kernels import sympy (seconds, on every validate)."""
+    import torch
+    from torch.overrides import TorchFunctionMode
+
+    class SkipValueFills(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            name = getattr(func, "__name__", "")
+            target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes tensor= by keyword
+            if (name.endswith("_") and not name.startswith("__") and name not in SHAPE_CHANGING
+                    and isinstance(target, torch.Tensor) and target.is_meta):
+                return target
+            return func(*args, **kwargs)
+
+    with torch.device("meta"), SkipValueFills():
+        yield
+
+
 def _build_on_meta(table: str, name: str, build):
     """``build()`` on the meta device; sizes no tensor can have are a ConfigError naming ``table``."""
-    import torch
-
     try:
-        with torch.device("meta"):
+        with on_meta():
             return build()
     except (RuntimeError, OverflowError, ValueError, MemoryError) as err:
         raise ConfigError(f"{name} builds a tensor no machine can hold ({first_line(err)[:200]})", table) from None
 
 
 def _params(module) -> int:
-    return sum(p.numel() for p in module.parameters()) + sum(b.numel() for b in module.buffers())
+    return sum(p.numel() for p in module.parameters())
+
+
+def _stored(module, per_param: int) -> int:
+    """Bytes of a module's parameters (with their gradients and optimizer state) and buffers (fp32)."""
+    return per_param * _params(module) + 4 * sum(b.numel() for b in module.buffers())
 
 
 def _linear_inputs(module) -> int:
@@ -67,10 +98,10 @@ def estimate(cfg, states_per_param: int) -> list[Part]:
     kept_per_token = m.n_layer * (_linear_inputs(attention) + int(active * _linear_inputs(ffn)))
     return [
         Part("model.vocab_size", "the token embedding and LM head", per_param * embedding),
-        Part("model.positional", f"positional '{m.positional.kind}'", per_param * _params(positional)),
-        Part("model.attention", f"attention '{m.attention.kind}' in {m.n_layer} layers", per_param * m.n_layer * _params(attention)),
-        Part("model.ffn", f"ffn '{m.ffn.kind}' in {m.n_layer} layers", per_param * m.n_layer * ffn_params),
-        Part("model.norm", f"norm '{m.norm.kind}'", per_param * (2 * m.n_layer + 1) * _params(norm)),
+        Part("model.positional", f"positional '{m.positional.kind}'", _stored(positional, per_param)),
+        Part("model.attention", f"attention '{m.attention.kind}' in {m.n_layer} layers", m.n_layer * _stored(attention, per_param)),
+        Part("model.ffn", f"ffn '{m.ffn.kind}' in {m.n_layer} layers", m.n_layer * _stored(ffn, per_param)),
+        Part("model.norm", f"norm '{m.norm.kind}'", (2 * m.n_layer + 1) * _stored(norm, per_param)),
         Part("training.batch_size", f"the activations and logits of a micro-batch of {tc.batch_size} x {m.block_size} tokens",
              act_bytes * rows * kept_per_token + 8 * rows * m.vocab_size),
     ]

@@ -375,19 +375,19 @@ def check_buildable(cfg: ExperimentConfig) -> None:
     """The model, its optimizer and schedule built on the meta device (shapes, no memory): what a
     component's own constructor refuses (torch.optim.Muon: ns_steps below 100, ...) fails here,
     in gptx validate as in gptx run, not once the run has started. Called after check_memory."""
+    from gptx.memory import on_meta
     from gptx.model import GPT
 
-    meta = torch.device("meta")
-    model = _built("model", lambda: GPT(cfg.model), meta)
-    _built("training.optimizer", lambda: build_optimizer(cfg, model, meta))
+    model = _built("model", lambda: GPT(cfg.model), on_meta())
+    _built("training.optimizer", lambda: build_optimizer(cfg, model, torch.device("meta")))
     schedule = _built("training.schedule", lambda: build_schedule(cfg))
     _built("training.schedule", lambda: [schedule.factor(s) for s in (0, cfg.training.max_steps)])
 
 
-def _built(key: str, build, device: Optional[torch.device] = None):
-    """``build()`` (under ``device``), its refusal a ConfigError naming ``key``."""
+def _built(key: str, build, context=None):
+    """``build()`` (inside ``context``), its refusal a ConfigError naming ``key``."""
     try:
-        with device if device is not None else contextlib.nullcontext():
+        with context if context is not None else contextlib.nullcontext():
             return build()
     except (ValueError, TypeError, RuntimeError, NotImplementedError, ArithmeticError) as err:
         raise ConfigError(f"cannot be built: {type(err).__name__}: {first_line(err)[:300]}", key) from None

@@ -600,21 +600,33 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
 
 # ---- the whole run -------------------------------------------------------------------------
 
-def check_inputs(sections, experiment, overrides: tuple, checkpoint_dir: Optional[str], backends) -> None:
-    """Every input a section will use, checked before a minute of measuring the machine."""
+def check_inputs(sections, experiment, overrides: tuple, checkpoint_dir: Optional[str], backends,
+                 model: str = "tiny", prompt_tokens: int = 32, new_tokens: int = 128) -> None:
+    """Every input a section will use, checked before a minute of measuring the machine: the train
+    section's experiment as ``gptx validate`` checks it (data, memory, ...), the generate section's
+    backends and context."""
     from gptx import checkpoint as ckpt
     from gptx.config import load_experiment
-    from gptx.train import keep_freed_memory_wanted
+    from gptx.errors import ConfigError
+    from gptx.train import prepare
 
     if "train" in sections:
-        load_experiment(experiment or default_experiment(), list(overrides))
-        keep_freed_memory_wanted()  # the train step applies it, as gptx run does
+        file = experiment or default_experiment()
+        try:
+            prepare(load_experiment(file, list(overrides)), outputs=False)
+        except ConfigError as err:
+            raise err.located(str(file)) from None
     if "generate" in sections:
         unknown = [b for b in backends if b not in BACKENDS]
         if unknown:
             raise GptxError(f"--backends: unknown {', '.join(unknown)}; choose from {', '.join(BACKENDS)}")
+        context = MODEL_SIZES[model]["block_size"]
         if checkpoint_dir:
-            ckpt.read_meta(ckpt.resolve(checkpoint_dir))
+            stored = ckpt.read_meta(ckpt.resolve(checkpoint_dir)).get("config")
+            context = stored.get("model", {}).get("block_size") if isinstance(stored, dict) else None
+        if isinstance(context, int) and prompt_tokens + new_tokens > context:
+            raise GptxError(f"--prompt-tokens + --new-tokens = {prompt_tokens + new_tokens} exceeds the model's "
+                            f"context of {context}")
 
 
 def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: int = 50,
@@ -631,7 +643,7 @@ def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: 
         raise GptxError(f"--only: unknown section {', '.join(bad)}; choose from {', '.join(SECTIONS)}")
     if nanogpt is not None and "speedrun" not in sections:
         raise GptxError("--nanogpt: only the speedrun section runs nanoGPT; add --only speedrun")
-    check_inputs(sections, experiment, overrides, checkpoint_dir, backends)
+    check_inputs(sections, experiment, overrides, checkpoint_dir, backends, model, prompt_tokens, new_tokens)
     speedrun.check_nanogpt(nanogpt)
     if threads:
         torch.set_num_threads(threads)
@@ -651,7 +663,7 @@ def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: 
         if "peak" in sections:
             out["memory_bandwidth"] = bandwidth
     if "train" in sections:
-        log(f"training {train_steps} steps of {experiment}...")
+        log(f"training {train_steps} steps of {experiment or default_experiment()}...")
         out["train"] = bench_train(experiment, tuple(overrides), train_steps, warmup_steps, peak)
         t = out["train"]
         if t["mfu_peak"] == "float32" and t["device"] == "cpu":  # a neighbour's burst can depress one reading

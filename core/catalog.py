@@ -9,7 +9,7 @@ import typing
 
 from gptx.errors import GptxError
 from gptx.kinds import BY_NAME, KINDS
-from gptx.options import did_you_mean, type_name
+from gptx.options import did_you_mean, range_of, type_name
 
 
 def select(reg, what):
@@ -53,7 +53,8 @@ def options_of(options_cls) -> list[dict]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
-        out.append({"name": f.name, "type": type_name(hints[f.name]), "default": default,
+        accepted = range_of(f, hints[f.name])
+        out.append({"name": f.name, "type": type_name(hints[f.name]) + (f" in {accepted}" if accepted else ""), "default": default,
                     "doc": comments.get(f.name, "")})
     return out
 

@@ -296,7 +296,7 @@ def generate(source, prompts, max_new_tokens, temperature, top_k, top_p, seed, d
 
         ck = checkpoint.load(source, device=device)
         tokenizer, context = ck.tokenizer, ck.config.model.block_size
-        decode = functools.partial(generate_ids, decoding_layout(ck.model), eot_id=tokenizer.eot_id)
+        decode = functools.partial(generate_ids, decoding_layout(ck.model), eot_id=tokenizer.eot_id, vocab=tokenizer.vocab_size)
     prompt_ids = [tokenizer.encode(p) for p in prompts]
     if any(not p for p in prompt_ids):
         raise GptxError("--prompt: a prompt must not be empty")

@@ -362,6 +362,7 @@ class Optimizer(Component, abc.ABC):
 
     supports = frozenset()
     sharded_ok: ClassVar[bool] = True  # works on FSDP-sharded parameters (DTensors)
+    states_per_param: ClassVar[int] = 2  # tensors of state per parameter (AdamW's two moments): the memory check's floor
 
     def __init__(self, options, training: "TrainingConfig"):
         self.options, self.training = options, training

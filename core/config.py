@@ -23,7 +23,7 @@ from typing import Any, Literal, Optional
 from gptx.errors import ConfigError, GptxError
 from gptx.numeric import int_or_none
 from gptx.kinds import KINDS, Kind
-from gptx.options import did_you_mean, fields_of, parse, to_dict
+from gptx.options import did_you_mean, fields_of, option, parse, to_dict
 
 MAX_SEED = 2**63 - 1
 
@@ -54,7 +54,7 @@ class ModelConfig:
     n_embd: int = 768
     block_size: int = 1024  # the longest context the model is trained (and allowed) to see
     vocab_size: Optional[int] = None  # None: the tokenizer's vocabulary size
-    dropout: float = 0.0
+    dropout: float = option(0.0, low=0, high=1, high_open=True)
     bias: bool = True  # biases in linear layers, as GPT-2 (a norm's own bias is its option)
     tie_embeddings: bool = True  # the LM head reuses the token embedding matrix, as GPT-2
     # filled in by the loader from the [model.<kind>] tables
@@ -71,8 +71,6 @@ class ModelConfig:
             raise ValueError(("n_embd", f"{self.n_embd} is not divisible by n_head = {self.n_head}"))
         if self.vocab_size is not None:
             check_range("vocab_size", self.vocab_size, 1, 1 << 24)
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(("dropout", f"must be in [0, 1), got {self.dropout}"))
 
     @property
     def head_dim(self) -> int:
@@ -100,7 +98,7 @@ class TrainingConfig:
     max_steps: int = 1000
     batch_size: int = 12  # sequences per micro-batch
     grad_accum_steps: int = 1  # micro-batches per optimizer step (the global batch, across all ranks)
-    learning_rate: float = 6e-4  # peak learning rate (every group of adamw; muon's non-matrix groups)
+    learning_rate: float = option(6e-4, low=0, high=10, low_open=True)  # peak learning rate (every group of adamw; muon's non-matrix groups)
     grad_clip: float = 1.0  # 0 disables clipping
     eval_interval: int = 250
     eval_steps: int = 20  # batches per validation estimate
@@ -120,7 +118,7 @@ class TrainingConfig:
     stop_at_target: bool = False  # and end the run there (needs target_val_loss)
     sample_prompt: str = "\n"
     sample_tokens: int = 200  # tokens generated at the end of the run (0: none)
-    sample_temperature: float = 0.8
+    sample_temperature: float = option(0.8, low=0, high=1e4)  # gptx generate's --temperature range
     sample_top_k: Optional[int] = 200
     # filled in by the loader from the [training.<kind>] tables
     optimizer: Optional[ComponentSpec] = _spec_field()
@@ -131,8 +129,6 @@ class TrainingConfig:
             check_range(name, getattr(self, name), 1, 1 << 40)
         for name in ("sample_tokens", "final_eval_tokens"):
             check_range(name, getattr(self, name), 0, 1 << 40)
-        if not self.learning_rate > 0:
-            raise ValueError(("learning_rate", f"must be positive, got {self.learning_rate}"))
         if self.grad_clip < 0:
             raise ValueError(("grad_clip", f"must not be negative (0 disables clipping), got {self.grad_clip}"))
         if self.checkpoint_interval is not None:

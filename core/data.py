@@ -17,6 +17,7 @@ import numpy as np
 
 from gptx import shards
 from gptx.errors import GptxError
+from gptx.fsutil import open_regular
 from gptx.prepare import Progress, Source, default_workers, tokenize_to_shard
 
 CACHE_FORMAT = "gptx-tokens-3"  # part of every cache key: bump when tokenization or the file format changes
@@ -38,7 +39,7 @@ def cache_key(source: Source, tokenizer) -> str:
     h = hashlib.sha256(f"{CACHE_FORMAT}\0{tokenizer_identity(tokenizer)}\0".encode())
     for f in source.files:
         try:
-            with open(f, "rb") as fh:
+            with open_regular(f) as fh:
                 while block := fh.read(1 << 22):
                     h.update(block)
         except OSError as err:

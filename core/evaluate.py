@@ -101,7 +101,17 @@ def open_scorer(source: str, device: str = "cpu"):
 
 
 def rows_per_batch(scorer, length: int, requested: Optional[int]) -> int:
-    return requested or max(1, min(32, LOGITS_BUDGET // max(1, length * scorer.vocab_size)))
+    """Windows per forward pass: as asked, if their logits fit the free memory; else by LOGITS_BUDGET."""
+    from gptx import memory
+
+    if requested is None:
+        return max(1, min(32, LOGITS_BUDGET // max(1, length * scorer.vocab_size)))
+    need = 3 * 4 * requested * length * scorer.vocab_size  # fp32 logits, their log-softmax and the losses' gather
+    free = memory.free_bytes()
+    if need > free:
+        raise GptxError(f"--batch-size: {requested:,} windows of {length} tokens need at least {memory.size(need)} for "
+                        f"their logits; {memory.size(free)} is free (lower it, or leave it out to choose by memory)")
+    return requested
 
 
 # ---- --data --------------------------------------------------------------------------------
@@ -176,8 +186,10 @@ class Example:
 
 def read_examples(path: Path, tokenizer, context: int):
     """HellaSwag-format examples, one per non-blank line, tokenized; problems name the line."""
+    from gptx.fsutil import open_regular
+
     try:
-        fh = open(path, "rb")
+        fh = open_regular(path, "--task")
     except FileNotFoundError:
         raise GptxError(f"--task: {path}: no such file") from None
     except OSError as err:
@@ -263,6 +275,7 @@ def evaluate(source: str, data: Optional[str] = None, task: Optional[str] = None
     if batch is not None and batch < 1:
         raise GptxError(f"--batch-size: must be at least 1, got {batch}")
     scorer = open_scorer(source, device)
+    rows_per_batch(scorer, scorer.context, batch)  # a batch that cannot fit fails before any tokenizing
     results: dict = {}
     if data is not None:
         results["data"] = evaluate_text(scorer, Path(data), stride, batch, progress) | {"file": str(data)}

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io  # noqa: F401 (the type open_regular returns)
 import os
 import re
 import secrets
 import shutil
+import stat
 from pathlib import Path
 from typing import Optional
 
@@ -256,3 +258,27 @@ def refused_write(err: BaseException, final: Path, what: str) -> Optional[GptxEr
             return GptxError(f"{final}: cannot write {what} ({e.strerror}); {left}")
         e = e.__cause__ or e.__context__
     return None
+
+
+def open_regular(path, what: str = "") -> "io.BufferedReader":
+    """``open(path, "rb")`` for a file a user named, refusing anything but a regular file: opening a
+    FIFO waits for a writer forever and a device never ends. Opened without blocking, checked on
+    the open descriptor (no window between a check and the open). ``what``: a prefix for the error
+    (the option or key that named the file)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, socket or device, which would block or never end"
+            raise GptxError(f"{what + ': ' if what else ''}{path}: is not a regular file ({kind})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_regular(path, what: str = "") -> bytes:
+    """The bytes of a regular file (see ``open_regular``)."""
+    with open_regular(path, what) as f:
+        return f.read()

@@ -38,12 +38,15 @@ def generate_ids(
     max_new_tokens: int,
     sampler: Sampler,
     eot_id: Optional[int] = None,
+    vocab: Optional[int] = None,
 ) -> Generation:
     """Continue each prompt by up to ``max_new_tokens`` tokens, with the KV cache while the
     sequence fits the model's context (block_size). Beyond it, as nanoGPT does, each new token
     sees the last block_size tokens only: the window is recomputed every step, positions
     counted from its start (any positional encoding allows it: none is asked for a position it
-    was not trained on). A prompt longer than the context keeps its last block_size - 1 tokens."""
+    was not trained on). A prompt longer than the context keeps its last block_size - 1 tokens.
+    ``vocab``: the tokenizer's vocabulary size; a model padded beyond it (nanoGPT's 50,304 for
+    GPT-2's 50,257) never samples the padding's ids, which no tokenizer can decode."""
     limit = model.config.block_size
     model.eval()
     device = model.wte.weight.device
@@ -58,7 +61,7 @@ def generate_ids(
     for _ in range(max_new_tokens):
         context = attention_mask[:, -(cached + input_ids.shape[1]):]  # [B, P+T]
         logits, present = model(input_ids, position_ids, context, past, last_logits_only=True)  # [B, 1, V]
-        nxt = sampler(logits[:, -1, :].float().cpu().numpy())  # [B]
+        nxt = sampler(logits[:, -1, :vocab].float().cpu().numpy())  # [B]: ids the tokenizer has
         if out.add(nxt):
             break
         step = torch.from_numpy(nxt).to(device)[:, None]  # [B, 1]

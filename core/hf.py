@@ -29,7 +29,7 @@ import shutil
 from pathlib import Path
 
 from gptx.errors import GptxError, first_line
-from gptx.fsutil import publishable, remove_stale_siblings, temp_sibling
+from gptx.fsutil import publishable, read_regular, remove_stale_siblings, temp_sibling
 
 # activation_function values that are GELU with the tanh approximation (GPT-2's gelu_new)
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
@@ -46,7 +46,7 @@ def read_hf_config(hf_dir: Path) -> dict:
     """config.json as a dict, checked to describe a GPT-2 model gptx can represent exactly."""
     f = hf_dir / "config.json"
     try:
-        cfg = json.loads(f.read_text(encoding="utf-8"))
+        cfg = json.loads(read_regular(f).decode("utf-8"))
     except FileNotFoundError:
         raise _fail(hf_dir, "no config.json: not a Hugging Face model directory") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -121,7 +121,7 @@ def _weight_files(hf_dir: Path) -> tuple[str, list[Path]]:
             return kind, [hf_dir / single]
         if (hf_dir / index).is_file():
             try:
-                weight_map = json.loads((hf_dir / index).read_text(encoding="utf-8"))["weight_map"]
+                weight_map = json.loads(read_regular(hf_dir / index).decode("utf-8"))["weight_map"]
                 names = sorted(set(weight_map.values()))
             except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
                 raise GptxError(f"{hf_dir / index}: corrupted ({type(err).__name__}: {err})") from None

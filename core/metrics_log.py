@@ -24,6 +24,7 @@ from typing import Optional
 import numpy as np
 
 from gptx.errors import GptxError
+from gptx.fsutil import open_regular
 from gptx.numeric import INT64_MAX, float_or_none, int_or_none, number_or_none, shown
 
 FILE = "metrics.jsonl"
@@ -80,7 +81,7 @@ def read(path: Path) -> list[dict]:
     path = Path(path)
     records: list[dict] = []
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             lineno = 0
             while True:
                 raw = f.readline(MAX_LINE + 1)

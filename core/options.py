@@ -4,6 +4,12 @@ Every config section and every component's options are a ``@dataclass``. ``parse
 dict from TOML into one, rejecting unknown keys (with a "did you mean"), wrong types and
 values that the dataclass's ``__post_init__`` refuses (raise ``ValueError("problem")`` or
 ``ValueError(("field", "problem"))`` there). Errors carry the dotted key path.
+
+Ranges: a number option declares the values training survives where it is defined, with
+``option(default, low=..., high=...)`` (metadata ``"range"``), and ``parse`` refuses anything
+outside, before a run creates anything. A float option that declares no range is held to
+``|value| <= FLOAT_LIMIT``: finite but absurd values (a weight decay of 1e300) overflow or
+diverge only after training has started.
 """
 from __future__ import annotations
 
@@ -35,6 +41,53 @@ def type_name(tp) -> str:
 
 
 INT64 = 2**63
+FLOAT_LIMIT = 1e6  # the largest magnitude a float option may take unless it declares its own range
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a number option accepts: low <= value <= high (``low_open``: low < value,
+    ``high_open``: value < high); None leaves a side unbounded."""
+
+    low: float | int | None = None
+    high: float | int | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __str__(self) -> str:
+        left = "(-inf" if self.low is None else f"{'(' if self.low_open else '['}{self.low:g}"
+        right = "inf)" if self.high is None else f"{self.high:g}{')' if self.high_open else ']'}"
+        return f"{left}, {right}"
+
+    def problem(self, value) -> str | None:
+        """Why ``value`` is outside, or None."""
+        too_low = self.low is not None and (value <= self.low if self.low_open else value < self.low)
+        too_high = self.high is not None and (value >= self.high if self.high_open else value > self.high)
+        return f"must be in {self} , got {value:g}".replace(" ,", ",") if too_low or too_high else None
+
+
+def option(default=dataclasses.MISSING, *, low=None, high=None, low_open: bool = False, high_open: bool = False, **metadata):
+    """A dataclass field for a number option with the range training survives (see ``Range``)."""
+    return dataclasses.field(default=default, metadata=metadata | {"range": Range(low, high, low_open, high_open)})
+
+
+def range_of(f: dataclasses.Field, tp) -> Range | None:
+    """The values option field ``f`` of type ``tp`` accepts: its declared range, else FLOAT_LIMIT
+    for a float option; None for other types."""
+    declared = f.metadata.get("range")
+    if declared is None and (tp is float or float in get_args(tp)):
+        return Range(-FLOAT_LIMIT, FLOAT_LIMIT)
+    return declared
+
+
+def _check_range(value, f: dataclasses.Field, tp, key: str) -> None:
+    """Raise a ConfigError naming ``key`` when a number lies outside the field's range."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    accepted = range_of(f, tp)
+    problem = accepted.problem(value) if accepted else None
+    if problem:
+        raise ConfigError(problem, key)
 
 
 def _check(value: Any, tp, key: str):
@@ -110,6 +163,7 @@ def parse(cls, data: dict | None, prefix: str = ""):
     for name, f in fields.items():
         if name in data:
             kwargs[name] = _check(data[name], hints[name], join(name))
+            _check_range(kwargs[name], f, hints[name], join(name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError("required key is missing", join(name))
     try:

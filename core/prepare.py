@@ -39,8 +39,8 @@ import numpy as np
 
 from gptx import shards
 from gptx.errors import GptxError, first_line
-from gptx.fsutil import (directory_lock, first_missing, refused_write, remove_created_dirs, remove_stale_siblings,
-                         replace_dir, temp_sibling)
+from gptx.fsutil import (directory_lock, first_missing, open_regular, refused_write, remove_created_dirs,
+                         remove_stale_siblings, replace_dir, temp_sibling)
 from gptx.progress import bar, hms
 
 READ_BYTES = 1 << 20  # bytes read per block
@@ -121,6 +121,7 @@ class Source:
             if not self.files:
                 raise GptxError(f"directory holds no .txt files: {self.path}")
         else:
+            open_regular(self.path).close()  # a FIFO or device is refused here, not read forever
             self.files = [self.path]
         self.jsonl = self.path.suffix == ".jsonl" and self.path.is_file()
         try:
@@ -154,7 +155,7 @@ class Source:
     def _decoded_blocks(self, f: Path) -> Iterator[str]:
         carry, offset = b"", 0  # undecoded bytes of a character cut by the block end; bytes read
         try:
-            with open(f, "rb") as fh:
+            with open_regular(f) as fh:
                 while block := fh.read(READ_BYTES):
                     if b"\x00" in block:
                         raise GptxError(f"{f} looks binary (NUL bytes), expected UTF-8 text")
@@ -170,7 +171,7 @@ class Source:
 
     def _documents(self) -> Iterator[tuple[bool, str]]:
         try:
-            with open(self.path, "rb") as fh:
+            with open_regular(self.path) as fh:
                 for number, raw in enumerate(fh, 1):
                     self.bytes_done += len(raw)
                     if not raw.strip():

@@ -21,7 +21,7 @@ from typing import Optional
 
 from gptx import metrics_log
 from gptx.errors import ConfigError, GptxError, first_line
-from gptx.fsutil import HeldLock, try_lock
+from gptx.fsutil import HeldLock, read_regular, try_lock
 from gptx.numeric import int_or_none, number_or_none, parse_int
 
 RUN_FILE = "run.json"
@@ -47,8 +47,8 @@ def experiment_dir(cfg) -> Path:
 
 def read_run_file(run_dir: Path) -> dict:
     try:
-        data = json.loads((Path(run_dir) / RUN_FILE).read_text())
-    except (OSError, ValueError):
+        data = json.loads(read_regular(Path(run_dir) / RUN_FILE))
+    except (OSError, ValueError, GptxError):  # a run folder without a readable run.json is no run
         return {}
     return data if isinstance(data, dict) else {}
 
@@ -156,7 +156,7 @@ def read_json_file(path: Path, what: str) -> dict:
     try:
         if path.stat().st_size > MAX_JSON_BYTES:
             raise GptxError(f"{path}: larger than {MAX_JSON_BYTES // 2**20} MiB; not a gptx {what}")
-        data = json.loads(path.read_bytes())
+        data = json.loads(read_regular(path))
     except FileNotFoundError:
         raise GptxError(f"{path.parent}: not a gptx {what} (no {path.name})") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as err:

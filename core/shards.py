@@ -23,6 +23,7 @@ from typing import Optional
 import numpy as np
 
 from gptx.errors import GptxError, read_format_json
+from gptx.fsutil import open_regular
 from gptx.schemas import ShardManifest, validate
 
 HEADER_INTS = 256
@@ -100,8 +101,9 @@ def open_shard(path: Path) -> np.memmap:
     for its header, another magic or version, a size that disagrees with the count) is a GptxError."""
     path = Path(path)
     try:
-        size = path.stat().st_size
-        header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+        with open_regular(path) as f:  # np.fromfile on a FIFO would wait forever
+            size = os.fstat(f.fileno()).st_size
+            header = np.frombuffer(f.read(HEADER_BYTES), dtype="<i4")
     except OSError as err:
         raise GptxError(f"{path}: cannot read ({err.strerror or err})") from None
     if size < HEADER_BYTES:
@@ -160,8 +162,8 @@ def shard_record(path: Path, tokens: int) -> dict:
 
 
 def open_split(directory: Path, meta: dict, split: str, verify: str = "size") -> tuple[list[np.memmap], list[Path]]:
-    """Memory-map a split's shards, each checked against the manifest (format, token count and
-    file size; with ``verify="sha256"`` also the contents' hash)."""
+    """Memory-map a split's shards, each checked against the manifest (format, token count, file
+    size and no id above its max_token_id; with ``verify="sha256"`` also the contents' hash)."""
     arrays, paths = [], []
     for s in meta["shards"][split]:
         path = Path(directory) / s["file"]
@@ -173,6 +175,10 @@ def open_split(directory: Path, meta: dict, split: str, verify: str = "size") ->
                             f"{s['tokens']} {meta['dtype']} (altered or from another prepare)")
         if verify == "sha256" and file_sha256(path) != s.get("sha256"):
             raise GptxError(f"{path}: sha256 does not match {MANIFEST} (altered or damaged)")
+        top = int(tokens.max())  # one pass at memory speed, here, before a run folder exists
+        if top > meta["max_token_id"]:
+            raise GptxError(f"{path}: holds token id {top}, above the max_token_id {meta['max_token_id']} "
+                            f"{MANIFEST} declares (altered or from another prepare); prepare the data again")
         arrays.append(tokens)
         paths.append(path)
     return arrays, paths

@@ -313,6 +313,7 @@ def prepare(cfg: ExperimentConfig, resume: bool | Path = False, progress=None, o
                               "training.sample_prompt") from None
     check_memory(cfg, device)
     init_weights, not_loaded = _init_weights(cfg, init_from) if init_from is not None else (None, "")
+    check_buildable(cfg)
     if outputs:
         runs.check_writable(cfg)
         if cfg.tracking.enabled:
@@ -427,28 +428,34 @@ def _lookup(d: dict, dotted: str):
 
 
 def check_memory(cfg: ExperimentConfig, device: torch.device) -> None:
-    """Refuse a model or batch that cannot fit before anything is allocated. A floor of what
-    training needs: GPT-2's parameters (the token embedding, 12 C^2 a layer, an untied head) at
-    16 bytes each (weights, gradients, two optimizer moments), and the logits of one micro-batch
-    with their gradient (8 bytes each). Components with more parameters only raise the need;
-    the allocator's own refusal is the backstop."""
-    import psutil
+    """Refuse a model or batch that cannot fit before anything is allocated: every component's
+    share (``gptx.memory``) against the device's free memory. The allocator's own refusal is the
+    backstop."""
+    from gptx import memory
 
-    m, tc = cfg.model, cfg.training
-    n_params = m.vocab_size * m.n_embd * (1 if m.tie_embeddings else 2) + 12 * m.n_layer * m.n_embd ** 2
-    state = 16 * n_params
-    logits = 8 * tc.batch_size * m.block_size * m.vocab_size
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else psutil.virtual_memory().available
-    if state + logits <= free:
-        return
-    gib = lambda b: f"{b / 2**30:,.1f} GiB"  # noqa: E731
-    if state >= logits:
-        raise ConfigError(f"a model of about {n_params:,} parameters needs at least {gib(state)} for its weights, "
-                          f"gradients and optimizer state; {gib(free)} is free (lower n_layer, n_embd or vocab_size)",
-                          "model.n_embd")
-    raise ConfigError(f"a micro-batch of {tc.batch_size} x {m.block_size} tokens needs at least {gib(logits)} "
-                      f"for its logits alone; {gib(free)} is free (lower batch_size, raise grad_accum_steps)",
-                      "training.batch_size")
+    memory.check(cfg, cfg.training.optimizer.cls.states_per_param, memory.free_bytes(device))
+
+
+def check_buildable(cfg: ExperimentConfig) -> None:
+    """The model, its optimizer and schedule built on the meta device (shapes, no memory): what a
+    component's own constructor refuses (torch.optim.Muon: ns_steps below 100, ...) fails here,
+    in gptx validate as in gptx run, not once the run has started. Called after check_memory."""
+    from gptx.memory import on_meta
+    from gptx.model import GPT
+
+    model = _built("model", lambda: GPT(cfg.model), on_meta())
+    _built("training.optimizer", lambda: build_optimizer(cfg, model, torch.device("meta")))
+    schedule = _built("training.schedule", lambda: build_schedule(cfg))
+    _built("training.schedule", lambda: [schedule.factor(s) for s in (0, cfg.training.max_steps)])
+
+
+def _built(key: str, build, context=None):
+    """``build()`` (inside ``context``), its refusal a ConfigError naming ``key``."""
+    try:
+        with context if context is not None else contextlib.nullcontext():
+            return build()
+    except (ValueError, TypeError, RuntimeError, NotImplementedError, ArithmeticError) as err:
+        raise ConfigError(f"cannot be built: {type(err).__name__}: {first_line(err)[:300]}", key) from None
 
 
 # ---- signals -----------------------------------------------------------------------------------
@@ -795,7 +802,8 @@ class Trainer:
         prompt = self.tokenizer.encode(tc.sample_prompt) or [self.tokenizer.eot_id or 0]
         prompt = prompt[-(block - 1):]
         n_new = min(tc.sample_tokens, block - len(prompt))
-        gen = generate_ids(model, [prompt], n_new, Sampler(tc.sample_temperature, tc.sample_top_k, None, tc.seed), None)
+        gen = generate_ids(model, [prompt], n_new, Sampler(tc.sample_temperature, tc.sample_top_k, None, tc.seed), None,
+                           vocab=self.tokenizer.vocab_size)
         text = self.tokenizer.decode(gen.prompt_ids[0] + gen.ids[0])
         self.tracker.log_text(text, "sample.txt")
         return text

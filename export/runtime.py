@@ -157,6 +157,9 @@ class OnnxGenerator:
         self.n_layer, self.context_length = m["n_layer"], m["context_length"]
         self.cache = cache_layout(self.meta)  # each layer's cache tensors
         self.tokenizer = load_tokenizer(self.meta["tokenizer"], self.directory / META_FILE)
+        if self.tokenizer.vocab_size > m["vocab_size"]:
+            raise GptxError(f"{self.directory / META_FILE}: corrupted (the tokenizer has {self.tokenizer.vocab_size:,} tokens, "
+                            f"more than model.vocab_size {m['vocab_size']:,})")
         eot = self.meta.get("special_tokens", {}).get("eot")
         self.eot_id = None if eot is None else int(eot["id"])
         try:
@@ -182,7 +185,7 @@ class OnnxGenerator:
         out = Collector(len(prompts), eot_id)
         logits = decoder.start(kept, max_new_tokens)  # [B, T, V]
         for _ in range(max_new_tokens):
-            nxt = sampler(logits[:, -1, :])  # [B]
+            nxt = sampler(logits[:, -1, :self.tokenizer.vocab_size])  # [B]: a padded vocabulary's extra ids never
             if out.add(nxt) or decoder.steps == max_new_tokens:
                 break
             logits = decoder.step(nxt) if decoder.length < limit else decoder.window(nxt, limit)  # [B, T, V]

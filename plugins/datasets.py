@@ -24,6 +24,7 @@ import torch
 import gptx
 from gptx.components import Dataset
 from gptx.errors import ConfigError, GptxError
+from gptx.options import option
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # inputs [N, T], next-token targets [N, T], int64
 SPLIT_NAMES = {"train": "training", "val": "validation"}
@@ -121,11 +122,7 @@ class TokenArrayDataset(Dataset):
 @dataclasses.dataclass(frozen=True)
 class TextOptions:
     path: str = dataclasses.field(default="data/tinyshakespeare.txt", metadata={"path": True})  # a text file or a directory of .txt files, relative to the experiment file
-    val_fraction: float = 0.1  # the last fraction of the tokens is the validation split
-
-    def __post_init__(self):
-        if not 0.0 < self.val_fraction < 1.0:
-            raise ValueError(("val_fraction", f"must be between 0 and 1, got {self.val_fraction}"))
+    val_fraction: float = option(0.1, low=0, high=1, low_open=True, high_open=True)  # the last fraction of the tokens is the validation split
 
 
 class TextDataset(TokenArrayDataset):

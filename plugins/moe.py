@@ -13,6 +13,7 @@ from torch import nn
 
 import gptx
 from gptx.components import Aux, FeedForward
+from gptx.options import option
 
 ACTIVATIONS = {
     "gelu": lambda x: F.gelu(x, approximate="tanh"),
@@ -28,8 +29,8 @@ class MoEOptions:
     top_k: int = 2  # experts per token
     hidden: Optional[int] = None  # each expert's hidden width; None: 4 * n_embd / top_k (the dense MLP's active width)
     activation: Literal["gelu", "relu", "relu2", "silu"] = "gelu"
-    aux_loss_weight: float = 0.01  # the Switch load-balancing loss's weight in the objective
-    z_loss_weight: float = 0.0  # ST-MoE's router z-loss (logsumexp of the router logits, squared); 0: off
+    aux_loss_weight: float = option(0.01, low=0, high=100)  # the Switch load-balancing loss's weight in the objective
+    z_loss_weight: float = option(0.0, low=0, high=100)  # ST-MoE's router z-loss (logsumexp of the router logits, squared); 0: off
 
     def __post_init__(self):
         if not 1 <= self.n_experts <= 1024:
@@ -38,9 +39,6 @@ class MoEOptions:
             raise ValueError(("top_k", f"must be between 1 and n_experts = {self.n_experts}, got {self.top_k}"))
         if self.hidden is not None and self.hidden < 1:
             raise ValueError(("hidden", f"must be at least 1, got {self.hidden}"))
-        for name in ("aux_loss_weight", "z_loss_weight"):
-            if getattr(self, name) < 0:
-                raise ValueError((name, f"must not be negative, got {getattr(self, name)}"))
 
 
 class Expert(nn.Module):

@@ -9,11 +9,12 @@ from torch import nn
 
 import gptx
 from gptx.components import Norm, NormPlacement
+from gptx.options import option
 
 
 @dataclasses.dataclass(frozen=True)
 class NormOptions:
-    eps: float = 1e-5
+    eps: float = option(1e-5, low=0, high=1, low_open=True)
     bias: bool = True  # LayerNorm only: a learned shift, as GPT-2
 
     def __post_init__(self):

@@ -10,14 +10,7 @@ import torch
 import gptx
 from gptx.components import Optimizer
 from gptx.optim import Chain
-
-
-def _check_betas(beta1: float, beta2: float, eps: float) -> None:
-    for name, value in (("beta1", beta1), ("beta2", beta2)):
-        if not 0 <= value < 1:
-            raise ValueError((name, f"must be in [0, 1), got {value}"))
-    if not eps > 0:
-        raise ValueError(("eps", f"must be positive, got {eps}"))
+from gptx.options import option
 
 
 def _is_sharded(params) -> bool:
@@ -32,16 +25,11 @@ def _is_sharded(params) -> bool:
 
 @dataclasses.dataclass(frozen=True)
 class AdamWOptions:
-    beta1: float = 0.9
-    beta2: float = 0.95
-    weight_decay: float = 0.1  # on 2-D weights only (matmuls, embeddings); never biases or norm gains
-    eps: float = 1e-8
+    beta1: float = option(0.9, low=0, high=1, high_open=True)
+    beta2: float = option(0.95, low=0, high=1, high_open=True)
+    weight_decay: float = option(0.1, low=0, high=10)  # on 2-D weights only (matmuls, embeddings); never biases or norm gains
+    eps: float = option(1e-8, low=0, high=1, low_open=True)
     fused: Optional[bool] = None  # None: torch's fused kernel on CPU and CUDA (not on FSDP-sharded parameters)
-
-    def __post_init__(self):
-        _check_betas(self.beta1, self.beta2, self.eps)
-        if self.weight_decay < 0:
-            raise ValueError(("weight_decay", f"must not be negative, got {self.weight_decay}"))
 
 
 class AdamW(Optimizer):
@@ -61,32 +49,19 @@ class AdamW(Optimizer):
 
 @dataclasses.dataclass(frozen=True)
 class MuonOptions:
-    lr: float = 0.02  # Muon's learning rate for the hidden 2-D matrices (attention and FFN weights)
-    momentum: float = 0.95
+    lr: float = option(0.02, low=0, high=10, low_open=True)  # Muon's learning rate for the hidden 2-D matrices (attention and FFN weights)
+    momentum: float = option(0.95, low=0, high=1, high_open=True)
     nesterov: bool = True
-    ns_steps: int = 5  # Newton-Schulz iterations per update
-    weight_decay: float = 0.0  # decoupled, on the Muon matrices
+    ns_steps: int = option(5, low=1, high=99)  # Newton-Schulz iterations per update (torch.optim.Muon refuses 100 and more)
+    weight_decay: float = option(0.0, low=0, high=10)  # decoupled, on the Muon matrices
     adjust_lr_fn: Literal["original", "match_rms_adamw"] = "original"  # Keller's sqrt(max(1, A/B)) or Moonshot's 0.2 sqrt(max(A, B))
     # AdamW on everything else, each group with its own peak learning rate (None: training.learning_rate)
-    embedding_lr: Optional[float] = None  # token (and learned position) embeddings; the tied LM head with them
-    head_lr: Optional[float] = None  # an untied LM head
-    scalar_lr: Optional[float] = None  # norm gains, biases, and any parameter that is not a 2-D matrix
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-
-    def __post_init__(self):
-        _check_betas(self.beta1, self.beta2, self.eps)
-        for name in ("lr", "embedding_lr", "head_lr", "scalar_lr"):
-            value = getattr(self, name)
-            if value is not None and not value > 0:
-                raise ValueError((name, f"must be positive, got {value}"))
-        if not 0 <= self.momentum < 1:
-            raise ValueError(("momentum", f"must be in [0, 1), got {self.momentum}"))
-        if not 1 <= self.ns_steps <= 100:
-            raise ValueError(("ns_steps", f"must be between 1 and 100, got {self.ns_steps}"))
-        if self.weight_decay < 0:
-            raise ValueError(("weight_decay", f"must not be negative, got {self.weight_decay}"))
+    embedding_lr: Optional[float] = option(None, low=0, high=10, low_open=True)  # token (and learned position) embeddings; the tied LM head with them
+    head_lr: Optional[float] = option(None, low=0, high=10, low_open=True)  # an untied LM head
+    scalar_lr: Optional[float] = option(None, low=0, high=10, low_open=True)  # norm gains, biases, and any parameter that is not a 2-D matrix
+    beta1: float = option(0.9, low=0, high=1, high_open=True)
+    beta2: float = option(0.95, low=0, high=1, high_open=True)
+    eps: float = option(1e-8, low=0, high=1, low_open=True)
 
 
 class Muon(Optimizer):
@@ -96,6 +71,7 @@ class Muon(Optimizer):
 
     Options = MuonOptions
     sharded_ok = False  # Newton-Schulz needs whole matrices, not FSDP shards
+    states_per_param = 1  # the momentum of the matrices (AdamW's two moments cover only the rest)
 
     def groups(self, named_parameters) -> dict[str, list]:
         """Parameters by role: matrices (Muon), embeddings, head, scalars (AdamW)."""

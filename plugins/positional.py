@@ -11,6 +11,7 @@ from torch import nn
 
 import gptx
 from gptx.components import PositionalEncoding
+from gptx.options import option
 
 
 def inverse_frequencies(base: float, dim: int) -> torch.Tensor:
@@ -38,7 +39,7 @@ class LearnedPositions(PositionalEncoding):
 class FrequencyOptions:
     """Options of the encodings built from sines and cosines of position * base^(-2i/dim)."""
 
-    base: float = 10000.0
+    base: float = option(10000.0, low=1, high=1e12, low_open=True)  # long-context models raise it (Llama 3: 500,000)
     max_positions: Optional[int] = None  # the longest context the model is declared for; None: unbounded
 
     def __post_init__(self):
@@ -61,7 +62,7 @@ class SinusoidalOptions(FrequencyOptions):
     # amplitude of the sines/cosines. The paper adds amplitude 1 to token embeddings scaled up by
     # sqrt(C); gptx keeps GPT-2's token embeddings (std 0.02), which amplitude 1 drowns (a 4-layer
     # char model then sits at the unigram loss for hundreds of steps). 0.02 matches them.
-    scale: float = 0.02
+    scale: float = option(0.02, low=0, high=100, low_open=True)
 
     def __post_init__(self):
         super().__post_init__()

@@ -9,6 +9,7 @@ from typing import Literal, Optional
 
 import gptx
 from gptx.components import Schedule
+from gptx.options import option
 
 
 def warmup_factor(step: int, warmup_steps: int) -> float:
@@ -29,7 +30,7 @@ def _check_min_lr(training, min_lr: Optional[float]) -> None:
 @dataclasses.dataclass(frozen=True)
 class CosineOptions:
     warmup_steps: int = 100
-    min_lr: Optional[float] = None  # the end of the decay, an absolute learning rate; None: learning_rate / 10
+    min_lr: Optional[float] = option(None, low=0, high=10)  # the end of the decay, an absolute learning rate; None: learning_rate / 10
     decay_steps: Optional[int] = None  # the step the decay ends (flat at min_lr after); None: max_steps
 
     def __post_init__(self):
@@ -62,13 +63,10 @@ class Cosine(Schedule):
 @dataclasses.dataclass(frozen=True)
 class WsdOptions:
     warmup_steps: int = 100
-    decay_fraction: float = 0.2  # the last fraction of max_steps decays; the rest after warmup is flat
-    min_lr: float = 0.0  # where the decay ends (absolute)
+    decay_fraction: float = option(0.2, low=0, high=1, low_open=True)  # the last fraction of max_steps decays; the rest after warmup is flat
+    min_lr: float = option(0.0, low=0, high=10)  # where the decay ends (absolute)
     shape: Literal["linear", "1-sqrt"] = "linear"  # 1-sqrt: Hägele et al. 2024's cooldown
 
-    def __post_init__(self):
-        if not 0 < self.decay_fraction <= 1:
-            raise ValueError(("decay_fraction", f"must be in (0, 1], got {self.decay_fraction}"))
 
 
 class Wsd(Schedule):

@@ -13,6 +13,7 @@ from pydantic import Field, field_validator
 import gptx
 from gptx.base import Tokenizer
 from gptx.errors import GptxError
+from gptx.options import did_you_mean
 from gptx.schemas import MAX_SIZE, Problem, Schema, shown
 
 GPT2_FILES = {  # sha256 as tiktoken's own gpt2 encoding checks them
@@ -117,10 +118,12 @@ class TiktokenTokenizer(_TiktokenBase):
             return
         import tiktoken
 
+        known = tiktoken.list_encoding_names()
+        if options.encoding not in known:  # tiktoken's own message is three lines
+            raise GptxError(f"tokenizer.encoding: unknown tiktoken encoding {options.encoding!r}{did_you_mean(options.encoding, known)}; "
+                            f"available: {', '.join(sorted(known))}")
         try:
             self.encoding = tiktoken.get_encoding(options.encoding)
-        except ValueError as err:  # unknown name
-            raise GptxError(f"tokenizer.encoding: {err}") from None
         except Exception as err:  # network failure while fetching the BPE file
             cache = os.environ.get("TIKTOKEN_CACHE_DIR", "(unset)")
             raise GptxError(
@@ -200,7 +203,13 @@ class ByteTokenizer(Tokenizer):
         return 256
 
     def encode(self, text):
-        return list(text.encode("utf-8"))
+        # surrogateescape: bytes that are not UTF-8 (a command-line argument keeps them as lone
+        # surrogates) are encoded as the bytes they were; any other lone surrogate has no bytes
+        try:
+            return list(text.encode("utf-8", errors="surrogateescape"))
+        except UnicodeEncodeError as err:
+            raise GptxError(f"the text holds {text[err.start]!r} at character {err.start}, which is not Unicode text "
+                            "the byte tokenizer can encode (a lone surrogate)") from None
 
     def decode(self, ids):
         return bytes(ids).decode("utf-8", errors="replace")

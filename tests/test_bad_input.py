@@ -115,7 +115,7 @@ def block_size_beyond_positional_limit(d, art):
     return ["run", experiment(d, '\n[model.positional]\nkind = "sinusoidal"\nmax_positions = 16\n')]
 
 
-@case("e.toml", "training.learning_rate", "must be positive")
+@case("e.toml", "training.learning_rate", "must be in (0, 10]")
 def negative_learning_rate(d, art):
     return ["run", experiment(d, replace={"max_steps = 20": "max_steps = 20\nlearning_rate = -0.001"})]
 
@@ -395,7 +395,7 @@ def a_kind_change_note_never_comes_before_an_error(d, art):
     return ["run", experiment(d, body, data=data_file(d, b"\x00\x01" * 4000)), "--set", "model.ffn.kind=swiglu"]
 
 
-@case("training.batch_size", "GiB for its logits alone")
+@case("training.batch_size", "the activations and logits of a micro-batch of 100000000 x 32 tokens")
 def an_absurd_batch_size_is_refused_at_once(d, art):
     return ["run", experiment(d), "--set", "training.batch_size=100000000"]
 

@@ -61,7 +61,7 @@ def test_resolved_config_round_trips(tmp_path):
         ("modle.n_layer=3", "modle", "did you mean 'model'"),
         ("model.n_layer='four'", "model.n_layer", "expected integer"),
         ("model.n_embd=33", "model.n_embd", "not divisible by n_head"),
-        ("training.learning_rate=-1.0", "training.learning_rate", "must be positive"),
+        ("training.learning_rate=-1.0", "training.learning_rate", "must be in (0, 10], got -1"),
         ("training.max_steps=0", "training.max_steps", "at least 1"),
         ("model.attention.kind=casual", "model.attention.kind", "did you mean 'causal'"),
         ("model.attention.n_kv_heads=3", "model.attention.n_kv_heads", "not divisible"),

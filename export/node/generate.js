@@ -80,9 +80,13 @@ async function generate(dir, prompts, { maxNewTokens = 50, threads = 0, ...sampl
   const ort = require("onnxruntime-node");
   const { Tokenizer } = require("@huggingface/tokenizers");
   const gptx = await import(pathToFileURL(path.join(__dirname, "..", "web", "gptx.mjs")).href);
-  const readJson = (name) => JSON.parse(fs.readFileSync(path.join(dir, name), "utf-8"));
+  const regular = (file) => { // a FIFO or device would block or never end, as gptx's Python side refuses
+    if (!fs.statSync(file).isFile()) throw new Error(`${file}: is not a regular file (a FIFO, socket or device, which would block or never end)`);
+    return file;
+  };
+  const readJson = (name) => JSON.parse(fs.readFileSync(regular(path.join(dir, name)), "utf-8"));
   const sessionOptions = { executionProviders: ["cpu"], ...(threads ? { intraOpNumThreads: threads } : {}) };
-  const { tokenizer, decoder } = await gptx.loadExport({ ort, Tokenizer, readJson, modelLocation: path.join(dir, "model.onnx"), sessionOptions });
+  const { tokenizer, decoder } = await gptx.loadExport({ ort, Tokenizer, readJson, modelLocation: regular(path.join(dir, "model.onnx")), sessionOptions });
   const promptIds = prompts.map((p) => tokenizer.encode(p));
   const result = await decoder.generate(promptIds, maxNewTokens, new gptx.Sampler(sampling));
   return promptIds.map((p, b) => ({ prompt_ids: p, ids: result.ids[b], text: tokenizer.decode(result.ids[b]) }));

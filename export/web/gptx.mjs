@@ -28,6 +28,10 @@ export function checkMeta(meta) {
   if (eot !== undefined && !(Number.isInteger(eot?.id) && eot.id >= 0 && eot.id < meta.model.vocab_size)) {
     throw new Error(`gptx_export.json: special_tokens.eot.id: expected an id below vocab_size ${meta.model.vocab_size}, got ${JSON.stringify(eot?.id)}`);
   }
+  const tokens = meta.tokenizer?.vocab_size; // the tokenizer's own, below a padded model.vocab_size
+  if (!Number.isInteger(tokens) || tokens < 1 || tokens > meta.model.vocab_size) {
+    throw new Error(`gptx_export.json: tokenizer.vocab_size: expected a positive integer up to model.vocab_size ${meta.model.vocab_size}, got ${JSON.stringify(tokens)}`);
+  }
   return meta;
 }
 
@@ -269,6 +273,7 @@ export class Decoder {
     this.checkLength(prompts, maxNewTokens);
     const ctx = this.meta.model.context_length;
     const B = prompts.length, V = this.meta.model.vocab_size;
+    const sampled = this.meta.tokenizer.vocab_size; // a padded vocabulary's extra ids (no token behind them) are never sampled
     const { ids, mask, pos, T } = leftPad(prompts.map((p) => p.slice(-Math.max(ctx - 1, 1))));
     const rowsIds = prompts.map((_, b) => ids.slice(b * T, (b + 1) * T)); // [B][S]: every token so far
     const rowsMask = prompts.map((_, b) => mask.slice(b * T, (b + 1) * T)); // [B][S], grows by one column per step
@@ -278,7 +283,7 @@ export class Decoder {
     for (let step = 0; step < maxNewTokens; step++) {
       const out = await this.session.run(feeds);
       const t = out.logits.dims[1];
-      const next = Array.from({ length: B }, (_, b) => sampler.next(out.logits.data.subarray((b * t + t - 1) * V, (b * t + t) * V))); // [B]
+      const next = Array.from({ length: B }, (_, b) => sampler.next(out.logits.data.subarray((b * t + t - 1) * V, (b * t + t - 1) * V + sampled))); // [B]
       yield next;
       next.forEach((tok, b) => { rowsIds[b].push(tok); rowsMask[b].push(1); });
       const S = rowsMask[0].length;

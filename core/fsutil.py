@@ -269,8 +269,9 @@ def open_regular(path, what: str = "") -> "io.BufferedReader":
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            kind = "a directory" if stat.S_ISDIR(mode) else "a FIFO, socket or device, which would block or never end"
-            raise GptxError(f"{what + ': ' if what else ''}{path}: is not a regular file ({kind})")
+            problem = ("is a directory, not a file" if stat.S_ISDIR(mode)
+                       else "is not a regular file (a FIFO, socket or device, which would block or never end)")
+            raise GptxError(f"{what + ': ' if what else ''}{path}: {problem}")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import re
-import stat
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
@@ -66,22 +66,18 @@ ClassPath = Annotated[str, _matching(r"[A-Za-z_][\w.]*:[A-Za-z_][\w.]*", "'modul
 def read_json(path: Path, what: str) -> Any:
     """The parsed JSON of a stored metadata file. Missing, not a regular file (a directory, a FIFO
     that would block), too big, not UTF-8 or not JSON: a GptxError naming the file."""
+    from gptx.fsutil import open_regular
+
     path = Path(path)
     try:
-        st = path.stat()
-    except FileNotFoundError:
-        raise GptxError(f"{path.parent}: not a {what} (no {path.name})") from None
-    except OSError as err:
-        raise GptxError(f"{path}: cannot read ({err.strerror or err})") from None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-        raise GptxError(f"{path}: is {kind}, expected the {what}'s JSON metadata")
-    if st.st_size > MAX_META_BYTES:
-        raise GptxError(f"{path}: {st.st_size:,} bytes, more than the {MAX_META_BYTES:,} a {what}'s metadata can be")
-    try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:  # refuses a directory or a FIFO on the open descriptor: no race
+            size = os.fstat(f.fileno()).st_size
+            if size > MAX_META_BYTES:
+                raise GptxError(f"{path}: {size:,} bytes, more than the {MAX_META_BYTES:,} a {what}'s metadata can be")
             text = f.read(MAX_META_BYTES + 1).decode("utf-8")
         return json.loads(text)  # NaN and Infinity parse; the schemas refuse them where they land
+    except FileNotFoundError:
+        raise GptxError(f"{path.parent}: not a {what} (no {path.name})") from None
     except OSError as err:
         raise GptxError(f"{path}: cannot read ({err.strerror or err})") from None
     except UnicodeDecodeError as err:

@@ -286,7 +286,7 @@ def prepare(cfg: ExperimentConfig, resume: bool | Path = False, progress=None, o
     if world > 1 and tc.parallel == "fsdp" and not tc.optimizer.cls.sharded_ok:
         raise ConfigError(f"'{tc.optimizer.kind}' cannot update FSDP-sharded parameters; use training.parallel = "
                           "\"ddp\" or another optimizer", "training.optimizer.kind")
-    main = int(os.environ.get("RANK", "0")) == 0
+    main = env_int("RANK", 0) == 0
     if isinstance(resume, Path):  # a run directory named by the caller (gptx sweep --resume)
         resume_dir, lock = resume, (runs.lock_run_dir(resume, "--resume") if main else None)
     else:

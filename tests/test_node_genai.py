@@ -139,9 +139,9 @@ def test_node_example_with_a_byte_tokenizer(node_modules, tmp_path):
 @pytest.mark.xdist_group("node")
 @pytest.mark.parametrize("args, message", [
     (["--max-new-tokens", "x"], "Error: --max-new-tokens: expected an integer"),
-    (["--max-new-tokens", "0"], "Error: max_new_tokens: expected an integer >= 1"),
-    (["--temperature", "-1"], "Error: temperature: expected a number >= 0"),
-    (["--top-p", "2"], "Error: top_p: expected a number in (0, 1]"),
+    (["--max-new-tokens", "0"], "Error: --max-new-tokens: must be an integer from 1 to 16777216, got 0"),
+    (["--temperature", "-1"], "Error: --temperature: must be a number in [0, 10000], got -1"),
+    (["--top-p", "2"], "Error: --top-p: must be a number in (0, 1], got 2"),
 ])
 def test_node_example_bad_arguments_are_one_line(node_modules, gpt2_out, args, message):
     script = resources.files("gptx.export") / "node" / "generate.js"

@@ -120,7 +120,8 @@ def test_a_run_that_diverges_before_its_first_checkpoint_says_what_it_left(tmp_p
     assert line == (f"Error: training diverged: loss is nan at step 3; no checkpoint was written before it, so there is "
                     f"nothing to resume; {run_dir} keeps run.json (status FAILED) and the curves in metrics.jsonl; try "
                     "a lower training.learning_rate"), line
-    assert sorted(x.name for x in run_dir.iterdir()) == ["metrics.jsonl", "run.json"]
+    # run.lock: the empty file whose flock made the run's process its one writer (the OS dropped the lock)
+    assert sorted(x.name for x in run_dir.iterdir()) == ["metrics.jsonl", "run.json", "run.lock"]
     info = json.loads((run_dir / "run.json").read_text())
     assert info["status"] == "FAILED" and info["error"] == line.removeprefix("Error: ")
     assert [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())] == [1, 2]

@@ -310,8 +310,9 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
     ck = checkpoint.load(source)
     check_exportable(ck.config.model)
     _check_out_dir(out_dir, force, [Path.cwd(), ck.path])
-    model = ck.model.float().eval()
     meta = metadata_for(ck, opset, quantize)
+    # the graph's logits are -inf past the tokenizer's ids: no runtime, genai's own search included, samples them
+    model = ck.model.float().eval().mask_padded_vocab(meta["tokenizer"]["vocab_size"])
     log(f"exporting {ck.path} ({meta['model']['parameters']:,} parameters, {ck.config.model.n_layer} layers) to {out_dir}")
 
     out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)

@@ -27,7 +27,7 @@ from gptx import __version__
 from gptx.base import ONNX_EXPORT, ONNX_FUSED_ATTENTION
 from gptx.components import Attention
 from gptx.errors import GptxError, first_line
-from gptx.fsutil import refused_write, remove_stale_siblings, replace_dir, temp_sibling
+from gptx.fsutil import refuse_to_replace, refused_write, remove_stale_siblings, replace_dir, temp_sibling
 from gptx.export import (
     ATTENTION_MASK, BATCH, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, IO_CONTRACT, IO_CONTRACT_VERSION,
     PAST, SEQ, SHARE_BUFFER, TOTAL, input_names, output_names, tokenizer_hash,
@@ -255,16 +255,10 @@ def metadata_for(ck, opset: int, quantization: Optional[str]) -> dict:
 
 def _check_out_dir(out_dir: Path, force: bool, protected: list[Path]) -> None:
     """OUT_DIR may be missing, empty, a previous gptx export, or anything with ``force``, but never
-    a directory holding the source checkpoint or the working directory."""
+    a directory holding the source checkpoint, the working directory or the home directory."""
     from gptx.export import META_FILE
 
-    target = out_dir.resolve()
-    for p in protected:
-        p = p.resolve()
-        if target == p or target in p.parents:
-            raise GptxError(f"{out_dir}: refusing to replace a directory that contains {p}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise GptxError(f"{out_dir}: exists and is not a directory")
+    refuse_to_replace(out_dir, protected)
     if force or not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
     if not (out_dir / META_FILE).is_file():

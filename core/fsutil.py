@@ -54,6 +54,19 @@ def path_name_problem(name: str) -> str | None:
     return None
 
 
+def refuse_to_replace(out: Path, protected) -> None:
+    """An output folder gptx would replace (``--force`` replaces it whole) must not be, or hold, one
+    of ``protected`` (the source, the working directory) nor the user's home directory: replacing it
+    would delete them. It must also be a folder if it exists."""
+    target = Path(out).resolve()
+    for p in (*protected, Path.home()):
+        p = Path(p).resolve()
+        if target == p or target in p.parents:
+            raise GptxError(f"{out}: refusing to replace a directory that contains {p}")
+    if os.path.lexists(out) and not Path(out).is_dir():
+        raise GptxError(f"{out}: exists and is not a directory")
+
+
 def temp_sibling(final: Path, kind: str = "tmp") -> Path:
     """A new hidden directory beside ``final`` for building it (mode as an ordinary mkdir),
     marked as gptx's temporary."""

@@ -51,6 +51,20 @@ class GPT(nn.Module):
             if name.endswith("c_proj.weight"):  # residual output projections: GPT-2's scaled init
                 nn.init.normal_(p, mean=0.0, std=gpt2_init_std(config, residual=True))
         self.seq_axis = self.blocks[0].cache_layout()[0].seq_axis  # where the first cache tensor grows
+        self.register_buffer("padded_vocab_bias", None, persistent=False)  # see mask_padded_vocab
+
+    def mask_padded_vocab(self, vocab: int) -> "GPT":
+        """For inference on a vocabulary padded past the tokenizer's (nanoGPT pads GPT-2's 50,257 to
+        50,304): the logits of ids >= ``vocab`` become -inf, so neither this model nor its ONNX export
+        lets any runtime (onnxruntime, onnxruntime-genai, Node, the browser) sample an id the
+        tokenizer cannot decode. Not for training: the padding's logits would leave the softmax.
+        Returns the model."""
+        V = self.config.vocab_size
+        if vocab < V:
+            bias = torch.zeros(V, device=self.lm_head.weight.device)  # [V]
+            bias[vocab:] = float("-inf")
+            self.padded_vocab_bias = bias
+        return self
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -113,6 +127,8 @@ class GPT(nn.Module):
         if last_logits_only:
             x = x[:, -1:]  # [B, 1, C]: a prefill needs the next token only, not T x V logits
         logits = self.lm_head(self.ln_f(x))  # [B, T or 1, V]
+        if self.padded_vocab_bias is not None:
+            logits = logits + self.padded_vocab_bias  # [B, T or 1, V]: -inf past the tokenizer's ids
         if targets is None:
             return logits, presents
         return self.objective(logits, targets, auxes)

@@ -39,7 +39,7 @@ import numpy as np
 
 from gptx import shards
 from gptx.errors import GptxError, first_line
-from gptx.fsutil import (directory_lock, first_missing, open_regular, refused_write, remove_created_dirs,
+from gptx.fsutil import (directory_lock, first_missing, open_regular, refuse_to_replace, refused_write, remove_created_dirs,
                          remove_stale_siblings, replace_dir, temp_sibling)
 from gptx.progress import bar, hms
 
@@ -463,14 +463,9 @@ class PrepareArgs:
 def check_out_dir(out: Path, force: bool = False, protected: tuple[Path, ...] = ()) -> None:
     """OUT_DIR may be new, an empty directory or an earlier prepare's output holding only the files
     that prepare wrote (then replaced); anything else only with ``force``. Never a directory that
-    holds one of ``protected`` (the source, the working directory), whose replacement would delete it."""
-    target = out.resolve()
-    for p in protected:
-        p = p.resolve()
-        if target == p or target in p.parents:
-            raise GptxError(f"{out}: refusing to replace a directory that contains {p}")
-    if out.exists() and not out.is_dir():
-        raise GptxError(f"{out}: exists and is not a directory")
+    holds one of ``protected`` (the source, the working directory) or the home directory, whose
+    replacement would delete them."""
+    refuse_to_replace(out, protected)
     parent = out.parent
     while not parent.exists():
         parent = parent.parent

@@ -27,7 +27,7 @@ from gptx import __version__
 from gptx.base import ONNX_EXPORT, ONNX_FUSED_ATTENTION
 from gptx.components import Attention
 from gptx.errors import GptxError, first_line
-from gptx.fsutil import refused_write, remove_stale_siblings, replace_dir, temp_sibling
+from gptx.fsutil import refuse_to_replace, refused_write, remove_stale_siblings, replace_dir, temp_sibling
 from gptx.export import (
     ATTENTION_MASK, BATCH, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, IO_CONTRACT, IO_CONTRACT_VERSION,
     PAST, SEQ, SHARE_BUFFER, TOTAL, input_names, output_names, tokenizer_hash,
@@ -255,16 +255,10 @@ def metadata_for(ck, opset: int, quantization: Optional[str]) -> dict:
 
 def _check_out_dir(out_dir: Path, force: bool, protected: list[Path]) -> None:
     """OUT_DIR may be missing, empty, a previous gptx export, or anything with ``force``, but never
-    a directory holding the source checkpoint or the working directory."""
+    a directory holding the source checkpoint, the working directory or the home directory."""
     from gptx.export import META_FILE
 
-    target = out_dir.resolve()
-    for p in protected:
-        p = p.resolve()
-        if target == p or target in p.parents:
-            raise GptxError(f"{out_dir}: refusing to replace a directory that contains {p}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise GptxError(f"{out_dir}: exists and is not a directory")
+    refuse_to_replace(out_dir, protected)
     if force or not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
     if not (out_dir / META_FILE).is_file():
@@ -310,8 +304,9 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
     ck = checkpoint.load(source)
     check_exportable(ck.config.model)
     _check_out_dir(out_dir, force, [Path.cwd(), ck.path])
-    model = ck.model.float().eval()
     meta = metadata_for(ck, opset, quantize)
+    # the graph's logits are -inf past the tokenizer's ids: no runtime, genai's own search included, samples them
+    model = ck.model.float().eval().mask_padded_vocab(meta["tokenizer"]["vocab_size"])
     log(f"exporting {ck.path} ({meta['model']['parameters']:,} parameters, {ck.config.model.n_layer} layers) to {out_dir}")
 
     out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)

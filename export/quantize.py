@@ -29,6 +29,7 @@ import onnx
 from onnx import numpy_helper
 
 from gptx.export.onnx_export import save
+from gptx.export.verify import abs_diff
 
 SCHEMES = ("int8", "int4")
 INT4_BLOCK_SIZE = 128  # inputs per scale (at most); see docs/performance.md for 32 vs 128
@@ -146,8 +147,9 @@ def compare(fp32_session, quantized_session, meta: dict, scheme: str, prompts: i
     same = [next((i for i, (x, y) in enumerate(zip(a["ids"], b["ids"])) if x != y), new_tokens) for a, b in runs]
     fp32_rate, q_rate = (_rate([r[k] for r in runs]) for k in (0, 1))
     return {
-        "prompt_logits_max_abs_diff": max(float(np.max(np.abs(a["prompt_logits"] - b["prompt_logits"]))) for a, b in runs),
-        "prompt_logits_max_abs": max(float(np.max(np.abs(a["prompt_logits"]))) for a, _ in runs),
+        "prompt_logits_max_abs_diff": max(float(np.max(abs_diff(a["prompt_logits"], b["prompt_logits"]))) for a, b in runs),
+        # the padding's -inf logits (a padded vocabulary) are not "logits up to inf"
+        "prompt_logits_max_abs": max(float(np.max(np.abs(a["prompt_logits"]), where=np.isfinite(a["prompt_logits"]), initial=0.0)) for a, _ in runs),
         "greedy_tokens_identical_prefix": same,  # per prompt
         "greedy_tokens_compared": new_tokens,
         "fp32_tokens_per_s": fp32_rate,

@@ -116,8 +116,14 @@ def _real_rows_max_abs_diff(o: np.ndarray, t: np.ndarray, mask: np.ndarray, seq_
         shape = [1] * o.ndim
         shape[0], shape[seq_axis] = mask.shape  # batch first, the mask's slots along the sequence axis
         real = mask.astype(bool).reshape(shape)  # e.g. [B, 1, S, 1]
-    d = float(np.max(np.where(real, np.abs(o - t).astype(np.float64), 0.0)))
+    d = float(np.max(np.where(real, abs_diff(o, t), 0.0)))
     return d if np.isfinite(d) else float("inf")
+
+
+def abs_diff(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """|a - b| in float64, 0 where both hold the same value: the -inf logits of a padded vocabulary
+    agree (inf - inf would be NaN); one -inf against a finite value is an infinite difference."""
+    return np.where(a == b, 0.0, np.abs(a.astype(np.float64) - b.astype(np.float64)))
 
 
 def verify(model, sess, seed: int = 0, shared_buffer: bool = False) -> Report:

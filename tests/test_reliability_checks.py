@@ -155,6 +155,39 @@ def test_torch_and_onnxruntime_generation_never_sample_padded_ids(padded_run):
     assert ort_ids == torch_ids  # the same sampler on the same (masked) logits
 
 
+def test_the_exported_graph_itself_never_offers_padded_ids(padded_run, tmp_path):
+    """The mask is in model.onnx, so a runtime that samples on its own (onnxruntime-genai's search,
+    or any other) cannot pick a padded id either: raw logits are -inf there, finite elsewhere, and
+    genai sampling near-uniformly (temperature 1000, top-k over every id) stays below the tokenizer's."""
+    import numpy as np
+    import onnxruntime as ort
+    import onnxruntime_genai as og
+
+    d, run_dir, _ = padded_run
+    out = tmp_path / "export"
+    proc = gptx("export", run_dir, "-o", out, "--no-track", cwd=d)
+    assert proc.returncode == 0, proc.stderr
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    feeds = {"input_ids": np.array([[1, 2, 3]], dtype=np.int64), "attention_mask": np.ones((1, 3), dtype=np.int64),
+             "position_ids": np.arange(3, dtype=np.int64)[None]}
+    for i in sess.get_inputs():
+        if i.name.startswith("past_key_values"):
+            feeds[i.name] = np.zeros([1 if d == "batch_size" else 0 if isinstance(d, str) else d for d in i.shape], dtype=np.float32)
+    logits = sess.run(["logits"], feeds)[0]  # [1, 3, PADDED]
+    assert logits.shape == (1, 3, PADDED)
+    assert np.isneginf(logits[..., CHARS:]).all() and np.isfinite(logits[..., :CHARS]).all()
+    model = og.Model(str(out))
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=True, temperature=1000.0, top_k=PADDED, top_p=1.0, random_seed=3,
+                              max_length=32, min_length=32, batch_size=1)  # the model's whole context
+    gen = og.Generator(model, params)
+    gen.append_tokens([1, 2, 3])
+    while not gen.is_done():
+        gen.generate_next_token()
+    ids = list(gen.get_sequence(0))[3:]
+    assert len(ids) == 29 and max(ids) < CHARS and len(set(ids)) > 15, ids  # sampled widely, never padding
+
+
 def test_a_vocab_size_below_the_tokenizers_stays_an_error(tmp_path):
     refused_before_anything(tmp_path, ["model.vocab_size=64"], "model.vocab_size: 64 is smaller than the tokenizer's 65")
 

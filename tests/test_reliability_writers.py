@@ -80,6 +80,22 @@ def test_prepare_refuses_to_replace_the_folder_holding_its_source_or_the_working
     assert (here / "mine.txt").read_text() == "kept"
 
 
+def test_force_never_replaces_the_home_directory(tmp_path):
+    """--force replaces a folder whole: never $HOME (prepare and export alike), from wherever it runs."""
+    from helpers import tiny_checkpoint
+
+    home, work = tmp_path / "home", tmp_path / "work"
+    home.mkdir(), work.mkdir()
+    (home / ".bashrc").write_text("kept")
+    env = {"HOME": str(home)}
+    r = gptx(*prepare_args(SHAKESPEARE, home, "--force"), cwd=work, env=env)
+    assert r.returncode == 2 and f"{home}: refusing to replace a directory that contains {home}" in one_error_line(r.stderr)
+    ck = tiny_checkpoint(tmp_path / "run")
+    r = gptx("export", ck, "-o", home, "--force", "--no-track", cwd=work, env=env)
+    assert r.returncode == 2 and f"{home}: refusing to replace a directory that contains {home}" in one_error_line(r.stderr)
+    assert sorted(p.name for p in home.iterdir()) == [".bashrc"] and (home / ".bashrc").read_text() == "kept"
+
+
 def test_a_failing_prepare_removes_only_its_own_temporary(tmp_path):
     """The failing prepare creates fresh/ for its output; meanwhile the user puts a file there and
     another prepare finishes fresh/a. Its failure removes neither (it removed all of fresh/)."""

@@ -67,6 +67,20 @@ def refuse_to_replace(out: Path, protected) -> None:
         raise GptxError(f"{out}: exists and is not a directory")
 
 
+def refuse_foreign_files(out: Path, manifest: str, written: set[str], not_ours: str, ours: str) -> None:
+    """A non-empty ``out`` that gptx would replace must be its own earlier output (``manifest``
+    there) holding only the files it wrote (``written``): replacing anything else would delete
+    what gptx did not write. ``not_ours`` / ``ours`` say what the folder is not / is, in the
+    messages (e.g. "a previous gptx export")."""
+    if not (out / manifest).is_file():
+        raise GptxError(f"{out}: not empty and not {not_ours}; choose another -o or pass --force to replace it")
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in written)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise GptxError(f"{out}: {ours}, but it also holds files gptx did not write ({shown}); "
+                        "move them, choose another -o, or pass --force to replace the whole directory")
+
+
 def temp_sibling(final: Path, kind: str = "tmp") -> Path:
     """A new hidden directory beside ``final`` for building it (mode as an ordinary mkdir),
     marked as gptx's temporary."""

@@ -39,7 +39,7 @@ import numpy as np
 
 from gptx import shards
 from gptx.errors import GptxError, first_line
-from gptx.fsutil import (directory_lock, first_missing, open_regular, refuse_to_replace, refused_write, remove_created_dirs,
+from gptx.fsutil import (directory_lock, first_missing, open_regular, refuse_foreign_files, refuse_to_replace, refused_write, remove_created_dirs,
                          remove_stale_siblings, replace_dir, temp_sibling)
 from gptx.progress import bar, hms
 
@@ -473,13 +473,8 @@ def check_out_dir(out: Path, force: bool = False, protected: tuple[Path, ...] = 
         raise GptxError(f"{out}: {parent} is not a writable directory")
     if force or not out.is_dir() or not any(out.iterdir()):
         return
-    if not (out / shards.MANIFEST).is_file():
-        raise GptxError(f"{out}: not empty and not written by gptx prepare; choose another -o or pass --force to replace it")
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in _written_by_prepare(out))
-    if foreign:  # replacing the output would delete them: only ever remove what gptx wrote
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise GptxError(f"{out}: an earlier gptx prepare's output, but it also holds files gptx did not write ({shown}); "
-                        "move them, choose another -o, or pass --force to replace the whole directory")
+    refuse_foreign_files(out, shards.MANIFEST, _written_by_prepare(out), "written by gptx prepare",
+                         "an earlier gptx prepare's output")
 
 
 def _written_by_prepare(out: Path) -> set[str]:

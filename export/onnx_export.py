@@ -27,7 +27,7 @@ from gptx import __version__
 from gptx.base import ONNX_EXPORT, ONNX_FUSED_ATTENTION
 from gptx.components import Attention
 from gptx.errors import GptxError, first_line
-from gptx.fsutil import refuse_to_replace, refused_write, remove_stale_siblings, replace_dir, temp_sibling
+from gptx.fsutil import refuse_foreign_files, refuse_to_replace, refused_write, remove_stale_siblings, replace_dir, temp_sibling
 from gptx.export import (
     ATTENTION_MASK, BATCH, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, IO_CONTRACT, IO_CONTRACT_VERSION,
     PAST, SEQ, SHARE_BUFFER, TOTAL, input_names, output_names, tokenizer_hash,
@@ -261,13 +261,7 @@ def _check_out_dir(out_dir: Path, force: bool, protected: list[Path]) -> None:
     refuse_to_replace(out_dir, protected)
     if force or not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
-    if not (out_dir / META_FILE).is_file():
-        raise GptxError(f"{out_dir}: not empty and not a previous gptx export; choose another -o or pass --force to replace it")
-    foreign = sorted(p.name for p in out_dir.iterdir() if p.name not in _written_by_export(out_dir))
-    if foreign:  # replacing the export would delete them: only ever remove what gptx wrote
-        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
-        raise GptxError(f"{out_dir}: a previous gptx export, but it also holds files gptx did not write ({shown}); "
-                        "move them, choose another -o, or pass --force to replace the whole directory")
+    refuse_foreign_files(out_dir, META_FILE, _written_by_export(out_dir), "a previous gptx export", "a previous gptx export")
 
 
 def _written_by_export(out_dir: Path) -> set[str]:

@@ -19,7 +19,7 @@ from gptx.errors import GptxError, first_line, read_format_json
 from gptx.schemas import graph_mismatch
 from gptx.export import (
     EXPORT_FORMAT, EXPORT_FORMAT_VERSION, IO_CONTRACT, IO_CONTRACT_VERSION, META_FILE, MODEL_FILE,
-    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, SHARE_BUFFER, cache_layout, empty_past, input_names, output_names, shares_buffer, tokenizer_hash,
+    ATTENTION_MASK, INPUT_IDS, LOGITS, POSITION_IDS, cache_layout, empty_past, input_names, output_names, shares_buffer, tokenizer_hash,
 )
 
 from gptx.sampling import Collector, Generation, Sampler, left_pad, positions_from_mask

@@ -83,6 +83,23 @@ def start_mlflow_server(d: Path) -> tuple[subprocess.Popen, str]:
         time.sleep(0.3)
 
 
+def fake_node_modules(root: Path) -> Path:
+    """A node_modules under ``root`` laid out as npm installs the page's pinned packages, holding
+    the files the page loads (their content does not matter to the server)."""
+    import json
+
+    from gptx.export import server
+
+    modules = root / "node_modules"
+    for package, version in server.pinned_versions().items():
+        (modules / package).mkdir(parents=True)
+        (modules / package / "package.json").write_text(json.dumps({"name": package, "version": version}))
+        for f in server.VENDORED[package]:
+            (modules / package / f).parent.mkdir(parents=True, exist_ok=True)
+            (modules / package / f).write_bytes(b"\0asm" if f.endswith(".wasm") else b"export {};\n")
+    return modules
+
+
 def tiny_model(tokenizer: str = "byte", state=None, seed: int = 0, **model):
     """A randomly initialised (seed ``seed``) model of the given sizes — by default 1 layer, 2 heads,
     16 wide, context 32 — with its config and tokenizer, vocab_size taken from the tokenizer.

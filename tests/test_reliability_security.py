@@ -12,7 +12,7 @@ import socket
 from pathlib import Path
 
 import pytest
-from helpers import SHAKESPEARE, WebServer, gptx, once, tiny_checkpoint_and_export, write_experiment
+from helpers import SHAKESPEARE, WebServer, fake_node_modules, gptx, once, tiny_checkpoint_and_export, write_experiment
 
 
 def one_line_error(r, *fragments, code=2):
@@ -34,16 +34,7 @@ def export_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def node_modules(tmp_path_factory) -> Path:
     """The pinned packages' files the page loads (their content does not matter to the server)."""
-    from gptx.export import server
-
-    root = tmp_path_factory.mktemp("npm") / "node_modules"
-    for package, version in server.pinned_versions().items():
-        (root / package).mkdir(parents=True)
-        (root / package / "package.json").write_text(json.dumps({"name": package, "version": version}))
-        for f in server.VENDORED[package]:
-            (root / package / f).parent.mkdir(parents=True, exist_ok=True)
-            (root / package / f).write_bytes(b"export {};\n")
-    return root
+    return fake_node_modules(tmp_path_factory.mktemp("npm"))
 
 
 @pytest.fixture(scope="module")

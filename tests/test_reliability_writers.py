@@ -3,7 +3,6 @@
 SIGTERM or kill -9 leaves no worker process and the output as it was, and a run directory has one
 owner (a second ``gptx run --resume`` while the first still trains is refused)."""
 import json
-import os
 import signal
 import subprocess
 import sys

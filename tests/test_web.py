@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from gptx.export import server
-from helpers import WebServer, gptx, once, tiny_checkpoint_and_export
+from helpers import WebServer, fake_node_modules, gptx, once, tiny_checkpoint_and_export
 
 
 @pytest.fixture(scope="module")
@@ -23,13 +23,7 @@ def out_dir(tmp_path_factory) -> Path:
 def node_modules(tmp_path_factory) -> Path:
     """A node_modules laid out as npm installs the pinned packages, holding the files the page loads
     (their content does not matter to the server)."""
-    root = tmp_path_factory.mktemp("npm") / "node_modules"
-    for package, version in server.pinned_versions().items():
-        (root / package).mkdir(parents=True)
-        (root / package / "package.json").write_text(json.dumps({"name": package, "version": version}))
-        for f in server.VENDORED[package]:
-            (root / package / f).parent.mkdir(parents=True, exist_ok=True)
-            (root / package / f).write_bytes(b"\0asm" if f.endswith(".wasm") else b"export {};\n")
+    root = fake_node_modules(tmp_path_factory.mktemp("npm"))
     (root / "onnxruntime-web" / "secret.txt").write_text("not for the page")
     return root
 

@@ -565,6 +565,7 @@ class Trainer:
         self.show = Progress(self.tc.max_steps, self.tc.log_interval, progress and self.dist.main)
         self.stop = StopFlag()
         self.tracker = None
+        self.mlflow_link: dict = {}  # mlflow_run_id and mlflow_tracking_uri for run.json and checkpoints (open)
         self.run_dir: Optional[Path] = None
         self.last_ckpt: Optional[Path] = None
         self.saved_step: Optional[int] = None
@@ -740,7 +741,7 @@ class Trainer:
                 "seconds": self.seconds(),
                 "target": json.dumps(self.target) if self.target else "",
             }
-            extra = {"mlflow_run_id": self.tracker.run_id, "mlflow_tracking_uri": self.tracker.uri}  # export logs there
+            extra = dict(self.mlflow_link)  # the run's MLflow run and store: gptx export logs there
             if self.plan.init_from is not None:
                 extra["init_from"] = str(self.plan.init_from)
             if self.plan.init_not_loaded:
@@ -834,9 +835,12 @@ class Trainer:
             self.last_ckpt = ckpt.complete_checkpoints(self.run_dir / "checkpoints")[-1]
         if not self.dist.main:
             return
-        runs.write_run_file(self.run_dir, status="RUNNING", experiment=self.cfg.name, mlflow_run_id=self.tracker.run_id,
-                            mlflow_tracking_uri=self.tracker.uri, config=self.cfg.to_dict(), pid=os.getpid(),
-                            num_params=self.model.num_params())
+        if self.tracker.run_id is not None:  # a run resumed with tracking off keeps its link to the MLflow run
+            self.mlflow_link = {"mlflow_run_id": self.tracker.run_id, "mlflow_tracking_uri": self.tracker.uri}
+        else:
+            self.mlflow_link = {k: earlier.get(k) for k in ("mlflow_run_id", "mlflow_tracking_uri")}
+        runs.write_run_file(self.run_dir, status="RUNNING", experiment=self.cfg.name, **self.mlflow_link,
+                            config=self.cfg.to_dict(), pid=os.getpid(), num_params=self.model.num_params())
         if run_id is None:
             self.tracker.log_params(tracking.flatten(self.cfg.to_dict()))
             self.tracker.log_metrics({"num_params": self.model.num_params()}, 0)  # gptx compare <run id> reads it

@@ -83,10 +83,8 @@ def test_an_export_logs_to_the_store_its_run_was_tracked_in_and_never_creates_on
     assert not store.exists() and sorted(x.name for x in elsewhere.iterdir()) == ["onnx", "onnx2"]
 
 
-def test_resume_from_another_folder_continues_in_the_runs_own_store(tmp_path, no_store_configured):
-    from mlflow.tracking import MlflowClient
-
-    store = tmp_path / "store" / "mlflow.db"
+def stopped_tracked_run(tmp_path: Path, store: Path) -> Path:
+    """A tracked run of tmp_path/e.toml stopped by SIGTERM after its first checkpoint; the experiment file."""
     f = write_experiment(tmp_path / "e.toml")
     proc = subprocess.Popen([sys.executable, "-m", "gptx", "run", str(f), "--set", "tracking.enabled=true",
                              "--set", f"tracking.uri='sqlite:///{store}'", "--set", "training.max_steps=2000",
@@ -98,6 +96,14 @@ def test_resume_from_another_folder_continues_in_the_runs_own_store(tmp_path, no
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    return f
+
+
+def test_resume_from_another_folder_continues_in_the_runs_own_store(tmp_path, no_store_configured):
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "store" / "mlflow.db"
+    f = stopped_tracked_run(tmp_path, store)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     p = gptx("run", f, "--resume", "--set", "tracking.enabled=true", "--set", "training.max_steps=40",
@@ -106,6 +112,25 @@ def test_resume_from_another_folder_continues_in_the_runs_own_store(tmp_path, no
     assert list(elsewhere.iterdir()) == []  # no new store, no artifacts folder
     run_id = json.loads((run_dir_of(tmp_path / "runs" / "e") / "run.json").read_text())["mlflow_run_id"]
     assert MlflowClient(f"sqlite:///{store}").get_run(run_id).info.status == "FINISHED"
+
+
+def test_resume_with_tracking_off_keeps_the_runs_link_to_its_mlflow_run(tmp_path, no_store_configured):
+    """run.json and the new checkpoints keep the MLflow run and store the run was tracked in, so a
+    later export or tracked resume still finds them."""
+    from gptx import checkpoint
+
+    store = tmp_path / "store" / "mlflow.db"
+    f = stopped_tracked_run(tmp_path, store)
+    run_dir = run_dir_of(tmp_path / "runs" / "e")
+    link = {k: json.loads((run_dir / "run.json").read_text())[k] for k in ("mlflow_run_id", "mlflow_tracking_uri")}
+    assert link["mlflow_run_id"] and link["mlflow_tracking_uri"] == f"sqlite:///{store}"
+    p = gptx("run", f, "--resume", "--set", "tracking.enabled=false", "--set", "training.max_steps=40",
+             "--set", "training.sample_tokens=0", "--quiet", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["status"] == "FINISHED" and {k: info[k] for k in link} == link
+    last = checkpoint.complete_checkpoints(run_dir / "checkpoints")[-1]
+    assert last.name == "step-000040" and {k: checkpoint.read_meta(last)[k] for k in link} == link
 
 
 def test_a_run_that_diverges_before_its_first_checkpoint_says_what_it_left(tmp_path):

@@ -6,7 +6,7 @@ Sections (``--only``):
   section trains on, else the CPU, with the thread count the other sections use), the reference
   for model-FLOPs utilization; and memory bandwidth (reading a buffer far larger than the
   caches), the bound of batch-1 decoding, which reads every weight once per token.
-- ``train``: tokens/s and MFU of the real training step (``gptx.train.TrainStep``: the same
+- ``train``: tokens/s and MFU of the real training step (``gptx.training.step.TrainStep``: the same
   code ``gptx run`` executes) for an experiment file, over a fixed number of steps after warm-up.
   flops per token = 6N + 12·L·H·Q·T (``GPT.flops_per_token``), against the fp32 peak (the bf16
   peak when ``training.dtype = "bfloat16"``). Also the step's GEMM floor: the matrix products
@@ -66,7 +66,7 @@ def _cpu_model() -> str:
 def machine() -> dict:
     import torch
 
-    from gptx.train import cpu_flags
+    from gptx.training.machine import cpu_flags
 
     info = {
         "cpu": _cpu_model(),
@@ -168,7 +168,7 @@ def matmul_peak(dtype: str = "float32", seconds: float = 1.0, max_n: int = 2048,
 def train_device(experiment, overrides: tuple) -> str:
     """The device the train section will train on (``training.device``; auto: CUDA when present)."""
     from gptx.config import load_experiment
-    from gptx.train import pick_device
+    from gptx.training.machine import pick_device
 
     return str(pick_device(load_experiment(experiment or default_experiment(), list(overrides)).training))
 
@@ -256,7 +256,9 @@ def bench_train(experiment=None, overrides: tuple = (), steps: int = 50, warmup:
     from gptx.config import load_experiment
     from gptx.distributed import Dist
     from gptx.model import GPT
-    from gptx.train import BatchSplit, TrainStep, build_optimizer, build_schedule, keep_freed_memory, prepare, set_lr
+    from gptx.training.machine import keep_freed_memory
+    from gptx.training.plan import prepare
+    from gptx.training.step import BatchSplit, build_optimizer, build_schedule, set_lr, TrainStep
 
     experiment = experiment or default_experiment()
     cfg = load_experiment(experiment, list(overrides))
@@ -608,7 +610,7 @@ def check_inputs(sections, experiment, overrides: tuple, checkpoint_dir: Optiona
     from gptx import checkpoint as ckpt
     from gptx.config import load_experiment
     from gptx.errors import ConfigError
-    from gptx.train import prepare
+    from gptx.training.plan import prepare
 
     if "train" in sections:
         file = experiment or default_experiment()

@@ -351,7 +351,7 @@ def validate(file, overrides, as_json):
     tracking store)."""
     from gptx.errors import ConfigError
     from gptx.progress import StatusLine
-    from gptx.train import prepare
+    from gptx.training.plan import prepare
 
     cfg = _load(file, overrides)
     try:
@@ -399,7 +399,7 @@ def run(file, overrides, resume, nproc, quiet):
     """Train the experiment in FILE, tracked in MLflow; print a sample at the end."""
     if nproc is not None and "WORLD_SIZE" not in os.environ:
         from gptx.errors import ConfigError
-        from gptx.train import BatchSplit
+        from gptx.training.step import BatchSplit
 
         cfg = _load(file, overrides)  # bad input fails here, once, not in N processes
         try:
@@ -414,7 +414,8 @@ def run(file, overrides, resume, nproc, quiet):
                 "-m", "gptx", "run", file, *[f"--set={o}" for o in overrides]]
         args += ["--resume"] * resume + ["--quiet"] * quiet
         sys.exit(_run_forwarding_signals(args))
-    from gptx.train import Interrupted, train
+    from gptx.training.signals import Interrupted
+    from gptx.training.trainer import train
 
     cfg = _load(file, overrides)
     try:
@@ -536,7 +537,7 @@ def sweep(base, vary, overrides, seeds, alpha, resume, as_json, quiet):
     and compare them against the first variant: mean ± std of the final val loss, 95% CI, difference
     and p-value, tokens/s, wall time; loss curves in loss_curves.png."""
     from gptx import sweep as sweep_mod
-    from gptx.train import Interrupted
+    from gptx.training.signals import Interrupted
 
     registry()
     try:

@@ -295,7 +295,7 @@ def tokenizer_checks(kind, name, supports, registry, options=None):
 
 
 def optimizer_checks(kind, name, supports, registry, options=None):
-    from gptx.train import build_optimizer
+    from gptx.training.step import build_optimizer
 
     raw = experiment("optimizer", name, options)
     raw["training"]["learning_rate"] = 1e-2  # the rate the other checks train with (30 steps on one batch)
@@ -334,7 +334,7 @@ def optimizer_checks(kind, name, supports, registry, options=None):
 
 
 def schedule_checks(kind, name, supports, registry, options=None):
-    from gptx.train import build_schedule
+    from gptx.training.step import build_schedule
 
     def values():
         raw = experiment("schedule", name, options)

@@ -77,7 +77,7 @@ class TorchScorer:
         self.tokenizer, self.context = self.ck.tokenizer, self.ck.config.model.block_size
         self.vocab_size = self.ck.config.model.vocab_size
         self.device, self.step = device, self.ck.meta.get("step")
-        from gptx.train import keep_freed_memory
+        from gptx.training.machine import keep_freed_memory
 
         keep_freed_memory(torch.device(device))  # each batch's [B, L, V] logits: reused, not faulted in again
 

@@ -60,3 +60,32 @@ class StatusLine:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         self.close(failed=exc_type is not None)
+
+
+class TrainProgress:
+    """A live status line on a terminal; plain periodic lines otherwise (logs, CI)."""
+
+    def __init__(self, total: int, every: int, enabled: bool):
+        self.total, self.every, self.enabled = total, every, enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.start = time.perf_counter()
+        self.first_step: Optional[int] = None
+
+    def step(self, step: int, loss: float, lr: float, tok_s: float):
+        if not self.enabled:
+            return
+        if self.first_step is None:
+            self.first_step, self.start = step - 1, time.perf_counter()
+        done = step - self.first_step
+        eta = (time.perf_counter() - self.start) / max(done, 1) * (self.total - step)
+        line = f"step {step:>6}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {tok_s:,.0f} tok/s  ETA {hms(eta)}"
+        if self.tty:
+            print("\r\033[K" + line, end="", file=sys.stderr, flush=True)
+        elif step % self.every == 0 or step == self.total:
+            print(line, file=sys.stderr, flush=True)
+
+    def say(self, text: str):
+        if self.enabled:
+            if self.tty:
+                print("\r\033[K", end="", file=sys.stderr)
+            print(text, file=sys.stderr, flush=True)

@@ -103,7 +103,7 @@ def sweep(base: Path, vary: list[str], overrides: list[str] = (), seeds: int = 1
     are kept, an interrupted one resumes from its checkpoint, the others train."""
     from gptx import compare, tracking
     from gptx.runs import check_writable, experiment_dir
-    from gptx.train import Interrupted
+    from gptx.training.signals import Interrupted
 
     alpha = compare.check_alpha(alpha)
     check_seeds(seeds, vary)
@@ -151,7 +151,7 @@ def check_all(planned: list[Planned], n_variants: int, progress: bool) -> None:
     last variant's empty data file costs nothing. Seeds change no check, so the first seed's
     variants stand for all (the plan is seed-major)."""
     from gptx.progress import StatusLine
-    from gptx.train import prepare
+    from gptx.training.plan import prepare
 
     for p in planned[:n_variants]:
         cfg = copy.deepcopy(p.cfg)  # prepare resolves values in place; each run resolves its own
@@ -199,7 +199,7 @@ def _train_all(planned: list[Planned], folder: Path, parent, progress: bool) -> 
     again from the start when it has none (nothing of it was worth keeping)."""
     from gptx import checkpoint as ckpt
     from gptx.runs import from_run_dir, read_run_file
-    from gptx.train import train
+    from gptx.training.trainer import train
 
     runs = []
     for i, p in enumerate(planned, 1):

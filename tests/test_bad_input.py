@@ -717,7 +717,7 @@ FRESH = {"malformed_toml", "unreachable_tracking_server", "truncated_safetensors
 ZYGOTE = r"""
 import json, os, sys, traceback
 import torch, numpy, onnxruntime, safetensors.torch  # the slow imports, paid once
-import gptx.cli, gptx.config, gptx.checkpoint, gptx.model, gptx.train, gptx.registry, gptx.export.runtime
+import gptx.cli, gptx.config, gptx.checkpoint, gptx.model, gptx.training.trainer, gptx.registry, gptx.export.runtime
 import gptx.plugins.attention, gptx.plugins.positional, gptx.plugins.ffn, gptx.plugins.norm, gptx.plugins.tokenizers
 jobs, width = json.load(sys.stdin), 3
 codes, running, queue = {}, {}, list(enumerate(jobs))

@@ -119,7 +119,7 @@ def test_a_global_batch_that_cannot_be_split_is_one_clear_line(tmp_path):
 def test_every_rank_gets_an_equal_share_in_micro_batches_that_fit():
     from types import SimpleNamespace
 
-    from gptx.train import BatchSplit
+    from gptx.training.step import BatchSplit
 
     for A, bs, world in [(1, 12, 2), (2, 4, 2), (4, 8, 8), (2, 8, 16), (3, 4, 4), (1, 1, 1), (5, 6, 3)]:
         tc = SimpleNamespace(grad_accum_steps=A, batch_size=bs)
@@ -132,7 +132,7 @@ def test_every_rank_gets_an_equal_share_in_micro_batches_that_fit():
     # an absurd batch is planned in O(sqrt) steps and no per-row list, for the memory check to refuse it
     huge = BatchSplit.plan(SimpleNamespace(grad_accum_steps=3, batch_size=10**9), 1, 2)
     assert (huge.micro_batches, huge.rows_per_micro, huge.rows) == (2, 75 * 10**7, range(15 * 10**8, 3 * 10**9))
-    from gptx.train import _largest_divisor
+    from gptx.training.step import _largest_divisor
 
     for n in range(1, 150):
         for limit in range(1, 40):

@@ -18,7 +18,7 @@ from helpers import gptx, missing_tool, start_mlflow_server, write_experiment
 
 from gptx import checkpoint
 from gptx.config import load_experiment
-from gptx.train import train
+from gptx.training.trainer import train
 
 pytestmark = pytest.mark.slow
 

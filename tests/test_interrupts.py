@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from gptx import checkpoint
 from gptx.config import load_experiment
-from gptx.train import train
+from gptx.training.trainer import train
 
 pytestmark = pytest.mark.slow
 

@@ -28,7 +28,7 @@ from gptx import distributed
 from gptx.config import load_experiment
 from gptx.model import GPT
 from gptx.plugins.tokenizers import CharTokenizer
-from gptx.train import BatchSplit, TrainStep, build_optimizer, build_schedule, set_lr
+from gptx.training.step import BatchSplit, build_optimizer, build_schedule, set_lr, TrainStep
 
 # step: (train loss, val loss), as nanoGPT logged them
 EXPECTED = {

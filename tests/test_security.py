@@ -120,7 +120,7 @@ ATTACKS = [attack_trainer_pt_on_resume, attack_trainer_pt_on_generate, attack_py
 @pytest.fixture(scope="module")
 def artefacts(tmp_path_factory):
     """A short real run (to resume) and a tiny byte-level checkpoint with its ONNX export."""
-    from gptx.train import train
+    from gptx.training.trainer import train
 
     root = tmp_path_factory.mktemp("artefacts")
     (root / "exp").mkdir()

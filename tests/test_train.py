@@ -17,7 +17,8 @@ from helpers import REPO, gptx, missing_tool, write_experiment
 
 from gptx.config import load_experiment
 from gptx.plugins.tokenizers import GPT2Tokenizer
-from gptx.train import build_schedule, train
+from gptx.training.step import build_schedule
+from gptx.training.trainer import train
 
 
 def test_lr_schedule_warmup_cosine_floor():
@@ -230,7 +231,7 @@ def test_chunked_tokenization_equals_whole_text():
 
 
 def test_auto_dtype_is_float32_on_cpu_where_bf16_measured_slower():
-    from gptx.train import resolve_dtype
+    from gptx.training.machine import resolve_dtype
 
     cpu = torch.device("cpu")
     assert resolve_dtype("auto", cpu) == "float32"  # whatever the CPU's flags: see resolve_dtype
@@ -239,7 +240,7 @@ def test_auto_dtype_is_float32_on_cpu_where_bf16_measured_slower():
 
 HEAP_PROBE = """
 import ctypes, torch
-from gptx.train import keep_freed_memory
+from gptx.training.machine import keep_freed_memory
 
 class MallInfo2(ctypes.Structure):  # glibc's struct mallinfo2 (glibc >= 2.33)
     _fields_ = [(name, ctypes.c_size_t) for name in

@@ -23,7 +23,8 @@ from gptx.config import from_dict, load_experiment
 from gptx.errors import ConfigError
 from gptx.model import GPT
 from gptx.plugins.ffn import GeluMLP, MLPOptions
-from gptx.train import build_optimizer, build_schedule, train
+from gptx.training.step import build_optimizer, build_schedule
+from gptx.training.trainer import train
 
 TINY = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 32, "vocab_size": 64}
 

@@ -27,11 +27,6 @@ class Kind:
     def path(self) -> tuple[str, ...]:
         return tuple(self.table.split(".")) if self.table else ()
 
-    @property
-    def model_part(self) -> bool:
-        """Part of the torch model (its weights are in checkpoints; it may declare kv_cache/onnx_export)."""
-        return self.path[:1] == ("model",) or self.table is None
-
 
 KINDS: tuple[Kind, ...] = (
     Kind("attention", "Attention", "model.attention", "causal", "model",

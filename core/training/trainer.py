@@ -160,8 +160,7 @@ class Trainer:
         return step % every == 0 or step == self.tc.max_steps
 
     def set_lr(self, step: int) -> None:
-        self.lr_factor = self.schedule.factor(step - 1)
-        set_lr(self.optimizer, self.lr_factor)
+        set_lr(self.optimizer, self.schedule.factor(step - 1))
 
     def run_step(self, step: int, x, y) -> None:
         t0 = time.perf_counter()

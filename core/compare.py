@@ -134,10 +134,9 @@ def _count(n: Optional[int]) -> str:
 
 
 def _hms(seconds: Optional[float]) -> str:
-    if seconds is None:
-        return "-"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    from gptx.progress import hms
+
+    return "-" if seconds is None else hms(round(seconds))
 
 
 def _target_cell(key: str, entry: dict) -> str:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Optional
@@ -17,14 +16,10 @@ import numpy as np
 
 from gptx import shards
 from gptx.errors import GptxError
-from gptx.fsutil import open_regular
+from gptx.fsutil import cache_root, open_regular
 from gptx.prepare import Progress, Source, default_workers, tokenize_to_shard
 
 CACHE_FORMAT = "gptx-tokens-3"  # part of every cache key: bump when tokenization or the file format changes
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("GPTX_CACHE_DIR") or Path.home() / ".cache" / "gptx")
 
 
 def tokenizer_identity(tokenizer) -> str:

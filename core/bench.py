@@ -261,10 +261,8 @@ def bench_train(experiment=None, overrides: tuple = (), steps: int = 50, warmup:
     from gptx.training.step import BatchSplit, build_optimizer, build_schedule, set_lr, TrainStep
 
     experiment = experiment or default_experiment()
-    cfg = load_experiment(experiment, list(overrides))
-    tc = cfg.training
-    plan = prepare(cfg, outputs=False)
-    device, dataset = plan.device, plan.dataset
+    plan = prepare(load_experiment(experiment, list(overrides)), outputs=False)
+    cfg, tc, device, dataset = plan.cfg, plan.cfg.training, plan.device, plan.dataset
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)

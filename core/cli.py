@@ -359,6 +359,7 @@ def validate(file, overrides, as_json):
             plan = prepare(cfg, progress=status)
     except ConfigError as err:
         raise err.located(file) from None
+    cfg = plan.cfg  # resolved: dtype, vocab_size, notes, ...
     show_notes(cfg)
     if as_json:
         click.echo(json.dumps(cfg.to_dict(), indent=2))
@@ -419,7 +420,7 @@ def run(file, overrides, resume, nproc, quiet):
 
     cfg = _load(file, overrides)
     try:
-        result = train(cfg, resume=resume, progress=not quiet, checked=lambda: show_notes(cfg))
+        result = train(cfg, resume=resume, progress=not quiet, checked=show_notes)
     except Interrupted as err:
         click.echo(f"Stopped: {err}. Continue with: gptx run {file} --resume", err=True)
         sys.exit(err.exit_code)

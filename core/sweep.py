@@ -5,7 +5,6 @@ and one plot compare the variants over their seeds."""
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import itertools
 import os
@@ -154,7 +153,7 @@ def check_all(planned: list[Planned], n_variants: int, progress: bool) -> None:
     from gptx.training.plan import prepare
 
     for p in planned[:n_variants]:
-        cfg = copy.deepcopy(p.cfg)  # prepare resolves values in place; each run resolves its own
+        cfg = p.cfg  # prepare resolves a copy of it: each run resolves its own
         try:
             with StatusLine() if progress else contextlib.nullcontext() as status:
                 prepare(cfg, progress=status)

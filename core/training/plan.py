@@ -3,6 +3,7 @@ Trainer runs (device, tokenizer, data, the run to resume or the weights to start
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import os
 from pathlib import Path
@@ -40,9 +41,12 @@ def prepare(cfg: ExperimentConfig, resume: bool | Path = False, progress=None, o
     the run to resume or the weights to start from, tokenizer, data (read and tokenized here),
     the sample prompt, the memory the model needs and (``outputs``) where it writes: the output
     directory and the tracking store. ``gptx validate`` runs exactly this. Problems are
-    ConfigErrors naming the key."""
+    ConfigErrors naming the key. What it resolves (the dtype, the vocabulary size, a model taken
+    from training.init_from or the resumed run) goes into the Plan's own copy of the config,
+    ``plan.cfg``: ``cfg`` itself is never changed."""
     from gptx import tracking
 
+    cfg = copy.deepcopy(cfg)
     tc = cfg.training
     device = pick_device(tc)
     keep_freed_memory_wanted()  # a bad $GPTX_KEEP_FREED_MEMORY fails here, before anything is written

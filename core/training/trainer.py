@@ -398,10 +398,11 @@ class Trainer:
 
 
 def train(cfg: ExperimentConfig, resume: bool | Path = False, progress: bool = True, run_dir: Optional[Path] = None,
-          checked: Callable[[], None] = lambda: None) -> TrainResult:
+          checked: Callable[[ExperimentConfig], None] = lambda cfg: None) -> TrainResult:
     """Validate everything, then train: ``Trainer(prepare(cfg, resume)).fit()``. ``run_dir``: a
     new, empty directory the caller made for the run (gptx sweep), instead of a fresh one;
-    ``checked`` is called once everything is validated, before anything is created."""
+    ``checked`` is called with the resolved config (``plan.cfg``) once everything is validated,
+    before anything is created."""
     from gptx.progress import StatusLine
 
     shown = progress and env_int("RANK", 0) == 0
@@ -411,6 +412,6 @@ def train(cfg: ExperimentConfig, resume: bool | Path = False, progress: bool = T
     except ConfigError as err:  # name the experiment file, as the loader's own errors do
         raise err.located(str(cfg.source) if cfg.source else None) from None
     if env_int("RANK", 0) == 0:
-        checked()
+        checked(plan.cfg)
     plan.run_dir = run_dir
     return Trainer(plan, progress).fit()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import math
 import os
@@ -384,6 +385,10 @@ class Trainer:
         if self.plan.lock is not None:
             self.plan.lock.release()  # the last write is done: another process may continue the run
             self.plan.lock = None
+        # The DDP wrapper goes before the process group. Its Reducer, freed last, would free the
+        # group with the GIL held while a gloo thread waits for the GIL: exit hangs (pytorch #56297).
+        self.train_step = self.train_model = None
+        gc.collect()
         self.dist.close()
 
     def result(self, step: int, sample: Optional[str]) -> TrainResult:

@@ -18,7 +18,6 @@ import dataclasses
 import gc
 import json
 import math
-import os
 import signal
 import time
 from pathlib import Path
@@ -34,6 +33,7 @@ from gptx.numeric import env_int, parse_float, parse_int
 from gptx.progress import TrainProgress
 from gptx.training.machine import allocating, autocast_context, keep_freed_memory
 from gptx.training.plan import Plan, prepare
+from gptx.training.recorder import NullRecorder, Recorder
 from gptx.training.signals import Interrupted, StopFlag
 from gptx.training.step import BatchSplit, TrainStep, build_optimizer, build_schedule, set_lr
 
@@ -88,8 +88,7 @@ class Trainer:
         self.tokens_per_step = self.tc.grad_accum_steps * self.tc.batch_size * self.cfg.model.block_size
         self.show = TrainProgress(self.tc.max_steps, self.tc.log_interval, progress and self.dist.main)
         self.stop = StopFlag()
-        self.tracker = None
-        self.mlflow_link: dict = {}  # mlflow_run_id and mlflow_tracking_uri for run.json and checkpoints (open)
+        self.record: NullRecorder = NullRecorder()  # rank 0's outputs once the run is open
         self.run_dir: Optional[Path] = None
         self.last_ckpt: Optional[Path] = None
         self.saved_step: Optional[int] = None
@@ -102,21 +101,38 @@ class Trainer:
         self.best_val_loss = min((h["val_loss"] for h in self.history), default=None)
 
     def restore(self, path: Path) -> None:
-        """Weights, optimizer, data stream, RNG, step and history from a checkpoint."""
+        """Continue from the checkpoint at ``path``: its weights and its trainer.pt."""
         state = ckpt.load_trainer_state(path)
         if state is None:
             raise GptxError(f"--resume: {path} has no trainer state")
         try:
-            distributed.load_full_state(self.model, self.optimizer, ckpt.load_weights(path), state["optimizer"], self.dist)
-            self.dataset.load_state_dict(state["dataset"])
-            torch.set_rng_state(state["torch_rng"])
-            self.step0 = parse_int(state["step"], f"{path / 'trainer.pt'}: step", 0)
-            self.history = list(json.loads(state.get("history", "[]")))
-            self.seconds0 = parse_float(state.get("seconds", 0.0), f"{path / 'trainer.pt'}: seconds", 0.0)
-            self.target = json.loads(state["target"]) if state.get("target") else None
+            self.load_state_dict(state, ckpt.load_weights(path), path)
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
             raise GptxError(f"{path / 'trainer.pt'}: corrupted or from another run ({type(err).__name__}: "
                             f"{first_line(err)})") from None
+
+    def state_dict(self, step: int) -> dict:
+        """What trainer.pt holds at ``step``: with the weights, enough to continue bitwise. Every
+        rank calls it (gathering a sharded optimizer's state is a collective)."""
+        return {
+            "optimizer": distributed.full_optimizer_state(self.model, self.optimizer, self.dist),
+            "step": step,
+            "dataset": self.dataset.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "history": json.dumps(self.history),
+            "seconds": self.seconds(),
+            "target": json.dumps(self.target) if self.target else "",
+        }
+
+    def load_state_dict(self, state: dict, weights: dict, path: Path) -> None:
+        """The inverse of ``state_dict`` (``path`` names the checkpoint in errors)."""
+        distributed.load_full_state(self.model, self.optimizer, weights, state["optimizer"], self.dist)
+        self.dataset.load_state_dict(state["dataset"])
+        torch.set_rng_state(state["torch_rng"])
+        self.step0 = parse_int(state["step"], f"{path / 'trainer.pt'}: step", 0)
+        self.history = list(json.loads(state.get("history", "[]")))
+        self.seconds0 = parse_float(state.get("seconds", 0.0), f"{path / 'trainer.pt'}: seconds", 0.0)
+        self.target = json.loads(state["target"]) if state.get("target") else None
 
     # -- the loop --
 
@@ -140,7 +156,7 @@ class Trainer:
                     if self.dist.agree_max(self.stop.signum or 0):  # ranks stop together, or collectives hang
                         self.interrupt(step)
                     if reached:
-                        self.show.say(f"reached training.target_val_loss {self.tc.target_val_loss} at step {step}; stopping")
+                        self.record.say(f"reached training.target_val_loss {self.tc.target_val_loss} at step {step}; stopping")
                         break
                 sample = self.finish(step)
                 status = "FINISHED"
@@ -187,17 +203,12 @@ class Trainer:
                 self.pending.clear()
                 raise GptxError(f"training diverged: loss is {loss} at step {s}; {self.kept_after_divergence()}; "
                                 "try a lower training.learning_rate")
-            tok_s = self.tokens_per_step / dt
             self.step_times.append(dt)
-            self.tracker.log_metrics({"train_loss": loss, "lr": lr, "tokens_per_sec": tok_s}, s)
-            self.metrics_log.write(s, at, train_loss=loss, lr=lr, tokens_per_sec=tok_s, **dict(zip(aux, values)))
-            self.show.step(s, loss, lr, tok_s)
+            self.record.train_step(s, at, loss, lr, self.tokens_per_step / dt, dict(zip(aux, values)))
             self.last_train_loss = loss
             for name, v in zip(aux, values):
                 totals.setdefault(name, []).append(v)
-        aux_means = {name: sum(v) / len(v) for name, v in totals.items()}  # over the logging interval
-        if aux_means:
-            self.tracker.log_metrics(aux_means, self.pending[-1][0])
+        self.record.aux_means(self.pending[-1][0], {name: sum(v) / len(v) for name, v in totals.items()})  # over the interval
         self.pending.clear()
 
     def kept_after_divergence(self) -> str:
@@ -226,14 +237,10 @@ class Trainer:
             self.target = {"steps_to_target": step, "tokens_to_target": step * self.tokens_per_step,
                            "seconds_to_target": round(self.seconds(), 3)}
             metrics |= self.target
-            self.show.say(f"step {step}: val loss {self.val_loss:.4f} reached the target {target} "
-                          f"after {self.target['seconds_to_target']:.1f} s")
-            if self.dist.main:
-                runs.write_run_file(self.run_dir, **self.target)
-        self.tracker.log_metrics(metrics, step)
-        self.tracker.flush()
-        self.metrics_log.write(step, self.seconds(), val_loss=self.val_loss, eval_train_loss=losses["train"])
-        self.show.say(f"step {step}: train loss {losses['train']:.4f}, val loss {self.val_loss:.4f}")
+            self.record.say(f"step {step}: val loss {self.val_loss:.4f} reached the target {target} "
+                            f"after {self.target['seconds_to_target']:.1f} s")
+            self.record.target_reached(self.target)
+        self.record.evaluation(step, self.seconds(), metrics)
 
     def mean_loss(self, batches) -> float:
         """Row-weighted mean cross-entropy over (x, y) batches [n, T]. Ranks share the batches
@@ -253,24 +260,15 @@ class Trainer:
     def checkpoint(self, step: int) -> None:
         self.flush()
         weights = distributed.full_model_state(self.model, self.dist)  # collectives under FSDP: all ranks
-        optim_state = distributed.full_optimizer_state(self.model, self.optimizer, self.dist)
+        state = self.state_dict(step)
         if self.dist.main:
-            state = {
-                "optimizer": optim_state,
-                "step": step,
-                "dataset": self.dataset.state_dict(),
-                "torch_rng": torch.get_rng_state(),
-                "history": json.dumps(self.history),
-                "seconds": self.seconds(),
-                "target": json.dumps(self.target) if self.target else "",
-            }
-            extra = dict(self.mlflow_link)  # the run's MLflow run and store: gptx export logs there
+            extra = dict(self.record.mlflow_link)  # the run's MLflow run and store: gptx export logs there
             if self.plan.init_from is not None:
                 extra["init_from"] = str(self.plan.init_from)
             if self.plan.init_not_loaded:
                 extra["init_not_loaded"] = self.plan.init_not_loaded
             self.last_ckpt = ckpt.save(self.run_dir, step, weights, self.cfg, self.tokenizer, state, extra=extra)
-            runs.write_run_file(self.run_dir, step=step, checkpoint=str(self.last_ckpt))
+            self.record.checkpoint(step, self.last_ckpt)
         self.saved_step = step
         self.dist.barrier()
 
@@ -292,19 +290,9 @@ class Trainer:
             x_all, y_all = self.dataset.tiled_windows("val", self.tc.final_eval_tokens)  # [N, T] x2
             bs = self.tc.batch_size
             self.final_val_loss = self.mean_loss((x_all[i:i + bs], y_all[i:i + bs]) for i in range(0, len(x_all), bs))
-            self.tracker.log_metrics({"final_val_loss": self.final_val_loss}, step)
-            self.metrics_log.write(step, self.seconds(), final_val_loss=self.final_val_loss)
-            if self.dist.main:
-                runs.write_run_file(self.run_dir, final_val_loss=self.final_val_loss)
-            self.show.say(f"final val loss {self.final_val_loss:.4f} on {x_all.numel():,} tokens of the validation split")
+            self.record.final(step, self.seconds(), self.final_val_loss, x_all.numel())
         sample = self.sample()
-        if self.dist.main:
-            from gptx.plots import log_run_curves
-
-            runs.write_run_file(self.run_dir, best_val_loss=self.best_val_loss, seconds=round(self.seconds(), 3))
-            if self.last_ckpt is not None:
-                self.tracker.log_artifacts(self.last_ckpt, "checkpoint")
-            log_run_curves(self.run_dir, self.tracker)  # metrics.jsonl and loss_curves.png; never fails the run
+        self.record.ended(self.best_val_loss, self.seconds(), self.last_ckpt)
         return sample
 
     def sample(self) -> Optional[str]:
@@ -329,13 +317,13 @@ class Trainer:
         gen = generate_ids(model, [prompt], n_new, Sampler(tc.sample_temperature, tc.sample_top_k, None, tc.seed), None,
                            vocab=self.tokenizer.vocab_size)
         text = self.tokenizer.decode(gen.prompt_ids[0] + gen.ids[0])
-        self.tracker.log_text(text, "sample.txt")
+        self.record.sample(text)
         return text
 
     # -- opening and closing the run --
 
     def open(self) -> None:
-        """The MLflow run, then the run directory (rank 0 creates both), run.json and the params."""
+        """The MLflow run, then the run directory (rank 0 creates both) and the run's recorder."""
         from gptx import registry as registry_mod
         from gptx import tracking
 
@@ -346,42 +334,34 @@ class Trainer:
         try:
             if self.dist.main and self.plan.lock is None:  # a resumed run's was taken before its checks
                 self.plan.lock = runs.lock_run_dir(created or made)
-            self.tracker = tracking.start(self.cfg, run_id=run_id, rank=self.dist.rank, store=earlier.get("mlflow_tracking_uri"))
+            tracker = tracking.start(self.cfg, run_id=run_id, rank=self.dist.rank, store=earlier.get("mlflow_tracking_uri"))
         except BaseException:
             if created is not None:  # a run that could not be tracked leaves nothing behind
                 (created / runs.LOCK_FILE).unlink(missing_ok=True)
                 created.rmdir()
             raise
         self.run_dir = self.dist.broadcast(created or made)
-        self.metrics_log = metrics_log.MetricsLog(self.run_dir, self.step0, enabled=self.dist.main)
-        if self.plan.resume_dir and self.dist.main:
-            self.last_ckpt = ckpt.complete_checkpoints(self.run_dir / "checkpoints")[-1]
         if not self.dist.main:
             return
-        if self.tracker.run_id is not None:  # a run resumed with tracking off keeps its link to the MLflow run
-            self.mlflow_link = {"mlflow_run_id": self.tracker.run_id, "mlflow_tracking_uri": self.tracker.uri}
-        else:
-            self.mlflow_link = {k: earlier.get(k) for k in ("mlflow_run_id", "mlflow_tracking_uri")}
-        runs.write_run_file(self.run_dir, status="RUNNING", experiment=self.cfg.name, **self.mlflow_link,
-                            config=self.cfg.to_dict(), pid=os.getpid(), num_params=self.model.num_params())
-        if run_id is None:
-            self.tracker.log_params(tracking.flatten(self.cfg.to_dict()))
-            self.tracker.log_metrics({"num_params": self.model.num_params()}, 0)  # gptx compare <run id> reads it
-            self.tracker.set_tags(tracking.run_tags(self.cfg, registry_mod.registry(), self.plan.init_from)
-                                  | ({"gptx.init_not_loaded": self.plan.init_not_loaded[:5000]} if self.plan.init_not_loaded else {}))
-            self.tracker.log_text(json.dumps(self.cfg.to_dict(), indent=2), "config.json")
-        self.show.say(f"gptx run {self.cfg.name}: {self.model.num_params() / 1e6:.2f}M parameters, "
-                      f"{self.tokens_per_step:,} tokens/step, {self.dist.world} process(es) on {self.device}, "
-                      f"run dir {self.run_dir}")
+        try:
+            self.record = Recorder(self.run_dir, tracker, self.show, self.step0, earlier)
+        except BaseException:
+            tracker.finish("FAILED")
+            raise
+        if self.plan.resume_dir:
+            self.last_ckpt = ckpt.complete_checkpoints(self.run_dir / "checkpoints")[-1]
+        tags = {}
+        if run_id is None:  # a resumed MLflow run is tagged already
+            tags = tracking.run_tags(self.cfg, registry_mod.registry(), self.plan.init_from)
+            if self.plan.init_not_loaded:
+                tags["gptx.init_not_loaded"] = self.plan.init_not_loaded[:5000]
+        self.record.started(self.cfg, self.model.num_params(), resumed=run_id is not None, tags=tags)
+        self.record.say(f"gptx run {self.cfg.name}: {self.model.num_params() / 1e6:.2f}M parameters, "
+                        f"{self.tokens_per_step:,} tokens/step, {self.dist.world} process(es) on {self.device}, "
+                        f"run dir {self.run_dir}")
 
     def close(self, status: str) -> None:
-        if self.tracker is not None:
-            self.tracker.finish(status)
-        if self.dist.main and self.run_dir is not None:
-            try:
-                runs.write_run_file(self.run_dir, status=status, error=self.error)  # None: a resumed run's old error is gone
-            except OSError:  # e.g. the disk that just refused a checkpoint: keep the error that matters
-                pass
+        self.record.finish(status, self.error)
         if self.plan.lock is not None:
             self.plan.lock.release()  # the last write is done: another process may continue the run
             self.plan.lock = None
@@ -396,7 +376,7 @@ class Trainer:
         return TrainResult(
             run_dir=self.run_dir, checkpoint=self.last_ckpt, step=step, train_loss=self.last_train_loss,
             val_loss=self.val_loss, tokens_per_sec=self.tokens_per_step / times[len(times) // 2] if times else 0.0,
-            run_id=self.tracker.run_id, sample=sample, history=self.history, num_params=self.model.num_params(),
+            run_id=self.record.run_id, sample=sample, history=self.history, num_params=self.model.num_params(),
             final_val_loss=self.final_val_loss, best_val_loss=self.best_val_loss, seconds=self.seconds(),
             target=self.target,
         )

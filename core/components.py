@@ -124,7 +124,6 @@ class CacheBuffer(tuple):
         return cache
 
 
-KVBuffer = CacheBuffer  # the name before caches were declared by attention
 
 
 def append_cache(past: Optional[Cache], new: Sequence[torch.Tensor], axes: Sequence[int]) -> Cache:
@@ -148,7 +147,7 @@ def append_kv(past: Optional[KV], k: torch.Tensor, v: torch.Tensor) -> KV:
 
 __all__ = [
     "CAPABILITIES", "DEFAULT_SUPPORTS", "KV_CACHE", "ONNX_EXPORT", "ONNX_FUSED_ATTENTION", "KV", "Cache", "Aux",
-    "split_aux", "CacheTensor", "kv_layout", "CacheBuffer", "KVBuffer", "append_cache", "append_kv", "Component",
+    "split_aux", "CacheTensor", "kv_layout", "CacheBuffer", "append_cache", "append_kv", "Component",
     "PositionalEncoding", "Attention", "FeedForward", "Norm", "NormPlacement", "Block", "Tokenizer",
     "Dataset", "Optimizer", "Schedule",
 ]
@@ -415,3 +414,12 @@ def attention_allowed(
 def gpt2_init_std(config: "ModelConfig", residual: bool) -> float:
     """GPT-2's init: std 0.02, residual output projections scaled by 1/sqrt(2 * n_layer)."""
     return 0.02 / math.sqrt(2 * config.n_layer) if residual else 0.02
+
+
+def __getattr__(name: str):
+    if name == "KVBuffer":  # the name before attention declared its caches; plugins written then still import it
+        import warnings
+
+        warnings.warn("gptx.components.KVBuffer is now CacheBuffer", DeprecationWarning, stacklevel=2)
+        return CacheBuffer
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

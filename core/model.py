@@ -145,10 +145,6 @@ class GPT(nn.Module):
             metrics.update({f"aux/{where}.{name}": value.detach() for name, value in a.metrics.items()})
         return Loss(loss, ce, aux, metrics)
 
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> Loss:
-        """``self(input_ids, targets=targets)``: input_ids, targets [B, T]."""
-        return self(input_ids, targets=targets)
-
     def cache_layouts(self) -> list:
         return [block.cache_layout() for block in self.blocks]
 

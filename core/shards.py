@@ -75,12 +75,6 @@ class ShardWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def write_shard(path: Path, ids: np.ndarray, dtype: str) -> Path:
-    writer = ShardWriter(path, dtype)
-    writer.write(ids)
-    return writer.close()
-
-
 def copy_tokens(source: Path, first: int, count: int, path: Path, block: int = 1 << 22) -> Path:
     """A new shard at ``path`` holding ``count`` tokens of shard ``source`` from ``first`` on,
     copied a block at a time (memory stays small whatever the shard's size)."""

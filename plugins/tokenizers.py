@@ -84,10 +84,6 @@ class _TiktokenBase(Tokenizer):
         # special tokens written in the text are allowed: "<|endoftext|>" separates documents
         return self.encoding.encode(text, allowed_special="all")
 
-    def encode_batch(self, texts):
-        # the same ids as encode() on each text: special tokens in the text are special here too
-        return self.encoding.encode_batch(texts, allowed_special="all")
-
     def decode(self, ids):
         return self.encoding.decode(list(ids))
 

@@ -126,7 +126,7 @@ def test_the_guides_example_plugin_works(tmp_path, monkeypatch):
     model = GPT(cfg.model)
     ids = torch.randint(0, 32, (2, 8))
     assert model(ids)[0].shape == (2, 8, 32)
-    model.loss(ids[:, :-1], ids[:, 1:]).loss.backward()
+    model(ids[:, :-1], targets=ids[:, 1:]).loss.backward()
     with pytest.raises(ConfigError, match="model.ffn.hidden: must be at least 1"):
         from_dict({"model": {**model_table, "ffn": {"kind": "squared_relu", "hidden": 0}}}, registry=reg)
 

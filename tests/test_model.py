@@ -176,7 +176,7 @@ def test_generate_greedy_matches_argmax_of_full_recompute():
 
 
 def test_preallocated_cache_writes_in_place_and_equals_concatenation():
-    from gptx.components import KVBuffer
+    from gptx.components import CacheBuffer
 
     model = make_model()
     ids = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(3))
@@ -190,7 +190,7 @@ def test_preallocated_cache_writes_in_place_and_equals_concatenation():
             out.append(logits)
             start += n
             in_place = start <= 7
-            assert isinstance(past[0], KVBuffer) == in_place and past[0][0].shape[2] == start
+            assert isinstance(past[0], CacheBuffer) == in_place and past[0][0].shape[2] == start
             if in_place:
                 assert past[0][0].data_ptr() == buffer_ptr  # the same storage, no copy of the cache
     torch.testing.assert_close(torch.cat(out, dim=1), plain, rtol=0, atol=1e-6)
@@ -260,3 +260,10 @@ def test_generate_recomputes_when_a_component_declares_no_kv_cache():
     for sampler in (lambda: Sampler(temperature=0), lambda: Sampler(temperature=1.0, seed=7)):
         got = generate_ids(model, prompts, 7, sampler()).ids
         assert got == generate_ids(reference, prompts, 7, sampler()).ids
+
+
+def test_the_old_cache_buffer_name_still_imports_with_a_warning():
+    import gptx.components as components
+
+    with pytest.warns(DeprecationWarning, match="now CacheBuffer"):
+        assert components.KVBuffer is components.CacheBuffer

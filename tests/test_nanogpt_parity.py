@@ -65,10 +65,13 @@ def test_gptx_fed_nanogpts_batches_reproduces_its_log():
         rows = torch.from_numpy(np.asarray(tokens[starts[:, None] + np.arange(T + 1)], dtype=np.int64))
         return rows[:, :-1], rows[:, 1:]
 
+    def ce(x, y):  # x, y [B, T] -> the mean cross-entropy
+        return model(x, targets=y).ce
+
     def estimate():  # nanoGPT's estimate_loss: the mean of 20 fresh batches per split
         model.eval()
         with torch.no_grad():
-            out = tuple(float(torch.stack([model.loss(*nanogpt_batch(s)).ce for _ in range(tc.eval_steps)]).mean())
+            out = tuple(float(torch.stack([ce(*nanogpt_batch(s)) for _ in range(tc.eval_steps)]).mean())
                         for s in ("train", "val"))
         model.train()
         return out

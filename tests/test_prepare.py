@@ -148,7 +148,9 @@ def test_vocabularies_beyond_uint16_get_llmcs_uint32_header(tmp_path):
 
 
 def test_reader_refuses_damaged_shards(tmp_path):
-    good = shards.write_shard(tmp_path / "good.bin", np.arange(2000), "uint16")
+    writer = shards.ShardWriter(tmp_path / "good.bin", "uint16")
+    writer.write(np.arange(2000))
+    good = writer.close()
     assert shards.open_shard(good).tolist() == list(range(2000))
     raw = good.read_bytes()
     cases = {

@@ -162,7 +162,7 @@ TRAIN_AND_DECODE = textwrap.dedent(
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         losses = []
         for _ in range(25):
-            loss = model.loss(batch[:, :-1], batch[:, 1:]).loss
+            loss = model(batch[:, :-1], targets=batch[:, 1:]).loss
             opt.zero_grad(); loss.backward(); opt.step()
             losses.append(loss.item())
         model.eval()

@@ -227,7 +227,7 @@ def test_chunked_tokenization_equals_whole_text():
     chunker = Chunker(2000)
     chunks = [c for i in range(0, len(text), 700) for c in chunker.feed(text[i:i + 700])] + list(chunker.flush())
     assert len(chunks) > 100 and "".join(chunks) == text
-    assert [t for c in tok.encode_batch(chunks) for t in c] == tok.encode(text)
+    assert [t for c in chunks for t in tok.encode(c)] == tok.encode(text)
 
 
 def test_auto_dtype_is_float32_on_cpu_where_bf16_measured_slower():

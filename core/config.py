@@ -47,7 +47,20 @@ def _spec_field():
     return dataclasses.field(default=None, metadata={"component": True})
 
 
+def component_slots(section: str):
+    """One ``ComponentSpec`` field per kind chosen in a ``[<section>.<kind>]`` table, taken from
+    ``KINDS``: a new kind needs no edit here. The loader fills them (``from_dict``)."""
+    def add_fields(cls):
+        for kind in KINDS:
+            if kind.path[:1] == (section,) and len(kind.path) == 2:
+                cls.__annotations__[kind.path[1]] = "Optional[ComponentSpec]"
+                setattr(cls, kind.path[1], _spec_field())
+        return cls
+    return add_fields
+
+
 @dataclasses.dataclass
+@component_slots("model")
 class ModelConfig:
     n_layer: int = 12
     n_head: int = 12
@@ -57,12 +70,7 @@ class ModelConfig:
     dropout: float = option(0.0, low=0, high=1, high_open=True)
     bias: bool = True  # biases in linear layers, as GPT-2 (a norm's own bias is its option)
     tie_embeddings: bool = True  # the LM head reuses the token embedding matrix, as GPT-2
-    # filled in by the loader from the [model.<kind>] tables
-    attention: Optional[ComponentSpec] = _spec_field()
-    positional: Optional[ComponentSpec] = _spec_field()
-    ffn: Optional[ComponentSpec] = _spec_field()
-    norm: Optional[ComponentSpec] = _spec_field()
-    block: Optional[ComponentSpec] = _spec_field()
+    # + one field per [model.<kind>] table (attention, positional, ffn, norm, block): component_slots
 
     def __post_init__(self):
         for name, most in (("n_layer", 4096), ("n_head", 4096), ("n_embd", 1 << 20), ("block_size", 1 << 24)):
@@ -94,6 +102,7 @@ class ModelConfig:
 
 
 @dataclasses.dataclass
+@component_slots("training")
 class TrainingConfig:
     max_steps: int = 1000
     batch_size: int = 12  # sequences per micro-batch
@@ -120,9 +129,7 @@ class TrainingConfig:
     sample_tokens: int = 200  # tokens generated at the end of the run (0: none)
     sample_temperature: float = option(0.8, low=0, high=1e4)  # gptx generate's --temperature range
     sample_top_k: Optional[int] = 200
-    # filled in by the loader from the [training.<kind>] tables
-    optimizer: Optional[ComponentSpec] = _spec_field()
-    schedule: Optional[ComponentSpec] = _spec_field()
+    # + one field per [training.<kind>] table (optimizer, schedule): component_slots
 
     def __post_init__(self):
         for name in ("max_steps", "batch_size", "grad_accum_steps", "eval_interval", "eval_steps", "log_interval"):

@@ -63,16 +63,14 @@ def experiment(kind: str, name: str, options: Optional[dict] = None, **model) ->
     """The plain config putting component ``name`` of ``kind`` in its slot, defaults elsewhere."""
     table = {"kind": name, **(options or {})}
     raw = {"model": {**TINY, **model}, "tokenizer": {"kind": "byte"}}
-    if kind == "norm_placement":
+    if kind == "norm_placement":  # chosen by name in the sequential block's options, not in a table
         raw["model"]["block"] = {"kind": "sequential", "placement": name}
-    elif BY_NAME[kind].path[0] == "model":
-        raw["model"][BY_NAME[kind].path[1]] = table
-    elif kind in ("optimizer", "schedule"):
-        raw["training"] = {kind: table}
-    elif kind == "tokenizer":
-        raw["tokenizer"] = table
-    elif kind == "dataset":
-        raw["data"] = table
+        return raw
+    *parents, key = BY_NAME[kind].path  # e.g. ("training", "optimizer"): the kind's table
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[key] = table
     return raw
 
 

@@ -1,7 +1,8 @@
 """The one table of component kinds. Everything that lists kinds iterates ``KINDS``: the hook
 specs, the registry, the config loader, ``gptx components``, checkpoints, MLflow params and
-tags, the export's capability check and ``gptx check-plugin``. A new kind is one entry here plus
-its interface class in ``gptx.components``. Torch-free (``gptx --help`` reads it).
+tags, the export's capability check and ``gptx check-plugin``. A new kind is one entry here, its
+interface class in ``gptx.components`` and a built-in plugin module in ``gptx.plugins`` (found by
+name); tests/test_new_kind.py proves it. Torch-free (``gptx --help`` reads it).
 """
 from __future__ import annotations
 

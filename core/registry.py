@@ -26,19 +26,19 @@ from gptx.options import did_you_mean
 
 ENTRY_POINT_GROUP = "gptx"
 
-BUILTIN_PLUGINS = (
-    "gptx.plugins.attention",
-    "gptx.plugins.latent",
-    "gptx.plugins.positional",
-    "gptx.plugins.ffn",
-    "gptx.plugins.moe",
-    "gptx.plugins.norm",
-    "gptx.plugins.blocks",
-    "gptx.plugins.tokenizers",
-    "gptx.plugins.datasets",
-    "gptx.plugins.optimizers",
-    "gptx.plugins.schedules",
-)
+
+def _builtin_plugins() -> tuple[str, ...]:
+    """Every module of ``gptx.plugins``: a built-in component is a module there, nothing else to list."""
+    import pkgutil
+
+    from gptx import plugins
+
+    return tuple(sorted(f"gptx.plugins.{m.name}" for m in pkgutil.iter_modules(plugins.__path__)
+                        if not m.ispkg and not m.name.startswith("_")))
+
+
+BUILTIN_PLUGINS = _builtin_plugins()
+
 
 @dataclasses.dataclass(frozen=True)
 class PluginInfo:

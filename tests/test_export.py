@@ -4,6 +4,7 @@ component (one slot varied at a time, defaults elsewhere). Real torch.onnx expor
 onnxruntime sessions throughout; tiny models so each export takes seconds."""
 import contextlib
 import json
+import re
 
 import numpy as np
 import onnx
@@ -342,9 +343,10 @@ def test_failed_verification_exits_2_naming_the_output_and_leaves_nothing(tmp_pa
     monkeypatch.setattr(verify, "TOLERANCE", -1.0)  # any difference, even 0, now fails
     r = invoke("export", byte_ckpt, "-o", tmp_path / "out")
     assert r.exit_code == 2
-    assert "export verification failed" in r.output
-    assert any(f"{case}: " in r.output for case in ("empty-past", "1-token", "chunked", "left-padded"))
-    assert "logits" in r.output or "present." in r.output
+    # one Error line naming the worst case and output; which one is worst is float rounding noise
+    error = r.output.strip().splitlines()[-1]
+    assert re.fullmatch(r"Error: export verification failed: onnxruntime differs from PyTorch by \S+ \(> -1\) "
+                        r"in (empty-past|1-token|chunked|left-padded): (logits|present\.[01]\.[a-z_]+)", error), error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no OUT_DIR, no temp dir
 
 

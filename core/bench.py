@@ -355,9 +355,9 @@ def _is_plain_gpt2(config) -> bool:
     from gptx.config import ModelConfig
 
     m: ModelConfig = config.model
-    return (m.attention.kind == "causal" and m.positional.kind == "learned" and m.ffn.kind == "gelu"
+    return (m.attention.name == "causal" and m.positional.name == "learned" and m.ffn.name == "gelu"
             and getattr(m.ffn.options, "approximate", "tanh") == "tanh" and m.ffn.options.hidden in (None, 4 * m.n_embd)
-            and m.norm.kind == "layernorm" and m.block.kind == "sequential" and m.block.options.placement == "pre" and m.bias and m.tie_embeddings
+            and m.norm.name == "layernorm" and m.block.name == "sequential" and m.block.options.placement == "pre" and m.bias and m.tie_embeddings
             and m.norm.options.bias and m.attention.options.n_kv_heads in (None, m.n_head)
             and m.attention.options.window is None)
 
@@ -430,7 +430,7 @@ class _GenerateBench:
                 check_exportable(self.cfg.model)
             except GptxError as err:
                 return str(err)
-        if name == "genai" and self.cfg.tokenizer.kind != "gpt2":
+        if name == "genai" and self.cfg.tokenizer.name != "gpt2":
             return "onnxruntime-genai needs tokenizer.json (GPT-2 BPE exports only)"
         return None
 

@@ -367,8 +367,8 @@ def validate(file, overrides, as_json):
     m, d = cfg.model, plan.dataset
     click.echo(
         f"{file}: OK — {m.n_layer} layers, {m.n_head} heads, {m.n_embd} wide, block {m.block_size}; "
-        + ", ".join(f"{k.name} {spec.kind}" for k, spec in cfg.components() if k.name != "tokenizer")
-        + f"; tokenizer {cfg.tokenizer.kind} ({m.vocab_size:,} tokens); "
+        + ", ".join(f"{k.name} {spec.name}" for k, spec in cfg.components() if k.name != "tokenizer")
+        + f"; tokenizer {cfg.tokenizer.name} ({m.vocab_size:,} tokens); "
         f"{d.tokens('train'):,} training and {d.tokens('val'):,} validation tokens"
     )
 

@@ -30,17 +30,25 @@ MAX_SEED = 2**63 - 1
 
 @dataclasses.dataclass
 class ComponentSpec:
-    """A resolved component choice: registered name, the class it names, its parsed options, and
-    the registry entries its options name (an option with ``metadata={"kind": ...}``, e.g. a
-    placement): option name -> ``gptx.registry.Entry``."""
+    """A resolved component choice: its registered name (the table's ``kind`` key, e.g.
+    ``"rope"``), the class it names, its parsed options, and the registry entries its options name
+    (an option with ``metadata={"kind": ...}``, e.g. a placement): option name -> ``gptx.registry.Entry``."""
 
-    kind: str
+    name: str
     options: Any
     cls: type = dataclasses.field(repr=False, compare=False, default=None)
     refs: dict = dataclasses.field(repr=False, compare=False, default_factory=dict)
 
+    @property
+    def kind(self) -> str:
+        """The old name of ``name`` (a kind is attention, ffn, ...; this is the component's name)."""
+        import warnings
+
+        warnings.warn("ComponentSpec.kind is now ComponentSpec.name", DeprecationWarning, stacklevel=2)
+        return self.name
+
     def to_dict(self) -> dict:
-        return {"kind": self.kind} | to_dict(self.options)
+        return {"kind": self.name} | to_dict(self.options)
 
 
 def _spec_field():
@@ -93,7 +101,7 @@ class ModelConfig:
         components their options name (the block's placement)."""
         out = []
         for table, spec in self.components():
-            out.append((f"{table}.kind", spec.kind, spec.cls))
+            out.append((f"{table}.kind", spec.name, spec.cls))
             out += [(f"{table}.{field}", ref.name, ref.cls) for field, ref in spec.refs.items()]
         return out
 
@@ -453,7 +461,7 @@ def from_dict(raw: dict, registry=None, source: Optional[Path] = None, kind_set:
     limit = model.positional.cls.max_positions(model, model.positional.options)
     if limit is not None and model.block_size > limit:
         raise ConfigError(
-            f"{model.block_size} exceeds the {limit} positions that positional '{model.positional.kind}' supports",
+            f"{model.block_size} exceeds the {limit} positions that positional '{model.positional.name}' supports",
             "model.block_size",
         )
     return cfg
@@ -502,7 +510,7 @@ def resolve_component(reg, kind: Kind, table, base_dir: Path, kind_changed: bool
             base = Path.cwd() if f"{key}.{f.name}" in set_keys else base_dir
             absolute = str((base / os.path.expanduser(value)).absolute())
             options = dataclasses.replace(options, **{f.name: absolute})
-    return ComponentSpec(kind=name, options=options, cls=entry.cls, refs=refs)
+    return ComponentSpec(name=name, options=options, cls=entry.cls, refs=refs)
 
 
 def _check_component(cls, context, options, kind: Kind) -> None:

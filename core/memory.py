@@ -87,10 +87,10 @@ def estimate(cfg, states_per_param: int) -> list[Part]:
     rows = tc.batch_size * m.block_size  # tokens in one micro-batch
     act_bytes = 2 if tc.dtype == "bfloat16" else 4
     per_param = 4 * (2 + states_per_param)
-    attention = _build_on_meta("model.attention", m.attention.kind, lambda: m.attention.cls(m, m.attention.options))
-    ffn = _build_on_meta("model.ffn", m.ffn.kind, lambda: m.ffn.cls(m, m.ffn.options))
-    norm = _build_on_meta("model.norm", m.norm.kind, lambda: m.norm.cls(m.n_embd, m.norm.options))
-    positional = _build_on_meta("model.positional", m.positional.kind, lambda: m.positional.cls(m, m.positional.options))
+    attention = _build_on_meta("model.attention", m.attention.name, lambda: m.attention.cls(m, m.attention.options))
+    ffn = _build_on_meta("model.ffn", m.ffn.name, lambda: m.ffn.cls(m, m.ffn.options))
+    norm = _build_on_meta("model.norm", m.norm.name, lambda: m.norm.cls(m.n_embd, m.norm.options))
+    positional = _build_on_meta("model.positional", m.positional.name, lambda: m.positional.cls(m, m.positional.options))
     ffn_params = _params(ffn)
     # a mixture of experts runs top_k of its experts per token: only those keep activations
     active = (ffn_params - ffn.inactive_params()) / ffn_params if hasattr(ffn, "inactive_params") and ffn_params else 1.0
@@ -98,10 +98,10 @@ def estimate(cfg, states_per_param: int) -> list[Part]:
     kept_per_token = m.n_layer * (_linear_inputs(attention) + int(active * _linear_inputs(ffn)))
     return [
         Part("model.vocab_size", "the token embedding and LM head", per_param * embedding),
-        Part("model.positional", f"positional '{m.positional.kind}'", _stored(positional, per_param)),
-        Part("model.attention", f"attention '{m.attention.kind}' in {m.n_layer} layers", m.n_layer * _stored(attention, per_param)),
-        Part("model.ffn", f"ffn '{m.ffn.kind}' in {m.n_layer} layers", m.n_layer * _stored(ffn, per_param)),
-        Part("model.norm", f"norm '{m.norm.kind}'", (2 * m.n_layer + 1) * _stored(norm, per_param)),
+        Part("model.positional", f"positional '{m.positional.name}'", _stored(positional, per_param)),
+        Part("model.attention", f"attention '{m.attention.name}' in {m.n_layer} layers", m.n_layer * _stored(attention, per_param)),
+        Part("model.ffn", f"ffn '{m.ffn.name}' in {m.n_layer} layers", m.n_layer * _stored(ffn, per_param)),
+        Part("model.norm", f"norm '{m.norm.name}'", (2 * m.n_layer + 1) * _stored(norm, per_param)),
         Part("training.batch_size", f"the activations and logits of a micro-batch of {tc.batch_size} x {m.block_size} tokens",
              act_bytes * rows * kept_per_token + 8 * rows * m.vocab_size),
     ]

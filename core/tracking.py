@@ -339,8 +339,8 @@ def run_tags(cfg, registry, init_from=None) -> dict[str, str]:
     git commit of the experiment's folder and the checkpoint the weights started from."""
     used = {}
     for kind, spec in cfg.components():
-        e = registry.get(kind.name, spec.kind)
-        used[kind.name] = f"{spec.kind} ({e.plugin.distribution} {e.plugin.version})"
+        e = registry.get(kind.name, spec.name)
+        used[kind.name] = f"{spec.name} ({e.plugin.distribution} {e.plugin.version})"
         for field, ref in spec.refs.items():
             used[f"{kind.name}.{field}"] = f"{ref.name} ({ref.plugin.distribution} {ref.plugin.version})"
     tags = {"gptx.version": __version__, "gptx.plugins": json.dumps(used)}

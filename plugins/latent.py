@@ -57,9 +57,9 @@ class LatentAttention(Attention):
         rope_dim = cls.rope_dim_of(model, options)
         if rotates(model.positional.cls) and rope_dim != model.head_dim:
             raise ValueError(("attention.rope_dim", f"must equal the head size {model.head_dim} with positional "
-                              f"'{model.positional.kind}' (its rotation is sized by the head), got {rope_dim}"))
+                              f"'{model.positional.name}' (its rotation is sized by the head), got {rope_dim}"))
         if not rotates(model.positional.cls) and rope_dim:
-            raise ValueError(("attention.rope_dim", f"positional '{model.positional.kind}' does not rotate queries and "
+            raise ValueError(("attention.rope_dim", f"positional '{model.positional.name}' does not rotate queries and "
                               "keys: leave rope_dim unset (0)"))
 
     @staticmethod

@@ -19,9 +19,9 @@ def test_shipped_experiments_validate():
 def test_baseline_is_gpt2_architecture():
     cfg = load_experiment(REPO / "experiments" / "baseline.toml")
     m = cfg.model
-    assert (m.attention.kind, m.positional.kind, m.ffn.kind, m.norm.kind, m.block.kind, m.block.options.placement) == (
+    assert (m.attention.name, m.positional.name, m.ffn.name, m.norm.name, m.block.name, m.block.options.placement) == (
         "causal", "learned", "gelu", "layernorm", "sequential", "pre")
-    assert m.tie_embeddings and m.bias and cfg.tokenizer.kind == "gpt2"
+    assert m.tie_embeddings and m.bias and cfg.tokenizer.name == "gpt2"
     assert m.norm.options.eps == 1e-5
 
 
@@ -33,7 +33,7 @@ def test_defaults_then_file_then_command_line(tmp_path):
     cfg = load_experiment(f, ["model.n_layer=3", "training.learning_rate=1e-3", "model.positional.kind=rope",
                               "model.attention.n_kv_heads=1"])
     assert cfg.model.n_layer == 3 and cfg.training.learning_rate == 1e-3
-    assert cfg.model.positional.kind == "rope" and cfg.model.attention.options.n_kv_heads == 1
+    assert cfg.model.positional.name == "rope" and cfg.model.attention.options.n_kv_heads == 1
 
 
 def test_data_path_resolves_relative_to_the_file(tmp_path, monkeypatch):
@@ -129,3 +129,10 @@ def test_paths_from_set_are_relative_to_the_current_folder_paths_in_the_file_to_
     typed = load_experiment(f, ["data.path=corpus.txt", "training.init_from=ckpt"], check_data=False)
     assert typed.data.options.path == str(tmp_path / "here" / "corpus.txt")
     assert typed.training.init_from == str(tmp_path / "here" / "ckpt")
+
+
+def test_a_component_spec_names_its_component_and_the_old_attribute_still_reads(tmp_path):
+    cfg = load_experiment(write_experiment(tmp_path / "e.toml"), ["model.positional.kind=rope"])
+    assert cfg.model.positional.name == "rope" and cfg.model.positional.to_dict()["kind"] == "rope"  # the TOML key stays
+    with pytest.warns(DeprecationWarning, match="now ComponentSpec.name"):
+        assert cfg.model.positional.kind == "rope"

@@ -79,7 +79,7 @@ def random_ids(n=2, t=24, seed=0):
 def test_logits_match(model, variants, variant):
     ck = checkpoint.load(variants[variant][1])
     assert ck.config.model.tie_embeddings and ck.model.lm_head.weight is ck.model.wte.weight
-    assert ck.config.tokenizer.kind == "gpt2" and ck.config.model.block_size == 64
+    assert ck.config.tokenizer.name == "gpt2" and ck.config.model.block_size == 64
     ids = random_ids()
     with torch.no_grad():
         ours, _ = ck.model(ids)

@@ -106,4 +106,4 @@ def test_the_shipped_finetune_recipe_names_the_import_folder():
 
     cfg = load_experiment(REPO / "experiments" / "finetune_gpt2.toml")
     assert cfg.training.init_from == "../gpt2-124m" and cfg.training.grad_accum_steps == 32
-    assert cfg.training.schedule.kind == "constant" and cfg.training.learning_rate == 3e-5
+    assert cfg.training.schedule.name == "constant" and cfg.training.learning_rate == 3e-5

@@ -316,9 +316,9 @@ def test_experiment_files_make_the_choices_they_describe(name, choices):
 
     cfg = load_experiment(ROOT / "experiments" / f"{name}.toml")
     for slot, kind in choices.items():
-        assert getattr(cfg.model, slot).kind == kind, slot
+        assert getattr(cfg.model, slot).name == kind, slot
     assert cfg.model.block.options.placement == {"gpt_lite": "post", "modern": "pre"}[name]
-    assert cfg.tokenizer.kind == "char"
+    assert cfg.tokenizer.name == "char"
     assert Path(cfg.data.options.path) == (ROOT / "experiments" / "data" / "tinyshakespeare.txt").resolve()
     if name == "modern":
         assert 1 < cfg.model.attention.options.n_kv_heads < cfg.model.n_head  # grouped-query, not MHA or MQA

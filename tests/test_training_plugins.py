@@ -150,7 +150,7 @@ def test_changing_kind_on_the_command_line_drops_the_files_options_of_the_old_ki
     f = write_experiment(tmp_path / "e.toml")
     f.write_text(f.read_text() + '\n[model.ffn]\nkind = "gelu"\napproximate = "none"\nhidden = 48\n')
     cfg = load_experiment(f, ["model.ffn.kind=swiglu"])
-    assert cfg.model.ffn.kind == "swiglu" and cfg.model.ffn.options.hidden == 48  # swiglu has `hidden`
+    assert cfg.model.ffn.name == "swiglu" and cfg.model.ffn.options.hidden == 48  # swiglu has `hidden`
     (note,) = cfg.notes
     assert "model.ffn: swiglu has no option approximate" in note and "--set 'model.ffn={kind=\"swiglu\"}'" in note
     cfg = load_experiment(f, ['model.ffn={kind="swiglu"}'])  # the documented way to replace the table

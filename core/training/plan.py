@@ -54,7 +54,7 @@ def prepare(cfg: ExperimentConfig, resume: bool | Path = False, progress=None, o
     world = env_int("WORLD_SIZE", 1, 1)
     BatchSplit.plan(tc, 0, world)
     if world > 1 and tc.parallel == "fsdp" and not tc.optimizer.cls.sharded_ok:
-        raise ConfigError(f"'{tc.optimizer.kind}' cannot update FSDP-sharded parameters; use training.parallel = "
+        raise ConfigError(f"'{tc.optimizer.name}' cannot update FSDP-sharded parameters; use training.parallel = "
                           "\"ddp\" or another optimizer", "training.optimizer.kind")
     main = env_int("RANK", 0) == 0
     if isinstance(resume, Path):  # a run directory named by the caller (gptx sweep --resume)

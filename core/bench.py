@@ -257,11 +257,11 @@ def bench_train(experiment=None, overrides: tuple = (), steps: int = 50, warmup:
     from gptx.distributed import Dist
     from gptx.model import GPT
     from gptx.training.machine import keep_freed_memory
-    from gptx.training.plan import prepare
+    from gptx.training.plan import plan_run
     from gptx.training.step import BatchSplit, build_optimizer, build_schedule, set_lr, TrainStep
 
     experiment = experiment or default_experiment()
-    plan = prepare(load_experiment(experiment, list(overrides)), outputs=False)
+    plan = plan_run(load_experiment(experiment, list(overrides)), outputs=False)
     cfg, tc, device, dataset = plan.cfg, plan.cfg.training, plan.device, plan.dataset
     if tc.threads:
         torch.set_num_threads(tc.threads)
@@ -608,12 +608,12 @@ def check_inputs(sections, experiment, overrides: tuple, checkpoint_dir: Optiona
     from gptx import checkpoint as ckpt
     from gptx.config import load_experiment
     from gptx.errors import ConfigError
-    from gptx.training.plan import prepare
+    from gptx.training.plan import plan_run
 
     if "train" in sections:
         file = experiment or default_experiment()
         try:
-            prepare(load_experiment(file, list(overrides)), outputs=False)
+            plan_run(load_experiment(file, list(overrides)), outputs=False)
         except ConfigError as err:
             raise err.located(str(file)) from None
     if "generate" in sections:

@@ -351,12 +351,12 @@ def validate(file, overrides, as_json):
     tracking store)."""
     from gptx.errors import ConfigError
     from gptx.progress import StatusLine
-    from gptx.training.plan import prepare
+    from gptx.training.plan import plan_run
 
     cfg = _load(file, overrides)
     try:
         with StatusLine() as status:  # tokenizing a cold cache takes a while
-            plan = prepare(cfg, progress=status)
+            plan = plan_run(cfg, progress=status)
     except ConfigError as err:
         raise err.located(file) from None
     cfg = plan.cfg  # resolved: dtype, vocab_size, notes, ...

@@ -17,7 +17,7 @@ import numpy as np
 from gptx import shards
 from gptx.errors import GptxError
 from gptx.fsutil import cache_root, open_regular
-from gptx.prepare import Progress, Source, default_workers, tokenize_to_shard
+from gptx.prepare import StatusCallback, Source, default_workers, tokenize_to_shard
 
 CACHE_FORMAT = "gptx-tokens-3"  # part of every cache key: bump when tokenization or the file format changes
 
@@ -43,7 +43,7 @@ def cache_key(source: Source, tokenizer) -> str:
     return h.hexdigest()[:32]
 
 
-def cached_tokens(source: Source, tokenizer, progress: Progress = None, workers: Optional[int] = None) -> np.memmap:
+def cached_tokens(source: Source, tokenizer, progress: StatusCallback = None, workers: Optional[int] = None) -> np.memmap:
     """The ids of ``source``, memory-mapped: from the cache, or tokenized into it first (one
     process at a time per entry: concurrent runs, e.g. DDP ranks, wait for the first). An
     unwritable cache only costs tokenizing again next time."""
@@ -84,7 +84,7 @@ def _exclusive(lock_file):
         fcntl.flock(lock_file, fcntl.LOCK_UN)
 
 
-def _uncached(source: Source, tokenizer, progress: Progress, workers: int) -> np.memmap:
+def _uncached(source: Source, tokenizer, progress: StatusCallback, workers: int) -> np.memmap:
     """Tokenize into a temporary file that is deleted at once; the memory map keeps it readable."""
     with tempfile.TemporaryDirectory(prefix="gptx-tokens-") as tmp:
         path = tokenize_to_shard(source, tokenizer, Path(tmp) / "tokens.bin", workers, progress)

@@ -51,7 +51,7 @@ MAX_WORKERS = 256
 UPDATE_SECONDS = 0.25  # at most this often a status line
 
 Piece = tuple[bool, str]  # (a document starts here: the end-of-text token comes first, its text)
-Progress = Optional[Callable[[str], None]]
+StatusCallback = Optional[Callable[[str], None]]  # shows one status line (a StatusLine); None: quiet
 
 
 # ---- where the text may be cut ---------------------------------------------------------------
@@ -360,7 +360,7 @@ def default_workers(source: Source) -> int:
     return max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1, 8))
 
 
-def fit(tokenizer, source: Source, progress: Progress = None) -> None:
+def fit(tokenizer, source: Source, progress: StatusCallback = None) -> None:
     """Fit a tokenizer that learns its vocabulary, from the text as a stream of pieces
     (``fit_pieces``: the char tokenizer collects its characters without holding the text)."""
     meter = Meter(source, progress, "learning the vocabulary from")
@@ -379,7 +379,7 @@ def fit(tokenizer, source: Source, progress: Progress = None) -> None:
 class Meter:
     """Bytes read, tokens made, MB/s and ETA, as one status line."""
 
-    def __init__(self, source: Source, progress: Progress, verb: str = "tokenizing"):
+    def __init__(self, source: Source, progress: StatusCallback, verb: str = "tokenizing"):
         self.source, self.progress, self.verb = source, progress, verb
         self.tokens, self.start, self.last = 0, time.perf_counter(), 0.0
 
@@ -421,7 +421,7 @@ def token_stream(source: Source, tokenizer, workers: int, meter: Meter) -> Itera
         yield ids.astype(dtype)
 
 
-def tokenize_to_shard(source: Source, tokenizer, path: Path, workers: int, progress: Progress = None) -> Path:
+def tokenize_to_shard(source: Source, tokenizer, path: Path, workers: int, progress: StatusCallback = None) -> Path:
     """All of the source's ids in one shard at ``path`` (written at a temporary name, renamed
     when whole): the text dataset's cache entry."""
     meter = Meter(source, progress)
@@ -543,7 +543,7 @@ def split_parts(parts: list[tuple[Path, int]], n_train: int, dtype: str) -> dict
 
 
 def prepare(source_path: str | os.PathLike, out_dir: str | os.PathLike, kind: str, tokenizer, args: PrepareArgs,
-            progress: Progress = None, force: bool = False) -> dict:
+            progress: StatusCallback = None, force: bool = False) -> dict:
     """Tokenize ``source_path`` into shards in ``out_dir`` (see the module docstring) and return
     the manifest. ``tokenizer`` is registered as ``kind``; one that learns its vocabulary is fit
     on the source first. Everything is written into a temporary sibling directory that replaces
@@ -585,7 +585,7 @@ def prepare(source_path: str | os.PathLike, out_dir: str | os.PathLike, kind: st
     return manifest
 
 
-def _write_shards(source: Source, tmp: Path, kind: str, tokenizer, args: PrepareArgs, progress: Progress) -> dict:
+def _write_shards(source: Source, tmp: Path, kind: str, tokenizer, args: PrepareArgs, progress: StatusCallback) -> dict:
     dtype = shards.token_dtype(tokenizer.vocab_size)
     meter = Meter(source, progress)
     roller = Roller(tmp, dtype, args.shard_tokens)

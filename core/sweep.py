@@ -150,13 +150,13 @@ def check_all(planned: list[Planned], n_variants: int, progress: bool) -> None:
     last variant's empty data file costs nothing. Seeds change no check, so the first seed's
     variants stand for all (the plan is seed-major)."""
     from gptx.progress import StatusLine
-    from gptx.training.plan import prepare
+    from gptx.training.plan import plan_run
 
     for p in planned[:n_variants]:
-        cfg = p.cfg  # prepare resolves a copy of it: each run resolves its own
+        cfg = p.cfg  # plan_run resolves a copy of it: each run resolves its own
         try:
             with StatusLine() if progress else contextlib.nullcontext() as status:
-                prepare(cfg, progress=status)
+                plan_run(cfg, progress=status)
         except ConfigError as err:
             where = str(cfg.source) if cfg.source else None
             raise ConfigError(f"{err.problem} (variant {p.variant.label})", err.key, err.file or where) from None

@@ -296,13 +296,13 @@ def test_gptx_keep_freed_memory_0_leaves_the_allocator_alone_and_other_values_ar
         assert bad.returncode == 2 and bad.stderr == "Error: GPTX_KEEP_FREED_MEMORY: expected 0 or 1, got 'yes'\n"
 
 
-def test_prepare_resolves_a_copy_and_never_changes_the_callers_config(tmp_path):
+def test_plan_run_resolves_a_copy_and_never_changes_the_callers_config(tmp_path):
     """The plan holds the resolved config (dtype, vocabulary size); the config handed in stays as
-    loaded, so one loaded config can be prepared again (a sweep's variants, gptx bench)."""
-    from gptx.training.plan import prepare
+    loaded, so one loaded config can be planned again (a sweep's variants, gptx bench)."""
+    from gptx.training.plan import plan_run
 
     cfg = load_experiment(write_experiment(tmp_path / "e.toml"), ["training.dtype='auto'", "training.device='cpu'"])
     before = cfg.to_dict()
-    plan = prepare(cfg, outputs=False)
+    plan = plan_run(cfg, outputs=False)
     assert cfg.to_dict() == before and cfg.model.vocab_size is None and cfg.training.dtype == "auto"
     assert plan.cfg is not cfg and plan.cfg.model.vocab_size == 65 and plan.cfg.training.dtype == "float32"  # auto on a CPU

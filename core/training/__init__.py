@@ -1,6 +1,6 @@
 """Training, one concern per module, in the order a run meets them:
 
-- ``plan``: every check before anything is created; ``prepare(cfg)`` returns the Plan;
+- ``plan``: every check before anything is created; ``plan_run(cfg)`` returns the Plan;
 - ``machine``: the device, CPU features, glibc's allocator, the dtype and autocast;
 - ``step``: the split of the global batch, one optimizer step, the optimizer and schedule builders;
 - ``signals``: Ctrl-C / SIGTERM finish the step, checkpoint and stop;

@@ -1,4 +1,4 @@
-"""Everything a run checks before anything is created: ``prepare(cfg)`` returns the Plan the
+"""Everything a run checks before anything is created: ``plan_run(cfg)`` returns the Plan the
 Trainer runs (device, tokenizer, data, the run to resume or the weights to start from)."""
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from gptx.training.step import BatchSplit, build_optimizer, build_schedule
 
 @dataclasses.dataclass
 class Plan:
-    """What ``prepare`` checked and built; the Trainer starts from it."""
+    """What ``plan_run`` checked and built; the Trainer starts from it."""
 
     cfg: ExperimentConfig
     device: torch.device
@@ -36,7 +36,7 @@ class Plan:
     lock: Optional[object] = None  # rank 0's hold on resume_dir (runs.lock_run_dir): this process alone writes there
 
 
-def prepare(cfg: ExperimentConfig, resume: bool | Path = False, progress=None, outputs: bool = True) -> Plan:
+def plan_run(cfg: ExperimentConfig, resume: bool | Path = False, progress=None, outputs: bool = True) -> Plan:
     """Every check a run makes on its input, before anything is created: device, batch split,
     the run to resume or the weights to start from, tokenizer, data (read and tokenized here),
     the sample prompt, the memory the model needs and (``outputs``) where it writes: the output

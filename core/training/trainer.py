@@ -1,6 +1,6 @@
 """Training: one loop for a single process and for torchrun (DDP, FSDP), CPU or CUDA.
 
-    plan = prepare(cfg, resume)     # everything that can fail on bad input; nothing is created
+    plan = plan_run(cfg, resume)     # everything that can fail on bad input; nothing is created
     result = Trainer(plan).fit()    # the loop, then the final evaluation and a sample
 
 The loop reads like nanoGPT's (``Trainer.fit``): set the learning rate from the schedule, take
@@ -32,7 +32,7 @@ from gptx.errors import ConfigError, GptxError, first_line
 from gptx.numeric import env_int, parse_float, parse_int
 from gptx.progress import TrainProgress
 from gptx.training.machine import allocating, autocast_context, keep_freed_memory
-from gptx.training.plan import Plan, prepare
+from gptx.training.plan import Plan, plan_run
 from gptx.training.recorder import NullRecorder, Recorder
 from gptx.training.signals import Interrupted, StopFlag
 from gptx.training.step import BatchSplit, TrainStep, build_optimizer, build_schedule, set_lr
@@ -70,7 +70,7 @@ class Trainer:
             torch.set_num_threads(self.tc.threads)
         torch.manual_seed(self.tc.seed)
         self.model = allocating(lambda: GPT(self.cfg.model).to(self.device))
-        if plan.init_weights is not None:  # checked by prepare: each fits; a tied lm_head is stored once
+        if plan.init_weights is not None:  # checked by plan_run: each fits; a tied lm_head is stored once
             self.model.load_state_dict(plan.init_weights, strict=False)
             plan.init_weights = None  # the model holds them now
         self.train_model = distributed.wrap(self.model, self.dist, self.device)  # FSDP shards ``model`` in place
@@ -384,7 +384,7 @@ class Trainer:
 
 def train(cfg: ExperimentConfig, resume: bool | Path = False, progress: bool = True, run_dir: Optional[Path] = None,
           checked: Callable[[ExperimentConfig], None] = lambda cfg: None) -> TrainResult:
-    """Validate everything, then train: ``Trainer(prepare(cfg, resume)).fit()``. ``run_dir``: a
+    """Validate everything, then train: ``Trainer(plan_run(cfg, resume)).fit()``. ``run_dir``: a
     new, empty directory the caller made for the run (gptx sweep), instead of a fresh one;
     ``checked`` is called with the resolved config (``plan.cfg``) once everything is validated,
     before anything is created."""
@@ -393,7 +393,7 @@ def train(cfg: ExperimentConfig, resume: bool | Path = False, progress: bool = T
     shown = progress and env_int("RANK", 0) == 0
     try:
         with StatusLine() if shown else contextlib.nullcontext() as status:  # tokenizing a cold cache takes a while
-            plan = prepare(cfg, resume, progress=status)
+            plan = plan_run(cfg, resume, progress=status)
     except ConfigError as err:  # name the experiment file, as the loader's own errors do
         raise err.located(str(cfg.source) if cfg.source else None) from None
     if env_int("RANK", 0) == 0:

@@ -186,6 +186,15 @@ def remove_created_dirs(deepest: Path, created: Optional[Path]) -> None:
         path = path.parent
 
 
+def unwritable_ancestor(path: Path) -> Optional[Path]:
+    """The nearest existing ancestor of ``path`` (itself included) when gptx could not create
+    entries in it (not a directory, or no write/search permission); None when ``path`` can be made."""
+    p = Path(path)
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return None if p.is_dir() and os.access(p, os.W_OK | os.X_OK) else p
+
+
 def first_missing(path: Path) -> Optional[Path]:
     """The outermost directory of ``path``'s parents (or ``path``) that does not exist yet."""
     return next((p for p in [*reversed(path.parents), path] if not os.path.lexists(p)), None)

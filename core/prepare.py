@@ -40,7 +40,7 @@ import numpy as np
 from gptx import shards
 from gptx.errors import GptxError, first_line
 from gptx.fsutil import (directory_lock, first_missing, open_regular, refuse_foreign_files, refuse_to_replace, refused_write, remove_created_dirs,
-                         remove_stale_siblings, replace_dir, temp_sibling)
+                         remove_stale_siblings, replace_dir, temp_sibling, unwritable_ancestor)
 from gptx.progress import bar, hms
 
 READ_BYTES = 1 << 20  # bytes read per block
@@ -466,11 +466,9 @@ def check_out_dir(out: Path, force: bool = False, protected: tuple[Path, ...] = 
     holds one of ``protected`` (the source, the working directory) or the home directory, whose
     replacement would delete them."""
     refuse_to_replace(out, protected)
-    parent = out.parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise GptxError(f"{out}: {parent} is not a writable directory")
+    blocked = unwritable_ancestor(out.parent)
+    if blocked is not None:
+        raise GptxError(f"{out}: {blocked} is not a writable directory")
     if force or not out.is_dir() or not any(out.iterdir()):
         return
     refuse_foreign_files(out, shards.MANIFEST, _written_by_prepare(out), "written by gptx prepare",

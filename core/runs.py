@@ -21,7 +21,7 @@ from typing import Optional
 
 from gptx import metrics_log
 from gptx.errors import ConfigError, GptxError, first_line
-from gptx.fsutil import HeldLock, read_regular, try_lock
+from gptx.fsutil import HeldLock, read_regular, try_lock, unwritable_ancestor
 from gptx.numeric import int_or_none, number_or_none, parse_int
 
 RUN_FILE = "run.json"
@@ -117,11 +117,9 @@ def _resumable(run_dir: Path, complete_checkpoints) -> bool:
 
 def check_writable(cfg) -> None:
     """Fail before training when the run directory cannot be created, creating nothing."""
-    p = experiment_dir(cfg)
-    while not p.exists():
-        p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
-        raise ConfigError(f"{p} is not a writable directory", "training.out_dir")
+    blocked = unwritable_ancestor(experiment_dir(cfg))
+    if blocked is not None:
+        raise ConfigError(f"{blocked} is not a writable directory", "training.out_dir")
 
 
 # ---- finished runs, read back ------------------------------------------------------------------

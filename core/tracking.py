@@ -363,11 +363,11 @@ def check_store(uri: Optional[str]) -> None:
     if scheme == "sqlite":
         path = sqlite_file(uri)
         if path is not None and not path.exists():
-            parent = path.parent
-            while not parent.exists():
-                parent = parent.parent
-            if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-                raise GptxError(f"tracking.uri: cannot create the MLflow store {uri}: {parent} is not writable")
+            from gptx.fsutil import unwritable_ancestor
+
+            blocked = unwritable_ancestor(path.parent)
+            if blocked is not None:
+                raise GptxError(f"tracking.uri: cannot create the MLflow store {uri}: {blocked} is not writable")
         return
     from mlflow.tracking._tracking_service.utils import _tracking_store_registry
 

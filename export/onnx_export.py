@@ -97,7 +97,7 @@ def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, metadata: Optiona
         "past_key_values": [tuple({t.dims.index(components.BATCH): batch, t.seq_axis: past_len} for t in layout)
                             for _ in range(L)],
     }
-    with _quiet(), onnx_attention.fusing(fused_attention):
+    with _quiet(), onnx_attention.fusing(model, fused_attention):
         program = torch.onnx.export(
             _Decoder(model).eval(),
             (ids, mask, pos, past),

@@ -478,6 +478,28 @@ def test_a_broken_fused_attention_falls_back_to_the_plain_attention(tmp_path, by
     assert onnx_ids == torch_ids
 
 
+def test_fusing_asks_only_the_traced_models_attentions_and_puts_them_back():
+    """No process-wide switch: fusing(model) marks that model's attention modules for the
+    duration of the block (nested blocks restore the outer state), no other model's."""
+    from helpers import tiny_model
+
+    from gptx.components import Attention
+    from gptx.export import attention as onnx_attention
+
+    traced, other = tiny_model(n_layer=2)[0], tiny_model(n_layer=2)[0]
+    attns = [m for m in traced.modules() if isinstance(m, Attention)]
+    others = [m for m in other.modules() if isinstance(m, Attention)]
+    before = [dict(vars(m)) for m in attns]
+    with onnx_attention.fusing(traced):
+        assert len(attns) == 2 and all(onnx_attention.requested(m) for m in attns)
+        assert not any(onnx_attention.requested(m) for m in others)
+        with onnx_attention.fusing(traced, False):
+            assert not any(onnx_attention.requested(m) for m in attns)
+        assert all(onnx_attention.requested(m) for m in attns)
+    assert not any(onnx_attention.requested(m) for m in attns)
+    assert [dict(vars(m)) for m in attns] == before  # nothing left on the modules
+
+
 def test_only_attentions_that_declare_it_export_fused_attention(tmp_path):
     from gptx.base import DEFAULT_SUPPORTS, ONNX_FUSED_ATTENTION
     from gptx.components import Attention

@@ -330,25 +330,52 @@ def _export_verified(model, path: Path, opset: int, log: Callable[[str], None]):
 
 
 def _fused_attention_graph(model, path: Path, opset: int, log: Callable[[str], None]):
-    """The fused-attention graph and its verification report, or (None, None) when it is not kept."""
+    """The fused-attention graph and its verification report, or (None, None) when it is not kept:
+    the exporter refused the trace, onnxruntime refused the graph, or it does not verify. Any
+    other error (a bug, ours or an attention's) is raised, not hidden by the plain attention."""
+    from gptx.export.runtime import ort_refusals
     from gptx.export.verify import VerificationError
 
     try:
         exported = _export_graph(model, path, opset, True, log)
         return exported, _verify(model, exported.proto, path)
-    except Exception as err:  # an optimisation: whatever went wrong, the plain attention remains
-        why = str(err) if isinstance(err, VerificationError) else f"{type(err).__name__}: {first_line(err)}"
-        log(f"fused attention not kept ({why}); exporting the plain attention")
+    except (VerificationError, torch.onnx.errors.OnnxExporterError, *ort_refusals()) as err:
+        bug = _programming_error(err)
+        if bug is not None:
+            raise bug.with_traceback(bug.__traceback__) from None
+        log(f"fused attention not kept ({_why(err)}); exporting the plain attention")
         return None, None
 
 
+# What a bug raises. torch.onnx.export runs the model's forward to capture it and reports what
+# that raised as the cause of its own error; the exporter refusing an operation raises torch's
+# own types.
+PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, KeyError, IndexError, AssertionError)
+
+
+def _why(err: BaseException) -> str:
+    """A fallback's reason on one line: a verification mismatch says it all; a refusal, its type
+    and first line."""
+    from gptx.export.verify import VerificationError
+
+    return str(err) if isinstance(err, VerificationError) else f"{type(err).__name__}: {first_line(err)}"
+
+
+def _programming_error(err: BaseException) -> Optional[BaseException]:
+    """The bug behind a torch.onnx.export error ``err`` (the first programming error among its
+    causes), or None when the exporter refused the graph."""
+    cause = err.__cause__ if isinstance(err, torch.onnx.errors.OnnxExporterError) else None
+    while cause is not None and not isinstance(cause, PROGRAMMING_ERRORS):
+        cause = cause.__cause__
+    return cause
+
+
 def _plain_graph(model, path: Path, opset: int, log: Callable[[str], None]) -> _Exported:
-    """The plain attention's graph; its failure is the user's one-line error."""
+    """The plain attention's graph; the exporter refusing it is the user's one-line error (a
+    component whose forward torch.onnx cannot trace)."""
     try:
         return _export_graph(model, path, opset, False, log)
-    except GptxError:
-        raise
-    except Exception as err:
+    except torch.onnx.errors.OnnxExporterError as err:
         raise GptxError(f"torch.onnx.export failed: {type(err).__name__}: {first_line(err)}") from err
 
 
@@ -365,15 +392,16 @@ def _fuse_and_verify(model, plain: onnx.ModelProto, path: Path, log: Callable[[s
     (already saved at ``path``) and verify that, unless ``plain_report`` already did; a
     VerificationError of the plain graph stands. Returns the verification report with ``fusions``
     (onnxruntime operator -> count in the graph kept; empty: nothing fused)."""
-    from gptx.export.fuse import fuse
+    from gptx.export.fuse import FusionFailed, fuse
+    from gptx.export.runtime import ort_refusals
     from gptx.export.verify import VerificationError
 
     cfg = model.config
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # its shape inference prints its failures
             fused, counts = fuse(plain, cfg.n_head, cfg.n_embd)
-    except Exception as err:  # the fusion pass is an optimisation: a graph it cannot read stays plain
-        log(f"operator fusion skipped ({type(err).__name__}: {first_line(err)})")
+    except FusionFailed as err:  # the fusion pass is an optimisation: a graph it cannot read stays plain
+        log(f"operator fusion skipped ({err})")
         fused, counts = None, {}
     if counts:
         save(fused, path)
@@ -381,8 +409,8 @@ def _fuse_and_verify(model, plain: onnx.ModelProto, path: Path, log: Callable[[s
             report = _verify(model, fused, path)
             log("fused for onnxruntime: " + ", ".join(f"{n} {op}" for op, n in sorted(report.fusions.items())))
             return report
-        except VerificationError as err:
-            log(f"fused graph not kept ({err}); using the unfused graph")
+        except (VerificationError, *ort_refusals()) as err:
+            log(f"fused graph not kept ({_why(err)}); using the unfused graph")
             save(plain, path)
     return plain_report or _verify(model, plain, path)
 

@@ -24,8 +24,9 @@ token ever reads them. Verification compares real positions only.
 
 An attention opts in by declaring ``ONNX_FUSED_ATTENTION`` in ``supports`` and calling
 ``fused_attention`` from its ``forward`` under ``torch.onnx.is_in_onnx_export()`` when
-``enabled(self, positional)``; the export turns fusion on with ``fusing()`` around its trace,
-so a plain ``torch.onnx.export`` of the same model stays plain.
+``enabled(self, positional)``. The export turns fusion on with ``fusing(model)`` around its
+trace: an attribute on each of that model's attention modules, removed after, so a plain
+``torch.onnx.export`` of the same model (or of another model meanwhile) stays plain.
 """
 from __future__ import annotations
 
@@ -35,27 +36,47 @@ from typing import Optional
 import torch
 
 from gptx.base import ONNX_FUSED_ATTENTION
-from gptx.components import KV, PositionalEncoding
+from gptx.components import KV, Attention, PositionalEncoding
 
-_fusing = False  # set by the exporter around the trace of the fused graph
+# The instance attribute ``fusing`` sets on each attention module of the model it traces: per
+# module, not per process, so only that model's trace is affected.
+_FUSE = "_gptx_export_fused_attention"
+_ABSENT = object()
 
 
 @contextlib.contextmanager
-def fusing(on: bool = True):
-    """Within this block, attentions that declare ONNX_FUSED_ATTENTION export the fused op."""
-    global _fusing
-    before, _fusing = _fusing, on
+def fusing(model: torch.nn.Module, on: bool = True):
+    """Within this block, the attentions of ``model`` that declare ONNX_FUSED_ATTENTION export
+    the fused op (``on``); each module's attribute is put back as it was after the block."""
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    before = [m.__dict__.get(_FUSE, _ABSENT) for m in attentions]
+    for m in attentions:
+        setattr(m, _FUSE, on)
     try:
         yield
     finally:
-        _fusing = before
+        for m, value in zip(attentions, before):
+            if value is _ABSENT:
+                delattr(m, _FUSE)
+            else:
+                setattr(m, _FUSE, value)
+
+
+def requested(attention) -> bool:
+    """Whether the exporter asked this attention module for the fused op (``fusing``)."""
+    return getattr(attention, _FUSE, False) is True
 
 
 def enabled(attention, positional: PositionalEncoding) -> bool:
     """Whether ``attention`` should emit the fused op in the trace under way: the exporter asked
-    for it, the attention class declares ONNX_FUSED_ATTENTION, it is not training (dropout), and
-    the positional encoding adds no score bias (onnxruntime's ops would need it as a tensor)."""
-    return (_fusing and torch.onnx.is_in_onnx_export() and ONNX_FUSED_ATTENTION in type(attention).supports
+    this module for it (``requested``), the attention class declares ONNX_FUSED_ATTENTION, it is
+    not training (dropout), and the positional encoding adds no score bias (onnxruntime's ops
+    would need it as a tensor). ``torch.compiler.is_exporting``, not ``torch.onnx.is_in_onnx_export``:
+    torch.onnx.export captures with torch.export, non-strict then strict, and under the strict
+    capture the latter reads False, which silently re-captured a fused branch that had failed as
+    the plain attention (its error lost)."""
+    return (requested(attention) and torch.compiler.is_exporting()
+            and ONNX_FUSED_ATTENTION in type(attention).supports
             and not attention.training
             and type(positional).score_bias is PositionalEncoding.score_bias)
 

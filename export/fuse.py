@@ -14,11 +14,17 @@ import logging
 
 import onnx
 
+from gptx.errors import first_line
+
+
+class FusionFailed(Exception):
+    """onnxruntime's fusion pass could not read the graph (the graph then stays unfused)."""
+
 
 def fuse(proto: onnx.ModelProto, n_head: int, n_embd: int) -> tuple[onnx.ModelProto, dict[str, int]]:
-    """A fused copy of ``proto`` (left untouched) and the count of each fused operator."""
+    """A fused copy of ``proto`` (left untouched) and the count of each fused operator; FusionFailed
+    when onnxruntime's pass fails on it."""
     from onnxruntime.transformers.fusion_options import FusionOptions
-    from onnxruntime.transformers.optimizer import optimize_by_fusion
 
     fused = onnx.ModelProto()
     fused.CopyFrom(proto)
@@ -26,14 +32,7 @@ def fuse(proto: onnx.ModelProto, n_head: int, n_embd: int) -> tuple[onnx.ModelPr
     options.enable_attention = False  # its patterns are HF GPT-2's past/present layout, not this contract's
     options.enable_embed_layer_norm = False  # keeps the token and position embeddings plain Gathers
     options.enable_rotary_embeddings = False  # RoPE stays the verified formula
-    logger = logging.getLogger("onnxruntime.transformers")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # it warns that the producer is not "pytorch"
-    try:
-        optimizer = optimize_by_fusion(fused, "gpt2", num_heads=n_head, hidden_size=n_embd, optimization_options=options)
-    finally:
-        logger.setLevel(level)
-    out = optimizer.model
+    out = _ort_fusion_pass(fused, n_head, n_embd, options)
     drop_identity_reshapes(out)
     before = contrib_ops(proto)
     counts = {op: n - before.get(op, 0) for op, n in contrib_ops(out).items() if n > before.get(op, 0)}
@@ -44,6 +43,24 @@ def fuse(proto: onnx.ModelProto, n_head: int, n_embd: int) -> tuple[onnx.ModelPr
             not any(o.domain == "com.microsoft" for o in out.opset_import):
         out.opset_import.append(onnx.helper.make_opsetid("com.microsoft", 1))  # onnx's checker and shape inference need it
     return out, counts
+
+
+def _ort_fusion_pass(proto: onnx.ModelProto, n_head: int, n_embd: int, options) -> onnx.ModelProto:
+    """onnxruntime's fusion pass over ``proto`` (in place). Its pattern matchers declare no error
+    types: whatever they raise on a graph they cannot read (onnx shape inference, their own
+    assertions and lookups) is that pass refusing the graph, FusionFailed; gptx's own code stays
+    outside this guard, so its bugs are not mistaken for a refusal."""
+    from onnxruntime.transformers.optimizer import optimize_by_fusion
+
+    logger = logging.getLogger("onnxruntime.transformers")
+    level = logger.level
+    logger.setLevel(logging.ERROR)  # it warns that the producer is not "pytorch"
+    try:
+        return optimize_by_fusion(proto, "gpt2", num_heads=n_head, hidden_size=n_embd, optimization_options=options).model
+    except Exception as err:  # noqa: BLE001 - onnxruntime's untyped refusal, see above
+        raise FusionFailed(f"{type(err).__name__}: {first_line(err)}") from err
+    finally:
+        logger.setLevel(level)
 
 
 def contrib_ops(proto: onnx.ModelProto) -> dict[str, int]:

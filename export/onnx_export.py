@@ -10,6 +10,7 @@ tokens may be one or many. Inputs and outputs follow the contract in ``gptx.expo
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -29,8 +30,7 @@ from gptx.components import Attention
 from gptx.errors import GptxError, first_line
 from gptx.fsutil import refuse_foreign_files, refuse_to_replace, refused_write, remove_stale_siblings, replace_dir, temp_sibling
 from gptx.export import (
-    ATTENTION_MASK, BATCH, EXPORT_FORMAT, EXPORT_FORMAT_VERSION, IO_CONTRACT, IO_CONTRACT_VERSION,
-    PAST, SEQ, SHARE_BUFFER, TOTAL, input_names, output_names, tokenizer_hash,
+    ATTENTION_MASK, BATCH, IO_CONTRACT, IO_CONTRACT_VERSION, PAST, SEQ, TOTAL, input_names, output_names,
 )
 
 DEFAULT_OPSET = 18
@@ -97,7 +97,7 @@ def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, metadata: Optiona
         "past_key_values": [tuple({t.dims.index(components.BATCH): batch, t.seq_axis: past_len} for t in layout)
                             for _ in range(L)],
     }
-    with _quiet(), onnx_attention.fusing(fused_attention):
+    with _quiet(), onnx_attention.fusing(model, fused_attention):
         program = torch.onnx.export(
             _Decoder(model).eval(),
             (ids, mask, pos, past),
@@ -197,60 +197,6 @@ def save(proto: onnx.ModelProto, path: Path) -> None:
                     location=Path(path).name + ".data" if large else None)
 
 
-def metadata_for(ck, opset: int, quantization: Optional[str]) -> dict:
-    """gptx's description of an export: what runtimes need to rebuild the tokenizer and check the graph."""
-    from gptx.export.tokenizer_json import is_gpt2_bpe
-
-    cfg = ck.config
-    cache = export_cache(ck.model)
-    tok_spec = cfg.tokenizer.to_dict()
-    kind = tok_spec.pop("kind")
-    tok = ck.tokenizer
-    tok_cls = type(tok)
-    state = tok.state()
-    tokenizer = {
-        "kind": kind,
-        "options": tok_spec,
-        "state": state,
-        "class": f"{tok_cls.__module__}:{tok_cls.__qualname__}",
-        "vocab_size": tok.vocab_size,
-        "sha256": tokenizer_hash(kind, tok_spec, state),
-        "gpt2_bpe": is_gpt2_bpe(kind, tok_spec),
-    }
-    special = {}
-    if tok.eot_id is not None:
-        special["eot"] = {"id": int(tok.eot_id), "text": tok.decode([tok.eot_id])}
-    m = ck.model
-    return {
-        "format": EXPORT_FORMAT,
-        "format_version": EXPORT_FORMAT_VERSION,
-        "gptx_version": __version__,
-        "io_contract": {
-            "name": IO_CONTRACT,
-            "version": IO_CONTRACT_VERSION,
-            "inputs": input_names(cfg.model.n_layer, cache),
-            "outputs": output_names(cfg.model.n_layer, cache),
-        },
-        "cache": cache,
-        "model": {
-            "n_layer": cfg.model.n_layer,
-            "n_head": cfg.model.n_head,
-            "kv_heads": m.kv_heads,
-            "head_dim": cfg.model.head_dim,
-            "n_embd": cfg.model.n_embd,
-            "vocab_size": cfg.model.vocab_size,
-            "context_length": cfg.model.block_size,
-            "parameters": m.num_params(),
-        },
-        "config": cfg.to_dict(),
-        "tokenizer": tokenizer,
-        "special_tokens": special,
-        "opset": opset,
-        "quantization": quantization,
-        "source": {"checkpoint": str(ck.path), "step": ck.meta.get("step")},
-    }
-
-
 # ---- the whole export: checkpoint -> verified OUT_DIR ------------------------------------------
 
 def _check_out_dir(out_dir: Path, force: bool, protected: list[Path]) -> None:
@@ -284,8 +230,8 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
     import shutil
 
     from gptx import checkpoint
-    from gptx.export import GENAI_FILE, META_FILE, MODEL_FILE
-    from gptx.export import genai, tokenizer_json
+    from gptx.export import META_FILE, MODEL_FILE
+    from gptx.export.manifest import ExportManifest, describe
     from gptx.export.quantize import SCHEMES
 
     if quantize is not None and quantize not in SCHEMES:
@@ -298,43 +244,23 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
     ck = checkpoint.load(source)
     check_exportable(ck.config.model)
     _check_out_dir(out_dir, force, [Path.cwd(), ck.path])
-    meta = metadata_for(ck, opset, quantize)
+    description = describe(ck, export_cache(ck.model), opset, quantize)
     # the graph's logits are -inf past the tokenizer's ids: no runtime, genai's own search included, samples them
-    model = ck.model.float().eval().mask_padded_vocab(meta["tokenizer"]["vocab_size"])
-    log(f"exporting {ck.path} ({meta['model']['parameters']:,} parameters, {ck.config.model.n_layer} layers) to {out_dir}")
+    model = ck.model.float().eval().mask_padded_vocab(description.tokenizer.vocab_size)
+    log(f"exporting {ck.path} ({description.model.parameters:,} parameters, {description.model.n_layer} layers) to {out_dir}")
 
     out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(out_dir.resolve())  # what an export killed with -9 left behind
     tmp = temp_sibling(out_dir.resolve())
     try:
-        fp32_path = tmp / MODEL_FILE
-        t0 = time.perf_counter()
-        report = _export_verified(model, fp32_path, opset, meta, log)
-        meta["fusions"] = report.fusions
-        meta["io_contract"][SHARE_BUFFER] = report.shared_buffer
-        meta["verification"] = report.to_dict() | {"seconds": round(time.perf_counter() - t0, 2)}
-        cases = ", ".join(f"{k} {v:.2e}" for k, v in report.cases.items())
-        log(f"verified against PyTorch: max abs diff {report.max_abs_diff:.2e} in {report.worst} ({cases})")
-
-        if quantize:
-            meta["quantization_report"] = _quantize(quantize, fp32_path, tmp, meta, log)
-        proto = onnx.load(str(fp32_path))
-        set_metadata(proto, meta_for_graph(meta))
-        save(proto, fp32_path)
-
-        files = [MODEL_FILE, META_FILE]
-        tok = meta["tokenizer"]
-        written = tokenizer_json.write(tmp, tok["kind"], tok["options"], meta["model"]["context_length"])
-        files += written or []
-        if genai.reads(meta):
-            (tmp / GENAI_FILE).write_text(json.dumps(genai.genai_config(meta), indent=2))
-            files.append(GENAI_FILE)
-        else:
-            log(f"no {GENAI_FILE}: onnxruntime-genai reads key/value caches [B, K, P, D] only; this model caches "
-                + ", ".join(f"{c['name']} {c['dims']}" for c in meta["cache"]))
-        meta["files"] = files
-        meta["total_seconds"] = round(time.perf_counter() - t_start, 2)
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False), encoding="utf-8")
+        graph = _export_verified(model, tmp / MODEL_FILE, opset, log)
+        # the decoding the quantization is compared on, and genai's, follow the verified graph's cache sharing
+        described = description.to_dict(graph.report.shared_buffer)
+        quantization_report = _quantize(quantize, tmp / MODEL_FILE, tmp, described, log) if quantize else None
+        files = [MODEL_FILE, META_FILE, *_runtime_files(tmp, description, described, log)]
+        manifest = ExportManifest(description, graph, quantization_report, files,
+                                  total_seconds=round(time.perf_counter() - t_start, 2))
+        _write_manifest(tmp, manifest)
         replace_dir(tmp, out_dir)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -342,52 +268,123 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
         if refused is not None:
             raise refused from None
         raise
-    log(f"wrote {out_dir}: {', '.join(meta['files'])} ({meta['total_seconds']:.1f} s)")
+    log(f"wrote {out_dir}: {', '.join(manifest.files)} ({manifest.total_seconds:.1f} s)")
     _log_to_mlflow(source, ck, out_dir, track, log)
-    return meta
+    return manifest.to_dict()
 
 
-def _export_verified(model, path: Path, opset: int, meta: dict, log: Callable[[str], None]):
-    """Export ``model`` to ``path`` as the fastest graph that verifies, and return its report:
-    onnxruntime's fused attention op where the attention declares ONNX_FUSED_ATTENTION (else, or
-    when that graph fails to export, load or verify, the plain attention), then onnxruntime's
-    operator fusions on top (``_fuse_and_verify``). Each fallback logs one line saying why."""
-    graph = report = None
+def _runtime_files(tmp: Path, description, described: dict, log: Callable[[str], None]) -> list[str]:
+    """Write what other runtimes read beside the graph: tokenizer.json for GPT-2 BPE, and
+    genai_config.json when onnxruntime-genai can run the graph (``described``: the description
+    as genai reads it); returns the names written."""
+    from gptx.export import GENAI_FILE
+    from gptx.export import genai, tokenizer_json
+
+    tok = description.tokenizer
+    files = tokenizer_json.write(tmp, tok.kind, tok.options, description.model.context_length) or []
+    if genai.reads(described):
+        (tmp / GENAI_FILE).write_text(json.dumps(genai.genai_config(described), indent=2))
+        files.append(GENAI_FILE)
+    else:
+        log(f"no {GENAI_FILE}: onnxruntime-genai reads key/value caches [B, K, P, D] only; this model caches "
+            + ", ".join(f"{c['name']} {c['dims']}" for c in description.cache))
+    return files
+
+
+def _write_manifest(tmp: Path, manifest) -> None:
+    """The one place the export's metadata is written: its copy in model.onnx and gptx_export.json."""
+    from gptx.export import META_FILE, MODEL_FILE
+
+    proto = onnx.load(str(tmp / MODEL_FILE))
+    set_metadata(proto, manifest.graph_metadata())
+    save(proto, tmp / MODEL_FILE)
+    (tmp / META_FILE).write_text(json.dumps(manifest.to_dict(), indent=2, ensure_ascii=False), encoding="utf-8")
+
+
+@dataclasses.dataclass(frozen=True)
+class _Exported:
+    """A graph torch.onnx.export wrote, and how long that took."""
+
+    proto: onnx.ModelProto
+    seconds: float
+
+
+def _export_verified(model, path: Path, opset: int, log: Callable[[str], None]):
+    """Export ``model`` to ``path`` as the fastest graph that verifies, and return what was kept
+    (``VerifiedGraph``): onnxruntime's fused attention op where the attention declares
+    ONNX_FUSED_ATTENTION (else, or when onnxruntime or the exporter refuses that graph or it does
+    not verify, the plain attention), then onnxruntime's operator fusions on top
+    (``_fuse_and_verify``). Each fallback logs one line saying why."""
+    from gptx.export.manifest import VerifiedGraph
+
+    t0 = time.perf_counter()
+    exported = report = None
     if any(ONNX_FUSED_ATTENTION in type(m).supports for m in model.modules() if isinstance(m, Attention)):
-        graph, report = _fused_attention_graph(model, path, opset, meta, log)
-    if graph is None:
-        graph = _export_graph(model, path, opset, meta, False, log)
-    return _fuse_and_verify(model, graph, path, log, report)
+        exported, report = _fused_attention_graph(model, path, opset, log)
+    if exported is None:
+        exported = _plain_graph(model, path, opset, log)
+    report = _fuse_and_verify(model, exported.proto, path, log, report)
+    cases = ", ".join(f"{k} {v:.2e}" for k, v in report.cases.items())
+    log(f"verified against PyTorch: max abs diff {report.max_abs_diff:.2e} in {report.worst} ({cases})")
+    return VerifiedGraph(exported.seconds, report, round(time.perf_counter() - t0, 2))
 
 
-def _fused_attention_graph(model, path: Path, opset: int, meta: dict, log: Callable[[str], None]):
-    """The fused-attention graph and its verification report, or (None, None) when it is not kept."""
+def _fused_attention_graph(model, path: Path, opset: int, log: Callable[[str], None]):
+    """The fused-attention graph and its verification report, or (None, None) when it is not kept:
+    the exporter refused the trace, onnxruntime refused the graph, or it does not verify. Any
+    other error (a bug, ours or an attention's) is raised, not hidden by the plain attention."""
+    from gptx.export.runtime import ort_refusals
     from gptx.export.verify import VerificationError
 
     try:
-        graph = _export_graph(model, path, opset, meta, True, log)
-        return graph, _verify(model, graph, path)
-    except Exception as err:  # an optimisation: whatever went wrong, the plain attention remains
-        why = str(err) if isinstance(err, VerificationError) else f"{type(err).__name__}: {first_line(err)}"
-        log(f"fused attention not kept ({why}); exporting the plain attention")
+        exported = _export_graph(model, path, opset, True, log)
+        return exported, _verify(model, exported.proto, path)
+    except (VerificationError, torch.onnx.errors.OnnxExporterError, *ort_refusals()) as err:
+        bug = _programming_error(err)
+        if bug is not None:
+            raise bug.with_traceback(bug.__traceback__) from None
+        log(f"fused attention not kept ({_why(err)}); exporting the plain attention")
         return None, None
 
 
-def _export_graph(model, path: Path, opset: int, meta: dict, fused_attention: bool, log) -> onnx.ModelProto:
-    """torch.onnx.export with the user-facing error and log line; the fused-attention attempt's
-    own failure is the caller's to fall back from."""
-    t0 = time.perf_counter()
+# What a bug raises. torch.onnx.export runs the model's forward to capture it and reports what
+# that raised as the cause of its own error; the exporter refusing an operation raises torch's
+# own types.
+PROGRAMMING_ERRORS = (TypeError, AttributeError, NameError, KeyError, IndexError, AssertionError)
+
+
+def _why(err: BaseException) -> str:
+    """A fallback's reason on one line: a verification mismatch says it all; a refusal, its type
+    and first line."""
+    from gptx.export.verify import VerificationError
+
+    return str(err) if isinstance(err, VerificationError) else f"{type(err).__name__}: {first_line(err)}"
+
+
+def _programming_error(err: BaseException) -> Optional[BaseException]:
+    """The bug behind a torch.onnx.export error ``err`` (the first programming error among its
+    causes), or None when the exporter refused the graph."""
+    cause = err.__cause__ if isinstance(err, torch.onnx.errors.OnnxExporterError) else None
+    while cause is not None and not isinstance(cause, PROGRAMMING_ERRORS):
+        cause = cause.__cause__
+    return cause
+
+
+def _plain_graph(model, path: Path, opset: int, log: Callable[[str], None]) -> _Exported:
+    """The plain attention's graph; the exporter refusing it is the user's one-line error (a
+    component whose forward torch.onnx cannot trace)."""
     try:
-        graph = export_onnx(model, path, opset, meta, fused_attention=fused_attention)
-    except GptxError:
-        raise
-    except Exception as err:
-        if fused_attention:
-            raise
+        return _export_graph(model, path, opset, False, log)
+    except torch.onnx.errors.OnnxExporterError as err:
         raise GptxError(f"torch.onnx.export failed: {type(err).__name__}: {first_line(err)}") from err
-    meta["export_seconds"] = round(time.perf_counter() - t0, 2)
-    log(f"exported model.onnx, opset {opset} ({meta['export_seconds']:.1f} s, {path.stat().st_size / 2**20:.1f} MiB)")
-    return graph
+
+
+def _export_graph(model, path: Path, opset: int, fused_attention: bool, log: Callable[[str], None]) -> _Exported:
+    t0 = time.perf_counter()
+    proto = export_onnx(model, path, opset, fused_attention=fused_attention)
+    seconds = round(time.perf_counter() - t0, 2)
+    log(f"exported model.onnx, opset {opset} ({seconds:.1f} s, {path.stat().st_size / 2**20:.1f} MiB)")
+    return _Exported(proto, seconds)
 
 
 def _fuse_and_verify(model, plain: onnx.ModelProto, path: Path, log: Callable[[str], None], plain_report=None):
@@ -395,15 +392,16 @@ def _fuse_and_verify(model, plain: onnx.ModelProto, path: Path, log: Callable[[s
     (already saved at ``path``) and verify that, unless ``plain_report`` already did; a
     VerificationError of the plain graph stands. Returns the verification report with ``fusions``
     (onnxruntime operator -> count in the graph kept; empty: nothing fused)."""
-    from gptx.export.fuse import fuse
+    from gptx.export.fuse import FusionFailed, fuse
+    from gptx.export.runtime import ort_refusals
     from gptx.export.verify import VerificationError
 
     cfg = model.config
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # its shape inference prints its failures
             fused, counts = fuse(plain, cfg.n_head, cfg.n_embd)
-    except Exception as err:  # the fusion pass is an optimisation: a graph it cannot read stays plain
-        log(f"operator fusion skipped ({type(err).__name__}: {first_line(err)})")
+    except FusionFailed as err:  # the fusion pass is an optimisation: a graph it cannot read stays plain
+        log(f"operator fusion skipped ({err})")
         fused, counts = None, {}
     if counts:
         save(fused, path)
@@ -411,8 +409,8 @@ def _fuse_and_verify(model, plain: onnx.ModelProto, path: Path, log: Callable[[s
             report = _verify(model, fused, path)
             log("fused for onnxruntime: " + ", ".join(f"{n} {op}" for op, n in sorted(report.fusions.items())))
             return report
-        except VerificationError as err:
-            log(f"fused graph not kept ({err}); using the unfused graph")
+        except (VerificationError, *ort_refusals()) as err:
+            log(f"fused graph not kept ({_why(err)}); using the unfused graph")
             save(plain, path)
     return plain_report or _verify(model, plain, path)
 
@@ -432,7 +430,8 @@ def _verify(model, graph: onnx.ModelProto, path: Path):
 
 def _quantize(scheme: str, path: Path, tmp: Path, meta: dict, log: Callable[[str], None]) -> dict:
     """Replace the verified fp32 graph at ``path`` by its ``scheme`` quantization; returns the
-    report: what was quantized, agreement with fp32 and both decoding speeds."""
+    report: what was quantized, agreement with fp32 and both decoding speeds (decoding both
+    graphs as ``meta``, the export's description, says)."""
     import os
 
     from gptx.export.quantize import compare, quantize
@@ -451,11 +450,6 @@ def _quantize(scheme: str, path: Path, tmp: Path, meta: dict, log: Callable[[str
         f"decode {facts['fp32_tokens_per_s']:.0f} -> {facts[f'{scheme}_tokens_per_s']:.0f} tokens/s ({facts['speedup']}x)"
     )
     return facts
-
-
-def meta_for_graph(meta: dict) -> dict:
-    """What goes into model.onnx's metadata_props: everything but the per-run reports."""
-    return {k: v for k, v in meta.items() if k not in ("files", "total_seconds")}
 
 
 def _log_to_mlflow(source, ck, out_dir: Path, track: Optional[bool], log) -> None:

@@ -42,6 +42,17 @@ def make_session(path, threads: Optional[int] = None):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def ort_refusals() -> tuple[type[Exception], ...]:
+    """The exception types onnxruntime raises when it refuses a graph: at load (an invalid graph,
+    an operator with no kernel for these attributes or types) or at run (a kernel refusing its
+    inputs). They are its own classes, not RuntimeError subclasses; a function so that importing
+    gptx.export.runtime does not load onnxruntime."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
+
+    return (ort_state.Fail, ort_state.InvalidArgument, ort_state.InvalidGraph, ort_state.NotImplemented,
+            ort_state.RuntimeException)
+
+
 def read_meta(directory: Path) -> dict:
     """An export's gptx_export.json, validated whole (gptx.schemas.ExportMeta): a GptxError
     ``PATH: key: problem`` names the first problem."""

@@ -480,6 +480,55 @@ def test_a_broken_fused_attention_falls_back_to_the_plain_attention(tmp_path, by
     assert onnx_ids == torch_ids
 
 
+class _FusedBranchBug:
+    """An attention that declares ONNX_FUSED_ATTENTION and whose fused branch has a bug (a
+    TypeError, as calling a helper with the wrong arguments raises)."""
+
+    def forward(self, x, positions, positional, past=None, attention_mask=None):
+        from gptx.export import attention as onnx_attention
+
+        if onnx_attention.enabled(self, positional):
+            raise TypeError("fused branch: unexpected keyword argument 'mask'")
+        return super().forward(x, positions, positional, past, attention_mask)
+
+
+def test_a_bug_in_the_fused_attention_is_raised_not_hidden_by_the_fallback(tmp_path):
+    """Only a refusal (the exporter's, onnxruntime's) or a verification mismatch falls back to the
+    plain attention: a programming error in the fused branch stops the export with that error."""
+    from gptx.plugins.attention import CausalSelfAttention
+
+    Buggy = type("Buggy", (_FusedBranchBug, CausalSelfAttention), {})
+    logs = []
+    with attention_registered("buggy_fused", Buggy):
+        ck = make_checkpoint(tmp_path / "run", {"attention": {"kind": "buggy_fused"}})
+        with pytest.raises(TypeError, match="fused branch: unexpected keyword argument 'mask'"):
+            export_checkpoint(ck, tmp_path / "out", log=logs.append)
+    assert not [x for x in logs if "not kept" in x], logs
+    assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_fusing_asks_only_the_traced_models_attentions_and_puts_them_back():
+    """No process-wide switch: fusing(model) marks that model's attention modules for the
+    duration of the block (nested blocks restore the outer state), no other model's."""
+    from helpers import tiny_model
+
+    from gptx.components import Attention
+    from gptx.export import attention as onnx_attention
+
+    traced, other = tiny_model(n_layer=2)[0], tiny_model(n_layer=2)[0]
+    attns = [m for m in traced.modules() if isinstance(m, Attention)]
+    others = [m for m in other.modules() if isinstance(m, Attention)]
+    before = [dict(vars(m)) for m in attns]
+    with onnx_attention.fusing(traced):
+        assert len(attns) == 2 and all(onnx_attention.requested(m) for m in attns)
+        assert not any(onnx_attention.requested(m) for m in others)
+        with onnx_attention.fusing(traced, False):
+            assert not any(onnx_attention.requested(m) for m in attns)
+        assert all(onnx_attention.requested(m) for m in attns)
+    assert not any(onnx_attention.requested(m) for m in attns)
+    assert [dict(vars(m)) for m in attns] == before  # nothing left on the modules
+
+
 def test_only_attentions_that_declare_it_export_fused_attention(tmp_path):
     from gptx.base import DEFAULT_SUPPORTS, ONNX_FUSED_ATTENTION
     from gptx.components import Attention

@@ -147,7 +147,7 @@ class _Output:
         return iter(self._parts() + (() if self.aux is None else (self.aux,)))
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # identity equality: comparing tensors elementwise has no single truth
 class AttentionOutput(_Output):
     """What ``Attention.forward`` returns.
 
@@ -168,7 +168,7 @@ class AttentionOutput(_Output):
         return self.y, self.present
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class FeedForwardOutput(_Output):
     """What ``FeedForward.forward`` returns when it reports an ``Aux``: ``y`` [B, T, C] and
     ``aux`` (or None). One without an Aux may return the bare tensor y [B, T, C] instead."""
@@ -190,7 +190,7 @@ class FeedForwardOutput(_Output):
         return super().of(value, component)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class BlockOutput(_Output):
     """What ``Block.forward`` returns.
 
@@ -344,9 +344,9 @@ class Attention(Component, nn.Module, abc.ABC):
 
     ``forward`` takes the hidden states of T new tokens and the cache of the P tokens before
     them (P may be 0) and returns an ``AttentionOutput``: the output and the cache extended by
-    the new tokens (and optionally an ``Aux``). The
-    mask comes from slot indices (keys 0..S-1, queries P..S-1) and ``attention_mask``, never
-    from ``is_causal`` when a past exists: a past makes ``is_causal`` top-left aligned, i.e. wrong.
+    the new tokens (and optionally an ``Aux``). The mask comes from slot indices (keys 0..S-1,
+    queries P..S-1) and ``attention_mask``, never from ``is_causal`` when a past exists: a past
+    makes ``is_causal`` top-left aligned, i.e. wrong.
     Name the output projection ``c_proj``: the model scales its initialisation as GPT-2 does.
     """
 

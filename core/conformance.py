@@ -167,8 +167,11 @@ def output_form(module, value, width: int) -> str:
     from gptx.components import Attention, AttentionOutput, Block, BlockOutput, FeedForwardOutput
 
     typed = BlockOutput if isinstance(module, Block) else AttentionOutput if isinstance(module, Attention) else FeedForwardOutput
-    form = "tensor" if isinstance(value, torch.Tensor) else type(value).__name__
-    if not isinstance(value, (typed, torch.Tensor)):
+    if isinstance(value, typed):
+        form = typed.__name__
+    elif isinstance(value, torch.Tensor):
+        form = "tensor"  # a feed-forward's plain form (any other kind fails in ``of``)
+    else:
         form = f"tuple (deprecated: return {typed.expected})"
     out = typed.of(value, module)  # a ComponentOutputError for anything else: run() reports its one line
     who = f"{typed.kind} {type(module).__name__}"

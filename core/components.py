@@ -13,14 +13,19 @@ Contracts every component keeps:
   with a clear message instead of producing something wrong.
 - No Python branch on a tensor's size in ``forward``: exported ONNX graphs bake such branches
   in. Branch on options or on ``None`` only.
-- A model component may report auxiliary losses and metrics by returning an ``Aux`` next to
-  its output (see ``Aux``); the model adds the weighted losses to the training objective.
+- Attention, feed-forward and block return typed outputs, ``AttentionOutput``,
+  ``FeedForwardOutput`` (or a bare tensor) and ``BlockOutput``; their ``aux`` field carries
+  auxiliary losses and metrics (see ``Aux``), which the model adds to the training objective.
+  Whoever calls a component reads its output through ``<Type>.of(value, component)``, never by
+  tuple length.
 """
 from __future__ import annotations
 
 import abc
 import dataclasses
 import math
+import sys
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ClassVar, Optional, Sequence
 
@@ -28,6 +33,7 @@ import torch
 from torch import nn
 
 from gptx.base import CAPABILITIES, DEFAULT_SUPPORTS, KV_CACHE, ONNX_EXPORT, ONNX_FUSED_ATTENTION, Component, Tokenizer
+from gptx.errors import ComponentOutputError
 
 if TYPE_CHECKING:
     from gptx.config import ModelConfig, TrainingConfig
@@ -45,9 +51,9 @@ class Aux:
     name -> 0-d tensor, logged only. Both are logged to MLflow per step as
     ``aux/<layer>.<part>/<name>`` (averaged over the logging interval), losses unweighted.
 
-    Return it next to the output: a feed-forward returns ``(y, aux)`` instead of ``y``; an
-    attention ``(y, present, aux)``; a block ``(x, present, aux)``. Compute it only when it is
-    needed (``self.training``), so decoding and ONNX export carry no extra work."""
+    Return it in the ``aux`` field of the component's output: ``FeedForwardOutput(y, aux)``,
+    ``AttentionOutput(y, present, aux)``, ``BlockOutput(x, present, aux)``. Compute it only when
+    it is needed (``self.training``), so decoding and ONNX export carry no extra work."""
 
     losses: dict[str, tuple[torch.Tensor, float]] = dataclasses.field(default_factory=dict)
     metrics: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
@@ -67,8 +73,154 @@ class Aux:
         return out
 
 
+# ---- what model components return -----------------------------------------------------------
+
+def _qualified(component) -> str:
+    cls = type(component)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _describe(value) -> str:
+    """What a component returned, in a few words: ``a tuple of 2 (Tensor [2, 20, 32], int)``."""
+    def one(v):
+        return f"Tensor {list(v.shape)}" if isinstance(v, torch.Tensor) else type(v).__name__
+
+    if isinstance(value, (tuple, list)):
+        return f"a {type(value).__name__} of {len(value)} ({', '.join(one(v) for v in value)})"
+    return "None" if value is None else f"a {one(value)}"
+
+
+_warned: set = set()  # deprecations already reported: once per process, not once per layer and step
+
+
+def _deprecated(key, message: str, stacklevel: int = 3) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, DeprecationWarning, stacklevel=stacklevel)
+
+
+def _legacy_fields(value, lead: int) -> Optional[tuple]:
+    """The fields of a pre-typed return value, ``lead`` outputs then optionally an Aux (or None),
+    with aux None filled in; None when ``value`` is no such tuple."""
+    if not isinstance(value, (tuple, list)) or not lead <= len(value) <= lead + 1:
+        return None
+    if not isinstance(value[0], torch.Tensor):
+        return None
+    if len(value) > lead and not (value[-1] is None or isinstance(value[-1], Aux)):
+        return None
+    return (*value, None)[:lead + 1]
+
+
+class _Output:
+    """The shared part of the typed outputs: ``of`` (the one normaliser of a contract) and the
+    deprecated tuple forms kept for plugins written before them."""
+
+    kind: ClassVar[str]  # the component kind, for messages
+    expected: ClassVar[str]  # what its forward must return, for messages
+    lead: ClassVar[int]  # outputs before the Aux in the legacy tuple
+
+    aux: Optional[Aux]
+
+    def _parts(self) -> tuple:
+        """The outputs of the legacy tuple, before its Aux."""
+        raise NotImplementedError
+
+    @classmethod
+    def of(cls, value, component):
+        """``component``'s return value as this type. A legacy tuple is accepted with a one-time
+        DeprecationWarning naming the component's class; anything else is a ComponentOutputError."""
+        if isinstance(value, cls):
+            return value
+        fields = _legacy_fields(value, cls.lead)
+        if fields is None:
+            raise ComponentOutputError(f"{cls.kind} {_qualified(component)} returned {_describe(value)}; "
+                                       f"its forward must return {cls.expected}")
+        _deprecated((cls, type(component)), f"{_qualified(component)}.forward returned a tuple, which is deprecated "
+                    f"and stops working in a future gptx: return {cls.expected} instead")
+        return cls(*fields)
+
+    def __iter__(self):
+        """Deprecated: unpacks as the tuple the component used to return (``y, present = attn(...)``)."""
+        caller = sys._getframe(1).f_globals.get("__name__", "?")
+        _deprecated((type(self), "iter", caller), f"{caller} unpacks an output ({type(self).__name__}) as a tuple, which is "
+                    f"deprecated and stops working in a future gptx: read its fields instead")
+        return iter(self._parts() + (() if self.aux is None else (self.aux,)))
+
+
+@dataclasses.dataclass(eq=False)  # identity equality: comparing tensors elementwise has no single truth
+class AttentionOutput(_Output):
+    """What ``Attention.forward`` returns.
+
+    ``y``: [B, T, C], the attention's output (after its output projection, ``c_proj``).
+    ``present``: this layer's cache with S = P + T entries, the tensors ``cache_layout()``
+    declares in that order (default: key and value, each [B, K, S, D]).
+    ``aux``: its auxiliary losses and metrics (``Aux``), or None."""
+
+    kind: ClassVar[str] = "attention"
+    expected: ClassVar[str] = "gptx.components.AttentionOutput(y, present, aux=None)"
+    lead: ClassVar[int] = 2
+
+    y: torch.Tensor
+    present: Cache
+    aux: Optional[Aux] = None
+
+    def _parts(self) -> tuple:
+        return self.y, self.present
+
+
+@dataclasses.dataclass(eq=False)
+class FeedForwardOutput(_Output):
+    """What ``FeedForward.forward`` returns when it reports an ``Aux``: ``y`` [B, T, C] and
+    ``aux`` (or None). One without an Aux may return the bare tensor y [B, T, C] instead."""
+
+    kind: ClassVar[str] = "ffn"
+    expected: ClassVar[str] = "a tensor [B, T, C] or gptx.components.FeedForwardOutput(y, aux=None)"
+    lead: ClassVar[int] = 1
+
+    y: torch.Tensor
+    aux: Optional[Aux] = None
+
+    def _parts(self) -> tuple:
+        return (self.y,)
+
+    @classmethod
+    def of(cls, value, component) -> "FeedForwardOutput":
+        if isinstance(value, torch.Tensor):  # the plain form, not deprecated
+            return cls(value)
+        return super().of(value, component)
+
+
+@dataclasses.dataclass(eq=False)
+class BlockOutput(_Output):
+    """What ``Block.forward`` returns.
+
+    ``x``: [B, T, C], the residual stream after the layer.
+    ``present``: this layer's cache with S = P + T entries (its attention's ``present``).
+    ``aux``: the auxiliary losses and metrics of its parts, or None; a block with several parts
+    reporting them joins them with ``Aux.merged(attn=..., ffn=...)``."""
+
+    kind: ClassVar[str] = "block"
+    expected: ClassVar[str] = "gptx.components.BlockOutput(x, present, aux=None)"
+    lead: ClassVar[int] = 2
+
+    x: torch.Tensor
+    present: Cache
+    aux: Optional[Aux] = None
+
+    def _parts(self) -> tuple:
+        return self.x, self.present
+
+
 def split_aux(out, parts: int) -> tuple[tuple, Optional[Aux]]:
-    """A component's return value -> (its ``parts`` outputs, its Aux or None)."""
+    """Deprecated, kept for plugins written before the typed outputs: a component's return value
+    -> (its ``parts`` outputs, its Aux or None). Use ``AttentionOutput.of(out, component)``
+    (``FeedForwardOutput.of``, ``BlockOutput.of``) and read the fields."""
+    caller = sys._getframe(1).f_globals.get("__name__", "?")
+    _deprecated(("split_aux", caller), f"gptx.components.split_aux (called from {caller}) is deprecated and goes in a "
+                "future gptx: use AttentionOutput.of(out, component), FeedForwardOutput.of or BlockOutput.of "
+                "and read the fields")
+    if isinstance(out, _Output):
+        return out._parts(), out.aux
     if parts == 1 and not isinstance(out, tuple):
         return (out,), None
     if len(out) == parts + 1 and (out[-1] is None or isinstance(out[-1], Aux)):
@@ -147,7 +299,8 @@ def append_kv(past: Optional[KV], k: torch.Tensor, v: torch.Tensor) -> KV:
 
 __all__ = [
     "CAPABILITIES", "DEFAULT_SUPPORTS", "KV_CACHE", "ONNX_EXPORT", "ONNX_FUSED_ATTENTION", "KV", "Cache", "Aux",
-    "split_aux", "CacheTensor", "kv_layout", "CacheBuffer", "append_cache", "append_kv", "Component",
+    "AttentionOutput", "FeedForwardOutput", "BlockOutput", "split_aux", "CacheTensor", "kv_layout", "CacheBuffer",
+    "append_cache", "append_kv", "Component",
     "PositionalEncoding", "Attention", "FeedForward", "Norm", "NormPlacement", "Block", "Tokenizer",
     "Dataset", "Optimizer", "Schedule",
 ]
@@ -189,9 +342,10 @@ class Attention(Component, nn.Module, abc.ABC):
     """Self-attention with a key/value cache.
 
     ``forward`` takes the hidden states of T new tokens and the cache of the P tokens before
-    them (P may be 0) and returns the output and the cache extended by the new tokens. The
-    mask comes from slot indices (keys 0..S-1, queries P..S-1) and ``attention_mask``, never
-    from ``is_causal`` when a past exists: a past makes ``is_causal`` top-left aligned, i.e. wrong.
+    them (P may be 0) and returns an ``AttentionOutput``: the output and the cache extended by
+    the new tokens (and optionally an ``Aux``). The mask comes from slot indices (keys 0..S-1,
+    queries P..S-1) and ``attention_mask``, never from ``is_causal`` when a past exists: a past
+    makes ``is_causal`` top-left aligned, i.e. wrong.
     Name the output projection ``c_proj``: the model scales its initialisation as GPT-2 does.
     """
 
@@ -219,13 +373,14 @@ class Attention(Component, nn.Module, abc.ABC):
         positional: PositionalEncoding,
         past: Optional[Cache] = None,  # the declared cache with P entries (default ([B, K, P, D], [B, K, P, D])) or None
         attention_mask: Optional[torch.Tensor] = None,  # [B, S] 1 = real token, 0 = padding
-    ) -> tuple[torch.Tensor, Cache]:  # ([B, T, C], present: the cache with S entries); optionally a third item, Aux
+    ) -> AttentionOutput:  # y [B, T, C], present: the cache with S entries, aux: Aux or None
         ...
 
 
 class FeedForward(Component, nn.Module, abc.ABC):
-    """The position-wise network of a block: [B, T, C] -> [B, T, C].
-    Name the output projection ``c_proj`` (see ``Attention``)."""
+    """The position-wise network of a block: ``forward(x [B, T, C])`` returns y [B, T, C], or a
+    ``FeedForwardOutput(y, aux)`` to report an ``Aux``. Name the output projection ``c_proj``
+    (see ``Attention``)."""
 
     def __init__(self, config: "ModelConfig", options):
         super().__init__()
@@ -263,8 +418,10 @@ class Block(Component, nn.Module, abc.ABC):
     around the residual stream. Built once per layer as ``cls(config, options, layer)``; the
     ``make_*`` helpers build the configured components (a block may build several of each).
 
-    ``forward`` takes the residual stream of the new tokens and this layer's cache, and returns
-    the new stream and the extended cache (and optionally an ``Aux``). ``final_norm``: whether
+    ``forward`` takes the residual stream of the new tokens and this layer's cache, and returns a
+    ``BlockOutput``: the new stream and the extended cache (and optionally an ``Aux``). It reads
+    its parts' outputs through ``AttentionOutput.of`` and ``FeedForwardOutput.of``, which also
+    accept third-party components written before the typed outputs. ``final_norm``: whether
     the model applies one more norm before the LM head."""
 
     final_norm: bool = True
@@ -297,7 +454,7 @@ class Block(Component, nn.Module, abc.ABC):
         positional: PositionalEncoding,
         past: Optional[Cache],  # this layer's cache with P entries, or None
         attention_mask: Optional[torch.Tensor],  # [B, S] or None
-    ) -> tuple:  # (x [B, T, C], present) or (x, present, Aux)
+    ) -> BlockOutput:  # x [B, T, C], present: the cache with S entries, aux: Aux or None
         ...
 
 

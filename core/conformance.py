@@ -22,7 +22,7 @@ from typing import Callable, Optional
 import torch
 
 from gptx.base import KV_CACHE, ONNX_EXPORT
-from gptx.errors import GptxError, first_line
+from gptx.errors import ComponentOutputError, GptxError, first_line
 from gptx.kinds import BY_NAME, KINDS
 
 TINY = {"n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 64}
@@ -146,6 +146,73 @@ def check_forward(model, cfg) -> str:
     return f"logits {list(logits.shape)}, cache {[t.name for t in model.cache_layouts()[0]]}"
 
 
+def check_aux(aux, who: str) -> None:
+    """An Aux as the objective and the logs read it: 0-d tensors, finite numeric weights."""
+    from gptx.components import Aux
+
+    require(isinstance(aux, Aux), f"{who}: aux is a {type(aux).__name__}, expected gptx.components.Aux or None")
+    for name, item in aux.losses.items():
+        value, weight = item if isinstance(item, tuple) and len(item) == 2 else (None, None)
+        require(isinstance(value, torch.Tensor) and value.dim() == 0, f"{who}: aux loss '{name}' must be (0-d tensor, weight)")
+        require(isinstance(weight, (int, float)) and math.isfinite(weight), f"{who}: aux loss '{name}' has weight {weight!r}")
+    for name, value in aux.metrics.items():
+        require(isinstance(value, torch.Tensor) and value.dim() == 0, f"{who}: aux metric '{name}' must be a 0-d tensor")
+
+
+def output_form(module, value, width: int) -> str:
+    """How one call's return value keeps its contract ("BlockOutput", "tensor", "tuple (deprecated:
+    ...)"); a CheckFailed when its fields do not."""
+    from gptx.components import Attention, AttentionOutput, Block, BlockOutput, FeedForwardOutput
+
+    typed = BlockOutput if isinstance(module, Block) else AttentionOutput if isinstance(module, Attention) else FeedForwardOutput
+    if isinstance(value, typed):
+        form = typed.__name__
+    elif isinstance(value, torch.Tensor):
+        form = "tensor"  # a feed-forward's plain form (any other kind fails in ``of``)
+    else:
+        form = f"tuple (deprecated: return {typed.expected})"
+    out = typed.of(value, module)  # a ComponentOutputError for anything else: run() reports its one line
+    who = f"{typed.kind} {type(module).__name__}"
+    y = out.x if typed is BlockOutput else out.y
+    require(isinstance(y, torch.Tensor) and list(y.shape) == [B, T, width],
+            f"{who}: output {list(y.shape) if isinstance(y, torch.Tensor) else type(y).__name__}, expected {[B, T, width]}")
+    if typed is AttentionOutput:
+        layout = module.cache_layout()
+        require(len(out.present) == len(layout) and all(isinstance(t, torch.Tensor) for t in out.present),
+                f"{who}: present must be the {len(layout)} tensors cache_layout() declares")
+    if out.aux is not None:
+        check_aux(out.aux, who)
+        form += " with aux"
+    return form
+
+
+def check_typed_outputs(raw, registry) -> str:
+    """Every block, attention and feed-forward call, in training and in evaluation, returns its typed
+    output (a feed-forward may return its bare tensor) with fields of the contract's shapes. A
+    legacy tuple still passes, its deprecation named. A model of its own: training may move state."""
+    from gptx.components import Attention, Block, FeedForward
+
+    model, cfg = tiny_model(raw, registry, seed=1)
+    calls: list = []
+    hooks = [m.register_forward_hook(lambda mod, _args, out: calls.append((mod, out)))
+             for m in model.modules() if isinstance(m, (Block, Attention, FeedForward))]
+    ids = torch.randint(0, 256, (B, T + 1))
+    try:
+        with torch.no_grad():
+            model.train()
+            model(ids[:, :-1], targets=ids[:, 1:])  # training: where components report their Aux
+            model.eval()
+            model(ids[:, :-1])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    forms = {}
+    for module, value in calls:
+        form = output_form(module, value, cfg.model.n_embd)
+        forms.setdefault(type(module).__name__, set()).add(form)
+    return "; ".join(f"{name}: {' / '.join(sorted(f))}" for name, f in forms.items())
+
+
 def check_cached_decoding(model, cfg) -> str:
     ids = torch.randint(0, 256, (B, T))
     with torch.no_grad():
@@ -243,7 +310,8 @@ def model_checks(kind: str, name: str, supports: frozenset, registry, options=No
         return state["model"], state["cfg"]
 
     checks = [("builds", lambda: f"{sum(p.numel() for p in built()[0].parameters()):,} parameters in a 2-layer model"),
-              ("forward shapes", lambda: check_forward(*built()))]
+              ("forward shapes", lambda: check_forward(*built())),
+              ("typed outputs", lambda: check_typed_outputs(raw, registry))]
     if KV_CACHE in supports:
         checks += [("cached decoding", lambda: check_cached_decoding(*built())),
                    ("left padding", lambda: check_left_padding(*built()))]
@@ -431,7 +499,7 @@ def run(entry, registry, progress: Callable[[str], None] = lambda _s: None, opti
         torch.manual_seed(0)
         try:
             results.append(Result(entry.kind, entry.name, check, "pass", fn()))
-        except CheckFailed as err:
+        except (CheckFailed, ComponentOutputError) as err:  # the contract broken: its message is the whole story
             results.append(Result(entry.kind, entry.name, check, "fail", str(err)))
         except Exception as err:  # noqa: BLE001 - any exception is the component breaking the contract
             where = traceback.extract_tb(err.__traceback__)[-1]

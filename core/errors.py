@@ -25,6 +25,12 @@ class ConfigError(GptxError):
         return self if self.file or not file else ConfigError(self.problem, self.key, file)
 
 
+class ComponentOutputError(GptxError, TypeError):
+    """A model component's ``forward`` returned something its output contract does not allow (a
+    plugin's bug, met while the model runs): the message names the class, what it returned and
+    what it must return. A GptxError, so the command line prints it on one line."""
+
+
 def first_line(err: BaseException) -> str:
     """The first non-empty line of an exception's message ("" when it has none), for one-line errors."""
     text = str(err).strip()

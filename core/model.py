@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gptx.components import Aux, Cache, CacheBuffer, gpt2_init_std, split_aux
+from gptx.components import Aux, BlockOutput, Cache, CacheBuffer, gpt2_init_std
 from gptx.config import ModelConfig
 
 
@@ -120,10 +120,11 @@ class GPT(nn.Module):
         presents, auxes = [], {}
         for i, block in enumerate(self.blocks):
             past = None if past_key_values is None else past_key_values[i]
-            (x, present), aux = split_aux(block(x, position_ids, self.positional, past, attention_mask), 2)  # [B, T, C]
-            presents.append(present)
-            if aux is not None:
-                auxes[f"layer{i}"] = aux
+            out = BlockOutput.of(block(x, position_ids, self.positional, past, attention_mask), block)
+            x = out.x  # [B, T, C]
+            presents.append(out.present)
+            if out.aux is not None:
+                auxes[f"layer{i}"] = out.aux
         if last_logits_only:
             x = x[:, -1:]  # [B, 1, C]: a prefill needs the next token only, not T x V logits
         logits = self.lm_head(self.ln_f(x))  # [B, T or 1, V]

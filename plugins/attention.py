@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import gptx
-from gptx.components import DEFAULT_SUPPORTS, KV, ONNX_FUSED_ATTENTION, Attention, append_kv, attention_allowed, slot_indices
+from gptx.components import (DEFAULT_SUPPORTS, KV, ONNX_FUSED_ATTENTION, Attention, AttentionOutput, append_kv,
+                             attention_allowed, slot_indices)
 from gptx.export import attention as onnx_attention
 
 
@@ -91,7 +92,7 @@ class CausalSelfAttention(_HeadsMixin, Attention):
         q, k = positional.rotate(q, k, positions)
         if self.options.window is None and onnx_attention.enabled(self, positional):
             y, present = onnx_attention.fused_attention(q, k, v, past, attention_mask)  # [B, T, C], cache
-            return self.resid_dropout(self.c_proj(y)), present
+            return AttentionOutput(self.resid_dropout(self.c_proj(y)), present)  # [B, T, C], cache
         past_len = None if past is None else past[0].shape[2]
         present = append_kv(past, k, v)  # ([B, K, S, D], [B, K, S, D])
         k, v = present
@@ -102,7 +103,7 @@ class CausalSelfAttention(_HeadsMixin, Attention):
         p = self.config.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
-        return self.resid_dropout(self.c_proj(y)), present
+        return AttentionOutput(self.resid_dropout(self.c_proj(y)), present)  # [B, T, C], ([B, K, S, D], [B, K, S, D])
 
 
 class EinsumAttention(_HeadsMixin, Attention):
@@ -143,7 +144,7 @@ class EinsumAttention(_HeadsMixin, Attention):
         att = self.attn_dropout(att).view(B, K, H // K, T, -1)  # [B, K, G, T, S]
         y = torch.einsum("bkgts,bksd->bkgtd", att, v).reshape(B, H, T, D)  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
-        return self.resid_dropout(self.c_proj(y)), present
+        return AttentionOutput(self.resid_dropout(self.c_proj(y)), present)  # [B, T, C], ([B, K, S, D], [B, K, S, D])
 
 
 @gptx.hookimpl(trylast=True)

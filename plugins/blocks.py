@@ -4,27 +4,25 @@ stream. ``sequential`` is GPT-2's layer (attention, then FFN, each wrapped by a 
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
 import gptx
-from gptx.components import Aux, Block, split_aux
+from gptx.components import AttentionOutput, Aux, Block, BlockOutput, FeedForwardOutput
 
 
 class Captured:
-    """A placement's branch: calls a component on [B, T, C] and keeps what it returns besides the
-    new [B, T, C] (an attention's present, anyone's Aux) for the block to hand on."""
+    """A placement's branch: calls a component on [B, T, C], hands the placement its y [B, T, C]
+    and keeps the whole typed output (an attention's present, anyone's Aux) for the block."""
 
-    def __init__(self, component: Callable, parts: int):
-        self.component, self.parts = component, parts
-        self.rest: tuple = ()
-        self.aux: Optional[Aux] = None
+    def __init__(self, call: Callable[[torch.Tensor], Union[AttentionOutput, FeedForwardOutput]]):
+        self.call = call
+        self.out: Optional[Union[AttentionOutput, FeedForwardOutput]] = None
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:  # [B, T, C] -> [B, T, C]
-        outs, self.aux = split_aux(self.component(h), self.parts)
-        self.rest = outs[1:]
-        return outs[0]
+        self.out = self.call(h)
+        return self.out.y
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,11 +46,12 @@ class SequentialBlock(Block):
         self.final_norm = placement.final_norm
 
     def forward(self, x, positions, positional, past, attention_mask):
-        attention = Captured(lambda h: self.attn(h, positions, positional, past, attention_mask), parts=2)
-        ffn = Captured(self.mlp, parts=1)
+        attention = Captured(
+            lambda h: AttentionOutput.of(self.attn(h, positions, positional, past, attention_mask), self.attn))
+        ffn = Captured(lambda h: FeedForwardOutput.of(self.mlp(h), self.mlp))
         x = self.attn_norm(x, attention)  # [B, T, C]
         x = self.mlp_norm(x, ffn)  # [B, T, C]
-        return x, attention.rest[0], Aux.merged(attn=attention.aux, ffn=ffn.aux)
+        return BlockOutput(x, attention.out.present, Aux.merged(attn=attention.out.aux, ffn=ffn.out.aux))
 
 
 class ParallelBlock(Block):
@@ -67,9 +66,9 @@ class ParallelBlock(Block):
 
     def forward(self, x, positions, positional, past, attention_mask):
         h = self.norm(x)  # [B, T, C]
-        (y, present), attn_aux = split_aux(self.attn(h, positions, positional, past, attention_mask), 2)  # [B, T, C]
-        (m,), ffn_aux = split_aux(self.mlp(h), 1)  # [B, T, C]
-        return x + y + m, present, Aux.merged(attn=attn_aux, ffn=ffn_aux)  # [B, T, C]
+        a = AttentionOutput.of(self.attn(h, positions, positional, past, attention_mask), self.attn)  # y [B, T, C]
+        m = FeedForwardOutput.of(self.mlp(h), self.mlp)  # y [B, T, C]
+        return BlockOutput(x + a.y + m.y, a.present, Aux.merged(attn=a.aux, ffn=m.aux))  # x [B, T, C]
 
 
 @gptx.hookimpl(trylast=True)

@@ -23,7 +23,8 @@ from torch import nn
 
 import gptx
 from gptx.components import (
-    BATCH, KV_CACHE, ONNX_EXPORT, SEQ, Attention, CacheTensor, PositionalEncoding, append_cache, attention_allowed, slot_indices,
+    BATCH, KV_CACHE, ONNX_EXPORT, SEQ, Attention, AttentionOutput, CacheTensor, PositionalEncoding, append_cache,
+    attention_allowed, slot_indices,
 )
 
 
@@ -118,7 +119,7 @@ class LatentAttention(Attention):
         p = self.config.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=1 / math.sqrt(D + R))  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(B, T, H * D)  # [B, T, H*D]
-        return self.resid_dropout(self.c_proj(y)), present
+        return AttentionOutput(self.resid_dropout(self.c_proj(y)), present)  # [B, T, C], ([B, S, r] (, [B, S, R]))
 
 
 @gptx.hookimpl(trylast=True)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gptx
-from gptx.components import Aux, FeedForward
+from gptx.components import Aux, FeedForward, FeedForwardOutput
 from gptx.options import option
 
 ACTIVATIONS = {
@@ -85,9 +85,7 @@ class MoE(FeedForward):
         else:
             y = self.dispatch(flat, weights, chosen)  # [N, C]
         y = self.dropout(y.reshape(B, T, C))  # [B, T, C]
-        if not self.training:
-            return y
-        return y, self.aux(logits, probs, chosen)
+        return FeedForwardOutput(y, self.aux(logits, probs, chosen) if self.training else None)
 
     def expert(self, e: int, x: torch.Tensor) -> torch.Tensor:  # [n, C] -> [n, C]
         return self.experts[e].c_proj(self.act(self.experts[e].c_fc(x)))

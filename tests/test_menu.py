@@ -332,7 +332,8 @@ def test_mixture_of_experts_routes_top_k_and_balances_the_load():
     torch.manual_seed(0)
     moe = cfg.ffn.cls(cfg, cfg.ffn.options).train()
     x = torch.randn(2, 5, cfg.n_embd)
-    y, aux = moe(x)
+    out = moe(x)
+    y, aux = out.y, out.aux
     flat = x.reshape(10, -1)
     probs = moe.router(flat).softmax(-1)  # [10, 4]
     w, idx = probs.topk(2, dim=-1)

@@ -18,7 +18,7 @@ from helpers import REPO, gptx, install_plugin_packages, plugin_env, write_exper
 from safetensors.torch import load_file
 
 from gptx import registry as registry_mod
-from gptx.components import Aux
+from gptx.components import Aux, FeedForwardOutput
 from gptx.config import from_dict, load_experiment
 from gptx.errors import ConfigError
 from gptx.model import GPT
@@ -172,8 +172,9 @@ class MLPWithAux(GeluMLP):
     def forward(self, x):
         y = super().forward(x)
         if not self.training:
-            return y
-        return y, Aux(losses={"energy": (y.pow(2).mean(), self.options.weight)}, metrics={"mean": y.mean()})
+            return y  # no Aux: the bare tensor is the whole output
+        aux = Aux(losses={"energy": (y.pow(2).mean(), self.options.weight)}, metrics={"mean": y.mean()})
+        return FeedForwardOutput(y, aux)
 
 
 class AuxPlugin:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import gptx
-from gptx.components import Aux, Block, split_aux
+from gptx.components import AttentionOutput, Aux, Block, BlockOutput, FeedForwardOutput
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,10 +36,11 @@ class ReZeroBlock(Block):
         self.gates = nn.Parameter(torch.full((2,), float(options.init)))  # [2]: attention, ffn
 
     def forward(self, x, positions, positional, past, attention_mask):
-        (y, present), attn_aux = split_aux(self.attn(x, positions, positional, past, attention_mask), 2)  # [B, T, C]
-        x = x + self.gates[0] * y  # [B, T, C]
-        (m,), ffn_aux = split_aux(self.mlp(x), 1)  # [B, T, C]
-        return x + self.gates[1] * m, present, Aux.merged(attn=attn_aux, ffn=ffn_aux)
+        # read the parts through .of: any installed attention or feed-forward, typed or not, fits
+        a = AttentionOutput.of(self.attn(x, positions, positional, past, attention_mask), self.attn)  # y [B, T, C]
+        x = x + self.gates[0] * a.y  # [B, T, C]
+        m = FeedForwardOutput.of(self.mlp(x), self.mlp)  # y [B, T, C]
+        return BlockOutput(x + self.gates[1] * m.y, a.present, Aux.merged(attn=a.aux, ffn=m.aux))  # x [B, T, C]
 
 
 @gptx.hookimpl
@@ -102,7 +103,7 @@ class TokenMajorAttention(CausalSelfAttention):
             k, v = k.repeat_interleave(H // K, dim=1), v.repeat_interleave(H // K, dim=1)  # [B, H, S, D]
         mask = self._allowed_or_bias(positional, past_len, T, x.device, q.dtype, attention_mask)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)  # [B, H, T, D]
-        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C))), present
+        return AttentionOutput(self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C))), present)  # [B, T, C]
 
 
 @gptx.hookimpl

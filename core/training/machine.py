@@ -56,18 +56,18 @@ def keep_freed_memory(device: torch.device) -> bool:
 
     glibc serves every allocation above 32 MiB with a fresh mmap and unmaps it on free, so each
     step's large tensors come back as new pages the kernel must fault in and zero. With GPT-2's
-    50,257-token vocabulary the logits and their gradients are ~200 MiB each at batch 8 x 128:
-    measured, 42 % of the baseline's CPU time went to the kernel, and serving every allocation from
-    the heap and never trimming it (mallopt M_MMAP_MAX = 0, M_TRIM_THRESHOLD = max) ran the same
-    steps 1.8-2.2x faster with bit-identical losses, for ~0.5 GB more peak RSS at batch 8 (memory freed in
-    a step is kept for the next one instead of returned). Called once training is set up, after
-    the data is loaded. Returns whether it applied.
+    50,257-token vocabulary the logits and their gradients are ~200 MiB each at batch 8 x 128, so
+    the kernel's share of the CPU time dominates. Serving every allocation from the heap and never
+    trimming it (mallopt M_MMAP_MAX = 0, M_TRIM_THRESHOLD = max) keeps those pages, with
+    bit-identical losses, for more peak RSS (memory freed in a step is kept for the next one);
+    docs/performance.md has the measurements. Called once training is set up, after the data is
+    loaded. Returns whether it applied.
 
     What it cannot promise: torch asks for 64-byte-aligned blocks, for which glibc 2.36 wants 96
     bytes more than a same-size block leaves free, so a process that frees and reallocates one lone
     large tensor of one size can grow its heap by that tensor every time (seen in one environment,
     not in another). Training and evaluation free many tensors together: their heaps stayed bounded
-    in both environments (baseline: 1.8-3.8 GB over 40 steps, glibc trimming free tops above 2 GiB).
+    in both environments (glibc trims free tops above 2 GiB).
     GPTX_KEEP_FREED_MEMORY=0 turns it off."""
     import ctypes
     import ctypes.util

@@ -241,20 +241,26 @@ def components(what, as_json):
 @click.argument("names", nargs=-1, metavar="[NAME]...")
 @click.option("--kind", type=click.Choice([k.name for k in KINDS]),
               default=None, help="Only components of this kind.")
+@click.option("--experiment", "experiment_file", type=click.Path(dir_okay=False), default=None,
+              help="Check inside this experiment: its data, tokenizer, model and training options.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a value of the experiment (or of the tiny default); repeatable.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-def check_plugin(names, kind, as_json):
+def check_plugin(names, kind, experiment_file, overrides, as_json):
     """Check that installed components keep gptx's contracts: each NAME (or every component of
-    --kind, or every installed component) in its own slot of a tiny model, defaults elsewhere.
-    Forward shapes, cached decoding and left padding (when it declares kv_cache), ONNX export
-    parity (onnx_export), a short training run whose loss must fall, determinism, a checkpoint
-    round trip; tokenizers, optimizers, schedules and datasets their own. Exit 0 only when every
-    check that applies passes."""
+    --kind, or every installed component) in its own slot of a tiny model, defaults elsewhere,
+    or of the experiment --experiment and --set describe (a component keeps that slot's options
+    when the slot names it). Forward shapes, cached decoding and left padding (when it declares
+    kv_cache), ONNX export parity (onnx_export), a short training run whose loss must fall,
+    determinism, a checkpoint round trip; tokenizers, optimizers, schedules and datasets their
+    own. Exit 0 only when every check that applies passes."""
     from gptx import conformance
 
     reg = registry()
+    setting = conformance.load_setting(experiment_file, list(overrides), reg)  # bad input: one line, exit 2
     entries = conformance.select(reg, list(names), kind)
     say = (lambda s: None) if as_json else (lambda s: click.echo(f"  checking {s}", err=True))
-    results = [r for e in entries for r in conformance.run(e, reg, say)]
+    results = [r for e in entries for r in conformance.run(e, reg, say, setting=setting)]
     failed = [r for r in results if r.status == "fail"]
     if as_json:
         click.echo(json.dumps({"passed": not failed, "results": [r.to_dict() for r in results]}, indent=2))

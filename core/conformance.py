@@ -9,6 +9,7 @@ Each check passes, fails with a reason, or does not apply (a component that does
 from __future__ import annotations
 
 import atexit
+import copy
 import dataclasses
 import functools
 import math
@@ -22,7 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from gptx.base import KV_CACHE, ONNX_EXPORT
-from gptx.errors import ComponentOutputError, GptxError, first_line
+from gptx.errors import ComponentOutputError, ConfigError, GptxError, first_line
 from gptx.kinds import BY_NAME, KINDS
 
 TINY = {"n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 64}
@@ -59,19 +60,49 @@ def sample_text(chars: int = 40_000) -> str:
 
 # ---- building the thing under test ---------------------------------------------------------------
 
-def experiment(kind: str, name: str, options: Optional[dict] = None, **model) -> dict:
-    """The plain config putting component ``name`` of ``kind`` in its slot, defaults elsewhere."""
-    table = {"kind": name, **(options or {})}
-    raw = {"model": {**TINY, **model}, "tokenizer": {"kind": "byte"}}
+def experiment(kind: str, name: str, options: Optional[dict] = None, setting: Optional[dict] = None, **model) -> dict:
+    """The config putting component ``name`` of ``kind`` in its slot: in ``setting`` (a resolved
+    experiment, see ``load_setting``) when given, else in a tiny model with defaults elsewhere.
+    The setting's options for that slot are kept when they are this component's."""
+    raw = copy.deepcopy(setting) if setting is not None else {"model": dict(TINY), "tokenizer": {"kind": "byte"}}
+    raw.setdefault("model", {}).update(model)
     if kind == "norm_placement":  # chosen by name in the sequential block's options, not in a table
-        raw["model"]["block"] = {"kind": "sequential", "placement": name}
+        block = raw["model"].get("block") or {}
+        raw["model"]["block"] = {**(block if block.get("kind") == "sequential" else {"kind": "sequential"}), "placement": name}
         return raw
     *parents, key = BY_NAME[kind].path  # e.g. ("training", "optimizer"): the kind's table
     node = raw
     for part in parents:
         node = node.setdefault(part, {})
-    node[key] = table
+    current = node.get(key) if isinstance(node.get(key), dict) else {}
+    kept = {k: v for k, v in current.items() if k != "kind"} if current.get("kind", BY_NAME[kind].default) == name else {}
+    node[key] = {"kind": name, **kept, **(options or {})}
     return raw
+
+
+def load_setting(file: Optional[str], overrides: list[str], registry=None) -> Optional[dict]:
+    """The experiment check-plugin checks components in: ``file`` (its data, tokenizer, model and
+    training options) with the ``--set`` overrides, validated like ``gptx validate`` (a bad one is
+    a ConfigError naming the file or --set item and the key) and resolved (paths absolute). None
+    when neither is given: the tiny defaults."""
+    from gptx.config import apply_overrides, from_dict, load_experiment
+
+    if file is None and not overrides:
+        return None
+    if file is not None:
+        cfg = load_experiment(file, overrides, registry)
+    else:
+        base = {"model": dict(TINY), "tokenizer": {"kind": "byte"}}
+        raw, origin = apply_overrides(base, list(overrides))
+        try:
+            cfg = from_dict(raw, registry, source=experiments_dir() / "check-plugin.toml")
+        except ConfigError as err:
+            item = origin.get(err.key or "", "--set") if err.key else "--set"
+            raise ConfigError(err.problem, err.key, f"--set {item}" if item != "--set" else item) from None
+    resolved = cfg.to_dict()
+    resolved.pop("tracking")  # the checks track nothing
+    resolved["training"]["init_from"] = None  # they start from random weights
+    return resolved
 
 
 def experiments_dir() -> Path:
@@ -300,8 +331,10 @@ def check_checkpoint_round_trip(model, cfg) -> str:
     return "save, load: identical logits"
 
 
-def model_checks(kind: str, name: str, supports: frozenset, registry, options=None) -> list[tuple[str, Callable[[], str]]]:
-    raw = experiment(kind, name, options)
+def model_checks(kind: str, name: str, supports: frozenset, registry, options=None,
+                 setting=None) -> list[tuple[str, Callable[[], str]]]:
+    raw = experiment(kind, name, options, setting)
+    raw["tokenizer"] = {"kind": "byte"}  # the checks feed bytes (byte_batch), whatever the experiment's tokenizer
     state: dict = {}
 
     def built():
@@ -326,9 +359,9 @@ def model_checks(kind: str, name: str, supports: frozenset, registry, options=No
 
 # ---- checks of the other kinds -------------------------------------------------------------------
 
-def tokenizer_checks(kind, name, supports, registry, options=None):
+def tokenizer_checks(kind, name, supports, registry, options=None, setting=None):
     def build():
-        spec = config_of(experiment("tokenizer", name, options), registry).tokenizer
+        spec = config_of(experiment("tokenizer", name, options, setting), registry).tokenizer
         tok = spec.cls(spec.options, None)
         if tok.requires_fit:
             require(tok.state() == {}, "state() must be {} until the tokenizer is fitted")
@@ -360,10 +393,10 @@ def tokenizer_checks(kind, name, supports, registry, options=None):
     return [("round trip", round_trip), ("trains", trains)]
 
 
-def optimizer_checks(kind, name, supports, registry, options=None):
+def optimizer_checks(kind, name, supports, registry, options=None, setting=None):
     from gptx.training.step import build_optimizer
 
-    raw = experiment("optimizer", name, options)
+    raw = experiment("optimizer", name, options, setting)
     raw["training"]["learning_rate"] = 1e-2  # the rate the other checks train with (30 steps on one batch)
 
     def make(seed=0):
@@ -399,20 +432,22 @@ def optimizer_checks(kind, name, supports, registry, options=None):
     return [("trains", trains), ("state round trip", resumes)]
 
 
-def schedule_checks(kind, name, supports, registry, options=None):
+def schedule_checks(kind, name, supports, registry, options=None, setting=None):
     from gptx.training.step import build_schedule
 
     def values():
-        raw = experiment("schedule", name, options)
-        raw["training"]["max_steps"] = 200
+        raw = experiment("schedule", name, options, setting)
+        if setting is None:
+            raw["training"]["max_steps"] = 200
         cfg = config_of(raw, registry)
         schedule = build_schedule(cfg)
-        factors = [schedule.factor(step) for step in range(300)]
+        steps = cfg.training.max_steps * 3 // 2  # also past max_steps
+        factors = [schedule.factor(step) for step in range(steps)]
         require(all(isinstance(f, (int, float)) and math.isfinite(f) and f >= 0 for f in factors),
                 "factor(step) must be a finite, non-negative number at every step (also past max_steps)")
-        require(factors == [build_schedule(cfg).factor(step) for step in range(300)], "not deterministic")
+        require(factors == [build_schedule(cfg).factor(step) for step in range(steps)], "not deterministic")
         require(max(factors) > 0, "the learning rate is 0 at every step")
-        return f"factor from {min(factors):.3g} to {max(factors):.3g} over 300 steps"
+        return f"factor from {min(factors):.3g} to {max(factors):.3g} over {steps:,} steps (max_steps {cfg.training.max_steps:,})"
 
     return [("factors", values)]
 
@@ -435,12 +470,13 @@ def data_dir(tokenizer_kind: str, registry) -> Path:
     return root
 
 
-def dataset_checks(kind, name, supports, registry, options=None):
+def dataset_checks(kind, name, supports, registry, options=None, setting=None):
     from gptx import checkpoint
 
     def build(seed=0):
-        raw = experiment("dataset", name, options)
-        base = data_dir(raw["tokenizer"]["kind"], registry)
+        raw = experiment("dataset", name, options, setting)
+        # an experiment's data paths are resolved already; the defaults read a prepared sample
+        base = data_dir(raw["tokenizer"]["kind"], registry) if setting is None else experiments_dir()
         cfg = config_of(raw, registry, base)
         spec = cfg.data
         tok = checkpoint.build_tokenizer(cfg.tokenizer)
@@ -482,16 +518,18 @@ CHECKS = {"tokenizer": tokenizer_checks, "optimizer": optimizer_checks, "schedul
           "dataset": dataset_checks}
 
 
-def checks_for(entry, registry, options: Optional[dict] = None) -> list[tuple[str, Optional[Callable[[], str]]]]:
+def checks_for(entry, registry, options: Optional[dict] = None,
+               setting: Optional[dict] = None) -> list[tuple[str, Optional[Callable[[], str]]]]:
     """The (check name, function or None when it does not apply) list for one registry entry,
     with ``options`` for its table (its defaults otherwise)."""
     make = CHECKS.get(entry.kind, model_checks)
-    return make(entry.kind, entry.name, frozenset(entry.supports), registry, options)
+    return make(entry.kind, entry.name, frozenset(entry.supports), registry, options, setting)
 
 
-def run(entry, registry, progress: Callable[[str], None] = lambda _s: None, options: Optional[dict] = None) -> list[Result]:
+def run(entry, registry, progress: Callable[[str], None] = lambda _s: None, options: Optional[dict] = None,
+        setting: Optional[dict] = None) -> list[Result]:
     results = []
-    for check, fn in checks_for(entry, registry, options):
+    for check, fn in checks_for(entry, registry, options, setting):
         if fn is None:
             results.append(Result(entry.kind, entry.name, check, "n/a", "not declared in supports"))
             continue

@@ -305,3 +305,45 @@ def test_muon_with_wsd_trains_shakespeare_and_resumes_bitwise(tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     gptx("run", exp, *args, "--set", "tracking.run_name='cut'", "--resume", "--quiet", cwd=tmp_path, check=True)
     assert json.loads((cut / "run.json").read_text())["final_val_loss"] == info["final_val_loss"]
+
+
+class NanAtStepThree:
+    """A schedule plugin whose factor breaks at one step: the run names the step and the value."""
+
+    @staticmethod
+    @__import__("gptx").hookimpl
+    def register_schedule(register):
+        from gptx.plugins.schedules import Constant
+
+        class Broken(Constant):
+            def factor(self, step):
+                return float("nan") if step == 3 else 1.0
+
+        register("broken", Broken)
+
+
+def test_a_schedule_factor_that_is_not_a_number_names_the_step_and_value(tmp_path):
+    from gptx.errors import GptxError
+
+    reg = registry_mod.load(extra_plugins=(NanAtStepThree,))
+    registry_mod.use(reg)
+    try:
+        cfg = load_experiment(write_experiment(tmp_path / "e.toml", '\n[training.schedule]\nkind = "broken"\n'),
+                              ["training.max_steps=6"], registry=reg)
+        with pytest.raises(GptxError, match=r"training.schedule 'broken' \(.*Broken\): factor\(3\) returned nan; "
+                                            r"a learning-rate factor must be a finite number >= 0"):
+            train(cfg, progress=False)
+    finally:
+        registry_mod.use(None)
+
+
+def test_an_optimizer_state_holding_another_type_names_it_on_resume(tmp_path):
+    from gptx import checkpoint
+    from gptx.errors import GptxError
+
+    from fractions import Fraction
+
+    torch.save({"optimizer": {"state": {0: {"momentum": Fraction(1, 3)}}}}, tmp_path / "trainer.pt")
+    with pytest.raises(GptxError, match=r"trainer.pt: cannot be loaded safely: it holds a fractions.Fraction, which gptx does not unpickle \(weights_only\); "
+                                        r"an optimizer's or dataset's state_dict must hold only tensors"):
+        checkpoint.load_trainer_state(tmp_path)

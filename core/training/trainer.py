@@ -18,6 +18,7 @@ import dataclasses
 import gc
 import json
 import math
+import numbers
 import signal
 import time
 from pathlib import Path
@@ -177,7 +178,12 @@ class Trainer:
         return step % every == 0 or step == self.tc.max_steps
 
     def set_lr(self, step: int) -> None:
-        set_lr(self.optimizer, self.schedule.factor(step - 1))
+        factor = self.schedule.factor(step - 1)
+        if isinstance(factor, bool) or not isinstance(factor, numbers.Real) or not math.isfinite(factor) or factor < 0:
+            spec = self.tc.schedule
+            raise GptxError(f"training.schedule '{spec.name}' ({spec.cls.__module__}.{spec.cls.__qualname__}): factor({step - 1}) "
+                            f"returned {factor!r}; a learning-rate factor must be a finite number >= 0")
+        set_lr(self.optimizer, factor)
 
     def run_step(self, step: int, x, y) -> None:
         t0 = time.perf_counter()

@@ -32,6 +32,7 @@ def fuse(proto: onnx.ModelProto, n_head: int, n_embd: int) -> tuple[onnx.ModelPr
     options.enable_attention = False  # its patterns are HF GPT-2's past/present layout, not this contract's
     options.enable_embed_layer_norm = False  # keeps the token and position embeddings plain Gathers
     options.enable_rotary_embeddings = False  # RoPE stays the verified formula
+    _gemms_as_matmuls(fused)
     out = _ort_fusion_pass(fused, n_head, n_embd, options)
     drop_identity_reshapes(out)
     before = contrib_ops(proto)
@@ -61,6 +62,46 @@ def _ort_fusion_pass(proto: onnx.ModelProto, n_head: int, n_embd: int, options) 
         raise FusionFailed(f"{type(err).__name__}: {first_line(err)}") from err
     finally:
         logger.setLevel(level)
+
+
+def _gemms_as_matmuls(proto: onnx.ModelProto) -> int:
+    """Every Gemm that onnxruntime's GPT-2 post-processing would misread, as MatMul (+ Add): the
+    same product. That pass rewrites each Gemm after a norm and reads its bias and the Reshape after
+    it unconditionally, so a bias-free 2-D Linear such as an MoE router failed the whole fusion
+    (IndexError, AttributeError). Only Gemms with a weight initializer, alpha = beta = 1 and no
+    transA are rewritten. Returns how many."""
+    from onnx import helper, numpy_helper
+
+    g = proto.graph
+    weights = {t.name: t for t in g.initializer}
+    readers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    nodes, rewritten = [], 0
+    for n in g.node:
+        attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
+        bias = n.input[2] if len(n.input) > 2 and n.input[2] else None
+        read_as_gpt2 = bias is not None and any(r.op_type == "Reshape" for r in readers.get(n.output[0], []))
+        if n.op_type != "Gemm" or read_as_gpt2 or n.input[1] not in weights or attrs.get("transA", 0) \
+                or attrs.get("alpha", 1.0) != 1.0 or attrs.get("beta", 1.0) != 1.0:
+            nodes.append(n)
+            continue
+        w = numpy_helper.to_array(weights[n.input[1]])  # [in, out], or [out, in] with transB
+        name = f"{n.input[1]}.as_matmul"
+        g.initializer.append(numpy_helper.from_array(w.T.copy() if attrs.get("transB", 0) else w, name))
+        product = f"{n.output[0]}.product" if bias else n.output[0]
+        nodes.append(helper.make_node("MatMul", [n.input[0], name], [product], name=f"{n.name}.matmul"))
+        if bias:
+            nodes.append(helper.make_node("Add", [product, bias], [n.output[0]], name=f"{n.name}.bias"))
+        rewritten += 1
+    del g.node[:]
+    g.node.extend(nodes)
+    still_read = {i for n in g.node for i in n.input}
+    kept = [t for t in g.initializer if t.name in still_read or t.name in {o.name for o in g.output}]
+    del g.initializer[:]
+    g.initializer.extend(kept)
+    return rewritten
 
 
 def contrib_ops(proto: onnx.ModelProto) -> dict[str, int]:

@@ -615,3 +615,16 @@ def test_unknown_quantization_and_missing_source(tmp_path, byte_ckpt):
         export_checkpoint(byte_ckpt, tmp_path / "o", quantize="int5", log=quiet)
     r = invoke("export", tmp_path / "nope", "-o", tmp_path / "o")
     assert r.exit_code == 2 and "no such checkpoint" in r.output
+
+
+def test_an_moe_model_is_fused_too_and_says_nothing_about_skipping(tmp_path):
+    """The MoE router is a bias-free Linear on 2-D rows (a Gemm without bias or Reshape after it),
+    which onnxruntime's GPT-2 pass misread and the whole fusion was skipped with an IndexError."""
+    ck = make_checkpoint(tmp_path / "run", model={"ffn": {"kind": "moe"}})
+    lines = []
+    meta = export_checkpoint(ck, tmp_path / "out", log=lines.append)
+    L = SMALL["n_layer"]
+    assert meta["fusions"]["SkipLayerNormalization"] == 2 * L + 1 and meta["fusions"]["GroupQueryAttention"] == L
+    assert not any("skipped" in line for line in lines), lines
+    want, got = greedy_both(ck, tmp_path / "out", [list(b"To be"), list(b"or not")])
+    assert got == want

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gptx.base import Component
 from gptx.components import Aux, BlockOutput, Cache, CacheBuffer, gpt2_init_std
 from gptx.config import ModelConfig
 
@@ -50,6 +51,9 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("c_proj.weight"):  # residual output projections: GPT-2's scaled init
                 nn.init.normal_(p, mean=0.0, std=gpt2_init_std(config, residual=True))
+        for module in self.modules():  # then each component's own, if it has one (docs/plugins.md)
+            if isinstance(module, Component) and hasattr(module, "init_weights"):
+                module.init_weights(config)
         self.seq_axis = self.blocks[0].cache_layout()[0].seq_axis  # where the first cache tensor grows
         self.register_buffer("padded_vocab_bias", None, persistent=False)  # see mask_padded_vocab
 

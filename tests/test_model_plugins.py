@@ -99,3 +99,43 @@ def test_a_model_of_plugin_parts_trains_exports_and_decodes_its_own_cache_on_onn
         return [json.loads(line)["ids"] for line in r.stdout.splitlines()]
 
     assert greedy(out) == greedy(ckpt)
+
+
+def test_a_component_initialises_its_own_weights_after_gpt2s_and_touches_nothing_else():
+    """The init contract (docs/plugins.md): init_weights(config) runs after GPT-2's init, on the
+    components that define it; every other parameter is exactly the default model's."""
+    import torch
+    from torch import nn
+
+    from gptx import registry as registry_mod
+    from gptx.config import from_dict
+    from gptx.model import GPT
+    from gptx.plugins.ffn import GeluMLP
+
+    seen = []
+
+    class ZeroOutFFN(GeluMLP):
+        def init_weights(self, config):
+            seen.append(config.n_layer)
+            nn.init.zeros_(self.c_proj.weight)
+
+    class Plugin:
+        @staticmethod
+        @__import__("gptx").hookimpl
+        def register_ffn(register):
+            register("zero_out", ZeroOutFFN)
+
+    reg = registry_mod.load(extra_plugins=(Plugin,))
+    model = {"n_layer": 3, "n_head": 2, "n_embd": 16, "block_size": 16, "vocab_size": 50}
+    torch.manual_seed(0)
+    default = GPT(from_dict({"model": model}, registry=reg).model)
+    torch.manual_seed(0)
+    zeroed = GPT(from_dict({"model": {**model, "ffn": {"kind": "zero_out"}}}, registry=reg).model)
+    assert seen == [3, 3, 3]  # once per layer's FFN, with the model's config
+    ours, theirs = dict(zeroed.named_parameters()), dict(default.named_parameters())
+    assert ours.keys() == theirs.keys()
+    for name, p in ours.items():
+        if name.endswith("mlp.c_proj.weight"):
+            assert torch.count_nonzero(p) == 0, name
+        else:
+            assert torch.equal(p, theirs[name]), name  # GPT-2's init, bit for bit

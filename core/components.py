@@ -442,9 +442,18 @@ class Block(Component, nn.Module, abc.ABC):
         spec = self.config.norm
         return spec.cls(self.config.n_embd, spec.options)
 
+    def attention(self) -> "Attention":
+        """The block's attention: the one ``Attention`` among its modules, whatever its attribute
+        is called. A block with none or several overrides ``cache_layout`` (and this)."""
+        found = [m for m in self.modules() if isinstance(m, Attention)]
+        if len(found) != 1:
+            raise TypeError(f"{type(self).__qualname__} holds {len(found)} Attention modules, so its cache is not "
+                            "one attention's: override cache_layout() and attention()")
+        return found[0]
+
     def cache_layout(self) -> tuple[CacheTensor, ...]:
-        """This layer's cache: its attention's declaration (a block with no ``attn`` declares its own)."""
-        return self.attn.cache_layout()
+        """This layer's cache: its attention's declaration."""
+        return self.attention().cache_layout()
 
     @abc.abstractmethod
     def forward(

@@ -79,7 +79,7 @@ class GPT(nn.Module):
     @property
     def kv_heads(self) -> int:
         """K of the default cache layout (what genai_config.json and the export metadata name)."""
-        return self.blocks[0].attn.n_kv_heads
+        return self.blocks[0].attention().n_kv_heads
 
     def num_params(self, non_embedding: bool = False) -> int:
         """Parameters, the tied matrix counted once; ``non_embedding`` leaves out the token and

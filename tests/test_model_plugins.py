@@ -139,3 +139,45 @@ def test_a_component_initialises_its_own_weights_after_gpt2s_and_touches_nothing
             assert torch.count_nonzero(p) == 0, name
         else:
             assert torch.equal(p, theirs[name]), name  # GPT-2's init, bit for bit
+
+
+def test_a_block_may_call_its_attention_anything():
+    """The default cache layout finds the block's one Attention, not an attribute named attn."""
+    import torch
+
+    from gptx import registry as registry_mod
+    from gptx.components import Aux, AttentionOutput, Block, BlockOutput, FeedForwardOutput
+    from gptx.config import from_dict
+    from gptx.generate import generate_ids
+    from gptx.model import GPT
+    from gptx.sampling import Sampler
+
+    class Renamed(Block):
+        def __init__(self, config, options, layer):
+            super().__init__(config, options, layer)
+            self.mixer, self.mlp = self.make_attention(), self.make_ffn()
+            self.n1, self.n2 = self.make_norm(), self.make_norm()
+
+        def forward(self, x, positions, positional, past, attention_mask):
+            a = AttentionOutput.of(self.mixer(self.n1(x), positions, positional, past, attention_mask), self.mixer)
+            x = x + a.y  # [B, T, C]
+            m = FeedForwardOutput.of(self.mlp(self.n2(x)), self.mlp)
+            return BlockOutput(x + m.y, a.present, Aux.merged(attn=a.aux, ffn=m.aux))
+
+    class Plugin:
+        @staticmethod
+        @__import__("gptx").hookimpl
+        def register_block(register):
+            register("renamed", Renamed)
+
+    reg = registry_mod.load(extra_plugins=(Plugin,))
+    cfg = from_dict({"model": {"n_layer": 2, "n_head": 2, "n_embd": 16, "block_size": 16, "vocab_size": 50,
+                               "attention": {"kind": "causal", "n_kv_heads": 1}, "block": {"kind": "renamed"}}}, registry=reg)
+    torch.manual_seed(0)
+    model = GPT(cfg.model).eval()
+    assert model.kv_heads == 1 and [t.name for t in model.cache_layouts()[0]] == ["key", "value"]
+    ids = generate_ids(model, [[1, 2, 3]], 5, Sampler(temperature=0), None).ids  # decodes through the cache
+    full = [1, 2, 3]
+    for _ in range(5):
+        full.append(int(model(torch.tensor([full]))[0][0, -1].argmax()))
+    assert ids[0] == full[3:]

@@ -155,16 +155,19 @@ class GPT(nn.Module):
 
     def empty_cache(self, batch: int, device=None, dtype=None, capacity: int = 0) -> list[Cache]:
         """A zero-length past for every layer, as each layer's attention declares it; with
-        ``capacity``, CacheBuffers that later tokens are written into in place (up to that many)."""
+        ``capacity``, CacheBuffers that later tokens are written into in place (up to that many).
+        Floating-point tensors take the model's dtype (or ``dtype``); others (an int8 cache)
+        keep the dtype their attention declares."""
         p = self.wte.weight
         device, dtype = device or p.device, dtype or p.dtype
         caches = []
         for layout in self.cache_layouts():
+            kinds = [dtype if t.dtype.is_floating_point else t.dtype for t in layout]
             if capacity:
-                buffers = [t.empty(batch, capacity, device, dtype) for t in layout]
+                buffers = [t.empty(batch, capacity, device, k) for t, k in zip(layout, kinds)]
                 caches.append(CacheBuffer(buffers, [t.seq_axis for t in layout], 0))
             else:
-                caches.append(tuple(t.empty(batch, 0, device, dtype) for t in layout))
+                caches.append(tuple(t.empty(batch, 0, device, k) for t, k in zip(layout, kinds)))
         return caches
 
 

@@ -181,3 +181,37 @@ def test_a_block_may_call_its_attention_anything():
     for _ in range(5):
         full.append(int(model(torch.tensor([full]))[0][0, -1].argmax()))
     assert ids[0] == full[3:]
+
+
+def test_a_cache_declared_int8_is_preallocated_as_int8():
+    """GPT.empty_cache honours a non-float declared dtype (a quantized cache's codes); float
+    tensors (its scales, the default key and value) follow the model's dtype."""
+    import torch
+
+    from gptx import registry as registry_mod
+    from gptx.components import BATCH, SEQ, CacheTensor
+    from gptx.config import from_dict
+    from gptx.model import GPT
+    from gptx.plugins.attention import CausalSelfAttention
+
+    class Int8Cache(CausalSelfAttention):
+        def cache_layout(self):
+            K, D = self.n_kv_heads, self.config.head_dim
+            return (CacheTensor("key_codes", (BATCH, K, SEQ, D), torch.int8), CacheTensor("key_scale", (BATCH, K, SEQ, 1)),
+                    CacheTensor("value_codes", (BATCH, K, SEQ, D), torch.int8), CacheTensor("value_scale", (BATCH, K, SEQ, 1)))
+
+    class Plugin:
+        @staticmethod
+        @__import__("gptx").hookimpl
+        def register_attention(register):
+            register("int8_cache", Int8Cache)
+
+    reg = registry_mod.load(extra_plugins=(Plugin,))
+    cfg = from_dict({"model": {"n_layer": 1, "n_head": 2, "n_embd": 16, "block_size": 16, "vocab_size": 50,
+                               "attention": {"kind": "int8_cache"}}}, registry=reg)
+    model = GPT(cfg.model)
+    for capacity in (0, 8):
+        (layer,) = model.empty_cache(2, capacity=capacity)
+        tensors = list(layer.buffers) if capacity else list(layer)
+        assert [t.dtype for t in tensors] == [torch.int8, torch.float32, torch.int8, torch.float32]
+    assert [t.dtype for t in model.empty_cache(1, dtype=torch.bfloat16)[0]] == [torch.int8, torch.bfloat16] * 2

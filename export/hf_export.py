@@ -1,16 +1,18 @@
 """``gptx export SOURCE --format hf -o OUT``: a checkpoint as a Hugging Face model folder that
 ``transformers.AutoModelForCausalLM.from_pretrained(OUT)`` and ``AutoTokenizer`` load offline.
 
-The GPT-2 layout (learned positions, LayerNorm, tanh GELU, causal multi-head attention, pre-norm,
-biases) becomes ``GPT2LMHeadModel``: the inverse of ``gptx import-hf`` (``gptx.hf.weight_plan``
-is the one map between the layouts), so export then import gives back the same tensors. Any
-other component is refused on one line naming it. The GPT-2 BPE tokenizer travels as
-tokenizer.json; other tokenizers have no Hugging Face file yet and are refused.
+Two layouts have an exact transformers equivalent, chosen by the positional encoding:
+- learned positions, LayerNorm, tanh GELU, multi-head attention, pre-norm, biases ->
+  ``GPT2LMHeadModel``, the inverse of ``gptx import-hf`` (``gptx.hf.weight_plan`` is the one map),
+  so export then import gives back the same tensors;
+- RoPE, RMSNorm, SwiGLU, grouped-query or multi-head attention, pre-norm, no biases ->
+  ``LlamaForCausalLM`` (gptx's fused q/k/v and gate/up projections split into Llama's).
+Any other component or option is refused on one line naming it. Tokenizers: GPT-2 BPE, ``char``
+and ``byte`` travel as a tokenizer.json that encodes as gptx does.
 
-    OUT/config.json            GPT2Config (+ "gptx": where it came from: marks the folder as ours)
-    OUT/model.safetensors      the weights in GPT2LMHeadModel's names ([in, out] Conv1D layouts)
-    OUT/tokenizer.json         GPT-2's byte-level BPE, as the ONNX export writes it
-    OUT/tokenizer_config.json
+    OUT/config.json            GPT2Config or LlamaConfig (+ "gptx": marks the folder as a gptx export)
+    OUT/model.safetensors      the weights in the transformers class's names
+    OUT/tokenizer.json, OUT/tokenizer_config.json
 """
 from __future__ import annotations
 
@@ -24,68 +26,113 @@ from gptx.fsutil import refuse_foreign_files, refuse_to_replace, refused_write, 
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 FILES = (CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json", "tokenizer_config.json")
-# GPT2LMHeadModel's layout: the component each slot must name, and the options it must have
-GPT2_LAYOUT = {"model.attention": "causal", "model.positional": "learned", "model.ffn": "gelu",
-               "model.norm": "layernorm", "model.block": "sequential"}
+# the transformers class for each positional encoding, and the component each slot must name
+LAYOUTS = {
+    "learned": ("GPT2LMHeadModel", {"model.attention": "causal", "model.ffn": "gelu", "model.norm": "layernorm",
+                                    "model.block": "sequential"}),
+    "rope": ("LlamaForCausalLM", {"model.attention": "causal", "model.ffn": "swiglu", "model.norm": "rmsnorm",
+                                  "model.block": "sequential"}),
+}
 
 
-def check_gpt2_layout(cfg) -> None:
-    """Refuse, on one line naming the component or option, a model GPT2LMHeadModel cannot hold."""
+def layout_of(cfg) -> str:
+    """The transformers class that holds ``cfg``'s model exactly; a GptxError on one line naming
+    the component or option that has no equivalent otherwise."""
     m = cfg.model
+    if m.positional.name not in LAYOUTS:
+        raise GptxError(f"--format hf: model.positional '{m.positional.name}' has no transformers equivalent "
+                        "(GPT2LMHeadModel needs 'learned', LlamaForCausalLM 'rope')")
+    arch, wanted = LAYOUTS[m.positional.name]
     for table, spec in m.components():
-        want = GPT2_LAYOUT.get(table)
-        if spec.name != want:
-            raise GptxError(f"--format hf: {table} '{spec.name}' has no transformers GPT-2 equivalent "
-                            f"(GPT2LMHeadModel needs {table} = '{want}')")
-    attention, ffn, block = m.attention.options, m.ffn.options, m.block.options
+        if table in wanted and spec.name != wanted[table]:
+            raise GptxError(f"--format hf: {table} '{spec.name}' has no {arch} equivalent ({arch} needs "
+                            f"{table} = '{wanted[table]}' with model.positional = '{m.positional.name}')")
+    attention, block = m.attention.options, m.block.options
+    gpt2 = arch == "GPT2LMHeadModel"
     refused = [
-        (attention.n_kv_heads not in (None, m.n_head), "model.attention.n_kv_heads", "grouped-query attention"),
+        (gpt2 and attention.n_kv_heads not in (None, m.n_head), "model.attention.n_kv_heads", "grouped-query attention"),
         (attention.window is not None, "model.attention.window", "a sliding window"),
         (attention.qk_norm, "model.attention.qk_norm", "normed queries and keys"),
-        (ffn.approximate != "tanh", "model.ffn.approximate", "the exact GELU (GPT-2's is the tanh approximation)"),
-        (block.placement != "pre", "model.block.placement", f"'{block.placement}' norms (GPT-2 is pre-norm)"),
-        (not m.bias, "model.bias", "no biases (GPT-2's layers have them)"),
+        (gpt2 and m.ffn.options.approximate != "tanh", "model.ffn.approximate", "the exact GELU (GPT-2's is the tanh approximation)"),
+        (block.placement != "pre", "model.block.placement", f"'{block.placement}' norms (it is pre-norm)"),
+        (gpt2 and not m.bias, "model.bias", "layers without biases (GPT-2's have them)"),
+        (not gpt2 and m.bias, "model.bias", "biases (Llama's layers have none)"),
     ]
     for bad, key, what in refused:
         if bad:
-            raise GptxError(f"--format hf: {key}: GPT2LMHeadModel has no {what}")
-    if not is_gpt2_tokenizer(cfg):
-        raise GptxError(f"--format hf: tokenizer '{cfg.tokenizer.name}' has no Hugging Face tokenizer file yet "
-                        "(GPT-2 BPE has: tokenizer.kind = \"gpt2\")")
+            raise GptxError(f"--format hf: {key}: {arch} has no {what}")
+    return arch
 
 
-def is_gpt2_tokenizer(cfg) -> bool:
+def hf_config(ck, arch: str) -> dict:
+    """config.json for ``arch``, from the checkpoint's model config."""
+    m = ck.config.model
+    eot = ck.tokenizer.eot_id
+    common = {"architectures": [arch], "vocab_size": m.vocab_size, "bos_token_id": eot, "eos_token_id": eot,
+              "tie_word_embeddings": m.tie_embeddings, "torch_dtype": "float32", "use_cache": True,
+              "initializer_range": 0.02, "gptx": {"exported_from": str(ck.path)}}  # "gptx": a re-export may replace it
+    if arch == "GPT2LMHeadModel":
+        return common | {
+            "model_type": "gpt2", "n_positions": m.block_size, "n_ctx": m.block_size, "n_embd": m.n_embd,
+            "n_layer": m.n_layer, "n_head": m.n_head, "n_inner": m.ffn.options.hidden or 4 * m.n_embd,
+            "activation_function": "gelu_new", "layer_norm_epsilon": m.norm.options.eps, "scale_attn_weights": True,
+            "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout}
+    return common | {
+        "model_type": "llama", "hidden_size": m.n_embd, "intermediate_size": _swiglu_hidden(ck.model),
+        "num_hidden_layers": m.n_layer, "num_attention_heads": m.n_head,
+        "num_key_value_heads": m.attention.options.n_kv_heads or m.n_head, "head_dim": m.head_dim,
+        "hidden_act": "silu", "max_position_embeddings": m.block_size, "rms_norm_eps": m.norm.options.eps,
+        "rope_theta": m.positional.options.base, "attention_bias": False, "mlp_bias": False,
+        "attention_dropout": m.dropout}
+
+
+def _swiglu_hidden(model) -> int:
+    return model.blocks[0].mlp.c_proj.weight.shape[1]
+
+
+def hf_weights(model, arch: str) -> dict:
+    """The model's tensors in ``arch``'s names; a tied head is stored once (transformers ties
+    lm_head to the embedding on load, as safetensors stores no shared tensors)."""
+    if arch == "GPT2LMHeadModel":
+        from gptx.hf import to_hf_state_dict
+
+        state = to_hf_state_dict(model)
+    else:
+        state = _llama_state_dict(model)
+    if model.config.tie_embeddings:
+        del state["lm_head.weight"]
+    return {name: t.detach().float().contiguous().clone() for name, t in state.items()}
+
+
+def _llama_state_dict(model) -> dict:
+    """gptx's fused projections split into Llama's: c_attn [H*D + 2*K*D, C] -> q, k, v;
+    the SwiGLU's c_fc [2*hidden, C] -> gate, up (gate first, as gptx chunks it)."""
+    m = model.config
+    H, K, D = m.n_head, m.attention.options.n_kv_heads or m.n_head, m.head_dim
+    ours = model.state_dict()
+    out = {"model.embed_tokens.weight": ours["wte.weight"], "model.norm.weight": ours["ln_f.weight"],
+           "lm_head.weight": ours["lm_head.weight"]}
+    for i in range(m.n_layer):
+        b, h = f"blocks.{i}.", f"model.layers.{i}."
+        q, k, v = ours[f"{b}attn.c_attn.weight"].split([H * D, K * D, K * D])  # [H*D, C], [K*D, C] x2
+        gate, up = ours[f"{b}mlp.c_fc.weight"].chunk(2)  # [hidden, C] x2
+        out |= {f"{h}self_attn.q_proj.weight": q, f"{h}self_attn.k_proj.weight": k, f"{h}self_attn.v_proj.weight": v,
+                f"{h}self_attn.o_proj.weight": ours[f"{b}attn.c_proj.weight"],
+                f"{h}mlp.gate_proj.weight": gate, f"{h}mlp.up_proj.weight": up,
+                f"{h}mlp.down_proj.weight": ours[f"{b}mlp.c_proj.weight"],
+                f"{h}input_layernorm.weight": ours[f"{b}attn_norm.norm.weight"],
+                f"{h}post_attention_layernorm.weight": ours[f"{b}mlp_norm.norm.weight"]}
+    return out
+
+
+def check_tokenizer(ck) -> None:
     from gptx.export.tokenizer_json import is_gpt2_bpe
     from gptx.options import to_dict
 
-    return is_gpt2_bpe(cfg.tokenizer.name, to_dict(cfg.tokenizer.options))
-
-
-def gpt2_config(ck) -> dict:
-    """GPT2Config as config.json holds it, from the checkpoint's model config."""
-    m = ck.config.model
-    eot = ck.tokenizer.eot_id
-    return {
-        "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",
-        "vocab_size": m.vocab_size, "n_positions": m.block_size, "n_ctx": m.block_size,
-        "n_embd": m.n_embd, "n_layer": m.n_layer, "n_head": m.n_head, "n_inner": m.ffn.options.hidden or 4 * m.n_embd,
-        "activation_function": "gelu_new", "layer_norm_epsilon": m.norm.options.eps,
-        "resid_pdrop": m.dropout, "embd_pdrop": m.dropout, "attn_pdrop": m.dropout,
-        "initializer_range": 0.02, "scale_attn_weights": True, "use_cache": True,
-        "bos_token_id": eot, "eos_token_id": eot, "tie_word_embeddings": m.tie_embeddings, "torch_dtype": "float32",
-        "gptx": {"exported_from": str(ck.path)},  # marks the folder as a gptx export (a re-export may replace it)
-    }
-
-
-def hf_weights(model) -> dict:
-    """The model's tensors in GPT2LMHeadModel's names; a tied head is stored once (transformers
-    ties lm_head to wte on load, as safetensors stores no shared tensors)."""
-    from gptx.hf import to_hf_state_dict
-
-    state = to_hf_state_dict(model)
-    if model.config.tie_embeddings:
-        del state["lm_head.weight"]
-    return {name: t.float().contiguous().clone() for name, t in state.items()}
+    tok = ck.config.tokenizer
+    if not (is_gpt2_bpe(tok.name, to_dict(tok.options)) or tok.name in ("char", "byte")):
+        raise GptxError(f"--format hf: tokenizer '{tok.name}' has no Hugging Face tokenizer file yet "
+                        "(gpt2, char and byte have)")
 
 
 def check_out_dir(out_dir: Path, force: bool, protected: list[Path]) -> None:
@@ -119,17 +166,18 @@ def export_hf(source, out_dir, force: bool = False, log: Callable[[str], None] =
     out_dir = Path(out_dir)
     check_out_dir(out_dir, force, [Path.cwd()])
     ck = checkpoint.load(source)
-    check_gpt2_layout(ck.config)
+    arch = layout_of(ck.config)
+    check_tokenizer(ck)
     check_out_dir(out_dir, force, [Path.cwd(), ck.path])
-    log(f"exporting {ck.path} ({ck.model.num_params():,} parameters) as a Hugging Face GPT2LMHeadModel to {out_dir}")
+    log(f"exporting {ck.path} ({ck.model.num_params():,} parameters) as a Hugging Face {arch} to {out_dir}")
     out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
     remove_stale_siblings(out_dir.resolve())
     tmp = temp_sibling(out_dir.resolve())
     try:
-        (tmp / CONFIG_FILE).write_text(json.dumps(gpt2_config(ck), indent=2))
-        save_file(hf_weights(ck.model), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config(ck, arch), indent=2))
+        save_file(hf_weights(ck.model, arch), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         tok = ck.config.tokenizer
-        tokenizer_json.write(tmp, tok.name, to_dict(tok.options), ck.config.model.block_size)
+        tokenizer_json.write_hf(tmp, tok.name, to_dict(tok.options), ck.tokenizer.state(), ck.config.model.block_size)
         replace_dir(tmp, out_dir)
     except BaseException as err:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -70,3 +70,58 @@ def write(out_dir: Path, kind: str, options: dict, block_size: int) -> Optional[
     (out_dir / "tokenizer.json").write_text(json.dumps(gpt2_tokenizer_json(), ensure_ascii=False), encoding="utf-8")
     (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config(block_size), indent=2))
     return ["tokenizer.json", "tokenizer_config.json"]
+
+
+def char_tokenizer_json(chars: list[str]) -> dict:
+    """A ``tokenizers`` description that encodes as gptx's ``char`` tokenizer: one id per code
+    point, its index in ``chars``; a character outside them is an error (no unknown token), as in gptx."""
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "Split", "pattern": {"Regex": "[\\s\\S]"}, "behavior": "Isolated", "invert": False},
+        "post_processor": None, "decoder": {"type": "Fuse"},
+        "model": {"type": "WordLevel", "vocab": {c: i for i, c in enumerate(chars)}, "unk_token": "\u0000<unk>"},
+    }
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's printable stand-in for each byte, as the ByteLevel pre-tokenizer maps them."""
+    shown = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = shown[:], 0
+    for b in range(256):
+        if b not in shown:
+            shown.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(shown, map(chr, chars)))
+
+
+def byte_tokenizer_json() -> dict:
+    """A ``tokenizers`` description that encodes as gptx's ``byte`` tokenizer: the UTF-8 bytes as
+    ids 0-255 (byte-level symbols, no merges)."""
+    byte_level = {"add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    return {
+        "version": "1.0", "truncation": None, "padding": None, "added_tokens": [], "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", **byte_level}, "post_processor": None,
+        "decoder": {"type": "ByteLevel", **byte_level},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                  "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                  "vocab": {sym: b for b, sym in _bytes_to_unicode().items()}, "merges": []},
+    }
+
+
+def write_hf(out_dir: Path, kind: str, options: dict, state: dict, block_size: int) -> Optional[list[str]]:
+    """The tokenizer files transformers' AutoTokenizer reads, for GPT-2 BPE, ``char`` and ``byte``;
+    None for a tokenizer that has none yet."""
+    if is_gpt2_bpe(kind, options):
+        return write(out_dir, kind, options, block_size)
+    if kind == "char":
+        described = char_tokenizer_json(list(state["chars"]))
+    elif kind == "byte":
+        described = byte_tokenizer_json()
+    else:
+        return None
+    (out_dir / "tokenizer.json").write_text(json.dumps(described, ensure_ascii=False), encoding="utf-8")
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
+              "clean_up_tokenization_spaces": False}
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    return ["tokenizer.json", "tokenizer_config.json"]

@@ -76,14 +76,20 @@ def test_a_second_export_replaces_the_first_and_a_foreign_folder_is_refused(tmp_
     assert os.listdir(foreign) == ["notes.txt"]
 
 
+LLAMA = {"positional": {"kind": "rope"}, "ffn": {"kind": "swiglu"}, "norm": {"kind": "rmsnorm"}, "bias": False,
+         "attention": {"kind": "causal", "n_kv_heads": 1}}
+
+
 @pytest.mark.parametrize("model, tokenizer, line", [
-    ({"positional": {"kind": "rope"}}, "gpt2", "--format hf: model.positional 'rope' has no transformers GPT-2 equivalent "
-                                                "(GPT2LMHeadModel needs model.positional = 'learned')"),
+    ({"positional": {"kind": "alibi"}}, "gpt2", "--format hf: model.positional 'alibi' has no transformers equivalent "
+                                                 "(GPT2LMHeadModel needs 'learned', LlamaForCausalLM 'rope')"),
     ({"attention": {"kind": "causal", "n_kv_heads": 1}}, "gpt2", "--format hf: model.attention.n_kv_heads: GPT2LMHeadModel has no grouped-query attention"),
-    ({"block": {"kind": "sequential", "placement": "post"}}, "gpt2", "--format hf: model.block.placement: GPT2LMHeadModel has no 'post' norms (GPT-2 is pre-norm)"),
-    ({}, "byte", "--format hf: tokenizer 'byte' has no Hugging Face tokenizer file yet (GPT-2 BPE has: tokenizer.kind = \"gpt2\")"),
+    ({"block": {"kind": "sequential", "placement": "post"}}, "gpt2", "--format hf: model.block.placement: GPT2LMHeadModel has no 'post' norms (it is pre-norm)"),
+    (LLAMA | {"ffn": {"kind": "gelu"}}, "byte", "--format hf: model.ffn 'gelu' has no LlamaForCausalLM equivalent "
+                                                "(LlamaForCausalLM needs model.ffn = 'swiglu' with model.positional = 'rope')"),
+    (LLAMA | {"bias": True}, "byte", "--format hf: model.bias: LlamaForCausalLM has no biases (Llama's layers have none)"),
 ])
-def test_what_gpt2_cannot_hold_is_one_line_and_writes_nothing(tmp_path, model, tokenizer, line):
+def test_what_transformers_cannot_hold_is_one_line_and_writes_nothing(tmp_path, model, tokenizer, line):
     ck = tiny_checkpoint(tmp_path / "run", tokenizer, **(MODEL | model))
     p = gptx("export", ck, "--format", "hf", "-o", tmp_path / "hf", cwd=tmp_path)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [f"Error: {line}"], p.stderr
@@ -95,3 +101,52 @@ def test_onnx_only_options_are_refused_with_hf(tmp_path):
     p = gptx("export", ck, "--format", "hf", "--quantize", "int8", "-o", tmp_path / "hf", cwd=tmp_path)
     assert p.returncode == 2 and "--quantize applies to --format onnx only" in p.stderr
     assert not (tmp_path / "hf").exists()
+
+
+CHARS = sorted(set("ROMEO: What say you, my lord?\n\u0085é🙂\t"))
+ODD = ["ROMEO: What say you?\n\n", "", "é🙂\u0085\t  my lord", "\n"]
+
+
+def llama_exported(tmp_path):
+    ck = tiny_checkpoint(tmp_path / "run", "char", {"chars": CHARS}, **(MODEL | LLAMA))
+    p = gptx("export", ck, "--format", "hf", "-o", tmp_path / "hf", cwd=tmp_path)
+    assert p.returncode == 0 and "LlamaForCausalLM" in p.stdout, p.stdout + p.stderr
+    return ck, tmp_path / "hf"
+
+
+def test_char_and_byte_tokenizers_travel_as_a_tokenizer_json_that_encodes_as_gptx(tmp_path):
+    from tokenizers import Tokenizer
+
+    ck, out = llama_exported(tmp_path)
+    theirs, ours = Tokenizer.from_file(str(out / "tokenizer.json")), checkpoint.load(ck).tokenizer
+    for text in ODD:
+        assert theirs.encode(text).ids == ours.encode(text), repr(text)
+        assert theirs.decode(ours.encode(text)) == text
+    with pytest.raises(Exception, match="Missing \\[UNK\\]"):  # a character outside the vocabulary: refused, as in gptx
+        theirs.encode("ROMEO ~")
+    byte_ck = tiny_checkpoint(tmp_path / "byte_run", "byte", **(MODEL | LLAMA))
+    assert gptx("export", byte_ck, "--format", "hf", "-o", tmp_path / "byte_hf", cwd=tmp_path).returncode == 0
+    byte_tok = Tokenizer.from_file(str(tmp_path / "byte_hf" / "tokenizer.json"))
+    for text in ODD + ["\ufeff\x00 \u2028x", "a" * 300]:
+        assert byte_tok.encode(text).ids == list(text.encode("utf-8")), repr(text)
+        assert byte_tok.decode(list(text.encode("utf-8"))) == text
+
+
+@pytest.mark.slow  # transformers' import
+def test_the_llama_layout_loads_as_llama_and_agrees_with_gptx(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ck_dir, out = llama_exported(tmp_path)
+    ck = checkpoint.load(ck_dir)
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert type(hf).__name__ == "LlamaForCausalLM" and hf.config.num_key_value_heads == 1
+    for text in ODD:
+        assert tok(text)["input_ids"] == ck.tokenizer.encode(text), repr(text)
+    ids = ck.tokenizer.encode(ODD[0])
+    with torch.no_grad():
+        ours = ck.model.eval()(torch.tensor([ids]))[0]  # [1, T, V]
+        theirs = hf(torch.tensor([ids])).logits  # [1, T, V]
+    assert (ours - theirs).abs().max().item() < 1e-4
+    greedy = generate_ids(ck.model, [ids[:6]], 12, Sampler(temperature=0), None).ids[0]
+    assert hf.generate(torch.tensor([ids[:6]]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 6:].tolist() == greedy

@@ -324,8 +324,9 @@ def generate(source, prompts, max_new_tokens, temperature, top_k, top_p, seed, d
 @click.argument("hf_dir")
 @click.option("-o", "--out", "out_dir", required=True, help="New directory for the gptx checkpoint (a run directory).")
 def import_hf(hf_dir, out_dir):
-    """Convert the Hugging Face GPT-2 model in HF_DIR (config.json + model.safetensors or
-    pytorch_model.bin) into a gptx checkpoint that `gptx generate OUT_DIR` runs."""
+    """Convert the Hugging Face GPT-2 or Llama model in HF_DIR (config.json + model.safetensors or
+    pytorch_model.bin, and its tokenizer.json) into a gptx checkpoint that `gptx generate OUT_DIR`
+    runs and training.init_from starts from."""
     from gptx.hf import import_hf as convert
 
     path = convert(hf_dir, out_dir, registry())

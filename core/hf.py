@@ -27,6 +27,7 @@ import math
 import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from gptx.errors import GptxError, first_line
 from gptx.fsutil import publishable, read_regular, remove_stale_siblings, temp_sibling
@@ -54,8 +55,10 @@ def read_hf_config(hf_dir: Path) -> dict:
     if not isinstance(cfg, dict):
         raise GptxError(f"{f}: corrupted (expected a JSON object)")
     model_type = cfg.get("model_type")
+    if model_type == "llama":
+        return read_llama_config(f, cfg)
     if model_type != "gpt2":
-        raise GptxError(f"{f}: model_type is {model_type!r}; only GPT-2 ('gpt2') checkpoints can be imported")
+        raise GptxError(f"{f}: model_type is {model_type!r}; only GPT-2 ('gpt2') and Llama ('llama') checkpoints can be imported")
 
     def refuse(key: str, problem: str):
         raise GptxError(f"{f}: {key} = {json.dumps(cfg.get(key))} is not supported by gptx ({problem})")
@@ -75,8 +78,6 @@ def read_hf_config(hf_dir: Path) -> dict:
             raise GptxError(f"{f}: {key} must be a positive integer, got {cfg.get(key)!r}")
     if not isinstance(cfg.get("n_positions", cfg.get("n_ctx")), int):
         raise GptxError(f"{f}: n_positions must be a positive integer, got {cfg.get('n_positions')!r}")
-    if cfg["vocab_size"] < GPT2_VOCAB:
-        refuse("vocab_size", f"the gpt2 tokenizer needs at least {GPT2_VOCAB} token ids")
     for key, default, low in (("layer_norm_epsilon", 1e-5, 0.0), ("resid_pdrop", 0.1, None)):
         value = cfg.get(key, default)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
@@ -89,7 +90,9 @@ def read_hf_config(hf_dir: Path) -> dict:
 
 
 def gptx_config_dict(cfg: dict) -> dict:
-    """The gptx experiment config (plain data) that describes the HF model."""
+    """The gptx model config (plain data) that describes the HF model."""
+    if cfg.get("model_type") == "llama":
+        return llama_config_dict(cfg)
     drop = cfg.get("resid_pdrop", 0.1)  # checked by read_hf_config
     return {
         "model": {
@@ -107,8 +110,130 @@ def gptx_config_dict(cfg: dict) -> dict:
             "norm": {"kind": "layernorm", "eps": float(cfg.get("layer_norm_epsilon", 1e-5))},
             "block": {"kind": "sequential", "placement": "pre"},
         },
-        "tokenizer": {"kind": "gpt2"},
     }
+
+
+# ---- Llama (LlamaForCausalLM): RoPE, RMSNorm, SwiGLU, grouped-query attention, no biases ----------
+
+def read_llama_config(f: Path, cfg: dict) -> dict:
+    """A Llama config.json checked to describe a model gptx represents exactly; anything it cannot
+    (rope scaling, biases, another activation, a sliding window, ...) is one line naming the key."""
+    def refuse(key: str, problem: str):
+        raise GptxError(f"{f}: {key} = {json.dumps(cfg.get(key))} is not supported by gptx ({problem})")
+
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+                "max_position_embeddings"):
+        if isinstance(cfg.get(key), bool) or not isinstance(cfg.get(key), int) or cfg[key] < 1:
+            raise GptxError(f"{f}: {key} must be a positive integer, got {cfg.get(key)!r}")
+    H, C = cfg["num_attention_heads"], cfg["hidden_size"]
+    K = cfg.get("num_key_value_heads") or H
+    if isinstance(K, bool) or not isinstance(K, int) or H % K:
+        refuse("num_key_value_heads", f"must divide num_attention_heads = {H}")
+    if C % H or cfg.get("head_dim", C // H) not in (None, C // H):
+        refuse("head_dim", f"gptx's head size is hidden_size / num_attention_heads = {C / H:g}")
+    if cfg.get("hidden_act", "silu") != "silu":
+        refuse("hidden_act", "gptx's SwiGLU gates with SiLU")
+    for key, problem in (("rope_scaling", "scaled rotary positions"), ("sliding_window", "a sliding window"),
+                         ("attention_bias", "attention biases"), ("mlp_bias", "MLP biases")):
+        if cfg.get(key) not in (None, False):
+            refuse(key, problem)
+    if cfg.get("pretraining_tp", 1) not in (None, 1):
+        refuse("pretraining_tp", "sliced projections")
+    for key, default, low in (("rope_theta", 10000.0, 1.0), ("rms_norm_eps", 1e-6, 0.0)):
+        value = cfg.get(key, default)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= low:
+            raise GptxError(f"{f}: {key} must be a finite number above {low:g}, got {value!r}")
+    return cfg
+
+
+def llama_config_dict(cfg: dict) -> dict:
+    H = cfg["num_attention_heads"]
+    K = cfg.get("num_key_value_heads") or H
+    return {
+        "model": {
+            "n_layer": cfg["num_hidden_layers"], "n_head": H, "n_embd": cfg["hidden_size"],
+            "block_size": cfg["max_position_embeddings"], "vocab_size": cfg["vocab_size"], "dropout": 0.0, "bias": False,
+            "tie_embeddings": bool(cfg.get("tie_word_embeddings", False)),
+            "attention": {"kind": "causal", "n_kv_heads": None if K == H else K},
+            "positional": {"kind": "rope", "base": float(cfg.get("rope_theta", 10000.0))},
+            "ffn": {"kind": "swiglu", "hidden": cfg["intermediate_size"]},
+            "norm": {"kind": "rmsnorm", "eps": float(cfg.get("rms_norm_eps", 1e-6))},
+            "block": {"kind": "sequential", "placement": "pre"},
+        },
+    }
+
+
+def convert_llama_state_dict(hf_state: dict, cfg: dict, where: str) -> dict:
+    """Llama's names -> gptx's: q, k, v concatenated into c_attn, gate and up into c_fc (gate first)."""
+    import torch
+
+    L, C, V = cfg["num_hidden_layers"], cfg["hidden_size"], cfg["vocab_size"]
+    H = cfg["num_attention_heads"]
+    K, D, F = cfg.get("num_key_value_heads") or H, C // H, cfg["intermediate_size"]
+    tied = bool(cfg.get("tie_word_embeddings", False))
+    used: set[str] = set()
+
+    def take(name: str, shape: tuple) -> torch.Tensor:
+        t = hf_state.get(name)
+        if t is None:
+            raise GptxError(f"{where}: missing weight {name}")
+        if tuple(t.shape) != shape:
+            raise GptxError(f"{where}: {name} has shape {list(t.shape)}, config.json implies {list(shape)}")
+        if not t.is_floating_point():
+            raise GptxError(f"{where}: {name} is {t.dtype}, expected floating point weights")
+        used.add(name)
+        return t.to(torch.float32)
+
+    out = {"wte.weight": take("model.embed_tokens.weight", (V, C)), "ln_f.weight": take("model.norm.weight", (C,))}
+    if not tied:
+        out["lm_head.weight"] = take("lm_head.weight", (V, C))
+    for i in range(L):
+        h, b = f"model.layers.{i}.", f"blocks.{i}."
+        out[f"{b}attn.c_attn.weight"] = torch.cat([take(f"{h}self_attn.q_proj.weight", (H * D, C)),
+                                                   take(f"{h}self_attn.k_proj.weight", (K * D, C)),
+                                                   take(f"{h}self_attn.v_proj.weight", (K * D, C))])  # [(H+2K)*D, C]
+        out[f"{b}attn.c_proj.weight"] = take(f"{h}self_attn.o_proj.weight", (C, H * D))
+        out[f"{b}mlp.c_fc.weight"] = torch.cat([take(f"{h}mlp.gate_proj.weight", (F, C)),
+                                                take(f"{h}mlp.up_proj.weight", (F, C))])  # [2F, C]
+        out[f"{b}mlp.c_proj.weight"] = take(f"{h}mlp.down_proj.weight", (C, F))
+        out[f"{b}attn_norm.norm.weight"] = take(f"{h}input_layernorm.weight", (C,))
+        out[f"{b}mlp_norm.norm.weight"] = take(f"{h}post_attention_layernorm.weight", (C,))
+    unexpected = sorted(k for k in hf_state if k not in used and not k.endswith("rotary_emb.inv_freq")
+                        and not (k == "lm_head.weight" and tied))
+    if unexpected:
+        raise GptxError(f"{where}: weights that a Llama language model does not have: {', '.join(unexpected[:3])}"
+                        + (f" and {len(unexpected) - 3} more" if len(unexpected) > 3 else ""))
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+# ---- the tokenizer an HF folder carries ---------------------------------------------------------
+
+def tokenizer_of(hf_dir: Path, cfg: dict) -> tuple[dict, Optional[dict]]:
+    """(the gptx [tokenizer] table, its state) for ``hf_dir``'s tokenizer.json: GPT-2's BPE, or the
+    char or byte tokenizer ``gptx export --format hf`` wrote. A GPT-2 folder without one is GPT-2's."""
+    f = hf_dir / "tokenizer.json"
+    if not f.is_file():
+        if cfg.get("model_type") == "gpt2":
+            return {"kind": "gpt2"}, None
+        raise _fail(hf_dir, "no tokenizer.json: gptx needs the model's tokenizer (GPT-2 BPE, char or byte)")
+    try:
+        described = json.loads(read_regular(f).decode("utf-8"))
+        model, pre = described["model"], described.get("pre_tokenizer") or {}
+        vocab = model["vocab"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
+        raise GptxError(f"{f}: corrupted ({type(err).__name__}: {err})") from None
+    from gptx.export import tokenizer_json
+
+    if described == tokenizer_json.byte_tokenizer_json():
+        return {"kind": "byte"}, None
+    if model.get("type") == "WordLevel" and isinstance(vocab, dict) and \
+            described == tokenizer_json.char_tokenizer_json(sorted(vocab, key=vocab.get)):
+        return {"kind": "char"}, {"chars": sorted(vocab, key=vocab.get)}
+    if model.get("type") == "BPE" and pre.get("type") == "ByteLevel" and vocab.get("<|endoftext|>") == GPT2_VOCAB - 1 \
+            and len(vocab) == GPT2_VOCAB:
+        return {"kind": "gpt2"}, None
+    raise GptxError(f"{f}: a {model.get('type')} tokenizer gptx has no equivalent for (it reads GPT-2 BPE and "
+                    "the char and byte tokenizers gptx exports)")
 
 
 def _weight_files(hf_dir: Path) -> tuple[str, list[Path]]:
@@ -258,19 +383,24 @@ def import_hf(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, registry=No
         raise GptxError(f"{out_dir}: already exists and is not an empty directory; choose a new output directory")
 
     cfg = read_hf_config(hf_dir)
+    tokenizer_table, tokenizer_state = tokenizer_of(hf_dir, cfg)
     try:
-        config = from_dict(gptx_config_dict(cfg), registry)
+        config = from_dict(gptx_config_dict(cfg) | {"tokenizer": tokenizer_table}, registry)
     except ConfigError as err:
         raise GptxError(f"{hf_dir / 'config.json'}: cannot be expressed as a gptx config: {err}") from None
-    state = convert_state_dict(read_hf_weights(hf_dir), cfg, where=str(hf_dir))
+    tokenizer = checkpoint.build_tokenizer(config.tokenizer, tokenizer_state)
+    if config.model.vocab_size < tokenizer.vocab_size:
+        raise GptxError(f"{hf_dir / 'config.json'}: vocab_size = {config.model.vocab_size} is not supported by gptx "
+                        f"(the {tokenizer_table['kind']} tokenizer needs at least {tokenizer.vocab_size} token ids)")
+    convert = convert_llama_state_dict if cfg.get("model_type") == "llama" else convert_state_dict
+    state = convert(read_hf_weights(hf_dir), cfg, where=str(hf_dir))
 
     model = GPT(config.model)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and config.model.tie_embeddings)]
     if missing or unexpected:  # the mapping above and the model disagree: a gptx bug, not the user's
         raise RuntimeError(f"HF import mapping out of date: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    tokenizer = checkpoint.build_tokenizer(config.tokenizer)
-    extra = {"imported_from": {"format": "huggingface-gpt2", "path": str(hf_dir.resolve()), "config": cfg}}
+    extra = {"imported_from": {"format": f"huggingface-{cfg['model_type']}", "path": str(hf_dir.resolve()), "config": cfg}}
     # built beside OUT_DIR and renamed into place whole: a failed import (disk full) leaves nothing
     # that would block the retry
     final = out_dir.resolve()

@@ -150,3 +150,39 @@ def test_the_llama_layout_loads_as_llama_and_agrees_with_gptx(tmp_path):
     assert (ours - theirs).abs().max().item() < 1e-4
     greedy = generate_ids(ck.model, [ids[:6]], 12, Sampler(temperature=0), None).ids[0]
     assert hf.generate(torch.tensor([ids[:6]]), max_new_tokens=12, do_sample=False, pad_token_id=0)[0, 6:].tolist() == greedy
+
+
+@pytest.mark.parametrize("tokenizer, state, model", [
+    ("char", {"chars": CHARS}, LLAMA),  # LlamaForCausalLM, grouped-query
+    ("byte", None, LLAMA | {"attention": {"kind": "causal"}, "tie_embeddings": False}),  # multi-head, untied head
+    ("byte", None, {}),  # GPT2LMHeadModel with the byte tokenizer
+])
+def test_import_hf_reads_both_layouts_back_bit_for_bit(tmp_path, tokenizer, state, model):
+    ck_dir = tiny_checkpoint(tmp_path / "run", tokenizer, state, **(MODEL | model))
+    assert gptx("export", ck_dir, "--format", "hf", "-o", tmp_path / "hf", cwd=tmp_path).returncode == 0
+    p = gptx("import-hf", tmp_path / "hf", "-o", tmp_path / "back", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    before, after = checkpoint.load(ck_dir), checkpoint.load(tmp_path / "back")
+    resolved = lambda ck: ck.config.model.to_dict() | {"ffn": ck.model.blocks[0].mlp.c_proj.weight.shape}  # noqa: E731 (hidden None = its default width)
+    assert resolved(after) == resolved(before)
+    assert after.config.tokenizer.to_dict() == before.config.tokenizer.to_dict()
+    assert after.tokenizer.state() == before.tokenizer.state()
+    ours, theirs = before.model.state_dict(), after.model.state_dict()
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
+@pytest.mark.parametrize("key, value, line", [
+    ("rope_scaling", {"rope_type": "linear", "factor": 2.0}, 'rope_scaling = {"rope_type": "linear", "factor": 2.0} is not supported by gptx (scaled rotary positions)'),
+    ("attention_bias", True, "attention_bias = true is not supported by gptx (attention biases)"),
+    ("hidden_act", "gelu", 'hidden_act = "gelu" is not supported by gptx (gptx\'s SwiGLU gates with SiLU)'),
+    ("num_key_value_heads", 3, "num_key_value_heads = 3 is not supported by gptx (must divide num_attention_heads = 2)"),
+])
+def test_a_llama_config_gptx_cannot_represent_is_one_line(tmp_path, key, value, line):
+    import json
+
+    _, out = llama_exported(tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    (out / "config.json").write_text(json.dumps(config | {key: value}))
+    p = gptx("import-hf", out, "-o", tmp_path / "back", cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [f"Error: {out / 'config.json'}: {line}"], p.stderr
+    assert not (tmp_path / "back").exists()

@@ -181,9 +181,14 @@ def test_corrupt_config(hf_dir, tmp_path):
     expect_refusal(hf_dir, tmp_path / "out", r"config.json: corrupted")
 
 
-def test_not_gpt2(hf_dir, tmp_path):
+def test_not_gpt2_or_llama(hf_dir, tmp_path):
+    edit_config(hf_dir, model_type="bert")
+    expect_refusal(hf_dir, tmp_path / "out", r"model_type is 'bert'; only GPT-2 \('gpt2'\) and Llama \('llama'\)")
+
+
+def test_a_gpt2_config_labelled_llama_names_the_missing_llama_key(hf_dir, tmp_path):
     edit_config(hf_dir, model_type="llama")
-    expect_refusal(hf_dir, tmp_path / "out", "model_type is 'llama'; only GPT-2")
+    expect_refusal(hf_dir, tmp_path / "out", "config.json: hidden_size must be a positive integer, got None")
 
 
 @pytest.mark.parametrize(

@@ -174,15 +174,8 @@ def convert_llama_state_dict(hf_state: dict, cfg: dict, where: str) -> dict:
     used: set[str] = set()
 
     def take(name: str, shape: tuple) -> torch.Tensor:
-        t = hf_state.get(name)
-        if t is None:
-            raise GptxError(f"{where}: missing weight {name}")
-        if tuple(t.shape) != shape:
-            raise GptxError(f"{where}: {name} has shape {list(t.shape)}, config.json implies {list(shape)}")
-        if not t.is_floating_point():
-            raise GptxError(f"{where}: {name} is {t.dtype}, expected floating point weights")
         used.add(name)
-        return t.to(torch.float32)
+        return checked_weight(hf_state, name, shape, where)
 
     out = {"wte.weight": take("model.embed_tokens.weight", (V, C)), "ln_f.weight": take("model.norm.weight", (C,))}
     if not tied:
@@ -325,6 +318,21 @@ def to_hf_state_dict(model) -> dict:
     return out
 
 
+def checked_weight(hf_state: dict, name: str, shape: tuple, where: str):
+    """``hf_state[name]`` as float32, refused on one line when missing, of another shape than
+    config.json implies, or not floating point."""
+    import torch
+
+    t = hf_state.get(name)
+    if t is None:
+        raise GptxError(f"{where}: missing weight {name}")
+    if tuple(t.shape) != shape:
+        raise GptxError(f"{where}: {name} has shape {list(t.shape)}, config.json implies {list(shape)}")
+    if not t.is_floating_point():
+        raise GptxError(f"{where}: {name} is {t.dtype}, expected floating point weights")
+    return t.to(torch.float32)
+
+
 def convert_state_dict(hf_state: dict, cfg: dict, where: str = "checkpoint") -> dict:
     """HF GPT-2 names/layouts -> gptx names/layouts (fp32), checking every shape."""
     import torch
@@ -336,14 +344,7 @@ def convert_state_dict(hf_state: dict, cfg: dict, where: str = "checkpoint") -> 
 
     out = {}
     for ours, (theirs, shape, transpose) in plan.items():
-        t = hf_state.get(theirs)
-        if t is None:
-            raise GptxError(f"{where}: missing weight {theirs}")
-        if tuple(t.shape) != shape:
-            raise GptxError(f"{where}: {theirs} has shape {list(t.shape)}, config.json implies {list(shape)}")
-        if not t.is_floating_point():
-            raise GptxError(f"{where}: {theirs} is {t.dtype}, expected floating point weights")
-        t = t.to(torch.float32)
+        t = checked_weight(hf_state, theirs, shape, where)
         out[ours] = (t.t() if transpose else t).contiguous()
 
     used = {theirs for theirs, _, _ in plan.values()}

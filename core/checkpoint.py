@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 import re
 import shutil
 import tempfile
@@ -280,15 +279,13 @@ def load_trainer_state(path: Path) -> Optional[dict]:
         return None
     try:
         state = torch.load(f, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # a pickle that is more than tensors, numbers, strings, lists and dicts
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    except Exception as err:  # corrupted, or a pickle that is more than tensors and numbers
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))  # weights_only names the type it refused
         if found is None:
             raise GptxError(f"{f}: cannot be loaded safely ({type(err).__name__}: {first_line(err)})") from None
         raise GptxError(f"{f}: cannot be loaded safely: it holds a {found.group(1)}, which gptx does not unpickle "
                         "(weights_only); an optimizer's or dataset's state_dict must hold only tensors, numbers, "
                         "strings, lists and dicts") from None
-    except Exception as err:  # corrupted
-        raise GptxError(f"{f}: cannot be loaded safely ({type(err).__name__}: {first_line(err)})") from None
     from gptx.schemas import TrainerState, validate
 
     validate(TrainerState, state, f)  # every field --resume reads, before any of it is used

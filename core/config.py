@@ -378,7 +378,13 @@ def load_experiment(path: str | os.PathLike, overrides: list[str] = (), registry
     """Read, override, validate. Every problem is a ConfigError naming the file (or the --set
     item), the key path and the problem; nothing is created on disk."""
     path = Path(path)
-    raw = read_toml(path)
+    return experiment_from(read_toml(path), path, overrides, registry, check_data)
+
+
+def experiment_from(raw: dict, path: Path, overrides: list[str] = (), registry=None,
+                    check_data: bool = True) -> ExperimentConfig:
+    """``load_experiment`` of an experiment already parsed: ``raw`` as if read from ``path`` (what
+    its paths are relative to, and what errors not caused by a --set item name)."""
     origin: dict[str, str] = {}
     moved: dict[str, str] = {}
     try:

@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from gptx.base import KV_CACHE, ONNX_EXPORT
-from gptx.errors import ComponentOutputError, ConfigError, GptxError, first_line
+from gptx.errors import ComponentOutputError, GptxError, first_line
 from gptx.kinds import BY_NAME, KINDS
 
 TINY = {"n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 64}
@@ -60,11 +60,16 @@ def sample_text(chars: int = 40_000) -> str:
 
 # ---- building the thing under test ---------------------------------------------------------------
 
+def tiny_experiment() -> dict:
+    """The checks' default experiment: a tiny model on the byte tokenizer, defaults elsewhere."""
+    return {"model": dict(TINY), "tokenizer": {"kind": "byte"}}
+
+
 def experiment(kind: str, name: str, options: Optional[dict] = None, setting: Optional[dict] = None, **model) -> dict:
     """The config putting component ``name`` of ``kind`` in its slot: in ``setting`` (a resolved
     experiment, see ``load_setting``) when given, else in a tiny model with defaults elsewhere.
     The setting's options for that slot are kept when they are this component's."""
-    raw = copy.deepcopy(setting) if setting is not None else {"model": dict(TINY), "tokenizer": {"kind": "byte"}}
+    raw = copy.deepcopy(setting) if setting is not None else tiny_experiment()
     raw.setdefault("model", {}).update(model)
     if kind == "norm_placement":  # chosen by name in the sequential block's options, not in a table
         block = raw["model"].get("block") or {}
@@ -85,20 +90,14 @@ def load_setting(file: Optional[str], overrides: list[str], registry=None) -> Op
     training options) with the ``--set`` overrides, validated like ``gptx validate`` (a bad one is
     a ConfigError naming the file or --set item and the key) and resolved (paths absolute). None
     when neither is given: the tiny defaults."""
-    from gptx.config import apply_overrides, from_dict, load_experiment
+    from gptx.config import experiment_from, load_experiment
 
     if file is None and not overrides:
         return None
     if file is not None:
         cfg = load_experiment(file, overrides, registry)
-    else:
-        base = {"model": dict(TINY), "tokenizer": {"kind": "byte"}}
-        raw, origin = apply_overrides(base, list(overrides))
-        try:
-            cfg = from_dict(raw, registry, source=experiments_dir() / "check-plugin.toml")
-        except ConfigError as err:
-            item = origin.get(err.key or "", "--set") if err.key else "--set"
-            raise ConfigError(err.problem, err.key, f"--set {item}" if item != "--set" else item) from None
+    else:  # the tiny default, as if it were a file beside the shipped experiments (their data)
+        cfg = experiment_from(tiny_experiment(), experiments_dir() / "check-plugin.toml", overrides, registry)
     resolved = cfg.to_dict()
     resolved.pop("tracking")  # the checks track nothing
     resolved["training"]["init_from"] = None  # they start from random weights

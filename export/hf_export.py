@@ -126,11 +126,11 @@ def _llama_state_dict(model) -> dict:
 
 
 def check_tokenizer(ck) -> None:
-    from gptx.export.tokenizer_json import is_gpt2_bpe
+    from gptx.export.tokenizer_json import has_hf_files
     from gptx.options import to_dict
 
     tok = ck.config.tokenizer
-    if not (is_gpt2_bpe(tok.name, to_dict(tok.options)) or tok.name in ("char", "byte")):
+    if not has_hf_files(tok.name, to_dict(tok.options)):
         raise GptxError(f"--format hf: tokenizer '{tok.name}' has no Hugging Face tokenizer file yet "
                         "(gpt2, char and byte have)")
 

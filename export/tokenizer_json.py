@@ -109,17 +109,19 @@ def byte_tokenizer_json() -> dict:
     }
 
 
+def has_hf_files(kind: str, options: dict) -> bool:
+    """Whether ``write_hf`` writes tokenizer files for this tokenizer: GPT-2 BPE, ``char``, ``byte``."""
+    return is_gpt2_bpe(kind, options) or kind in ("char", "byte")
+
+
 def write_hf(out_dir: Path, kind: str, options: dict, state: dict, block_size: int) -> Optional[list[str]]:
-    """The tokenizer files transformers' AutoTokenizer reads, for GPT-2 BPE, ``char`` and ``byte``;
-    None for a tokenizer that has none yet."""
+    """The tokenizer files transformers' AutoTokenizer reads (``has_hf_files``); None for a
+    tokenizer that has none yet."""
+    if not has_hf_files(kind, options):
+        return None
     if is_gpt2_bpe(kind, options):
         return write(out_dir, kind, options, block_size)
-    if kind == "char":
-        described = char_tokenizer_json(list(state["chars"]))
-    elif kind == "byte":
-        described = byte_tokenizer_json()
-    else:
-        return None
+    described = char_tokenizer_json(list(state["chars"])) if kind == "char" else byte_tokenizer_json()
     (out_dir / "tokenizer.json").write_text(json.dumps(described, ensure_ascii=False), encoding="utf-8")
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": block_size,
               "clean_up_tokenization_spaces": False}

@@ -35,6 +35,7 @@ from gptx.fsutil import publishable, read_regular, remove_stale_siblings, temp_s
 # activation_function values that are GELU with the tanh approximation (GPT-2's gelu_new)
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 GPT2_VOCAB = 50257
+MAX_TOKENIZER_BYTES = 256 * 2**20  # GPT-2's tokenizer.json is 1.5 MB; the largest vocabularies' some tens
 # HF keys that hold no weights (old causal-mask buffers)
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
@@ -209,19 +210,25 @@ def tokenizer_of(hf_dir: Path, cfg: dict) -> tuple[dict, Optional[dict]]:
         if cfg.get("model_type") == "gpt2":
             return {"kind": "gpt2"}, None
         raise _fail(hf_dir, "no tokenizer.json: gptx needs the model's tokenizer (GPT-2 BPE, char or byte)")
+    if f.stat().st_size > MAX_TOKENIZER_BYTES:
+        raise GptxError(f"{f}: {f.stat().st_size:,} bytes; a tokenizer.json gptx reads is at most {MAX_TOKENIZER_BYTES:,}")
     try:
         described = json.loads(read_regular(f).decode("utf-8"))
         model, pre = described["model"], described.get("pre_tokenizer") or {}
         vocab = model["vocab"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
-        raise GptxError(f"{f}: corrupted ({type(err).__name__}: {err})") from None
+        if not all(isinstance(part, dict) for part in (model, pre, vocab)):
+            raise TypeError("model, model.vocab and pre_tokenizer must be JSON objects")
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
+        raise GptxError(f"{f}: corrupted ({type(err).__name__}: {first_line(err)})") from None
     from gptx.export import tokenizer_json
 
     if described == tokenizer_json.byte_tokenizer_json():
         return {"kind": "byte"}, None
-    if model.get("type") == "WordLevel" and isinstance(vocab, dict) and \
-            described == tokenizer_json.char_tokenizer_json(sorted(vocab, key=vocab.get)):
-        return {"kind": "char"}, {"chars": sorted(vocab, key=vocab.get)}
+    chars = None
+    if model.get("type") == "WordLevel" and all(type(i) is int for i in vocab.values()):
+        chars = sorted(vocab, key=vocab.get)
+    if chars is not None and described == tokenizer_json.char_tokenizer_json(chars):
+        return {"kind": "char"}, {"chars": chars}
     if model.get("type") == "BPE" and pre.get("type") == "ByteLevel" and vocab.get("<|endoftext|>") == GPT2_VOCAB - 1 \
             and len(vocab) == GPT2_VOCAB:
         return {"kind": "gpt2"}, None

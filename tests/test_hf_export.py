@@ -186,3 +186,20 @@ def test_a_llama_config_gptx_cannot_represent_is_one_line(tmp_path, key, value, 
     p = gptx("import-hf", out, "-o", tmp_path / "back", cwd=tmp_path)
     assert p.returncode == 2 and p.stderr.strip().splitlines() == [f"Error: {out / 'config.json'}: {line}"], p.stderr
     assert not (tmp_path / "back").exists()
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda f: f.write_bytes(b""), "corrupted (JSONDecodeError"),
+    (lambda f: f.write_bytes(f.read_bytes()[:100]), "corrupted (JSONDecodeError"),
+    (lambda f: f.write_text('{"model": {"type": "WordLevel", "vocab": ["a"]}}'), "corrupted (TypeError: model, model.vocab and pre_tokenizer must be JSON objects)"),
+    (lambda f: f.write_text('{"model": {"type": "WordLevel", "vocab": {"a": 0, "b": "x"}}}'), "a WordLevel tokenizer gptx has no equivalent for"),
+    (lambda f: os.truncate(f, 300 * 2**20), "bytes; a tokenizer.json gptx reads is at most 268,435,456"),
+])
+def test_a_damaged_tokenizer_json_is_one_line_and_imports_nothing(tmp_path, damage, problem):
+    _, out = llama_exported(tmp_path)
+    damage(out / "tokenizer.json")
+    p = gptx("import-hf", out, "-o", tmp_path / "back", cwd=tmp_path)
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith(f"Error: {out / 'tokenizer.json'}: ") \
+        and problem in lines[0], p.stderr
+    assert not (tmp_path / "back").exists()

@@ -97,8 +97,8 @@ def _gemms_as_matmuls(proto: onnx.ModelProto) -> int:
         rewritten += 1
     del g.node[:]
     g.node.extend(nodes)
-    still_read = {i for n in g.node for i in n.input}
-    kept = [t for t in g.initializer if t.name in still_read or t.name in {o.name for o in g.output}]
+    still_read = {i for n in g.node for i in n.input} | {o.name for o in g.output}
+    kept = [t for t in g.initializer if t.name in still_read]
     del g.initializer[:]
     g.initializer.extend(kept)
     return rewritten

@@ -342,7 +342,7 @@ def _fused_attention_graph(model, path: Path, opset: int, log: Callable[[str], N
     except (VerificationError, torch.onnx.errors.OnnxExporterError, *ort_refusals()) as err:
         bug = _programming_error(err)
         if bug is not None:
-            raise bug.with_traceback(bug.__traceback__) from None
+            raise bug from None
         log(f"fused attention not kept ({_why(err)}); exporting the plain attention")
         return None, None
 

@@ -18,6 +18,10 @@ Sections (``--only``):
   generating) for PyTorch with the KV cache, onnxruntime fp32, int8 and int4 on a ``gptx.export`` of the
   same weights, and, when installed, Hugging Face ``generate`` on the same weights and
   onnxruntime-genai on the same export (the peers).
+- ``busy`` (only with ``--only``): the train section's tokens/s quiet and beside ``--busy K``
+  processes this section starts (each ``while True: pass``), with gptx's thread choice
+  (``gptx.threads``) and with a fixed count (``--threads``, default every available CPU), and
+  the ratios busy/quiet.
 - ``speedrun`` (only with ``--only``): time to nanoGPT's quality, nanoGPT's recipe against
   ``speedrun_char.toml``, as whole processes (``gptx.speedrun``).
 
@@ -37,7 +41,7 @@ from typing import Callable, Optional
 
 from gptx.errors import GptxError
 
-SECTIONS = ("peak", "train", "generate", "speedrun")  # speedrun only when asked: minutes of training
+SECTIONS = ("peak", "train", "generate", "busy", "speedrun")  # busy and speedrun only when asked
 BACKENDS = ("torch", "ort", "ort-int8", "ort-int4", "hf", "genai")
 QUANTIZED = {"ort-int8": "int8", "ort-int4": "int4"}  # backend -> gptx export --quantize scheme
 MODEL_SIZES = {  # randomly initialised GPT-2-style models with GPT-2's BPE vocabulary
@@ -247,7 +251,7 @@ def _minor_faults() -> Optional[int]:
 
 
 def bench_train(experiment=None, overrides: tuple = (), steps: int = 50, warmup: int = 5,
-                peak: Optional[dict] = None) -> dict:
+                peak: Optional[dict] = None, threads: Optional[int] = None) -> dict:
     """Time ``steps`` optimizer steps of the experiment's real training step after ``warmup``
     (which includes torch.compile when ``training.compile``). Nothing is written: no run
     directory, no MLflow run, no checkpoint."""
@@ -260,11 +264,12 @@ def bench_train(experiment=None, overrides: tuple = (), steps: int = 50, warmup:
     from gptx.training.plan import plan_run
     from gptx.training.step import BatchSplit, build_optimizer, build_schedule, set_lr, TrainStep
 
+    from gptx.threads import ThreadGovernor
+
     experiment = experiment or default_experiment()
     plan = plan_run(load_experiment(experiment, list(overrides)), outputs=False)
     cfg, tc, device, dataset = plan.cfg, plan.cfg.training, plan.device, plan.dataset
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
+    governor = ThreadGovernor(threads or tc.threads)  # as gptx run chooses its threads
     torch.manual_seed(tc.seed)
     model = GPT(cfg.model).to(device)
     model.train()
@@ -278,7 +283,9 @@ def bench_train(experiment=None, overrides: tuple = (), steps: int = 50, warmup:
     def one(i: int) -> float:
         set_lr(optimizer, schedule.factor(i))
         x, y = dataset.batch(tc.grad_accum_steps * tc.batch_size)
-        return float(step(x, y)[0])  # float(): the step is complete (synchronised)
+        loss = float(step(x, y)[0])  # float(): the step is complete (synchronised)
+        governor.tick()
+        return loss
 
     t0 = time.perf_counter()
     first_loss = None
@@ -313,6 +320,8 @@ def bench_train(experiment=None, overrides: tuple = (), steps: int = 50, warmup:
         "step_ms_min": round(min(times) * 1e3, 2),
         "tokens_per_s": round(tok_s, 1),
         "tokens_per_s_best": round(tokens_per_step / min(times), 1),
+        "threads": governor.threads,  # at the end; threads_changed: (seconds, threads) as the load moved
+        "threads_changed": governor.changes,
         "flops_per_token": flops_per_token,
         "model_gflops": round(flops_per_token * tok_s / 1e9, 2),
         "minor_page_faults_per_step": faults,  # pages the kernel had to map in again (see keep_freed_memory)
@@ -328,6 +337,68 @@ def bench_train(experiment=None, overrides: tuple = (), steps: int = 50, warmup:
         out["mfu"] = round(flops_per_token * tok_s / (ref["gflops"] * 1e9), 4)
         out["mfu_peak"] = ref["dtype"]
     return out
+
+
+# ---- a busy machine -------------------------------------------------------------------------
+
+class BusyLoad:
+    """``k`` processes that each keep one CPU busy (``while True: pass``), for as long as the
+    ``with`` block runs: the neighbours a laptop, a shared server or a CI machine has."""
+
+    def __init__(self, k: int):
+        self.k, self.procs = k, []
+
+    def __enter__(self) -> "BusyLoad":
+        import subprocess
+        import sys
+
+        for _ in range(self.k):
+            self.procs.append(subprocess.Popen([sys.executable, "-c", "while True: pass"]))
+        time.sleep(0.5)  # let the scheduler see them before the first thread decision
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs:
+            p.kill()
+        for p in self.procs:
+            p.wait()
+
+
+def bench_busy(experiment=None, overrides: tuple = (), steps: int = 50, warmup: int = 5, busy: int = 1,
+               threads: Optional[int] = None) -> dict:
+    """Training tokens/s quiet and beside ``busy`` busy processes, for gptx's thread choice
+    (``gptx.threads``) and for a fixed count (``threads``, default: every available CPU, torch's
+    own default): the ratio busy/quiet says how gracefully training shares the machine."""
+    from gptx.threads import available_cpus
+
+    fixed = threads or available_cpus()
+    out: dict = {"busy_processes": busy, "available_cpus": available_cpus(), "fixed_threads": fixed}
+    runs = {}
+    for load in (0, busy):  # quiet first, then the same runs beside the load
+        for mode, pinned in (("auto", None), ("fixed", fixed)):
+            with BusyLoad(load):
+                r = bench_train(experiment, overrides, steps, warmup, threads=pinned)
+            runs[(mode, load)] = r
+    for mode in ("auto", "fixed"):
+        quiet, loaded = runs[(mode, 0)], runs[(mode, busy)]
+        out[mode] = {"quiet_tokens_per_s": quiet["tokens_per_s"], "busy_tokens_per_s": loaded["tokens_per_s"],
+                     "ratio": round(loaded["tokens_per_s"] / quiet["tokens_per_s"], 3),
+                     "quiet_threads": quiet["threads"], "busy_threads": loaded["threads"],
+                     "busy_threads_changed": loaded["threads_changed"]}
+    out["auto_vs_fixed_quiet"] = round(out["auto"]["quiet_tokens_per_s"] / out["fixed"]["quiet_tokens_per_s"], 3)
+    out["auto_vs_fixed_busy"] = round(out["auto"]["busy_tokens_per_s"] / out["fixed"]["busy_tokens_per_s"], 3)
+    return out
+
+
+def busy_table(b: dict) -> str:
+    lines = [f"training beside {b['busy_processes']} busy process(es), {b['available_cpus']} CPUs available:",
+             f"  {'threads':<22} {'quiet tok/s':>12} {'busy tok/s':>12} {'busy/quiet':>11}"]
+    for mode, label in (("auto", "gptx's choice"), ("fixed", f"fixed {b['fixed_threads']}")):
+        r = b[mode]
+        lines.append(f"  {label + ' (' + str(r['quiet_threads']) + ' -> ' + str(r['busy_threads']) + ')':<22} "
+                     f"{r['quiet_tokens_per_s']:>12,.0f} {r['busy_tokens_per_s']:>12,.0f} {r['ratio']:>11.3f}")
+    lines.append(f"  gptx's choice vs fixed: {b['auto_vs_fixed_quiet']:.3f}x quiet, {b['auto_vs_fixed_busy']:.3f}x busy")
+    return "\n".join(lines)
 
 
 # ---- generation ----------------------------------------------------------------------------
@@ -633,7 +704,8 @@ def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: 
         warmup_steps: int = 5, model: str = "tiny", checkpoint_dir: Optional[str] = None, backends=BACKENDS,
         prompt_tokens: int = 32, new_tokens: int = 128, repeats: int = 3, peak_seconds: float = 1.0,
         threads: Optional[int] = None, log: Callable[[str], None] = lambda s: None,
-        speedrun_seeds: int = 3, speedrun_steps: Optional[int] = None, nanogpt: Optional[str] = None) -> dict:
+        speedrun_seeds: int = 3, speedrun_steps: Optional[int] = None, nanogpt: Optional[str] = None,
+        busy: int = 1) -> dict:
     import torch
 
     from gptx import speedrun
@@ -664,7 +736,7 @@ def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: 
             out["memory_bandwidth"] = bandwidth
     if "train" in sections:
         log(f"training {train_steps} steps of {experiment or default_experiment()}...")
-        out["train"] = bench_train(experiment, tuple(overrides), train_steps, warmup_steps, peak)
+        out["train"] = bench_train(experiment, tuple(overrides), train_steps, warmup_steps, peak, threads)
         t = out["train"]
         if t["mfu_peak"] == "float32" and t["device"] == "cpu":  # a neighbour's burst can depress one reading
             again = matmul_peak("float32", peak_seconds)
@@ -674,6 +746,9 @@ def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: 
     if "generate" in sections:
         out["generate"] = bench_generate(model, checkpoint_dir, tuple(backends), prompt_tokens, new_tokens, repeats, log,
                                          bandwidth)
+    if "busy" in sections:
+        log(f"training {train_steps} steps quiet and beside {busy} busy process(es), gptx's threads and fixed...")
+        out["busy"] = bench_busy(experiment, tuple(overrides), train_steps, warmup_steps, busy, threads)
     if "speedrun" in sections:
         out["speedrun"] = speedrun.run(speedrun_seeds, steps=speedrun_steps, nanogpt=nanogpt, log=log)
     out["machine"]["load_after"] = machine()["load"]
@@ -723,6 +798,8 @@ def table(result: dict) -> str:
         for name, why in g["skipped"].items():
             lines.append(f"  {name}: skipped ({why})")
         lines.append("  (same: greedy tokens identical to PyTorch's before the first difference)")
+    if "busy" in result:
+        lines += ["", busy_table(result["busy"])]
     if "speedrun" in result:
         from gptx import speedrun
 

@@ -297,9 +297,13 @@ def generate(source, prompts, max_new_tokens, temperature, top_k, top_p, seed, d
         tokenizer, context = gen.tokenizer, gen.context_length
         decode = gen.generate
     else:
+        import torch
+
         from gptx import checkpoint
         from gptx.generate import decoding_layout, generate_ids
+        from gptx.threads import choose_threads
 
+        torch.set_num_threads(choose_threads())  # the CPUs free now (gptx.threads)
         ck = checkpoint.load(source, device=device)
         tokenizer, context = ck.tokenizer, ck.config.model.block_size
         decode = functools.partial(generate_ids, decoding_layout(ck.model), eot_id=tokenizer.eot_id, vocab=tokenizer.vocab_size)
@@ -708,7 +712,8 @@ def evaluate(source, data, task, stride, batch, device, as_json):
 
 @cli.command()
 @click.option("--only", default="peak,train,generate", show_default=True, metavar="SECTIONS",
-              help="Comma-separated sections: peak, train, generate, speedrun (time to nanoGPT's quality; minutes).")
+              help="Comma-separated sections: peak, train, generate, busy (training beside busy processes), "
+                   "speedrun (time to nanoGPT's quality; minutes).")
 @click.option("--experiment", type=click.Path(dir_okay=False), default=None,
               help="Experiment file for the train section (default: the shipped shakespeare_char.toml).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a value of the experiment; repeatable.")
@@ -723,14 +728,16 @@ def evaluate(source, data, task, stride, batch, device, as_json):
 @click.option("--new-tokens", default=128, show_default=True, type=BoundedInt(1, MAX_TOKENS))
 @click.option("--repeats", default=3, show_default=True, type=BoundedInt(1, 10_000), help="Timed generations per backend.")
 @click.option("--peak-seconds", default=1.0, show_default=True, type=BoundedFloat(0.01, 3600.0), help="Time per matmul peak.")
-@click.option("--threads", default=None, type=BoundedInt(1, 4096), help="torch/onnxruntime threads (default: torch's).")
+@click.option("--threads", default=None, type=BoundedInt(1, 4096),
+              help="torch/onnxruntime threads (default: gptx's choice, the CPUs free; see docs/performance.md).")
+@click.option("--busy", default=1, show_default=True, type=BoundedInt(1, 64), help="Busy processes beside the busy section's runs.")
 @click.option("--speedrun-seeds", default=3, show_default=True, type=BoundedInt(1, 100), help="Seeds per speedrun recipe.")
 @click.option("--speedrun-steps", default=None, type=BoundedInt(1, 1 << 20),
               help="Cap both speedrun recipes at this many steps (a smoke test; the comparison needs their own).")
 @click.option("--nanogpt", default=None, metavar="DIR", help="A nanoGPT checkout (data/shakespeare_char prepared): time it too.")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench(only, experiment, overrides, train_steps, warmup_steps, model_size, checkpoint_dir, backends,
-          prompt_tokens, new_tokens, repeats, peak_seconds, threads, speedrun_seeds, speedrun_steps, nanogpt, as_json):
+          prompt_tokens, new_tokens, repeats, peak_seconds, threads, busy, speedrun_seeds, speedrun_steps, nanogpt, as_json):
     """Measure this machine: matmul peak, training tokens/s and MFU, generation tokens/s, time to
     first token and memory (PyTorch, onnxruntime fp32/int8/int4, HF and onnxruntime-genai as peers)."""
     from gptx import bench as bench_mod
@@ -742,7 +749,7 @@ def bench(only, experiment, overrides, train_steps, warmup_steps, model_size, ch
         train_steps=train_steps, warmup_steps=warmup_steps, model=model_size, checkpoint_dir=checkpoint_dir,
         backends=split(backends), prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
         peak_seconds=peak_seconds, threads=threads, log=lambda s: click.echo(s, err=True) if not as_json else None,
-        speedrun_seeds=speedrun_seeds, speedrun_steps=speedrun_steps, nanogpt=nanogpt,
+        speedrun_seeds=speedrun_seeds, speedrun_steps=speedrun_steps, nanogpt=nanogpt, busy=busy,
     )
     click.echo(json.dumps(result, indent=2) if as_json else bench_mod.table(result))
 

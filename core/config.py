@@ -127,7 +127,7 @@ class TrainingConfig:
     compile: bool = False  # torch.compile the model
     device: str = "auto"  # auto: cuda when present, else cpu
     parallel: Literal["ddp", "fsdp"] = "ddp"  # under torchrun: replicate (DDP) or shard (FSDP2) the model
-    threads: Optional[int] = None  # torch intra-op threads on CPU; None: torch's default
+    threads: Optional[int] = None  # torch intra-op threads on CPU; None: the CPUs free, following the load (gptx.threads)
     out_dir: str = "runs"  # run directories go to <out_dir>/<experiment>/<run>; relative to the working directory
     init_from: Optional[str] = None  # start from these weights: a checkpoint or run directory (relative to the file), runs:/<id>, or gptx import-hf output
     init_partial: bool = False  # with init_from: load the tensors that fit, start the rest from random init (said on one line); false: refuse unless every tensor fits

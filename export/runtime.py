@@ -29,16 +29,18 @@ _UNSET = object()
 
 def make_session(path, threads: Optional[int] = None):
     """A CPU InferenceSession that sleeps instead of spinning when idle, so it does not starve
-    other threads (PyTorch, the tokenizer, a server) in the same process."""
+    other threads (PyTorch, the tokenizer, a server) in the same process; ``threads`` by default
+    the CPUs free now (``gptx.threads``)."""
     import onnxruntime as ort
+
+    from gptx.threads import choose_threads
 
     so = ort.SessionOptions()
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 4  # fatal only: errors reach the caller as exceptions, said once in gptx's words
-    if threads:
-        so.intra_op_num_threads = threads
+    so.intra_op_num_threads = choose_threads(threads)
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 

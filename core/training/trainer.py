@@ -32,6 +32,7 @@ from gptx.config import ExperimentConfig
 from gptx.errors import ConfigError, GptxError, first_line
 from gptx.numeric import env_int, parse_float, parse_int
 from gptx.progress import TrainProgress
+from gptx.threads import ThreadGovernor
 from gptx.training.machine import allocating, autocast_context, keep_freed_memory
 from gptx.training.plan import Plan, plan_run
 from gptx.training.recorder import NullRecorder, Recorder
@@ -67,8 +68,7 @@ class Trainer:
         self.plan, self.cfg, self.tc = plan, plan.cfg, plan.cfg.training
         self.device, self.tokenizer, self.dataset = plan.device, plan.tokenizer, plan.dataset
         self.dist = distributed.setup(self.device, self.tc.parallel)
-        if self.tc.threads:
-            torch.set_num_threads(self.tc.threads)
+        self.threads = ThreadGovernor(self.tc.threads)  # the CPUs free, re-read between steps (gptx.threads)
         torch.manual_seed(self.tc.seed)
         self.model = allocating(lambda: GPT(self.cfg.model).to(self.device))
         if plan.init_weights is not None:  # checked by plan_run: each fits; a tied lm_head is stored once
@@ -192,6 +192,9 @@ class Trainer:
         if step == self.step0 + 1 and self.tc.compile:  # the first step compiles: keep it off the clock
             self.clock += dt
         self.pending.append((step, loss, aux, self.optimizer.param_groups[0]["lr"], dt, self.seconds()))
+        changed = self.threads.tick()
+        if changed:
+            self.record.say(changed)
         if self.due(step, self.tc.log_interval):
             self.flush()
 

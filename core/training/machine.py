@@ -6,11 +6,25 @@ import contextlib
 import os
 import sys
 from pathlib import Path
+from typing import Optional
 
 import torch
 
 from gptx.errors import ConfigError, GptxError
 from gptx.numeric import env_int
+
+
+def process_age() -> Optional[float]:
+    """Seconds since this process started (Linux's /proc; None elsewhere): what start-up costs,
+    imports included, measured from inside."""
+    try:
+        with open("/proc/self/stat") as f:  # the command name may hold spaces: fields follow its ')'
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22, starttime
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def pick_device(tc) -> torch.device:

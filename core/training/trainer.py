@@ -33,7 +33,7 @@ from gptx.errors import ConfigError, GptxError, first_line
 from gptx.numeric import env_int, parse_float, parse_int
 from gptx.progress import TrainProgress
 from gptx.threads import ThreadGovernor
-from gptx.training.machine import allocating, autocast_context, keep_freed_memory
+from gptx.training.machine import allocating, autocast_context, keep_freed_memory, process_age
 from gptx.training.plan import Plan, plan_run
 from gptx.training.recorder import NullRecorder, Recorder
 from gptx.training.signals import Interrupted, StopFlag
@@ -189,8 +189,10 @@ class Trainer:
         t0 = time.perf_counter()
         loss, aux = allocating(lambda: self.train_step(x, y))
         dt = time.perf_counter() - t0
-        if step == self.step0 + 1 and self.tc.compile:  # the first step compiles: keep it off the clock
-            self.clock += dt
+        if step == self.step0 + 1:
+            if self.tc.compile:  # the first step compiles: keep it off the clock
+                self.clock += dt
+            self.record.note(startup_s=process_age())  # `gptx run` to one step done: gptx bench --only startup
         self.pending.append((step, loss, aux, self.optimizer.param_groups[0]["lr"], dt, self.seconds()))
         changed = self.threads.tick()
         if changed:

@@ -117,6 +117,23 @@ def test_the_backend_answers_each_request_type_as_the_model_scores_it(tmp_path):
     assert cut == free.split(stop)[0]
 
 
+def test_an_onnx_export_answers_as_its_checkpoint(tmp_path):
+    from helpers import tiny_checkpoint_and_export
+
+    from gptx.harness import GptxLM
+
+    ck, export = tiny_checkpoint_and_export(tmp_path)
+    torch_lm, onnx_lm = GptxLM(checkpoint=str(ck), batch_size=2), GptxLM(checkpoint=str(export), batch_size=2)
+    assert type(onnx_lm.scorer).__name__ == "OnnxScorer"
+    pairs = [instance("loglikelihood", ("The sky is", c)) for c in (" blue", " very blue indeed", " grey")]
+    for (ours, greedy), (theirs, greedy_onnx) in zip(torch_lm.loglikelihood(pairs), onnx_lm.loglikelihood(pairs)):
+        assert ours == pytest.approx(theirs, abs=1e-4) and greedy == greedy_onnx
+    text = [instance("loglikelihood_rolling", ("hello there " * 8,))]
+    assert torch_lm.loglikelihood_rolling(text) == pytest.approx(onnx_lm.loglikelihood_rolling(text), abs=1e-3)
+    ask = [instance("generate_until", (p, {"until": ["\n"], "max_gen_toks": 6})) for p in ("ROMEO:", "Say")]
+    assert torch_lm.generate_until(ask) == onnx_lm.generate_until(ask)
+
+
 def test_bad_model_arguments_are_one_line(tmp_path):
     from gptx.errors import GptxError
     from gptx.harness import GptxLM

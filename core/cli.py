@@ -684,8 +684,8 @@ def prepare(source, out_dir, tokenizer_name, tokenizer_options, val_fraction, wo
 @click.option("--harness", default=None, metavar="TASK[,TASK]",
               help="lm-evaluation-harness tasks instead (needs pip install 'gptx[eval]').")
 @click.option("--include-path", default=None, metavar="DIR", help="With --harness: a folder of lm-eval task YAMLs.")
-@click.option("--num-fewshot", default=None, help="With --harness: few-shot examples per prompt [default: each task's].")
-@click.option("--limit", default=None, help="With --harness: at most this many examples per task.")
+@click.option("--num-fewshot", default=None, metavar="N", help="With --harness: few-shot examples per prompt [default: each task's].")
+@click.option("--limit", default=None, metavar="N", help="With --harness: at most this many examples per task.")
 @click.option("--batch-size", "--batch", "batch", default=None, help="Windows (rows) per forward pass [default: by memory].")
 @click.option("--device", default="cpu", show_default=True, type=Device())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")

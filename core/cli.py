@@ -685,20 +685,33 @@ def prepare(source, out_dir, tokenizer_name, tokenizer_options, val_fraction, wo
 @click.option("--data", "data", default=None, help="A text file: loss, perplexity and bits per byte over all of it.")
 @click.option("--task", "task", default=None, help="A HellaSwag-format .jsonl (ctx, endings, label): acc and acc_norm.")
 @click.option("--stride", default=None, help="Overlapping windows advancing this many tokens [default: the context].")
-@click.option("--batch-size", "batch", default=None, help="Windows per forward pass [default: by memory].")
+@click.option("--harness", default=None, metavar="TASK[,TASK]",
+              help="lm-evaluation-harness tasks instead (needs pip install 'gptx[eval]').")
+@click.option("--include-path", default=None, metavar="DIR", help="With --harness: a folder of lm-eval task YAMLs.")
+@click.option("--num-fewshot", default=None, metavar="N", help="With --harness: few-shot examples per prompt [default: each task's].")
+@click.option("--limit", default=None, metavar="N", help="With --harness: at most this many examples per task.")
+@click.option("--batch-size", "--batch", "batch", default=None, help="Windows (rows) per forward pass [default: by memory].")
 @click.option("--device", default="cpu", show_default=True, type=Device())
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(source, data, task, stride, batch, device, as_json):
+def evaluate(source, data, task, stride, harness, include_path, num_fewshot, limit, batch, device, as_json):
     """Evaluate SOURCE (a checkpoint or run directory, runs:/<id>, or an ONNX export directory,
     which runs on onnxruntime alone): --data FILE and/or --task FILE.jsonl. With runs:/<id> the
-    results are also logged to that MLflow run as eval/<file>/<metric>."""
+    results are also logged to that MLflow run as eval/<file>/<metric>. With --harness, lm-eval's
+    tasks instead; SOURCE may then also be a `gptx export --format hf` folder (lm-eval's hf backend)."""
+    batch = _number(batch, "--batch-size", int)
+    if harness is not None:
+        _harness_eval(source, harness, (data, task, stride), include_path, _number(num_fewshot, "--num-fewshot", int),
+                      _number(limit, "--limit", int), batch, device, as_json)
+        return
+    for option, value in (("--include-path", include_path), ("--num-fewshot", num_fewshot), ("--limit", limit)):
+        if value is not None:
+            fail(f"{option}: applies to --harness TASKS only")
     from gptx.evaluate import evaluate as run_eval
     from gptx.evaluate import table
     from gptx.progress import StatusLine
 
     with StatusLine() as status:  # tokenizing a big --data file, long tasks
-        results = run_eval(source, data, task, _number(stride, "--stride", int), _number(batch, "--batch-size", int),
-                           device, status)
+        results = run_eval(source, data, task, _number(stride, "--stride", int), batch, device, status)
     if as_json:
         flat = {"source": source}
         for part in results.values():
@@ -706,6 +719,21 @@ def evaluate(source, data, task, stride, batch, device, as_json):
         click.echo(json.dumps(flat))
     else:
         click.echo(table(results))
+
+
+def _harness_eval(source, harness, own_options, include_path, num_fewshot, limit, batch, device, as_json):
+    """``gptx eval --harness``: lm-eval's tasks (gptx.harness.run); lm-eval is an optional extra."""
+    for option, value in zip(("--data", "--task", "--stride"), own_options):
+        if value is not None:
+            fail(f"{option}: cannot be combined with --harness (run gptx eval twice)")
+    try:
+        from gptx.harness import run
+    except ImportError as err:
+        if (err.name or "").split(".")[0] != "lm_eval":
+            raise
+        fail("gptx eval --harness needs lm-eval: pip install 'gptx[eval]'")
+    result = run.evaluate(source, harness, include_path, num_fewshot, limit, batch, device)
+    click.echo(json.dumps(result) if as_json else run.table(result))
 
 
 # ---- bench ----------------------------------------------------------------------------------

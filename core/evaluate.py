@@ -44,8 +44,8 @@ class OnnxScorer:
         self.vocab_size = int(self.gen.meta["model"]["vocab_size"])
         self.step = self.gen.meta.get("source", {}).get("step")
 
-    def token_losses(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
-        """inputs, targets [B, L] int64 -> next-token losses [B, L] float64 (nats)."""
+    def logits(self, inputs: np.ndarray) -> np.ndarray:
+        """inputs [B, L] int64 -> next-token logits [B, L, V] float32 (right padding is harmless: causal)."""
         from gptx.export import empty_past
 
         g = self.gen
@@ -54,10 +54,18 @@ class OnnxScorer:
                  "position_ids": np.broadcast_to(np.arange(L, dtype=np.int64), (B, L)).copy()}
         feeds |= dict(zip(g.inputs[3:], empty_past(g.cache, g.n_layer, B)))  # no past: every position at once
         try:
-            logits = g.session.run(["logits"], feeds)[0]  # [B, L, V] float32
+            return g.session.run(["logits"], feeds)[0]  # [B, L, V] float32
         except Exception as err:  # onnxruntime's own types (Fail, InvalidArgument, RuntimeException, ...)
             raise GptxError(f"{g.directory / 'model.onnx'}: onnxruntime failed to run the graph: "
                             f"{first_line(err) or type(err).__name__}") from None
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampler, stop=None):
+        """gptx.export.runtime.OnnxGenerator.generate: KV cache, stops at end-of-text or ``stop``."""
+        return self.gen.generate(prompts, max_new_tokens, sampler, stop=stop)
+
+    def token_losses(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
+        """inputs, targets [B, L] int64 -> next-token losses [B, L] float64 (nats)."""
+        logits = self.logits(inputs)  # [B, L, V] float32
         top = logits.max(axis=-1, keepdims=True)  # [B, L, 1]
         lse = np.log(np.exp(logits - top).sum(axis=-1)) + top[..., 0]  # [B, L]
         picked = np.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, L]
@@ -81,13 +89,26 @@ class TorchScorer:
 
         keep_freed_memory(torch.device(device))  # each batch's [B, L, V] logits: reused, not faulted in again
 
+    def logits(self, inputs: np.ndarray):
+        """inputs [B, L] int64 -> next-token logits [B, L, V], a float32 tensor on the model's device."""
+        torch = self.torch
+        with torch.no_grad():
+            return self.ck.model(torch.from_numpy(inputs).to(self.device))[0].float()  # [B, L, V]
+
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampler, stop=None):
+        """gptx.generate.generate_ids: KV cache, stops at end-of-text or ``stop``."""
+        from gptx.generate import generate_ids
+
+        return generate_ids(self.ck.model, prompts, max_new_tokens, sampler, self.tokenizer.eot_id,
+                            self.tokenizer.vocab_size, stop)
+
     def token_losses(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
         """inputs, targets [B, L] int64 -> next-token losses [B, L] float64 (nats)."""
         torch = self.torch
         with torch.no_grad():
-            logits, _ = self.ck.model(torch.from_numpy(inputs).to(self.device))  # [B, L, V]
+            logits = self.logits(inputs)  # [B, L, V]
             y = torch.from_numpy(targets).to(self.device)  # [B, L]
-            losses = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # [B, L]
+            losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # [B, L]
         return losses.double().cpu().numpy()
 
 

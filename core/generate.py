@@ -3,7 +3,7 @@ token per step (a model with a component that declares no KV cache is recomputed
 Sampling is shared with the onnxruntime generator (gptx.sampling)."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -39,6 +39,7 @@ def generate_ids(
     sampler: Sampler,
     eot_id: Optional[int] = None,
     vocab: Optional[int] = None,
+    stop: Optional[Callable[[list[int]], bool]] = None,
 ) -> Generation:
     """Continue each prompt by up to ``max_new_tokens`` tokens, with the KV cache while the
     sequence fits the model's context (block_size). Beyond it, as nanoGPT does, each new token
@@ -46,7 +47,8 @@ def generate_ids(
     counted from its start (any positional encoding allows it: none is asked for a position it
     was not trained on). A prompt longer than the context keeps its last block_size - 1 tokens.
     ``vocab``: the tokenizer's vocabulary size; a model padded beyond it (nanoGPT's 50,304 for
-    GPT-2's 50,257) never samples the padding's ids, which no tokenizer can decode."""
+    GPT-2's 50,257) never samples the padding's ids, which no tokenizer can decode. ``stop``: a
+    row whose new ids it is true of is closed, as at end-of-text (``sampling.Collector``)."""
     limit = model.config.block_size
     model.eval()
     device = model.wte.weight.device
@@ -57,7 +59,7 @@ def generate_ids(
     past = model.empty_cache(len(prompts), capacity=min(limit, seq.shape[1] + max_new_tokens)) if cache else None
     input_ids, position_ids = seq, torch.from_numpy(positions_from_mask(mask)).to(device)  # [B, S] x2
     cached = 0  # tokens in the cache
-    out = Collector(len(prompts), eot_id)
+    out = Collector(len(prompts), eot_id, stop)
     for _ in range(max_new_tokens):
         context = attention_mask[:, -(cached + input_ids.shape[1]):]  # [B, P+T]
         logits, present = model(input_ids, position_ids, context, past, last_logits_only=True)  # [B, 1, V]

@@ -3,7 +3,7 @@ generators share one implementation: same logits + same seed -> same tokens."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
@@ -17,19 +17,21 @@ class Generation:
 
 
 class Collector:
-    """The new tokens of each row, each row closed at its end-of-text token."""
+    """The new tokens of each row, each row closed at its end-of-text token, or once ``stop`` says
+    its new tokens are complete (lm-eval's stop sequences: text, so only the caller can decode)."""
 
-    def __init__(self, rows: int, eot_id: Optional[int]):
+    def __init__(self, rows: int, eot_id: Optional[int], stop: Optional[Callable[[list[int]], bool]] = None):
         self.ids: list[list[int]] = [[] for _ in range(rows)]
         self.done = np.zeros(rows, dtype=bool)
-        self.eot_id = eot_id
+        self.eot_id, self.stop = eot_id, stop
 
     def add(self, tokens: np.ndarray) -> bool:
         """Append tokens [B] to the open rows; True once every row is closed."""
         for i, tok in enumerate(tokens):
             if not self.done[i]:
                 self.ids[i].append(int(tok))
-                self.done[i] = self.eot_id is not None and tok == self.eot_id
+                self.done[i] = (self.eot_id is not None and tok == self.eot_id) or (
+                    self.stop is not None and self.stop(self.ids[i]))
         return bool(self.done.all())
 
 

@@ -186,16 +186,17 @@ class OnnxGenerator:
             raise GptxError(f"{model_path}: its inputs/outputs do not follow {IO_CONTRACT}/{IO_CONTRACT_VERSION}")
         check_graph_matches(self.session, self.meta, self.cache, model_path)
 
-    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampler: Sampler, eot_id=_UNSET) -> Generation:
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, sampler: Sampler, eot_id=_UNSET,
+                 stop=None) -> Generation:
         """Continue each prompt by up to ``max_new_tokens`` tokens (left-padded batch), stopping a
-        prompt at the end-of-text token. Same contract as ``gptx.generate.generate_ids``."""
+        prompt at the end-of-text token or where ``stop`` says. Same contract as ``gptx.generate.generate_ids``."""
         eot_id = self.eot_id if eot_id is _UNSET else eot_id
         if not prompts or any(len(p) == 0 for p in prompts):
             raise GptxError("--prompt: a prompt must not be empty")
         limit = self.context_length  # past it, each new token sees the last `limit` (nanoGPT's crop, as torch)
         kept = [list(p[-(limit - 1):]) if limit > 1 else list(p[-1:]) for p in prompts]
         decoder = KVDecoder(self.session, self.n_layer, self.cache, shares_buffer(self.meta), str(self.directory / MODEL_FILE), limit)
-        out = Collector(len(prompts), eot_id)
+        out = Collector(len(prompts), eot_id, stop)
         logits = decoder.start(kept, max_new_tokens)  # [B, T, V]
         for _ in range(max_new_tokens):
             nxt = sampler(logits[:, -1, :self.tokenizer.vocab_size])  # [B]: a padded vocabulary's extra ids never

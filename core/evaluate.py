@@ -79,8 +79,10 @@ class TorchScorer:
         import torch
 
         from gptx import checkpoint
+        from gptx.threads import choose_threads
 
         self.torch = torch
+        torch.set_num_threads(choose_threads())  # the CPUs free now (gptx.threads)
         self.ck = checkpoint.load(source, device=device)
         self.tokenizer, self.context = self.ck.tokenizer, self.ck.config.model.block_size
         self.vocab_size = self.ck.config.model.vocab_size

@@ -19,6 +19,7 @@ import click
 
 from gptx import __version__
 from gptx.errors import GptxError, first_line
+from gptx.export.gguf_export import TYPES as GGUF_TYPES
 from gptx.kinds import KINDS
 from gptx.numeric import NumberError, env_int, parse_float, parse_int
 
@@ -459,7 +460,7 @@ def run(file, overrides, resume, nproc, quiet):
 @click.option("--track/--no-track", default=None, help="Log the export to the source's MLflow run (default: when it has one).")
 @click.option("--format", "fmt", type=click.Choice(["onnx", "hf", "gguf"]), default="onnx", show_default=True,
               help="onnx: model.onnx for onnxruntime; hf: a Hugging Face folder for transformers; gguf: model.gguf for llama.cpp.")
-@click.option("--gguf-type", default=None, type=click.Choice(["f32", "f16", "q8_0"]),
+@click.option("--gguf-type", default=None, type=click.Choice(GGUF_TYPES),
               help="With --format gguf: the weights' type (default f32, exact; f16 and q8_0 are smaller).")
 def export(source, out_dir, opset, quantize, force, track, fmt, gguf_type):
     """Export SOURCE (a checkpoint or run directory, or runs:/<id>) to ONNX in OUT: model.onnx with

@@ -19,6 +19,7 @@ import click
 
 from gptx import __version__
 from gptx.errors import GptxError, first_line
+from gptx.export.gguf_export import TYPES as GGUF_TYPES
 from gptx.kinds import KINDS
 from gptx.numeric import NumberError, env_int, parse_float, parse_int
 
@@ -461,19 +462,29 @@ def run(file, overrides, resume, nproc, quiet):
               help="Quantize the weights: int8 (dynamic int8 matmuls) or int4 (4-bit blocks, MatMulNBits).")
 @click.option("--force", is_flag=True, help="Replace OUT even if it is a non-empty directory that is not a gptx export.")
 @click.option("--track/--no-track", default=None, help="Log the export to the source's MLflow run (default: when it has one).")
-@click.option("--format", "fmt", type=click.Choice(["onnx", "hf"]), default="onnx", show_default=True,
-              help="onnx: model.onnx for onnxruntime; hf: a Hugging Face folder (GPT2LMHeadModel) for transformers.")
-def export(source, out_dir, opset, quantize, force, track, fmt):
+@click.option("--format", "fmt", type=click.Choice(["onnx", "hf", "gguf"]), default="onnx", show_default=True,
+              help="onnx: model.onnx for onnxruntime; hf: a Hugging Face folder for transformers; gguf: model.gguf for llama.cpp.")
+@click.option("--gguf-type", default=None, type=click.Choice(GGUF_TYPES),
+              help="With --format gguf: the weights' type (default f32, exact; f16 and q8_0 are smaller).")
+def export(source, out_dir, opset, quantize, force, track, fmt, gguf_type):
     """Export SOURCE (a checkpoint or run directory, or runs:/<id>) to ONNX in OUT: model.onnx with
     a KV cache, genai_config.json, tokenizer.json (GPT-2 BPE) and gptx_export.json; verified
     against PyTorch before it reports success. With --format hf: config.json, model.safetensors
-    and the tokenizer files that transformers loads (the GPT-2 layout)."""
-    if fmt == "hf":
-        from gptx.export.hf_export import export_hf
-
+    and the tokenizer files that transformers loads (GPT-2 or Llama layout). With --format gguf:
+    model.gguf for llama.cpp (the same two layouts)."""
+    if gguf_type is not None and fmt != "gguf":
+        raise click.UsageError("--gguf-type applies to --format gguf only")
+    if fmt in ("hf", "gguf"):
         if quantize is not None or track is not None:
             raise click.UsageError(f"{'--quantize' if quantize is not None else '--track'} applies to --format onnx only")
-        export_hf(source, out_dir, force=force, log=click.echo)
+        if fmt == "hf":
+            from gptx.export.hf_export import export_hf
+
+            export_hf(source, out_dir, force=force, log=click.echo)
+        else:
+            from gptx.export.gguf_export import export_gguf
+
+            export_gguf(source, out_dir, gguf_type=gguf_type or "f32", force=force, log=click.echo)
         return
     from gptx.export.onnx_export import export_checkpoint
 

@@ -35,17 +35,24 @@ LAYOUTS = {
 }
 
 
-def layout_of(cfg) -> str:
+# how each format names the two layouts in its refusals: the transformers class, or the GGUF architecture
+NAMES = {"hf": ("transformers", {"GPT2LMHeadModel": "GPT2LMHeadModel", "LlamaForCausalLM": "LlamaForCausalLM"}),
+         "gguf": ("llama.cpp", {"GPT2LMHeadModel": "GGUF gpt2", "LlamaForCausalLM": "GGUF llama"})}
+
+
+def layout_of(cfg, fmt: str = "hf") -> str:
     """The transformers class that holds ``cfg``'s model exactly; a GptxError on one line naming
-    the component or option that has no equivalent otherwise."""
+    the component or option that has no equivalent otherwise (in ``--format fmt``'s words)."""
     m = cfg.model
+    family, shown = NAMES[fmt]
     if m.positional.name not in LAYOUTS:
-        raise GptxError(f"--format hf: model.positional '{m.positional.name}' has no transformers equivalent "
-                        "(GPT2LMHeadModel needs 'learned', LlamaForCausalLM 'rope')")
+        raise GptxError(f"--format {fmt}: model.positional '{m.positional.name}' has no {family} equivalent "
+                        f"({shown['GPT2LMHeadModel']} needs 'learned', {shown['LlamaForCausalLM']} 'rope')")
     arch, wanted = LAYOUTS[m.positional.name]
+    name = shown[arch]
     for table, spec in m.components():
         if table in wanted and spec.name != wanted[table]:
-            raise GptxError(f"--format hf: {table} '{spec.name}' has no {arch} equivalent ({arch} needs "
+            raise GptxError(f"--format {fmt}: {table} '{spec.name}' has no {name} equivalent ({name} needs "
                             f"{table} = '{wanted[table]}' with model.positional = '{m.positional.name}')")
     attention, block = m.attention.options, m.block.options
     gpt2 = arch == "GPT2LMHeadModel"
@@ -60,7 +67,7 @@ def layout_of(cfg) -> str:
     ]
     for bad, key, what in refused:
         if bad:
-            raise GptxError(f"--format hf: {key}: {arch} has no {what}")
+            raise GptxError(f"--format {fmt}: {key}: {name} has no {what}")
     return arch
 
 
@@ -136,15 +143,20 @@ def check_tokenizer(ck) -> None:
 
 
 def check_out_dir(out_dir: Path, force: bool, protected: list[Path]) -> None:
-    """OUT may be missing, empty, an earlier ``--format hf`` export, or anything with ``force``;
-    never a folder holding the source, the working directory or the home directory."""
+    check_export_dir(out_dir, force, protected, CONFIG_FILE, set(FILES), _marked, "a previous gptx --format hf export")
+
+
+def check_export_dir(out_dir: Path, force: bool, protected: list[Path], manifest: str, files: set[str],
+                     marked: Callable[[Path], bool], ours: str) -> None:
+    """OUT may be missing, empty, an earlier export of this format (``marked(OUT/manifest)``,
+    holding only ``files``), or anything with ``force``; never a folder holding the source, the
+    working directory or the home directory."""
     refuse_to_replace(out_dir, protected)
     if force or not out_dir.is_dir() or not any(out_dir.iterdir()):
         return
-    if not _marked(out_dir / CONFIG_FILE):
-        raise GptxError(f"{out_dir}: not empty and not a previous gptx --format hf export; choose another -o "
-                        "or pass --force to replace it")
-    refuse_foreign_files(out_dir, CONFIG_FILE, set(FILES), "a previous gptx export", "a previous gptx --format hf export")
+    if not marked(out_dir / manifest):
+        raise GptxError(f"{out_dir}: not empty and not {ours}; choose another -o or pass --force to replace it")
+    refuse_foreign_files(out_dir, manifest, files, "a previous gptx export", ours)
 
 
 def _marked(config: Path) -> bool:
@@ -152,6 +164,23 @@ def _marked(config: Path) -> bool:
         return isinstance(json.loads(config.read_text(encoding="utf-8")).get("gptx"), dict)
     except (OSError, ValueError, AttributeError):
         return False
+
+
+def write_folder(out_dir: Path, fill: Callable[[Path], None]) -> None:
+    """Build ``out_dir`` by ``fill``-ing a temporary sibling, which replaces it only when complete;
+    a refused write (full disk, read-only folder) is one line, and nothing half-written stays."""
+    out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_siblings(out_dir.resolve())
+    tmp = temp_sibling(out_dir.resolve())
+    try:
+        fill(tmp)
+        replace_dir(tmp, out_dir)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)
+        refused = refused_write(err, out_dir, "the export")
+        if refused is not None:
+            raise refused from None
+        raise
 
 
 def export_hf(source, out_dir, force: bool = False, log: Callable[[str], None] = print) -> list[str]:
@@ -170,20 +199,13 @@ def export_hf(source, out_dir, force: bool = False, log: Callable[[str], None] =
     check_tokenizer(ck)
     check_out_dir(out_dir, force, [Path.cwd(), ck.path])
     log(f"exporting {ck.path} ({ck.model.num_params():,} parameters) as a Hugging Face {arch} to {out_dir}")
-    out_dir.resolve().parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_siblings(out_dir.resolve())
-    tmp = temp_sibling(out_dir.resolve())
-    try:
+
+    def fill(tmp: Path) -> None:
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config(ck, arch), indent=2))
         save_file(hf_weights(ck.model, arch), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         tok = ck.config.tokenizer
         tokenizer_json.write_hf(tmp, tok.name, to_dict(tok.options), ck.tokenizer.state(), ck.config.model.block_size)
-        replace_dir(tmp, out_dir)
-    except BaseException as err:
-        shutil.rmtree(tmp, ignore_errors=True)
-        refused = refused_write(err, out_dir, "the export")
-        if refused is not None:
-            raise refused from None
-        raise
+
+    write_folder(out_dir, fill)
     log(f"wrote {out_dir}: {', '.join(FILES)} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return list(FILES)

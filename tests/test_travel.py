@@ -29,7 +29,7 @@ from gptx.sampling import Sampler
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ROOT / "experiments" / "data" / "tokenizer.json"  # a byte-level BPE of tiny Shakespeare, 512 tokens
 ODD = ["", "ROMEO: hello there, world", "<|endoftext|>  x\u0085y \ufeffz\n\n", "naïve café 🙂 '''s  \t end",
-       "İstanbul ΣΑΣ ǅ \u200d\u0301", "日本語\r\n\x00"]
+       "İstanbul ΣΑΣ ǅ \u200d\u0301", "日本語\r\n\x7f"]  # no NUL: prompts travel as command-line arguments
 MODEL = {"n_layer": 2, "n_head": 2, "n_embd": 32, "block_size": 48}
 
 

@@ -461,9 +461,9 @@ def run(file, overrides, resume, nproc, quiet):
               help="onnx: model.onnx for onnxruntime; hf: a Hugging Face folder (GPT2LMHeadModel) for transformers.")
 def export(source, out_dir, opset, quantize, force, track, fmt):
     """Export SOURCE (a checkpoint or run directory, or runs:/<id>) to ONNX in OUT: model.onnx with
-    a KV cache, genai_config.json, tokenizer.json (GPT-2 BPE) and gptx_export.json; verified
+    a KV cache, genai_config.json, tokenizer.json (where the tokenizer has one) and gptx_export.json; verified
     against PyTorch before it reports success. With --format hf: config.json, model.safetensors
-    and the tokenizer files that transformers loads (the GPT-2 layout)."""
+    and the tokenizer files that transformers loads (the GPT-2 or Llama layout)."""
     if fmt == "hf":
         from gptx.export.hf_export import export_hf
 

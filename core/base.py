@@ -25,6 +25,11 @@ class Component:
 
     Options: ClassVar[type] = NoOptions
     supports: ClassVar[frozenset[str]] = DEFAULT_SUPPORTS
+    # the built-in component of the same kind whose parameters (state-dict keys and shapes) and
+    # function this one has, given the options they share by name: an exporter that knows the
+    # built-in (``gptx export --format hf``) then exports this one as it. ``gptx check-plugin``
+    # compares the two on the same weights, so a false declaration fails conformance.
+    hf_equivalent: ClassVar[Optional[str]] = None
 
     @classmethod
     def check(cls, model: "ModelConfig", options) -> None:
@@ -78,3 +83,12 @@ class Tokenizer(Component, abc.ABC):
     def state(self) -> dict:
         """JSON-serialisable state beyond the options (e.g. a learned vocabulary)."""
         return {}
+
+    def tokenizer_json(self) -> Optional[dict]:
+        """This tokenizer as a Hugging Face ``tokenizers`` description (a tokenizer.json's content)
+        that encodes every text to exactly the ids ``encode`` gives (special tokens not added) and
+        decodes ids as ``decode`` does, for the fitted tokenizer where it learns from data.
+        Exports write it as tokenizer.json, so Node, the web page and transformers run this
+        tokenizer without gptx. None (the default): it has no such description; the ONNX export
+        still runs in gptx's Python, the rest refuse it on one line."""
+        return None

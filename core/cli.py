@@ -468,7 +468,7 @@ def run(file, overrides, resume, nproc, quiet):
               help="With --format gguf: the weights' type (default f32, exact; f16 and q8_0 are smaller).")
 def export(source, out_dir, opset, quantize, force, track, fmt, gguf_type):
     """Export SOURCE (a checkpoint or run directory, or runs:/<id>) to ONNX in OUT: model.onnx with
-    a KV cache, genai_config.json, tokenizer.json (GPT-2 BPE) and gptx_export.json; verified
+    a KV cache, genai_config.json, tokenizer.json (where the tokenizer has one) and gptx_export.json; verified
     against PyTorch before it reports success. With --format hf: config.json, model.safetensors
     and the tokenizer files that transformers loads (GPT-2 or Llama layout). With --format gguf:
     model.gguf for llama.cpp (the same two layouts)."""

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from gptx.base import KV_CACHE, ONNX_EXPORT
+from gptx.base import KV_CACHE, ONNX_EXPORT, Tokenizer
 from gptx.errors import ComponentOutputError, GptxError, first_line
 from gptx.kinds import BY_NAME, KINDS
 
@@ -330,6 +330,24 @@ def check_checkpoint_round_trip(model, cfg) -> str:
     return "save, load: identical logits"
 
 
+def check_hf_equivalent(raw, registry) -> str:
+    """The component against the built-in it declares (``hf_equivalent``): the same state-dict
+    keys and shapes, and on the same weights the same logits."""
+    from gptx.equivalence import as_builtins, differing_weights
+    from gptx.model import GPT
+
+    model, cfg = tiny_model(raw, registry, seed=1)
+    view = as_builtins(cfg.model, registry)
+    problem = differing_weights(model, view)
+    require(problem is None, f"the weights are not the built-in's: {problem}")
+    twin = GPT(view).eval()
+    twin.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 256, (B, T))
+    with torch.no_grad():
+        close(model(ids)[0], twin(ids)[0], "logits against the declared built-in's on the same weights")
+    return "same weights as the built-in; logits equal on them"
+
+
 def model_checks(kind: str, name: str, supports: frozenset, registry, options=None,
                  setting=None) -> list[tuple[str, Callable[[], str]]]:
     raw = experiment(kind, name, options, setting)
@@ -353,6 +371,8 @@ def model_checks(kind: str, name: str, supports: frozenset, registry, options=No
     checks += [("trains", lambda: check_trains(*tiny_model(raw, registry, seed=3))),
                ("deterministic", lambda: check_deterministic(raw, registry)),
                ("checkpoint round trip", lambda: check_checkpoint_round_trip(*built()))]
+    if getattr(registry.get(kind, name).cls, "hf_equivalent", None):  # checked where declared, absent otherwise
+        checks.append(("hf equivalent", lambda: check_hf_equivalent(raw, registry)))
     return checks
 
 
@@ -389,7 +409,40 @@ def tokenizer_checks(kind, name, supports, registry, options=None, setting=None)
         learns(losses)
         return f"vocabulary {tok.vocab_size:,}: loss {losses[0]:.3f} -> {min(losses[-3:]):.3f}"
 
-    return [("round trip", round_trip), ("trains", trains)]
+    checks = [("round trip", round_trip), ("trains", trains)]
+    if registry.get(kind, name).cls.tokenizer_json is not Tokenizer.tokenizer_json:  # checked where implemented
+        checks.append(("tokenizer.json", lambda: check_tokenizer_json(build())))
+    return checks
+
+
+# text where tokenizers and JavaScript differ most: Unicode whitespace (U+0085, U+FEFF), combining
+# marks, case mappings that change length (İ), astral symbols, written special tokens, the empty text
+ODD_TEXTS = ["", "naïve café 🙂 '''s  \t end", "x\u0085y \ufeffz\n\n", "İstanbul ΣΑΣ ǅ", "<|endoftext|>  the end"]
+
+
+def check_tokenizer_json(tok) -> str:
+    """The tokenizer's ``tokenizer_json()`` through the ``tokenizers`` library encodes as ``encode``
+    and decodes as ``decode`` (text the tokenizer itself refuses is skipped)."""
+    from gptx.plugins.tokenizers import hf_backend
+    from gptx.schemas import shown
+
+    described = tok.tokenizer_json()
+    if described is None:
+        return "tokenizer_json() gives none with these options: it does not travel beyond gptx's Python"
+    backend = hf_backend(described)
+    compared = 0
+    for text in [sample_text(2000), *ODD_TEXTS]:
+        try:
+            ids = tok.encode(text)
+        except GptxError:  # outside its vocabulary (a char tokenizer's): nothing to compare
+            continue
+        theirs = backend.encode(text, add_special_tokens=False).ids
+        require(theirs == ids, f"tokenizer.json encodes {shown(text[:40])} as {theirs[:12]}, encode() as {ids[:12]}")
+        decoded = backend.decode(ids, skip_special_tokens=False)
+        require(decoded == tok.decode(ids), f"tokenizer.json decodes {ids[:12]} as {shown(decoded[:40])}, "
+                                            f"decode() as {shown(tok.decode(ids)[:40])}")
+        compared += 1
+    return f"{compared} texts: the tokenizers library's ids and text equal encode()'s and decode()'s"
 
 
 def optimizer_checks(kind, name, supports, registry, options=None, setting=None):

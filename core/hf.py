@@ -31,11 +31,11 @@ from typing import Optional
 
 from gptx.errors import GptxError, first_line
 from gptx.fsutil import publishable, read_regular, remove_stale_siblings, temp_sibling
+from gptx.plugins.tokenizers import MAX_TOKENIZER_BYTES
 
 # activation_function values that are GELU with the tanh approximation (GPT-2's gelu_new)
 TANH_GELU = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 GPT2_VOCAB = 50257
-MAX_TOKENIZER_BYTES = 256 * 2**20  # GPT-2's tokenizer.json is 1.5 MB; the largest vocabularies' some tens
 # HF keys that hold no weights (old causal-mask buffers)
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")
 
@@ -220,14 +220,14 @@ def tokenizer_of(hf_dir: Path, cfg: dict) -> tuple[dict, Optional[dict]]:
             raise TypeError("model, model.vocab and pre_tokenizer must be JSON objects")
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, AttributeError) as err:
         raise GptxError(f"{f}: corrupted ({type(err).__name__}: {first_line(err)})") from None
-    from gptx.export import tokenizer_json
+    from gptx.plugins.tokenizers import byte_tokenizer_json, char_tokenizer_json
 
-    if described == tokenizer_json.byte_tokenizer_json():
+    if described == byte_tokenizer_json():
         return {"kind": "byte"}, None
     chars = None
     if model.get("type") == "WordLevel" and all(type(i) is int for i in vocab.values()):
         chars = sorted(vocab, key=vocab.get)
-    if chars is not None and described == tokenizer_json.char_tokenizer_json(chars):
+    if chars is not None and described == char_tokenizer_json(chars):
         return {"kind": "char"}, {"chars": chars}
     if model.get("type") == "BPE" and pre.get("type") == "ByteLevel" and vocab.get("<|endoftext|>") == GPT2_VOCAB - 1 \
             and len(vocab) == GPT2_VOCAB:
@@ -313,9 +313,10 @@ def weight_plan(cfg: dict, prefix: str = "transformer.") -> dict[str, tuple[str,
     return plan
 
 
-def to_hf_state_dict(model) -> dict:
-    """A plain gptx GPT-2 model's weights in Hugging Face ``GPT2LMHeadModel`` names and layouts."""
-    m = model.config
+def to_hf_state_dict(model, m=None) -> dict:
+    """A plain gptx GPT-2 model's weights in Hugging Face ``GPT2LMHeadModel`` names and layouts
+    (``m``: its config as built-ins, ``gptx.equivalence.as_builtins``; the model's own by default)."""
+    m = m or model.config
     cfg = {"n_layer": m.n_layer, "n_embd": m.n_embd, "vocab_size": m.vocab_size, "n_positions": m.block_size,
            "n_inner": m.ffn.options.hidden, "tie_word_embeddings": m.tie_embeddings}
     ours = dict(model.state_dict())

@@ -342,7 +342,7 @@ class ExportModel(Schema):
 
 class ExportTokenizer(TokenizerRecord):
     vocab_size: Optional[Size] = None
-    gpt2_bpe: bool = False
+    gpt2_bpe: bool = False  # written by exports before Tokenizer.tokenizer_json: they list tokenizer.json in files too
 
 
 class SpecialToken(Schema):

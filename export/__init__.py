@@ -6,7 +6,7 @@ An export directory (``gptx export SOURCE -o OUT_DIR``) holds:
     gptx_export.json    gptx's metadata: resolved config, tokenizer (name, options, state, hash),
                         special tokens, I/O contract version, verification and quantization reports
     genai_config.json   onnxruntime-genai's description of the same graph ("type": "decoder")
-    tokenizer.json      Hugging Face tokenizer (GPT-2 BPE tokenizers only)
+    tokenizer.json      Hugging Face tokenizer, where the tokenizer describes itself as one
 
 This module is torch-free: the onnxruntime generator (``gptx.export.runtime``) imports it.
 """

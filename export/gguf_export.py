@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from gptx.errors import GptxError
-from gptx.export.hf_export import check_export_dir, hf_weights, layout_of, write_folder
+from gptx.export.hf_export import builtin_view, check_export_dir, hf_weights, layout_of, write_folder
 
 FILE = "model.gguf"
 MARK = "gptx.exported_from"  # a metadata key llama.cpp ignores; marks the file as ours for a re-export
@@ -28,15 +28,15 @@ ARCHS = {"GPT2LMHeadModel": "gpt2", "LlamaForCausalLM": "llama"}
 CONV1D = (".attn.c_attn.weight", ".attn.c_proj.weight", ".mlp.c_fc.weight", ".mlp.c_proj.weight")
 
 
-def gguf_tensors(model, arch: str) -> dict:
-    """The model's tensors under their GGUF names, as float32 numpy arrays in GGUF's layout."""
+def gguf_tensors(model, m, arch: str) -> dict:
+    """The model's tensors under their GGUF names, as float32 numpy arrays in GGUF's layout
+    (``m``: the model's config as built-ins, ``hf_export.builtin_view``)."""
     import gguf
 
-    m = model.config
     n_kv = m.attention.options.n_kv_heads or m.n_head
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[ARCHS[arch].upper()], m.n_layer)
     out = {}
-    for hf_name, t in hf_weights(model, arch).items():
+    for hf_name, t in hf_weights(model, m, arch).items():
         if hf_name.endswith(CONV1D):
             t = t.t()  # [in, out] -> [out, in]
         elif hf_name.endswith("self_attn.q_proj.weight"):
@@ -72,11 +72,11 @@ def encoded(name: str, data, gguf_type: str):
     return data.astype(np.float16), Q.F16
 
 
-def write_hparams(w, ck, arch: str, gguf_type: str) -> None:
-    """The hyperparameters llama.cpp's loader reads for ``gpt2`` / ``llama``."""
+def write_hparams(w, ck, m, arch: str, gguf_type: str) -> None:
+    """The hyperparameters llama.cpp's loader reads for ``gpt2`` / ``llama`` (``m``: the model's
+    config as built-ins)."""
     from gguf import GGML_QUANT_VERSION, LlamaFileType
 
-    m = ck.config.model
     w.add_name(Path(ck.path).name)
     w.add_string(MARK, str(ck.path))
     w.add_file_type({"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
@@ -103,11 +103,10 @@ def write_hparams(w, ck, arch: str, gguf_type: str) -> None:
 def check_tokenizer(ck) -> None:
     """GPT-2 BPE, char and byte have a GGUF form; a char vocabulary holding sentencepiece's space
     sign cannot (llama.cpp reads that sign as a space)."""
-    from gptx.export.tokenizer_json import is_gpt2_bpe
-    from gptx.options import to_dict
+    from gptx.plugins.tokenizers import is_gpt2_bpe
 
     tok = ck.config.tokenizer
-    if not (is_gpt2_bpe(tok.name, to_dict(tok.options)) or tok.name in ("char", "byte")):
+    if not (is_gpt2_bpe(ck.tokenizer) or tok.name in ("char", "byte")):
         raise GptxError(f"--format gguf: tokenizer '{tok.name}' has no GGUF form yet (gpt2, char and byte have)")
     if tok.name == "char" and SPACE in ck.tokenizer.state()["chars"]:
         raise GptxError(f"--format gguf: the char vocabulary holds {SPACE!r} (U+2581), which llama.cpp's "
@@ -119,7 +118,7 @@ def write_tokenizer(w, ck) -> None:
     "[PAD<id>]", unused), merges for BPE, the special ids, no BOS added (gptx adds none)."""
     from gguf import TokenType
 
-    from gptx.export.tokenizer_json import gpt2_tokenizer_json
+    from gptx.plugins.tokenizers import gpt2_tokenizer_json
 
     name, state = ck.config.tokenizer.name, ck.tokenizer.state()
     if name == "char":
@@ -154,14 +153,14 @@ def write_tokenizer(w, ck) -> None:
     w.add_add_eos_token(False)
 
 
-def write_gguf(path: Path, ck, arch: str, gguf_type: str) -> None:
+def write_gguf(path: Path, ck, m, arch: str, gguf_type: str) -> None:
     import gguf
 
     w = gguf.GGUFWriter(str(path), ARCHS[arch])
     try:
-        write_hparams(w, ck, arch, gguf_type)
+        write_hparams(w, ck, m, arch, gguf_type)
         write_tokenizer(w, ck)
-        for name, data in gguf_tensors(ck.model, arch).items():
+        for name, data in gguf_tensors(ck.model, m, arch).items():
             array, qtype = encoded(name, data, gguf_type)
             w.add_tensor(name, array, raw_dtype=qtype)
         w.write_header_to_file()
@@ -195,10 +194,11 @@ def export_gguf(source, out_dir, gguf_type: str = "f32", force: bool = False,
     out_dir = Path(out_dir)
     check_out_dir(out_dir, force, [Path.cwd()])
     ck = checkpoint.load(source)
-    arch = layout_of(ck.config, "gguf")
+    m = builtin_view(ck.model, ck.config.model, fmt="gguf")
+    arch = layout_of(m, "gguf")
     check_tokenizer(ck)
     check_out_dir(out_dir, force, [Path.cwd(), ck.path])
     log(f"exporting {ck.path} ({ck.model.num_params():,} parameters) as GGUF {ARCHS[arch]}, {gguf_type}, to {out_dir}")
-    write_folder(out_dir, lambda tmp: write_gguf(tmp / FILE, ck, arch, gguf_type))
+    write_folder(out_dir, lambda tmp: write_gguf(tmp / FILE, ck, m, arch, gguf_type))
     log(f"wrote {out_dir / FILE} (load with llama.cpp, or transformers' from_pretrained(OUT, gguf_file=\"{FILE}\"))")
     return [FILE]

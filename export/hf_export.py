@@ -7,8 +7,9 @@ Two layouts have an exact transformers equivalent, chosen by the positional enco
   so export then import gives back the same tensors;
 - RoPE, RMSNorm, SwiGLU, grouped-query or multi-head attention, pre-norm, no biases ->
   ``LlamaForCausalLM`` (gptx's fused q/k/v and gate/up projections split into Llama's).
-Any other component or option is refused on one line naming it. Tokenizers: GPT-2 BPE, ``char``
-and ``byte`` travel as a tokenizer.json that encodes as gptx does.
+A third-party component counts as the built-in it declares (``hf_equivalent``, gptx.equivalence).
+Any other component or option is refused on one line naming it. The tokenizer travels as the
+tokenizer.json it describes itself as (``Tokenizer.tokenizer_json``); one without is refused.
 
     OUT/config.json            GPT2Config or LlamaConfig (+ "gptx": marks the folder as a gptx export)
     OUT/model.safetensors      the weights in the transformers class's names
@@ -40,10 +41,28 @@ NAMES = {"hf": ("transformers", {"GPT2LMHeadModel": "GPT2LMHeadModel", "LlamaFor
          "gguf": ("llama.cpp", {"GPT2LMHeadModel": "GGUF gpt2", "LlamaForCausalLM": "GGUF llama"})}
 
 
-def layout_of(cfg, fmt: str = "hf") -> str:
-    """The transformers class that holds ``cfg``'s model exactly; a GptxError on one line naming
-    the component or option that has no equivalent otherwise (in ``--format fmt``'s words)."""
-    m = cfg.model
+def builtin_view(model, model_cfg, reg=None, fmt: str = "hf"):
+    """``model_cfg`` with each component that declares a built-in twin (``hf_equivalent``) in its
+    place, after checking ``model``'s weights are the twin's (keys and shapes); one line otherwise."""
+    from gptx.equivalence import as_builtins, differing_weights
+
+    view = as_builtins(model_cfg, reg)
+    declared = [(t, s) for (t, s), (_, v) in zip(model_cfg.components(), view.components()) if s.name != v.name]
+    if declared:
+        problem = differing_weights(model, view)
+        if problem is not None:
+            who = ", ".join(f"{t} '{s.name}' (hf_equivalent = '{s.cls.hf_equivalent}')" for t, s in declared)
+            raise GptxError(f"--format {fmt}: {who}: the weights are not the built-in's: {problem}")
+    return view
+
+
+def layout_of(m, fmt: str = "hf", reg=None) -> str:
+    """The transformers class that holds model config ``m`` (built-ins only: ``builtin_view``)
+    exactly; a GptxError on one line naming the component or option that has no equivalent
+    otherwise (in ``--format fmt``'s words)."""
+    from gptx import registry as registry_mod
+
+    reg = reg or registry_mod.registry()
     family, shown = NAMES[fmt]
     if m.positional.name not in LAYOUTS:
         raise GptxError(f"--format {fmt}: model.positional '{m.positional.name}' has no {family} equivalent "
@@ -54,6 +73,9 @@ def layout_of(cfg, fmt: str = "hf") -> str:
         if table in wanted and spec.name != wanted[table]:
             raise GptxError(f"--format {fmt}: {table} '{spec.name}' has no {name} equivalent ({name} needs "
                             f"{table} = '{wanted[table]}' with model.positional = '{m.positional.name}')")
+        if not reg.get(table.split(".")[1], spec.name).plugin.builtin:  # a plugin's class under a built-in's name
+            raise GptxError(f"--format {fmt}: {table} '{spec.name}' is {spec.cls.__module__}'s, not gptx's built-in, and "
+                            "declares no hf_equivalent")
     attention, block = m.attention.options, m.block.options
     gpt2 = arch == "GPT2LMHeadModel"
     refused = [
@@ -71,9 +93,8 @@ def layout_of(cfg, fmt: str = "hf") -> str:
     return arch
 
 
-def hf_config(ck, arch: str) -> dict:
-    """config.json for ``arch``, from the checkpoint's model config."""
-    m = ck.config.model
+def hf_config(ck, m, arch: str) -> dict:
+    """config.json for ``arch``, from ``m``: the checkpoint's model config as built-ins (``builtin_view``)."""
     eot = ck.tokenizer.eot_id
     common = {"architectures": [arch], "vocab_size": m.vocab_size, "bos_token_id": eot, "eos_token_id": eot,
               "tie_word_embeddings": m.tie_embeddings, "torch_dtype": "float32", "use_cache": True,
@@ -97,24 +118,24 @@ def _swiglu_hidden(model) -> int:
     return model.blocks[0].mlp.c_proj.weight.shape[1]
 
 
-def hf_weights(model, arch: str) -> dict:
-    """The model's tensors in ``arch``'s names; a tied head is stored once (transformers ties
-    lm_head to the embedding on load, as safetensors stores no shared tensors)."""
+def hf_weights(model, m, arch: str) -> dict:
+    """The model's tensors in ``arch``'s names (``m``: its config as built-ins); a tied head is
+    stored once (transformers ties lm_head to the embedding on load, as safetensors stores no
+    shared tensors)."""
     if arch == "GPT2LMHeadModel":
         from gptx.hf import to_hf_state_dict
 
-        state = to_hf_state_dict(model)
+        state = to_hf_state_dict(model, m)
     else:
-        state = _llama_state_dict(model)
-    if model.config.tie_embeddings:
+        state = _llama_state_dict(model, m)
+    if m.tie_embeddings:
         del state["lm_head.weight"]
     return {name: t.detach().float().contiguous().clone() for name, t in state.items()}
 
 
-def _llama_state_dict(model) -> dict:
+def _llama_state_dict(model, m) -> dict:
     """gptx's fused projections split into Llama's: c_attn [H*D + 2*K*D, C] -> q, k, v;
     the SwiGLU's c_fc [2*hidden, C] -> gate, up (gate first, as gptx chunks it)."""
-    m = model.config
     H, K, D = m.n_head, m.attention.options.n_kv_heads or m.n_head, m.head_dim
     ours = model.state_dict()
     out = {"model.embed_tokens.weight": ours["wte.weight"], "model.norm.weight": ours["ln_f.weight"],
@@ -133,13 +154,10 @@ def _llama_state_dict(model) -> dict:
 
 
 def check_tokenizer(ck) -> None:
-    from gptx.export.tokenizer_json import has_hf_files
-    from gptx.options import to_dict
+    from gptx.export.tokenizer_json import refusal
 
-    tok = ck.config.tokenizer
-    if not has_hf_files(tok.name, to_dict(tok.options)):
-        raise GptxError(f"--format hf: tokenizer '{tok.name}' has no Hugging Face tokenizer file yet "
-                        "(gpt2, char and byte have)")
+    if ck.tokenizer.tokenizer_json() is None:
+        raise GptxError(f"--format hf: {refusal(ck.config.tokenizer.name, 'transformers')}")
 
 
 def check_out_dir(out_dir: Path, force: bool, protected: list[Path]) -> None:
@@ -190,21 +208,20 @@ def export_hf(source, out_dir, force: bool = False, log: Callable[[str], None] =
 
     from gptx import checkpoint
     from gptx.export import tokenizer_json
-    from gptx.options import to_dict
 
     out_dir = Path(out_dir)
     check_out_dir(out_dir, force, [Path.cwd()])
     ck = checkpoint.load(source)
-    arch = layout_of(ck.config)
+    m = builtin_view(ck.model, ck.config.model)
+    arch = layout_of(m)
     check_tokenizer(ck)
     check_out_dir(out_dir, force, [Path.cwd(), ck.path])
     log(f"exporting {ck.path} ({ck.model.num_params():,} parameters) as a Hugging Face {arch} to {out_dir}")
 
     def fill(tmp: Path) -> None:
-        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config(ck, arch), indent=2))
-        save_file(hf_weights(ck.model, arch), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        tok = ck.config.tokenizer
-        tokenizer_json.write_hf(tmp, tok.name, to_dict(tok.options), ck.tokenizer.state(), ck.config.model.block_size)
+        (tmp / CONFIG_FILE).write_text(json.dumps(hf_config(ck, m, arch), indent=2))
+        save_file(hf_weights(ck.model, m, arch), str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
+        tokenizer_json.write(tmp, ck.tokenizer, m.block_size)
 
     write_folder(out_dir, fill)
     log(f"wrote {out_dir}: {', '.join(FILES)} (load with transformers.AutoModelForCausalLM.from_pretrained)")

@@ -44,11 +44,10 @@ class TokenizerFacts:
     class_path: str  # "module:QualName", the file's "class"
     vocab_size: int
     sha256: str
-    gpt2_bpe: bool
 
     def to_dict(self) -> dict:
         return {"kind": self.kind, "options": self.options, "state": self.state, "class": self.class_path,
-                "vocab_size": self.vocab_size, "sha256": self.sha256, "gpt2_bpe": self.gpt2_bpe}
+                "vocab_size": self.vocab_size, "sha256": self.sha256}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,15 +123,13 @@ class ExportManifest:
 
 def describe(ck, cache: list[dict], opset: int, quantization: Optional[str]) -> Description:
     """The ``Description`` of exporting checkpoint ``ck`` (``cache``: its layers' cache layout)."""
-    from gptx.export.tokenizer_json import is_gpt2_bpe
-
     cfg, tok, m = ck.config, ck.tokenizer, ck.model
     options = cfg.tokenizer.to_dict()
     kind = options.pop("kind")
     state = tok.state()
     tokenizer = TokenizerFacts(
         kind=kind, options=options, state=state, class_path=f"{type(tok).__module__}:{type(tok).__qualname__}",
-        vocab_size=tok.vocab_size, sha256=tokenizer_hash(kind, options, state), gpt2_bpe=is_gpt2_bpe(kind, options),
+        vocab_size=tok.vocab_size, sha256=tokenizer_hash(kind, options, state),
     )
     special = {} if tok.eot_id is None else {"eot": {"id": int(tok.eot_id), "text": tok.decode([tok.eot_id])}}
     model = ModelFacts(

@@ -257,7 +257,7 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
         # the decoding the quantization is compared on, and genai's, follow the verified graph's cache sharing
         described = description.to_dict(graph.report.shared_buffer)
         quantization_report = _quantize(quantize, tmp / MODEL_FILE, tmp, described, log) if quantize else None
-        files = [MODEL_FILE, META_FILE, *_runtime_files(tmp, description, described, log)]
+        files = [MODEL_FILE, META_FILE, *_runtime_files(tmp, ck.tokenizer, description, described, log)]
         manifest = ExportManifest(description, graph, quantization_report, files,
                                   total_seconds=round(time.perf_counter() - t_start, 2))
         _write_manifest(tmp, manifest)
@@ -273,15 +273,18 @@ def export_checkpoint(source, out_dir, opset: int = DEFAULT_OPSET, quantize: Opt
     return manifest.to_dict()
 
 
-def _runtime_files(tmp: Path, description, described: dict, log: Callable[[str], None]) -> list[str]:
-    """Write what other runtimes read beside the graph: tokenizer.json for GPT-2 BPE, and
-    genai_config.json when onnxruntime-genai can run the graph (``described``: the description
-    as genai reads it); returns the names written."""
+def _runtime_files(tmp: Path, tokenizer, description, described: dict, log: Callable[[str], None]) -> list[str]:
+    """Write what other runtimes read beside the graph: tokenizer.json where the tokenizer
+    describes itself as one, and genai_config.json when onnxruntime-genai can run the graph
+    (``described``: the description as genai reads it); returns the names written."""
     from gptx.export import GENAI_FILE
     from gptx.export import genai, tokenizer_json
 
-    tok = description.tokenizer
-    files = tokenizer_json.write(tmp, tok.kind, tok.options, description.model.context_length) or []
+    files = tokenizer_json.write(tmp, tokenizer, description.model.context_length)
+    if files is None:
+        files = []
+        log(f"no tokenizer.json: {tokenizer_json.refusal(description.tokenizer.kind, 'Node and the web page')}; "
+            "gptx generate runs the export")
     if genai.reads(described):
         (tmp / GENAI_FILE).write_text(json.dumps(genai.genai_config(described), indent=2))
         files.append(GENAI_FILE)

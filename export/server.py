@@ -25,6 +25,7 @@ from typing import Optional
 
 from gptx.errors import GptxError
 from gptx.export import META_FILE, MODEL_FILE, TOKENIZER_FILE
+from gptx.export.tokenizer_json import refusal
 from gptx.fsutil import MAX_NAME_BYTES
 from gptx.numeric import int_or_none
 
@@ -128,14 +129,15 @@ def check_export(out_dir: Path) -> dict:
     if not (out_dir / MODEL_FILE).is_file():
         raise GptxError(f"{out_dir}: missing {MODEL_FILE}")
     tok = meta["tokenizer"]  # validated whole by read_meta
-    if tok["gpt2_bpe"]:
-        if not (out_dir / TOKENIZER_FILE).is_file():
-            raise GptxError(f"{out_dir}: missing {TOKENIZER_FILE} (the GPT-2 BPE tokenizer the page reads)")
-    elif tok["kind"] in ("char", "byte"):
+    # the page's choice, as gptx.mjs buildTokenizer makes it: char and byte in JavaScript (exact
+    # where @huggingface/tokenizers is not), any other tokenizer through its tokenizer.json
+    if tok["kind"] in ("char", "byte"):
         load_tokenizer(tok, out_dir / META_FILE)  # its state checked by the tokenizer's schema, as the page will read it
+    elif TOKENIZER_FILE in (meta.get("files") or []) or tok.get("gpt2_bpe"):
+        if not (out_dir / TOKENIZER_FILE).is_file():
+            raise GptxError(f"{out_dir}: missing {TOKENIZER_FILE} (the tokenizer the page reads)")
     else:
-        raise GptxError(f"{out_dir / META_FILE}: tokenizer '{tok['kind']}' has no JavaScript implementation "
-                        "(the page runs GPT-2 BPE, char and byte)")
+        raise GptxError(f"{out_dir / META_FILE}: {refusal(tok['kind'], 'the web page')}")
     return meta
 
 

@@ -261,6 +261,41 @@ def _npm_install(npm: str, prefix: Path, package_json: Path, env) -> None:
     assert r.returncode == 0, f"npm install failed:\n{r.stdout}\n{r.stderr}"
 
 
+def node_example_modules(request, tmp_path_factory) -> Path:
+    """The Node example's packages (export/node/package.json: onnxruntime-node, CPU binaries only, and
+    @huggingface/tokenizers), installed once into pytest's cache directory (.pytest_cache,
+    git-ignored), or into the test's temporary directory when the cache is disabled."""
+    import shutil
+    from importlib import resources
+
+    if shutil.which("node") is None or shutil.which("npm") is None:
+        missing_tool("Node.js (node and npm) is not installed: the Node example cannot be run here")
+    cache = getattr(request.config, "cache", None)
+    root = Path(cache.mkdir("gptx-node")) if cache is not None else tmp_path_factory.mktemp("gptx-node")
+    package_json = Path(str(resources.files("gptx.export") / "node" / "package.json"))
+    return npm_install_pinned(root, package_json, env={"ONNXRUNTIME_NODE_INSTALL": "skip"})  # no CUDA download
+
+
+def node_example(node_modules: Path, out: Path, prompts, n: int) -> subprocess.CompletedProcess:
+    """``node generate.js OUT --prompt P ... --max-new-tokens N``, finished."""
+    from importlib import resources
+
+    script = resources.files("gptx.export") / "node" / "generate.js"
+    args = ["node", str(script), str(out), "--max-new-tokens", str(n)]
+    for p in prompts:
+        args += ["--prompt", p]
+    return subprocess.run(args, capture_output=True, text=True, timeout=120, env=dict(os.environ, NODE_PATH=str(node_modules)))
+
+
+def run_node(node_modules: Path, out: Path, prompts, n: int) -> list[dict]:
+    """The Node example's JSON rows for ``prompts`` (greedy, ``n`` new tokens); it must succeed."""
+    import json
+
+    r = node_example(node_modules, out, prompts, n)
+    assert r.returncode == 0, r.stderr
+    return [json.loads(line) for line in r.stdout.strip().splitlines()]
+
+
 class WebServer:
     """A real ``gptx web`` process on 127.0.0.1 and a free port, stopped by its pid."""
 

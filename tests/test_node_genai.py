@@ -11,7 +11,7 @@ import pytest
 
 from gptx.export.runtime import OnnxGenerator
 from gptx.sampling import Sampler
-from helpers import missing_tool, npm_install_pinned, once, wandering_export
+from helpers import node_example_modules, once, run_node, wandering_export
 
 pytestmark = pytest.mark.slow
 
@@ -34,25 +34,7 @@ def python_greedy(out: Path, prompts, n: int):
 
 @pytest.fixture(scope="module")
 def node_modules(request, tmp_path_factory):
-    """The Node example's packages (export/node/package.json: onnxruntime-node, CPU binaries only, and
-    @huggingface/tokenizers), installed once into pytest's cache directory (.pytest_cache,
-    git-ignored), or into the test's temporary directory when the cache is disabled."""
-    if shutil.which("node") is None or shutil.which("npm") is None:
-        missing_tool("Node.js (node and npm) is not installed: the Node example cannot be run here")
-    cache = getattr(request.config, "cache", None)
-    root = Path(cache.mkdir("gptx-node")) if cache is not None else tmp_path_factory.mktemp("gptx-node")
-    package_json = Path(str(resources.files("gptx.export") / "node" / "package.json"))
-    return npm_install_pinned(root, package_json, env={"ONNXRUNTIME_NODE_INSTALL": "skip"})  # no CUDA download
-
-
-def run_node(node_modules, out, prompts, n):
-    script = resources.files("gptx.export") / "node" / "generate.js"
-    args = ["node", str(script), str(out), "--max-new-tokens", str(n)]
-    for p in prompts:
-        args += ["--prompt", p]
-    r = subprocess.run(args, capture_output=True, text=True, timeout=120, env=dict(os.environ, NODE_PATH=str(node_modules)))
-    assert r.returncode == 0, r.stderr
-    return [json.loads(line) for line in r.stdout.strip().splitlines()]
+    return node_example_modules(request, tmp_path_factory)
 
 
 @pytest.mark.xdist_group("node")

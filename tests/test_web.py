@@ -182,9 +182,13 @@ def test_bad_export_directories_are_one_line(tmp_path, out_dir, node_modules):
         tok = meta["tokenizer"] | {"kind": kind, "options": options, "state": state, "sha256": tokenizer_hash(kind, options, state)}
         (bad / "gptx_export.json").write_text(json.dumps(meta | {"tokenizer": tok | more}))
 
+    meta["files"] = [f for f in meta["files"] if f != "tokenizer.json"]  # what an export of such a tokenizer lists
     with_tokenizer("tiktoken", {"encoding": "cl100k_base"}, {})
-    one_line_error(gptx("web", bad), "tokenizer 'tiktoken' has no JavaScript implementation")
-    with_tokenizer("gpt2", {}, {}, gpt2_bpe=True)
+    one_line_error(gptx("web", bad), "tokenizer 'tiktoken' has no tokenizer.json, which the web page needs")
+    with_tokenizer("gpt2", {}, {}, gpt2_bpe=True)  # an export made before files listed tokenizer.json
+    one_line_error(gptx("web", bad), "missing tokenizer.json")
+    meta["files"].append("tokenizer.json")
+    with_tokenizer("hf", {}, {})  # any tokenizer whose export lists one
     one_line_error(gptx("web", bad), "missing tokenizer.json")
     with_tokenizer("char", {}, {}, **{"class": "gptx.plugins.tokenizers:CharTokenizer"})
     one_line_error(gptx("web", bad), "tokenizer.state.chars: missing")

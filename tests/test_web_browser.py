@@ -208,3 +208,52 @@ def test_page_reports_bad_settings(page, gpt2_site, query, message):
     assert row["status"] == "error" and message in row["error"], row
     assert message in page.inner_text("#status")
     assert page.is_enabled("#go")  # the model is loaded: the form still works
+
+
+TRAVEL_PROMPTS = ["ROMEO: hello there, world", "<|endoftext|>  x\u0085y \ufeffz", "naïve café 🙂 İstanbul ΣΑΣ"]
+
+
+@pytest.fixture(scope="session")
+def travel_site(tmp_path_factory, web_cache):
+    """An export of the travel plugin's ``letters`` tokenizer (its own tokenizer.json); the plugin
+    is installed for this process's reference ids, not for the server, which needs none."""
+    import sys
+
+    from gptx import registry as registry_mod
+    from helpers import install_plugin_packages
+
+    site = install_plugin_packages(tmp_path_factory.mktemp("plugins"), ["gptx-travel-plugin"])
+    sys.path.insert(0, str(site))
+    registry_mod.use(None)
+    try:
+        out = wandering_export(tmp_path_factory.mktemp("letters"), "letters", seed=3)
+        gen, want = python_greedy(out, TRAVEL_PROMPTS, 12)
+        prompt_ids = [gen.tokenizer.encode(p) for p in TRAVEL_PROMPTS]
+    finally:
+        sys.path.remove(str(site))
+        registry_mod.use(None)
+    for s in serve(out, web_cache):
+        yield s, prompt_ids, want
+
+
+@pytest.fixture(scope="session")
+def hf_kind_site(tmp_path_factory, web_cache):
+    import json
+
+    shipped = Path(__file__).resolve().parents[1] / "experiments" / "data" / "tokenizer.json"
+    state = {"tokenizer_json": json.loads(shipped.read_text(encoding="utf-8"))}
+    yield from serve(wandering_export(tmp_path_factory.mktemp("hf"), "hf", seed=3, state=state), web_cache)
+
+
+def test_page_runs_any_tokenizer_json_with_pythons_ids(page, hf_kind_site, travel_site):
+    """The hf kind and a third-party tokenizer reach the browser through their tokenizer.json."""
+    gen, want = python_greedy(site_dir(hf_kind_site), TRAVEL_PROMPTS, 12)
+    site, prompt_ids, plugin_want = travel_site
+    for server, ids, expected in [(hf_kind_site, [gen.tokenizer.encode(p) for p in TRAVEL_PROMPTS], want),
+                                  (site, prompt_ids, plugin_want)]:
+        rows = [open_page(page, server, prompt=TRAVEL_PROMPTS[0], max_new_tokens=12, temperature=0)]
+        rows += [submit_form(page, p, max_new_tokens=12, temperature=0) for p in TRAVEL_PROMPTS[1:]]
+        for prompt, row, want_prompt, want_ids in zip(TRAVEL_PROMPTS, rows, ids, expected):
+            assert row["status"] == "done", row["error"]
+            assert row["result"]["prompt_ids"] == want_prompt, prompt
+            assert row["result"]["ids"] == want_ids, prompt

@@ -122,7 +122,7 @@ function status(text, kind = "") {
 }
 
 function showModel(m) {
-  const tok = m.meta.tokenizer.gpt2_bpe ? "GPT-2 BPE" : `${m.meta.tokenizer.kind} tokenizer`;
+  const tok = m.meta.tokenizer.kind === "gpt2" || m.meta.tokenizer.gpt2_bpe ? "GPT-2 BPE" : `${m.meta.tokenizer.kind} tokenizer`;
   const { n_layer, n_embd, vocab_size, context_length, parameters } = m.meta.model;
   const chips = [`${n_layer} layers × ${n_embd}`, parameters ? `${(parameters / 1e6).toFixed(1)} M params` : null,
     `vocab ${vocab_size.toLocaleString("en")}`, `context ${context_length}`, tok,

@@ -77,24 +77,30 @@ export function ioNames(nLayer, layout) {
 
 // ---- tokenizers ------------------------------------------------------------------------------------
 
-// GPT-2's pre-tokenizer pattern (tiktoken's r50k). @huggingface/tokenizers 0.2's ByteLevel pre-tokenizer
-// runs it as a JavaScript RegExp, whose \s takes U+FEFF and misses U+0085 (tiktoken and the Rust library
-// split otherwise); its Split pre-tokenizer translates \s to Unicode White_Space as they do. So the same
-// split runs as Split + ByteLevel without its regex: the ids then equal tiktoken's gpt2 exactly.
+// The ByteLevel pre-tokenizer's regex is GPT-2's (tiktoken's r50k) whatever the vocabulary.
+// @huggingface/tokenizers 0.2 runs it as a JavaScript RegExp, whose \s takes U+FEFF and misses U+0085
+// (tiktoken and the Rust library split otherwise); its Split pre-tokenizer translates \s to Unicode
+// White_Space as they do. So the same split runs as Split + ByteLevel without its regex: the ids then
+// equal the Rust library's (and tiktoken's gpt2) exactly. Only without a prefix space: ByteLevel would
+// add one to every piece of the split.
 const GPT2_SPLIT = "'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)|\\s+";
 
-function splitByteLevelRegex(tokenizerJson) {
-  const pre = tokenizerJson.pre_tokenizer;
-  if (!pre || pre.type !== "ByteLevel" || pre.use_regex === false) return tokenizerJson;
+function splitByteLevelRegex(pre) {
+  if (!pre) return pre;
+  if (pre.type === "Sequence") return { ...pre, pretokenizers: (pre.pretokenizers || []).map(splitByteLevelRegex) };
+  if (pre.type !== "ByteLevel" || pre.use_regex === false || pre.add_prefix_space) return pre;
   const split = { type: "Split", pattern: { Regex: GPT2_SPLIT }, behavior: "Isolated", invert: false };
-  return { ...tokenizerJson, pre_tokenizer: { type: "Sequence", pretokenizers: [split, { ...pre, use_regex: false }] } };
+  return { type: "Sequence", pretokenizers: [split, { ...pre, use_regex: false }] };
 }
 
-function gpt2Tokenizer(Tokenizer, tokenizerJson, tokenizerConfig) {
-  const tok = new Tokenizer(splitByteLevelRegex(tokenizerJson), tokenizerConfig);
+// Any tokenizer.json an export carries (Tokenizer.tokenizer_json in gptx): encode without added
+// special tokens and decode without clean-up, as gptx's Python does.
+function hfTokenizer(Tokenizer, tokenizerJson, tokenizerConfig) {
+  const described = { ...tokenizerJson, pre_tokenizer: splitByteLevelRegex(tokenizerJson.pre_tokenizer) };
+  const tok = new Tokenizer(described, tokenizerConfig);
   return {
-    encode: (text) => tok.encode(text).ids, // <|endoftext|> written in the text is one token, as in gptx
-    decode: (ids) => tok.decode(ids),
+    encode: (text) => tok.encode(text, { add_special_tokens: false }).ids, // <|endoftext|> written in the text is one token, as in gptx
+    decode: (ids) => (ids.length ? tok.decode(ids, { clean_up_tokenization_spaces: false }) : ""), // the library refuses []
   };
 }
 
@@ -129,14 +135,16 @@ function byteTokenizer() {
 
 export async function buildTokenizer(meta, { Tokenizer, readJson }) {
   const info = meta.tokenizer || {};
-  if (info.gpt2_bpe) {
-    const files = meta.files || [];
-    const config = files.includes("tokenizer_config.json") ? await readJson("tokenizer_config.json") : {};
-    return gpt2Tokenizer(Tokenizer, await readJson("tokenizer.json"), config);
-  }
+  // char and byte in JavaScript: exact where the library is not (a character outside the char
+  // vocabulary is an error, as in gptx); any other tokenizer through its tokenizer.json
   if (info.kind === "char" && Array.isArray(info.state?.chars)) return charTokenizer(info.state.chars);
   if (info.kind === "byte") return byteTokenizer();
-  throw new Error(`tokenizer '${info.kind}' has no JavaScript implementation (GPT-2 BPE, char and byte do)`);
+  const files = meta.files || [];
+  if (files.includes("tokenizer.json") || info.gpt2_bpe) { // gpt2_bpe: exports made before files listed it
+    const config = files.includes("tokenizer_config.json") ? await readJson("tokenizer_config.json") : {};
+    return hfTokenizer(Tokenizer, await readJson("tokenizer.json"), config);
+  }
+  throw new Error(`tokenizer '${info.kind}' has no tokenizer.json, which JavaScript needs (its Tokenizer.tokenizer_json() gives none)`);
 }
 
 // ---- sampling ----------------------------------------------------------------------------------------

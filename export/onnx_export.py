@@ -4,8 +4,9 @@ One graph serves the prompt and every decoding step: the past may be empty (P = 
 tokens may be one or many. Inputs and outputs follow the contract in ``gptx.export``:
 
     input_ids [B, T] int64, attention_mask [B, P+T] int64, position_ids [B, T] int64,
-    past_key_values.N.key / .value [B, K, P, D] float32
-    -> logits [B, T, V] float32, present.N.key / .value [B, K, P+T, D] float32
+    past_key_values.N.<name> (each tensor the attention's cache_layout declares, in its dtype;
+    default key / value [B, K, P, D] float32)
+    -> logits [B, T, V] float32, present.N.<name> (the same, P+T entries along its sequence axis)
 """
 from __future__ import annotations
 
@@ -286,8 +287,8 @@ def _runtime_files(tmp: Path, description, described: dict, log: Callable[[str],
         (tmp / GENAI_FILE).write_text(json.dumps(genai.genai_config(described), indent=2))
         files.append(GENAI_FILE)
     else:
-        log(f"no {GENAI_FILE}: onnxruntime-genai reads key/value caches [B, K, P, D] only; this model caches "
-            + ", ".join(f"{c['name']} {c['dims']}" for c in description.cache))
+        log(f"no {GENAI_FILE}: onnxruntime-genai reads float32 key/value caches [B, K, P, D] only; this model caches "
+            + ", ".join(f"{c['name']} {c['dtype']} {c['dims']}" for c in description.cache))
     return files
 
 
@@ -319,13 +320,18 @@ def _export_verified(model, path: Path, opset: int, log: Callable[[str], None]):
 
     t0 = time.perf_counter()
     exported = report = None
-    if any(ONNX_FUSED_ATTENTION in type(m).supports for m in model.modules() if isinstance(m, Attention)):
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    if any(ONNX_FUSED_ATTENTION in m.supports for m in attentions):
         exported, report = _fused_attention_graph(model, path, opset, log)
+    elif any(ONNX_FUSED_ATTENTION in type(m).supports for m in attentions):  # its options rule the fused op out
+        log(f"plain attention: {type(attentions[0]).__name__} with these options does not export onnxruntime's fused "
+            "attention (e.g. an int8 KV cache, which GroupQueryAttention cannot keep)")
     if exported is None:
         exported = _plain_graph(model, path, opset, log)
     report = _fuse_and_verify(model, exported.proto, path, log, report)
     cases = ", ".join(f"{k} {v:.2e}" for k, v in report.cases.items())
-    log(f"verified against PyTorch: max abs diff {report.max_abs_diff:.2e} in {report.worst} ({cases})")
+    codes = "" if report.max_code_diff is None else f"; quantised cache codes within {report.max_code_diff}"
+    log(f"verified against PyTorch: max abs diff {report.max_abs_diff:.2e} in {report.worst} ({cases}){codes}")
     return VerifiedGraph(exported.seconds, report, round(time.perf_counter() - t0, 2))
 
 

@@ -2,6 +2,7 @@
 KV-cache options) and the GPT-Lite einsum attention."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from typing import Literal, Optional
@@ -76,6 +77,22 @@ def append_int8(past: Optional[Cache], k: torch.Tensor, v: torch.Tensor):
     k = torch.cat([dequantize(pk, pks, k.dtype), k], dim=2)  # [B, K, P+T, D]
     v = torch.cat([dequantize(pv, pvs, v.dtype), v], dim=2)  # [B, K, P+T, D]
     return present, k, v
+
+
+def with_kv_cache(model, kv_cache: str):
+    """``model`` (a GPT with the causal attention) rebuilt to store its KV cache as ``kv_cache``,
+    the same weights (the cache format adds no parameters), in eval mode: one checkpoint decoded
+    with either cache (``gptx eval --kv-cache``, ``gptx bench``'s torch-kv8 backend)."""
+    from gptx.errors import GptxError
+    from gptx.model import GPT
+
+    cfg = copy.deepcopy(model.config)
+    if cfg.attention.name != "causal":
+        raise GptxError(f"kv_cache is an option of the 'causal' attention; this model's attention is '{cfg.attention.name}'")
+    cfg.attention.options = dataclasses.replace(cfg.attention.options, kv_cache=kv_cache)
+    rebuilt = GPT(cfg).to(model.wte.weight.device, model.wte.weight.dtype)
+    rebuilt.load_state_dict(model.state_dict())
+    return rebuilt.eval()
 
 
 class _HeadsMixin:

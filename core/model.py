@@ -162,7 +162,7 @@ class GPT(nn.Module):
         total = 0
         for layout in self.cache_layouts():
             for t in layout:
-                element = (dtype if t.dtype.is_floating_point else t.dtype).itemsize
+                element = t.stored_as(dtype).itemsize
                 total += element * math.prod(d for d in t.dims if isinstance(d, int))
         return total
 
@@ -175,7 +175,7 @@ class GPT(nn.Module):
         device, dtype = device or p.device, dtype or p.dtype
         caches = []
         for layout in self.cache_layouts():
-            kinds = [dtype if t.dtype.is_floating_point else t.dtype for t in layout]
+            kinds = [t.stored_as(dtype) for t in layout]
             if capacity:
                 buffers = [t.empty(batch, capacity, device, k) for t, k in zip(layout, kinds)]
                 caches.append(CacheBuffer(buffers, [t.seq_axis for t in layout], 0))

@@ -68,7 +68,7 @@ def export_cache(model) -> list[dict]:
                         f"({[t.name for t in layouts[0]]} and others); the export needs one layout for every layer")
     symbolic = {components.BATCH: BATCH, components.SEQ: PAST}
     return [{"name": t.name, "dims": [symbolic.get(d, d) for d in t.dims], "seq_axis": t.seq_axis,
-             "dtype": str(t.dtype).removeprefix("torch.")} for t in layouts[0]]
+             "dtype": str(t.stored_as(torch.float32)).removeprefix("torch.")} for t in layouts[0]]  # the graph is fp32
 
 
 def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, metadata: Optional[dict] = None,
@@ -86,7 +86,7 @@ def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, metadata: Optiona
     ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
     mask = torch.ones(B, P + T, dtype=torch.int64)
     pos = torch.arange(P, P + T).expand(B, T).contiguous()
-    past = [tuple(t.empty(B, P) for t in layout) for _ in range(L)]  # each as its attention declares
+    past = [tuple(t.empty(B, P, dtype=t.stored_as(torch.float32)) for t in layout) for _ in range(L)]  # as declared, floats fp32
     limit = max(cfg.block_size, 4)
     batch = torch.export.Dim(BATCH, min=1, max=4096)
     seq = torch.export.Dim(SEQ, min=1, max=limit)
@@ -323,9 +323,11 @@ def _export_verified(model, path: Path, opset: int, log: Callable[[str], None]):
     attentions = [m for m in model.modules() if isinstance(m, Attention)]
     if any(ONNX_FUSED_ATTENTION in m.supports for m in attentions):
         exported, report = _fused_attention_graph(model, path, opset, log)
-    elif any(ONNX_FUSED_ATTENTION in type(m).supports for m in attentions):  # its options rule the fused op out
-        log(f"plain attention: {type(attentions[0]).__name__} with these options does not export onnxruntime's fused "
-            "attention (e.g. an int8 KV cache, which GroupQueryAttention cannot keep)")
+    else:
+        narrowed = [m for m in attentions if ONNX_FUSED_ATTENTION in type(m).supports]  # its options rule the op out
+        if narrowed:
+            log(f"plain attention: {type(narrowed[0]).__name__} with these options does not export onnxruntime's "
+                "fused attention (e.g. an int8 KV cache, which GroupQueryAttention cannot keep)")
     if exported is None:
         exported = _plain_graph(model, path, opset, log)
     report = _fuse_and_verify(model, exported.proto, path, log, report)

@@ -46,10 +46,11 @@ def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     symmetric absmax scale per head and position. Per token, not per channel (KIVI's keys), because
     a streaming cache appends one token at a time: a token's scale is final when it is written, and
     no group of earlier tokens has to be held in float and re-quantised."""
-    amax = x.abs().amax(dim=-1, keepdim=True)  # [B, K, T, 1]
-    scale = amax.clamp(min=torch.finfo(x.dtype).tiny) / INT8_MAX  # [B, K, T, 1]; an all-zero vector gives codes 0
-    codes = torch.round(x / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)  # [B, K, T, D]
-    return codes, scale
+    x32 = x.float()  # in bf16, x / scale would round to 3 significant digits before the code does
+    amax = x32.abs().amax(dim=-1, keepdim=True)  # [B, K, T, 1]
+    scale = amax.clamp(min=torch.finfo(torch.float32).tiny) / INT8_MAX  # [B, K, T, 1]; an all-zero vector gives codes 0
+    codes = torch.round(x32 / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)  # [B, K, T, D]
+    return codes, scale.to(x.dtype)  # the scale in the model's dtype, as the cache declares floats
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -99,6 +99,16 @@ def test_onnxruntime_generates_pytorchs_int8_greedy_ids(int8_export):
         assert gen.generate(prompts, n, Sampler(temperature=0)).ids == want
 
 
+def test_eval_reads_an_int8_export_and_refuses_to_recache_it(int8_export, tmp_path):
+    out, _ = int8_export
+    text = tmp_path / "t.txt"
+    text.write_text("To be, or not to be, that is the question. " * 4, encoding="utf-8")
+    r = gptx("eval", out, "--data", text, "--json")  # an empty past of the declared dtypes
+    assert r.returncode == 0 and json.loads(r.stdout)["tokens"] > 100, r.stderr
+    r = gptx("eval", out, "--data", text, "--kv-cache", "int8")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "--kv-cache" in r.stderr, r.stderr
+
+
 def test_a_bad_kv_cache_value_is_one_line(tmp_path):
     exp = write_experiment(tmp_path / "e.toml")
     r = gptx("validate", exp, "--set", "model.attention.kv_cache=int4")

@@ -15,7 +15,9 @@ Sections (``--only``):
   does not make the products themselves faster.
 - ``generate``: batch 1, a fixed prompt (32 tokens), greedy, a fixed number of new tokens (128,
   no early stop): tokens/s, time to first token and peak memory (RSS growth while loading and
-  generating) for PyTorch with the KV cache, onnxruntime fp32, int8 and int4 on a ``gptx.export`` of the
+  generating) for PyTorch with the KV cache (float, and ``torch-kv8``: the causal attention's int8
+  cache on the same weights, with its cache bytes per token and layer against float32's; ``same``
+  says how long its greedy tokens agree), onnxruntime fp32, int8 and int4 on a ``gptx.export`` of the
   same weights, and, when installed, Hugging Face ``generate`` on the same weights and
   onnxruntime-genai on the same export (the peers).
 - ``busy`` (only with ``--only``): the train section's tokens/s quiet and beside ``--busy K``
@@ -40,9 +42,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from gptx.errors import GptxError
+from gptx.export import GENAI_FILE
 
 SECTIONS = ("peak", "train", "generate", "busy", "speedrun")  # busy and speedrun only when asked
-BACKENDS = ("torch", "ort", "ort-int8", "ort-int4", "hf", "genai")
+BACKENDS = ("torch", "torch-kv8", "ort", "ort-int8", "ort-int4", "hf", "genai")
 QUANTIZED = {"ort-int8": "int8", "ort-int4": "int4"}  # backend -> gptx export --quantize scheme
 MODEL_SIZES = {  # randomly initialised GPT-2-style models with GPT-2's BPE vocabulary
     "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 1024},
@@ -503,6 +506,10 @@ class _GenerateBench:
                 return str(err)
         if name == "genai" and self.cfg.tokenizer.name != "gpt2":
             return "onnxruntime-genai needs tokenizer.json (GPT-2 BPE exports only)"
+        if name == "genai" and not (self.export("fp32") / GENAI_FILE).is_file():
+            return "onnxruntime-genai reads float32 key/value caches only; this model declares another cache"
+        if name == "torch-kv8" and self.cfg.model.attention.name != "causal":
+            return f"the int8 KV cache is the causal attention's kv_cache option; this model's attention is '{self.cfg.model.attention.name}'"
         return None
 
     def loader(self, name: str) -> Callable[[], Callable[[list[int], int], list[int]]]:
@@ -512,7 +519,7 @@ class _GenerateBench:
             return lambda: self.load_ort(scheme)
         if name == "genai":
             self.export("fp32")
-        return getattr(self, f"load_{name}")
+        return getattr(self, f"load_{name.replace('-', '_')}")
 
     def export(self, scheme: str) -> Path:
         if scheme in self.onnx_dirs:
@@ -542,6 +549,23 @@ class _GenerateBench:
         from gptx.sampling import Sampler
 
         m = decoding_layout(ckpt.load(self.source).model.eval())
+        return lambda p, n: generate_ids(m, [p], n, Sampler(temperature=0), None).ids[0]
+
+    def load_torch_kv8(self):
+        """PyTorch decoding of the same weights with the causal attention's int8 KV cache; records
+        the cache's bytes per token and layer against float32's."""
+        from gptx import checkpoint as ckpt
+        from gptx.generate import decoding_layout, generate_ids
+        from gptx.plugins.attention import with_kv_cache
+        from gptx.sampling import Sampler
+
+        model = ckpt.load(self.source).model.float()
+        m = decoding_layout(with_kv_cache(model, "int8"))
+        float32, int8 = (with_kv_cache(model, "float").cache_bytes_per_token(), m.cache_bytes_per_token())
+        layers = model.config.n_layer
+        self.info["kv_cache"] = {"float32_bytes_per_token_per_layer": float32 // layers,
+                                 "int8_bytes_per_token_per_layer": int8 // layers, "saving": round(float32 / int8, 2)}
+        del model
         return lambda p, n: generate_ids(m, [p], n, Sampler(temperature=0), None).ids[0]
 
     def load_ort(self, scheme: str):
@@ -652,7 +676,7 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
         bench = _GenerateBench(source, cfg, work, prompt, threads, info, log)
         # the torch-based backends before the export work (torch.onnx export, int8 quantization) in
         # this process: one gpt2 run measured HF at 2 tok/s after it, 18 without (cause not isolated)
-        for name in ("torch", "hf", "ort", *QUANTIZED, "genai"):
+        for name in ("torch", "torch-kv8", "hf", "ort", *QUANTIZED, "genai"):
             if name not in backends:
                 continue
             reason = bench.skip_reason(name)
@@ -797,6 +821,11 @@ def table(result: dict) -> str:
                          f"{fmt(r['vs_genai'], '.2f'):>8} {fmt(r['same_tokens_as_torch'], 'd'):>5}")
         for name, why in g["skipped"].items():
             lines.append(f"  {name}: skipped ({why})")
+        if "kv_cache" in g:
+            c = g["kv_cache"]
+            lines.append(f"  torch-kv8: PyTorch with kv_cache = \"int8\": {c['int8_bytes_per_token_per_layer']:,} cache bytes per "
+                         f"token and layer (codes + scales) against float32's {c['float32_bytes_per_token_per_layer']:,} "
+                         f"({c['saving']}x smaller)")
         lines.append("  (same: greedy tokens identical to PyTorch's before the first difference)")
     if "busy" in result:
         lines += ["", busy_table(result["busy"])]

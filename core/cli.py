@@ -703,13 +703,18 @@ def prepare(source, out_dir, tokenizer_name, tokenizer_options, val_fraction, wo
 @click.option("--limit", default=None, metavar="N", help="With --harness: at most this many examples per task.")
 @click.option("--batch-size", "--batch", "batch", default=None, help="Windows (rows) per forward pass [default: by memory].")
 @click.option("--device", default="cpu", show_default=True, type=Device())
+@click.option("--kv-cache", "kv_cache", default=None, type=click.Choice(["float", "int8"]),
+              help="Score token by token through the causal attention's KV cache in this format, as decoding "
+                   "sees the text (int8: its quantised cache) [default: all positions at once, no cache].")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object.")
-def evaluate(source, data, task, stride, harness, include_path, num_fewshot, limit, batch, device, as_json):
+def evaluate(source, data, task, stride, harness, include_path, num_fewshot, limit, batch, device, kv_cache, as_json):
     """Evaluate SOURCE (a checkpoint or run directory, runs:/<id>, or an ONNX export directory,
     which runs on onnxruntime alone): --data FILE and/or --task FILE.jsonl. With runs:/<id> the
     results are also logged to that MLflow run as eval/<file>/<metric>. With --harness, lm-eval's
     tasks instead; SOURCE may then also be a `gptx export --format hf` folder (lm-eval's hf backend)."""
     batch = _number(batch, "--batch-size", int)
+    if harness is not None and kv_cache is not None:
+        fail("--kv-cache: applies to --data and --task; lm-eval's harness scores whole sequences")
     if harness is not None:
         _harness_eval(source, harness, (data, task, stride), include_path, _number(num_fewshot, "--num-fewshot", int),
                       _number(limit, "--limit", int), batch, device, as_json)
@@ -722,7 +727,7 @@ def evaluate(source, data, task, stride, harness, include_path, num_fewshot, lim
     from gptx.progress import StatusLine
 
     with StatusLine() as status:  # tokenizing a big --data file, long tasks
-        results = run_eval(source, data, task, _number(stride, "--stride", int), batch, device, status)
+        results = run_eval(source, data, task, _number(stride, "--stride", int), batch, device, status, kv_cache)
     if as_json:
         flat = {"source": source}
         for part in results.values():
@@ -761,7 +766,7 @@ def _harness_eval(source, harness, own_options, include_path, num_fewshot, limit
 @click.option("--model", "model_size", default="tiny", show_default=True, type=click.Choice(["tiny", "gpt2"]),
               help="Randomly initialised model for the generate section: tiny (4x128) or gpt2 (124M).")
 @click.option("--checkpoint", "checkpoint_dir", default=None, help="Generate with this checkpoint instead of a random model.")
-@click.option("--backends", default="torch,ort,ort-int8,ort-int4,hf,genai", show_default=True,
+@click.option("--backends", default="torch,torch-kv8,ort,ort-int8,ort-int4,hf,genai", show_default=True,
               help="Generation backends (hf and genai when installed).")
 @click.option("--prompt-tokens", default=32, show_default=True, type=BoundedInt(1, MAX_TOKENS))
 @click.option("--new-tokens", default=128, show_default=True, type=BoundedInt(1, MAX_TOKENS))

@@ -248,6 +248,11 @@ class CacheTensor:
     def seq_axis(self) -> int:
         return self.dims.index(SEQ)
 
+    def stored_as(self, float_dtype: torch.dtype) -> torch.dtype:
+        """The dtype the tensor is kept in: a floating-point declaration follows the model's
+        ``float_dtype`` (bf16 decoding, the fp32 export); any other (int8 codes) is kept as declared."""
+        return float_dtype if self.dtype.is_floating_point else self.dtype
+
     def empty(self, batch: int, length: int, device=None, dtype=None) -> torch.Tensor:
         """Zeros with ``length`` entries along the growing axis: [..., length, ...]."""
         shape = [batch if d == BATCH else length if d == SEQ else d for d in self.dims]

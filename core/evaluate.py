@@ -73,9 +73,10 @@ class OnnxScorer:
 
 
 class TorchScorer:
-    """Token losses from a checkpoint's model (PyTorch)."""
+    """Token losses from a checkpoint's model (PyTorch); with ``kv_cache`` ("float" or "int8", the
+    causal attention's cache), token by token through that KV cache, as decoding sees the text."""
 
-    def __init__(self, source: str, device: str = "cpu"):
+    def __init__(self, source: str, device: str = "cpu", kv_cache: Optional[str] = None):
         import torch
 
         from gptx import checkpoint
@@ -84,6 +85,15 @@ class TorchScorer:
         self.torch = torch
         torch.set_num_threads(choose_threads())  # the CPUs free now (gptx.threads)
         self.ck = checkpoint.load(source, device=device)
+        self.model = self.ck.model
+        if kv_cache is not None:
+            from gptx.plugins.attention import with_kv_cache
+
+            try:
+                self.model = with_kv_cache(self.model, kv_cache)
+            except GptxError as err:
+                raise GptxError(f"--kv-cache: {err}") from None
+        self.cached = kv_cache is not None
         self.tokenizer, self.context = self.ck.tokenizer, self.ck.config.model.block_size
         self.vocab_size = self.ck.config.model.vocab_size
         self.device, self.step = device, self.ck.meta.get("step")
@@ -92,16 +102,18 @@ class TorchScorer:
         keep_freed_memory(torch.device(device))  # each batch's [B, L, V] logits: reused, not faulted in again
 
     def logits(self, inputs: np.ndarray):
-        """inputs [B, L] int64 -> next-token logits [B, L, V], a float32 tensor on the model's device."""
+        """inputs [B, L] int64 -> next-token logits [B, L, V], a float32 tensor on the model's device
+        (through the KV cache, token by token, when one was chosen)."""
         torch = self.torch
         with torch.no_grad():
-            return self.ck.model(torch.from_numpy(inputs).to(self.device))[0].float()  # [B, L, V]
+            x = torch.from_numpy(inputs).to(self.device)  # [B, L]
+            return (self._cached_logits(x) if self.cached else self.model(x)[0]).float()  # [B, L, V]
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampler, stop=None):
         """gptx.generate.generate_ids: KV cache, stops at end-of-text or ``stop``."""
         from gptx.generate import generate_ids
 
-        return generate_ids(self.ck.model, prompts, max_new_tokens, sampler, self.tokenizer.eot_id,
+        return generate_ids(self.model, prompts, max_new_tokens, sampler, self.tokenizer.eot_id,
                             self.tokenizer.vocab_size, stop)
 
     def token_losses(self, inputs: np.ndarray, targets: np.ndarray) -> np.ndarray:
@@ -113,14 +125,25 @@ class TorchScorer:
             losses = torch.nn.functional.cross_entropy(logits.transpose(1, 2), y, reduction="none")  # [B, L]
         return losses.double().cpu().numpy()
 
+    def _cached_logits(self, x):
+        """x [B, L] -> logits [B, L, V], one token per call over the KV cache of the ones before."""
+        past = self.model.empty_cache(x.shape[0], capacity=x.shape[1])
+        out = []
+        for t in range(x.shape[1]):
+            logits, past = self.model(x[:, t:t + 1], past_key_values=past)  # [B, 1, V]
+            out.append(logits)
+        return self.torch.cat(out, dim=1)  # [B, L, V]
 
-def open_scorer(source: str, device: str = "cpu"):
+
+def open_scorer(source: str, device: str = "cpu", kv_cache: Optional[str] = None):
     """An ONNX export directory -> OnnxScorer (no torch); anything else is a checkpoint source."""
     if not str(source).startswith("runs:/") and (Path(source) / "model.onnx").is_file():
         if device != "cpu":
             raise GptxError(f"--device: an ONNX export is evaluated on onnxruntime's CPU provider, got {device}")
+        if kv_cache is not None:
+            raise GptxError("--kv-cache: scores a checkpoint token by token; an ONNX export's cache format is fixed at export")
         return OnnxScorer(Path(source))
-    return TorchScorer(source, device)
+    return TorchScorer(source, device, kv_cache)
 
 
 def rows_per_batch(scorer, length: int, requested: Optional[int]) -> int:
@@ -285,9 +308,10 @@ def evaluate_task(scorer, path: Path, progress=None) -> dict:
 # ---- the command ---------------------------------------------------------------------------
 
 def evaluate(source: str, data: Optional[str] = None, task: Optional[str] = None, stride: Optional[int] = None,
-             batch: Optional[int] = None, device: str = "cpu", progress=None) -> dict:
+             batch: Optional[int] = None, device: str = "cpu", progress=None, kv_cache: Optional[str] = None) -> dict:
     """Evaluate ``source`` on a text and/or a multiple-choice task; with an MLflow source
-    (``runs:/<id>``) the results are logged to that run as ``eval/<file stem>/<metric>``."""
+    (``runs:/<id>``) the results are logged to that run as ``eval/<file stem>/<metric>``.
+    ``kv_cache``: score token by token through the causal attention's cache in that format."""
     if data is None and task is None:
         raise GptxError("give --data FILE (loss, perplexity, bits per byte) and/or --task FILE.jsonl (accuracy)")
     for option, path in (("--data", data), ("--task", task)):
@@ -297,7 +321,7 @@ def evaluate(source: str, data: Optional[str] = None, task: Optional[str] = None
         raise GptxError(f"--stride: must be at least 1, got {stride}")
     if batch is not None and batch < 1:
         raise GptxError(f"--batch-size: must be at least 1, got {batch}")
-    scorer = open_scorer(source, device)
+    scorer = open_scorer(source, device, kv_cache)
     rows_per_batch(scorer, scorer.context, batch)  # a batch that cannot fit fails before any tokenizing
     results: dict = {}
     if data is not None:

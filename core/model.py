@@ -9,6 +9,7 @@ The model owns the one loss every path trains and evaluates with: ``model(x, tar
 """
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Optional
 
 import torch
@@ -153,6 +154,18 @@ class GPT(nn.Module):
     def cache_layouts(self) -> list:
         return [block.cache_layout() for block in self.blocks]
 
+    def cache_bytes_per_token(self, dtype=None) -> int:
+        """Bytes the cache holds per token (one row), all layers together: each declared tensor's
+        fixed sizes times its element size, floating-point tensors in the model's dtype (or
+        ``dtype``) as ``empty_cache`` makes them."""
+        dtype = dtype or self.wte.weight.dtype
+        total = 0
+        for layout in self.cache_layouts():
+            for t in layout:
+                element = t.stored_as(dtype).itemsize
+                total += element * math.prod(d for d in t.dims if isinstance(d, int))
+        return total
+
     def empty_cache(self, batch: int, device=None, dtype=None, capacity: int = 0) -> list[Cache]:
         """A zero-length past for every layer, as each layer's attention declares it; with
         ``capacity``, CacheBuffers that later tokens are written into in place (up to that many).
@@ -162,7 +175,7 @@ class GPT(nn.Module):
         device, dtype = device or p.device, dtype or p.dtype
         caches = []
         for layout in self.cache_layouts():
-            kinds = [dtype if t.dtype.is_floating_point else t.dtype for t in layout]
+            kinds = [t.stored_as(dtype) for t in layout]
             if capacity:
                 buffers = [t.empty(batch, capacity, device, k) for t, k in zip(layout, kinds)]
                 caches.append(CacheBuffer(buffers, [t.seq_axis for t in layout], 0))

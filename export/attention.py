@@ -22,7 +22,8 @@ only what padding rows hold: a left-padding query attends to itself in gptx's to
 to its (masked) keys here, so logits and presents at padding positions are unspecified; no real
 token ever reads them. Verification compares real positions only.
 
-An attention opts in by declaring ``ONNX_FUSED_ATTENTION`` in ``supports`` and calling
+An attention opts in by declaring ``ONNX_FUSED_ATTENTION`` in ``supports`` (its class's, or its
+own when its options rule the op out) and calling
 ``fused_attention`` from its ``forward`` under ``torch.onnx.is_in_onnx_export()`` when
 ``enabled(self, positional)``. The export turns fusion on with ``fusing(model)`` around its
 trace: an attribute on each of that model's attention modules, removed after, so a plain
@@ -69,14 +70,15 @@ def requested(attention) -> bool:
 
 def enabled(attention, positional: PositionalEncoding) -> bool:
     """Whether ``attention`` should emit the fused op in the trace under way: the exporter asked
-    this module for it (``requested``), the attention class declares ONNX_FUSED_ATTENTION, it is
+    this module for it (``requested``), the attention declares ONNX_FUSED_ATTENTION (an instance may
+narrow its class's ``supports``: the causal attention's int8 cache, which the fused op cannot keep), it is
     not training (dropout), and the positional encoding adds no score bias (onnxruntime's ops
     would need it as a tensor). ``torch.compiler.is_exporting``, not ``torch.onnx.is_in_onnx_export``:
     torch.onnx.export captures with torch.export, non-strict then strict, and under the strict
     capture the latter reads False, which silently re-captured a fused branch that had failed as
     the plain attention (its error lost)."""
     return (requested(attention) and torch.compiler.is_exporting()
-            and ONNX_FUSED_ATTENTION in type(attention).supports
+            and ONNX_FUSED_ATTENTION in attention.supports
             and not attention.training
             and type(positional).score_bias is PositionalEncoding.score_bias)
 

@@ -4,8 +4,9 @@ One graph serves the prompt and every decoding step: the past may be empty (P = 
 tokens may be one or many. Inputs and outputs follow the contract in ``gptx.export``:
 
     input_ids [B, T] int64, attention_mask [B, P+T] int64, position_ids [B, T] int64,
-    past_key_values.N.key / .value [B, K, P, D] float32
-    -> logits [B, T, V] float32, present.N.key / .value [B, K, P+T, D] float32
+    past_key_values.N.<name> (each tensor the attention's cache_layout declares, in its dtype;
+    default key / value [B, K, P, D] float32)
+    -> logits [B, T, V] float32, present.N.<name> (the same, P+T entries along its sequence axis)
 """
 from __future__ import annotations
 
@@ -67,7 +68,7 @@ def export_cache(model) -> list[dict]:
                         f"({[t.name for t in layouts[0]]} and others); the export needs one layout for every layer")
     symbolic = {components.BATCH: BATCH, components.SEQ: PAST}
     return [{"name": t.name, "dims": [symbolic.get(d, d) for d in t.dims], "seq_axis": t.seq_axis,
-             "dtype": str(t.dtype).removeprefix("torch.")} for t in layouts[0]]
+             "dtype": str(t.stored_as(torch.float32)).removeprefix("torch.")} for t in layouts[0]]  # the graph is fp32
 
 
 def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, metadata: Optional[dict] = None,
@@ -85,7 +86,7 @@ def export_onnx(model, path: Path, opset: int = DEFAULT_OPSET, metadata: Optiona
     ids = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
     mask = torch.ones(B, P + T, dtype=torch.int64)
     pos = torch.arange(P, P + T).expand(B, T).contiguous()
-    past = [tuple(t.empty(B, P) for t in layout) for _ in range(L)]  # each as its attention declares
+    past = [tuple(t.empty(B, P, dtype=t.stored_as(torch.float32)) for t in layout) for _ in range(L)]  # as declared, floats fp32
     limit = max(cfg.block_size, 4)
     batch = torch.export.Dim(BATCH, min=1, max=4096)
     seq = torch.export.Dim(SEQ, min=1, max=limit)
@@ -289,8 +290,8 @@ def _runtime_files(tmp: Path, tokenizer, description, described: dict, log: Call
         (tmp / GENAI_FILE).write_text(json.dumps(genai.genai_config(described), indent=2))
         files.append(GENAI_FILE)
     else:
-        log(f"no {GENAI_FILE}: onnxruntime-genai reads key/value caches [B, K, P, D] only; this model caches "
-            + ", ".join(f"{c['name']} {c['dims']}" for c in description.cache))
+        log(f"no {GENAI_FILE}: onnxruntime-genai reads float32 key/value caches [B, K, P, D] only; this model caches "
+            + ", ".join(f"{c['name']} {c['dtype']} {c['dims']}" for c in description.cache))
     return files
 
 
@@ -322,13 +323,20 @@ def _export_verified(model, path: Path, opset: int, log: Callable[[str], None]):
 
     t0 = time.perf_counter()
     exported = report = None
-    if any(ONNX_FUSED_ATTENTION in type(m).supports for m in model.modules() if isinstance(m, Attention)):
+    attentions = [m for m in model.modules() if isinstance(m, Attention)]
+    if any(ONNX_FUSED_ATTENTION in m.supports for m in attentions):
         exported, report = _fused_attention_graph(model, path, opset, log)
+    else:
+        narrowed = [m for m in attentions if ONNX_FUSED_ATTENTION in type(m).supports]  # its options rule the op out
+        if narrowed:
+            log(f"plain attention: {type(narrowed[0]).__name__} with these options does not export onnxruntime's "
+                "fused attention (e.g. an int8 KV cache, which GroupQueryAttention cannot keep)")
     if exported is None:
         exported = _plain_graph(model, path, opset, log)
     report = _fuse_and_verify(model, exported.proto, path, log, report)
     cases = ", ".join(f"{k} {v:.2e}" for k, v in report.cases.items())
-    log(f"verified against PyTorch: max abs diff {report.max_abs_diff:.2e} in {report.worst} ({cases})")
+    codes = "" if report.max_code_diff is None else f"; quantised cache codes within {report.max_code_diff}"
+    log(f"verified against PyTorch: max abs diff {report.max_abs_diff:.2e} in {report.worst} ({cases}){codes}")
     return VerifiedGraph(exported.seconds, report, round(time.perf_counter() - t0, 2))
 
 

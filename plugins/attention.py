@@ -1,18 +1,19 @@
-"""Attention: GPT-2's causal multi-head attention (with grouped-query and sliding-window
-options) and the GPT-Lite einsum attention."""
+"""Attention: GPT-2's causal multi-head attention (with grouped-query, sliding-window and int8
+KV-cache options) and the GPT-Lite einsum attention."""
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import gptx
-from gptx.components import (DEFAULT_SUPPORTS, KV, ONNX_FUSED_ATTENTION, Attention, AttentionOutput, append_kv,
-                             attention_allowed, slot_indices)
+from gptx.components import (BATCH, DEFAULT_SUPPORTS, KV, ONNX_FUSED_ATTENTION, SEQ, Attention, AttentionOutput, Cache,
+                             CacheTensor, append_cache, append_kv, attention_allowed, slot_indices)
 from gptx.export import attention as onnx_attention
 
 
@@ -27,6 +28,72 @@ class AttentionOptions:
             raise ValueError(("n_kv_heads", f"must be at least 1, got {self.n_kv_heads}"))
         if self.window is not None and self.window < 1:
             raise ValueError(("window", f"must be at least 1, got {self.window}"))
+
+
+@dataclasses.dataclass(frozen=True)
+class CausalAttentionOptions(AttentionOptions):
+    # "int8": keys and values cached as int8 with one absmax scale per token and head (the
+    # per-token scheme of KIVI's values, Liu et al. 2024, applied to keys too); the tokens of the
+    # current call attend over their exact keys and values, so training and a prefill are unchanged
+    kv_cache: Literal["float", "int8"] = "float"
+
+
+INT8_MAX = 127  # symmetric codes -127..127: -128 is never produced, so negation is exact
+
+
+def quantize_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [B, K, T, D] -> (codes int8 [B, K, T, D], scale [B, K, T, 1]) with x ~ codes * scale: one
+    symmetric absmax scale per head and position. Per token, not per channel (KIVI's keys), because
+    a streaming cache appends one token at a time: a token's scale is final when it is written, and
+    no group of earlier tokens has to be held in float and re-quantised."""
+    x32 = x.float()  # in bf16, x / scale would round to 3 significant digits before the code does
+    amax = x32.abs().amax(dim=-1, keepdim=True)  # [B, K, T, 1]
+    scale = amax.clamp(min=torch.finfo(torch.float32).tiny) / INT8_MAX  # [B, K, T, 1]; an all-zero vector gives codes 0
+    codes = torch.round(x32 / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)  # [B, K, T, D]
+    return codes, scale.to(x.dtype)  # the scale in the model's dtype, as the cache declares floats
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """codes int8 [B, K, P, D] and scale [B, K, P, 1] -> [B, K, P, D] in ``dtype``."""
+    return codes.to(dtype) * scale.to(dtype)  # [B, K, P, D]
+
+
+def int8_layout(kv_heads: int, head_dim: int) -> tuple[CacheTensor, ...]:
+    """The int8 cache: key and value codes [B, K, S, D] int8, then their scales [B, K, S, 1]."""
+    codes = (BATCH, kv_heads, SEQ, head_dim)
+    scales = (BATCH, kv_heads, SEQ, 1)
+    return (CacheTensor("key", codes, torch.int8), CacheTensor("value", codes, torch.int8),
+            CacheTensor("key_scale", scales), CacheTensor("value_scale", scales))
+
+
+def append_int8(past: Optional[Cache], k: torch.Tensor, v: torch.Tensor):
+    """The int8 cache extended by the new keys and values k, v [B, K, T, D], and the keys and values
+    to attend over [B, K, P+T, D]: the past's dequantised, then the new tokens' exact ones."""
+    k_codes, k_scale = quantize_per_token(k)  # [B, K, T, D] int8, [B, K, T, 1]
+    v_codes, v_scale = quantize_per_token(v)  # [B, K, T, D] int8, [B, K, T, 1]
+    present = append_cache(past, (k_codes, v_codes, k_scale, v_scale), (2, 2, 2, 2))
+    if past is None:
+        return present, k, v
+    pk, pv, pks, pvs = past  # the P cached entries (views that the append above leaves unchanged)
+    k = torch.cat([dequantize(pk, pks, k.dtype), k], dim=2)  # [B, K, P+T, D]
+    v = torch.cat([dequantize(pv, pvs, v.dtype), v], dim=2)  # [B, K, P+T, D]
+    return present, k, v
+
+
+def with_kv_cache(model, kv_cache: str):
+    """``model`` (a GPT with the causal attention) rebuilt to store its KV cache as ``kv_cache``,
+    the same weights (the cache format adds no parameters), in eval mode: one checkpoint decoded
+    with either cache (``gptx eval --kv-cache``, ``gptx bench``'s torch-kv8 backend)."""
+    from gptx.errors import GptxError
+    from gptx.model import GPT
+
+    cfg = copy.deepcopy(model.config)
+    if cfg.attention.name != "causal":
+        raise GptxError(f"kv_cache is an option of the 'causal' attention; this model's attention is '{cfg.attention.name}'")
+    cfg.attention.options = dataclasses.replace(cfg.attention.options, kv_cache=kv_cache)
+    rebuilt = GPT(cfg).to(model.wte.weight.device, model.wte.weight.dtype)
+    rebuilt.load_state_dict(model.state_dict())
+    return rebuilt.eval()
 
 
 class _HeadsMixin:
@@ -68,12 +135,16 @@ class _HeadsMixin:
 
 class CausalSelfAttention(_HeadsMixin, Attention):
     """GPT-2 attention on ``scaled_dot_product_attention`` (flash/efficient kernels when unmasked).
-    Exports as onnxruntime's fused attention op when it has no sliding window."""
+    Exports as onnxruntime's fused attention op when it has no sliding window and a float cache.
+    ``kv_cache = "int8"`` stores the cache as int8 codes and per-token scales (``append_int8``)."""
 
+    Options = CausalAttentionOptions
     supports = DEFAULT_SUPPORTS | {ONNX_FUSED_ATTENTION}
 
-    def __init__(self, config, options: AttentionOptions):
+    def __init__(self, config, options: CausalAttentionOptions):
         super().__init__(config, options)
+        if options.kv_cache != "float":  # onnxruntime's GroupQueryAttention keeps a float cache
+            self.supports = DEFAULT_SUPPORTS
         self.n_head, self.head_dim = config.n_head, config.head_dim
         self.n_kv = options.n_kv_heads or config.n_head
         self.c_attn = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv) * self.head_dim, bias=config.bias)
@@ -94,8 +165,7 @@ class CausalSelfAttention(_HeadsMixin, Attention):
             y, present = onnx_attention.fused_attention(q, k, v, past, attention_mask)  # [B, T, C], cache
             return AttentionOutput(self.resid_dropout(self.c_proj(y)), present)  # [B, T, C], cache
         past_len = None if past is None else past[0].shape[2]
-        present = append_kv(past, k, v)  # ([B, K, S, D], [B, K, S, D])
-        k, v = present
+        present, k, v = self._cached(past, k, v)  # the declared cache; k, v [B, K, S, D]
         if K != H:  # grouped-query: each key/value head serves H // K query heads
             k = k.repeat_interleave(H // K, dim=1)  # [B, H, S, D]
             v = v.repeat_interleave(H // K, dim=1)  # [B, H, S, D]
@@ -103,7 +173,19 @@ class CausalSelfAttention(_HeadsMixin, Attention):
         p = self.config.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=mask is None)  # [B, H, T, D]
         y = y.transpose(1, 2).reshape(B, T, C)  # [B, T, C]
-        return AttentionOutput(self.resid_dropout(self.c_proj(y)), present)  # [B, T, C], ([B, K, S, D], [B, K, S, D])
+        return AttentionOutput(self.resid_dropout(self.c_proj(y)), present)  # [B, T, C], the declared cache
+
+    def cache_layout(self) -> tuple[CacheTensor, ...]:
+        if self.options.kv_cache == "int8":
+            return int8_layout(self.n_kv, self.head_dim)
+        return super().cache_layout()
+
+    def _cached(self, past: Optional[Cache], k: torch.Tensor, v: torch.Tensor):
+        """The present cache and the keys and values to attend over, each [B, K, S, D]."""
+        if self.options.kv_cache == "int8":
+            return append_int8(past, k, v)
+        present = append_kv(past, k, v)  # ([B, K, S, D], [B, K, S, D])
+        return (present, *present)
 
 
 class EinsumAttention(_HeadsMixin, Attention):

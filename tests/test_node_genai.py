@@ -88,6 +88,17 @@ def test_node_example_reads_the_cache_declaration(node_modules, gpt2_out, tmp_pa
 
 
 @pytest.mark.xdist_group("node")
+def test_node_example_decodes_an_int8_cache(node_modules, tmp_path):
+    """The causal attention's int8 KV cache: Node creates the empty pasts as the declared dtypes
+    (Int8Array codes, Float32Array scales) and feeds each present back; past the 96-token context too."""
+    out = wandering_export(tmp_path, "byte", seed=7, attention={"kind": "causal", "kv_cache": "int8"})
+    assert {c["dtype"] for c in json.loads((out / "gptx_export.json").read_text())["cache"]} == {"int8", "float32"}
+    prompts = ["To be, or not to be", "Ay", "The quick brown fox jumps over the lazy dog. " * 2]
+    want, _ = python_greedy(out, prompts, 30)
+    assert [r["ids"] for r in run_node(node_modules, out, prompts, 30)] == want
+
+
+@pytest.mark.xdist_group("node")
 def test_node_example_generates_past_the_context_as_python_does(node_modules, gpt2_out):
     """Prompts near and beyond the 96-token context and 24 new tokens: nanoGPT's crop, in Node
     as in gptx's Python generators (a prompt keeps its last 95 tokens, then the window slides)."""

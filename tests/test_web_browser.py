@@ -70,6 +70,13 @@ def byte_site(tmp_path_factory, web_cache):
     yield from serve(once("byte-6", lambda: wandering_export(tmp_path_factory.mktemp("byte"), "byte", seed=6)), web_cache)
 
 
+@pytest.fixture(scope="session")
+def int8_site(tmp_path_factory, web_cache):
+    out = once("byte-7-int8", lambda: wandering_export(tmp_path_factory.mktemp("int8"), "byte", seed=7,
+                                                       attention={"kind": "causal", "kv_cache": "int8"}))
+    yield from serve(out, web_cache)
+
+
 @pytest.fixture
 def page(browser):
     p = browser.new_page(viewport={"width": 1000, "height": 720})
@@ -153,6 +160,15 @@ def test_page_generates_pythons_greedy_tokens_with_a_byte_tokenizer(page, byte_s
     assert [r["result"]["prompt_ids"] for r in rows] == [gen.tokenizer.encode(p) for p in BYTE_PROMPTS]
     assert [r["result"]["ids"] for r in rows] == want
     assert [r["result"]["text"] for r in rows] == [gen.tokenizer.decode(ids) for ids in want]
+
+
+def test_page_decodes_an_int8_cache_as_python_does(page, int8_site):
+    """The causal attention's int8 KV cache: the page makes its empty pasts in the declared dtypes."""
+    gen, want = python_greedy(site_dir(int8_site), BYTE_PROMPTS, 24)
+    assert gen.cache[0]["dtype"] == "int8"
+    rows = [open_page(page, int8_site, prompt=p, max_new_tokens=24, temperature=0) for p in BYTE_PROMPTS]
+    assert [r["status"] for r in rows] == ["done"] * 2, [r["error"] for r in rows]
+    assert [r["result"]["ids"] for r in rows] == want
 
 
 def test_page_streams_the_text_as_it_is_generated(page, byte_site):

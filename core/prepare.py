@@ -408,8 +408,16 @@ class Meter:
         return s
 
 
+def require_eot(source: Source, tokenizer, name: str) -> None:
+    """Each jsonl document starts with the end-of-text token (``encode_task``): refuse a tokenizer
+    without one on one line, before any worker would fail on ``None``. ``name`` names it to the user."""
+    if source.jsonl and tokenizer.eot_id is None:
+        raise GptxError(f"{source.path}: {name} has no end-of-text token to separate jsonl documents")
+
+
 def token_stream(source: Source, tokenizer, workers: int, meter: Meter) -> Iterator[np.ndarray]:
     """The source's ids in order, as arrays of the shard dtype; checks every id is in the vocabulary."""
+    require_eot(source, tokenizer, f"tokenizer {type(tokenizer).__name__}")  # the text dataset reaches here directly
     vocab = tokenizer.vocab_size
     dtype = shards.token_dtype(vocab)
     piece_chars = piece_chars_for(tokenizer)
@@ -554,8 +562,7 @@ def prepare(source_path: str | os.PathLike, out_dir: str | os.PathLike, kind: st
     check_out_dir(out, force, protected)
     source = Source(source_file)
     workers = args.workers or default_workers(source)
-    if source.jsonl and tokenizer.eot_id is None:
-        raise GptxError(f"{source.path}: --tokenizer {kind} has no end-of-text token to separate jsonl documents")
+    require_eot(source, tokenizer, f"--tokenizer {kind}")  # before fitting a tokenizer that learns
     if tokenizer.requires_fit and not tokenizer.state():
         fit(tokenizer, source, progress)
     remove_stale_siblings(out)  # earlier prepares into out that were killed

@@ -86,14 +86,15 @@ class TokenArrayDataset(Dataset):
         self.splits: dict[str, TokenSplit] = {}
         self.generator = torch.Generator().manual_seed(self.seed)
 
-    def check_splits(self, key: str) -> None:
-        """Every split must hold at least one window (block_size + 1 tokens in one array)."""
+    def check_splits(self, key: str, split_option: str = "val_fraction") -> None:
+        """Every split must hold at least one window (block_size + 1 tokens in one array); the
+        message blames ``key`` and suggests another ``split_option`` (the option that splits)."""
         for split, data in self.splits.items():
             if data.longest <= self.block_size:
                 where = "its longest shard has" if len(data.arrays) > 1 else "has"
                 raise ConfigError(
                     f"the {SPLIT_NAMES[split]} split {where} {data.longest} tokens, fewer than block_size + 1 = "
-                    f"{self.block_size + 1}; use more data, a smaller model.block_size or another val_fraction", key)
+                    f"{self.block_size + 1}; use more data, a smaller model.block_size or another {split_option}", key)
 
     def batch(self, count, rows=None):
         positions = self.splits["train"].draw(count, self.generator)  # [count], the same on every rank

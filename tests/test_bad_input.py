@@ -558,6 +558,12 @@ def prepare_jsonl_with_char_tokenizer(d, art):
     return ["prepare", d / "docs.jsonl", "-o", d / "out", "--tokenizer", "char"]
 
 
+@case("data.path", "docs.jsonl: tokenizer ByteTokenizer has no end-of-text token to separate jsonl documents")
+def run_jsonl_with_byte_tokenizer(d, art):  # the text dataset's cache tokenizes through the same stream
+    (d / "docs.jsonl").write_text('{"text": "a"}\n')
+    return ["run", experiment(d, data=d / "docs.jsonl", replace={'kind = "char"': 'kind = "byte"'})]
+
+
 @case("--tokenizer: unknown tokenizer 'gtp2' (did you mean 'gpt2'?)")
 def prepare_unknown_tokenizer(d, art):
     return ["prepare", data_file(d, b"hello\n"), "-o", d / "out", "--tokenizer", "gtp2"]

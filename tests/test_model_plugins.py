@@ -1,6 +1,7 @@
 """The model side extended from outside, for real: pip installs tests/plugin_packages/gptx-model-plugin
-(block ``rezero``, ffn ``sigmoid_moe``, attention ``token_major`` with its own [B, S, 2, K, D] cache)
-and the real CLI, in subprocesses, checks, trains, exports and decodes with them."""
+(blocks ``rezero`` and ``layerscale``, whose attention is ``self.mixer``; ffn ``sigmoid_moe``; attention
+``token_major`` with its own [B, S, 2, K, D] cache) and the real CLI, in subprocesses, checks, trains,
+exports and decodes with them."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "experiments" / "data" / "tinyshakespeare.txt"
-NAMES = ["rezero", "sigmoid_moe", "token_major"]
+NAMES = ["rezero", "layerscale", "sigmoid_moe", "token_major"]
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def test_check_plugin_passes_every_contract_of_the_model_plugin(site, tmp_path):
     assert not [r for r in results if r["status"] == "fail"], results
     passed = {(r["name"], r["check"]) for r in results if r["status"] == "pass"}
     # the token-major cache decodes and exports: the export follows the attention's declaration
-    assert {("token_major", "ONNX export"), ("sigmoid_moe", "ONNX export"), ("rezero", "ONNX export")} <= passed
+    assert {(n, "ONNX export") for n in NAMES} <= passed
 
 
 def test_a_model_of_plugin_parts_trains_exports_and_decodes_its_own_cache_on_onnxruntime(site, tmp_path):
@@ -99,6 +100,115 @@ def test_a_model_of_plugin_parts_trains_exports_and_decodes_its_own_cache_on_onn
         return [json.loads(line)["ids"] for line in r.stdout.splitlines()]
 
     assert greedy(out) == greedy(ckpt)
+
+
+def tiny_experiment(path: Path, model: str, training: str = "", tracking: str = "enabled = false") -> Path:
+    """A 2-layer, 32-wide char-level experiment with the [model.*] tables in ``model``."""
+    path.write_text(textwrap.dedent(f"""
+        [model]
+        n_layer = 2
+        n_head = 4
+        n_embd = 32
+        block_size = 32
+        [tokenizer]
+        kind = "char"
+        [data]
+        path = {json.dumps(str(DATA))}
+        [training]
+        batch_size = 4
+        max_steps = 10
+        eval_interval = 10
+        eval_steps = 2
+        log_interval = 5
+        sample_tokens = 0
+        final_eval_tokens = 0
+        threads = 1
+        [tracking]
+        """) + tracking + "\n" + textwrap.dedent(model) + textwrap.dedent(training))
+    return path
+
+
+# every prompt's greedy ids with the cache (prompts of different lengths: a left-padded batch) and
+# recomputed from scratch each token, one prompt at a time; run where the plugin is installed
+CACHED_AND_UNCACHED = """
+import json, sys
+import torch
+from gptx import checkpoint
+from gptx.generate import generate_ids
+from gptx.sampling import Sampler
+
+ck = checkpoint.load(sys.argv[1])
+model = ck.model.eval()
+assert type(model.blocks[0]).__name__ == "LayerScaleBlock" and not hasattr(model.blocks[0], "attn")
+prompts = [ck.tokenizer.encode(p) for p in ("ROMEO:", "O", "First Citizen")]
+new = 20
+cached = generate_ids(model, prompts, new, Sampler(temperature=0), None).ids
+uncached = []
+with torch.no_grad():
+    for ids in prompts:
+        full = list(ids)
+        for _ in range(new):
+            full.append(int(model(torch.tensor([full]))[0][0, -1].argmax()))  # logits [1, T, V]
+        uncached.append(full[len(ids):])
+print(json.dumps({"cached": cached, "uncached": uncached}))
+"""
+
+
+def built_in_aux_names() -> set[str]:
+    """The aux names the built-in sequential block gives a 2-layer model of the same MoE."""
+    import torch
+
+    from gptx.config import from_dict
+    from gptx.model import GPT
+
+    cfg = from_dict({"model": {"n_layer": 2, "n_head": 4, "n_embd": 32, "block_size": 32, "vocab_size": 65,
+                               "ffn": {"kind": "moe", "n_experts": 4, "top_k": 2}}})
+    ids = torch.randint(0, 65, (2, 9))
+    out = GPT(cfg.model).train()(ids[:, :-1], targets=ids[:, 1:])
+    return set(out.aux) | set(out.metrics)
+
+
+def test_a_block_with_its_own_attention_name_decodes_exports_and_logs_aux_as_the_built_ins(site, tmp_path, mlflow_sqlite):
+    """layerscale keeps its attention in self.mixer and merges its parts' Aux: cached decoding
+    equals recomputation, the ONNX export decodes the same greedy ids, and the MoE's aux metrics
+    reach MLflow and metrics.jsonl under the built-in blocks' names."""
+    from mlflow.tracking import MlflowClient
+
+    exp = tiny_experiment(tmp_path / "layerscale.toml", """
+        [model.block]
+        kind = "layerscale"
+        [model.ffn]
+        kind = "sigmoid_moe"
+        n_experts = 4
+        top_k = 2
+        """, tracking=f"enabled = true\nuri = {json.dumps(mlflow_sqlite)}")
+    run = gptx(site, "run", exp, "--quiet", cwd=tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    ckpt = next(line.split(":", 1)[1].strip() for line in run.stdout.splitlines() if line.startswith("checkpoint:"))
+
+    names = built_in_aux_names()
+    assert "aux/layer0.ffn/load_balance" in names and "aux/layer1.ffn/expert_load.3" in names
+    run_dir = Path(ckpt).parents[1]
+    logged = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert {k for r in logged for k in r if k.startswith("aux/")} == names
+    run_id = json.loads((run_dir / "run.json").read_text())["mlflow_run_id"]
+    in_mlflow = set(MlflowClient(mlflow_sqlite).get_run(run_id).data.metrics)
+    assert {k for k in in_mlflow if k.startswith("aux/")} == names
+
+    env = dict(os.environ, **plugin_env(site, load="model"))
+    decoded = subprocess.run([sys.executable, "-c", CACHED_AND_UNCACHED, ckpt], capture_output=True, text=True,
+                             env=env, cwd=tmp_path, timeout=300)
+    assert decoded.returncode == 0, decoded.stderr[-2000:]
+    ids = json.loads(decoded.stdout)
+    assert ids["cached"] == ids["uncached"]
+
+    out = tmp_path / "export"
+    export = gptx(site, "export", ckpt, "-o", out, cwd=tmp_path)
+    assert export.returncode == 0, export.stdout[-2000:] + export.stderr[-2000:]
+    onnx = gptx(site, "generate", out, "--prompt", "ROMEO:", "--prompt", "O", "--prompt", "First Citizen",
+                "--temperature", "0", "--max-new-tokens", "20", "--json", cwd=tmp_path)
+    assert onnx.returncode == 0, onnx.stderr
+    assert [json.loads(line)["ids"] for line in onnx.stdout.splitlines()] == ids["cached"]
 
 
 def test_a_component_initialises_its_own_weights_after_gpt2s_and_touches_nothing_else():

@@ -4,6 +4,9 @@
   each branch scaled by a learned scalar that starts at 0, so every layer starts as the identity.
 - ffn ``sigmoid_moe``: a mixture of experts with DeepSeek-V3's sigmoid gating, built on the
   built-in ``moe`` (its load-balancing loss and metrics come along).
+- block ``layerscale``: CaiT's LayerScale (Touvron et al. 2021): pre-norm, each branch scaled
+  per channel by a learned vector that starts small. Its attention is ``self.mixer``, not
+  ``self.attn``: the model finds a block's attention by type.
 - attention ``token_major``: GPT-2's attention with its own cache layout, one [B, S, 2, K, D]
   tensor, declared through ``cache_layout()``.
 """
@@ -16,6 +19,7 @@ from torch import nn
 
 import gptx
 from gptx.components import AttentionOutput, Aux, Block, BlockOutput, FeedForwardOutput
+from gptx.options import option
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,9 +47,35 @@ class ReZeroBlock(Block):
         return BlockOutput(x + self.gates[1] * m.y, a.present, Aux.merged(attn=a.aux, ffn=m.aux))  # x [B, T, C]
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerScaleOptions:
+    init: float = option(0.1, low=0, high=1)  # the per-channel scales' initial value (CaiT: 0.1 to 1e-6 by depth)
+
+
+class LayerScaleBlock(Block):
+    """x = x + s1 * mixer(norm(x)); x = x + s2 * ffn(norm(x)), s1 and s2 learned [C] vectors."""
+
+    Options = LayerScaleOptions
+
+    def __init__(self, config, options, layer):
+        super().__init__(config, options, layer)
+        # attribute names of our own: nothing in gptx reads block.attn (Block.attention() finds it by type)
+        self.mixer, self.ffn = self.make_attention(), self.make_ffn()
+        self.mixer_norm, self.ffn_norm = self.make_norm(), self.make_norm()
+        self.scales = nn.Parameter(torch.full((2, config.n_embd), float(options.init)))  # [2, C]: mixer, ffn
+
+    def forward(self, x, positions, positional, past, attention_mask):
+        a = AttentionOutput.of(self.mixer(self.mixer_norm(x), positions, positional, past, attention_mask), self.mixer)
+        x = x + self.scales[0] * a.y  # [B, T, C]
+        m = FeedForwardOutput.of(self.ffn(self.ffn_norm(x)), self.ffn)  # y [B, T, C]
+        # the parts' aux under the built-ins' part names: logged as aux/layer<i>.attn/... and .ffn/...
+        return BlockOutput(x + self.scales[1] * m.y, a.present, Aux.merged(attn=a.aux, ffn=m.aux))  # x [B, T, C]
+
+
 @gptx.hookimpl
 def register_block(register):
     register("rezero", ReZeroBlock)
+    register("layerscale", LayerScaleBlock)
 
 
 # ---- a mixture-of-experts variant: sigmoid gating ------------------------------------------------

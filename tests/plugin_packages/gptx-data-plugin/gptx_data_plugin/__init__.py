@@ -1,0 +1,1 @@
+"""Example gptx dataset plugin (see plugin.py)."""

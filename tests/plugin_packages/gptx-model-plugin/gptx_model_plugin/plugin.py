@@ -9,6 +9,8 @@
   ``self.attn``: the model finds a block's attention by type.
 - attention ``token_major``: GPT-2's attention with its own cache layout, one [B, S, 2, K, D]
   tensor, declared through ``cache_layout()``.
+- attention ``int8_values``: GPT-2's attention with a quantised cache of its own: keys kept in
+  float, values as int8 codes with one absmax scale per token and head.
 """
 from __future__ import annotations
 
@@ -99,7 +101,8 @@ class SigmoidMoE(MoE):
 
 # ---- an attention with its own cache layout: token-major ------------------------------------------
 
-from gptx.components import BATCH, DEFAULT_SUPPORTS, SEQ, CacheTensor, append_cache  # noqa: E402
+from gptx.components import (BATCH, DEFAULT_SUPPORTS, SEQ, CacheTensor, append_cache, attention_allowed,  # noqa: E402
+                             slot_indices)
 from gptx.plugins.attention import CausalSelfAttention  # noqa: E402
 
 
@@ -136,6 +139,71 @@ class TokenMajorAttention(CausalSelfAttention):
         return AttentionOutput(self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C))), present)  # [B, T, C]
 
 
+# ---- an attention with a quantised cache of its own: int8 values -----------------------------------
+# Written from docs/plugins.md alone: the Attention interface, CacheTensor with an integer dtype,
+# append_cache, slot_indices and attention_allowed. The quantisation is its own few lines.
+
+import torch.nn.functional as F  # noqa: E402
+
+from gptx.components import Attention  # noqa: E402
+
+VALUE_MAX = 127  # symmetric codes -127..127, so a code's negation is a code too
+
+
+def quantize_values(v):
+    """v [B, K, T, D] -> (codes int8 [B, K, T, D], scale [B, K, T, 1]), v ~ codes * scale. Per token:
+    a token's scale is final when it is appended, so nothing earlier is re-quantised."""
+    v32 = v.float()  # [B, K, T, D]; dividing in bf16 would round before the code does
+    scale = v32.abs().amax(dim=-1, keepdim=True).clamp(min=1e-30) / VALUE_MAX  # [B, K, T, 1]; zeros stay finite
+    codes = torch.round(v32 / scale).clamp(-VALUE_MAX, VALUE_MAX).to(torch.int8)  # [B, K, T, D]
+    return codes, scale.to(v.dtype)
+
+
+class Int8ValuesAttention(Attention):
+    """Causal multi-head attention whose cache keeps keys in float (attention scores are the most
+    sensitive to key error, KIVI's observation) and values as int8 codes plus per-token scales:
+    about 0.6x the float cache. The new tokens attend over their exact values; only what is stored
+    is quantised, so training and a prefill are plain attention."""
+
+    def __init__(self, config, options):
+        super().__init__(config, options)
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def cache_layout(self):
+        heads = ("batch", self.n_head, "seq", self.head_dim)
+        return (CacheTensor("key", heads),  # float: the model's dtype
+                CacheTensor("value", heads, torch.int8),
+                CacheTensor("value_scale", ("batch", self.n_head, "seq", 1), torch.float32))
+
+    def forward(self, x, positions, positional, past=None, attention_mask=None):
+        B, T, C = x.shape
+        H, D = self.n_head, self.head_dim
+        q, k, v = (t.view(B, T, H, D).transpose(1, 2) for t in self.c_attn(x).split(C, dim=2))  # [B, H, T, D] x3
+        q, k = positional.rotate(q, k, positions)
+        codes, scale = quantize_values(v)  # [B, H, T, D] int8, [B, H, T, 1]
+        past_len = 0 if past is None else past[0].shape[2]
+        present = append_cache(past, (k, codes, scale), (2, 2, 2))  # key [B, H, S, D], value codes, scales
+        keys = present[0]  # [B, H, S, D]: the past's exact keys and the new ones
+        values = v if past is None else torch.cat([past[1].to(v.dtype) * past[2].to(v.dtype), v], dim=2)  # [B, H, S, D]
+        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=self._mask(positional, past_len, T, x, attention_mask),
+                                           dropout_p=self.config.dropout if self.training else 0.0)  # [B, H, T, D]
+        return AttentionOutput(self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(B, T, C))), present)  # [B, T, C]
+
+    @staticmethod
+    def _mask(positional, past_len, T, x, attention_mask):
+        """From slot indices (never is_causal: with a past it aligns top-left): bool [B|1, 1, T, S],
+        or, with a positional score bias, additive float [B|1, H, T, S]."""
+        q_index, k_index = slot_indices(past_len, T, x.device)  # [T], [S]
+        allowed = attention_allowed(q_index, k_index, attention_mask)  # [B|1, 1, T, S]
+        bias = positional.score_bias(q_index, k_index)  # [H, T, S] or None
+        if bias is None:
+            return allowed
+        return bias.to(x.dtype)[None].masked_fill(~allowed, float("-inf"))  # [B|1, H, T, S]
+
+
 @gptx.hookimpl
 def register_ffn(register):
     register("sigmoid_moe", SigmoidMoE)
@@ -144,3 +212,4 @@ def register_ffn(register):
 @gptx.hookimpl
 def register_attention(register):
     register("token_major", TokenMajorAttention)
+    register("int8_values", Int8ValuesAttention)

@@ -1,7 +1,7 @@
 """A quantised cache written by a third party, for real: pip installs tests/plugin_packages/gptx-model-plugin,
 whose attention ``int8_values`` keeps float keys and int8 values with per-token scales (its own
 CacheTensor declarations), and the real CLI, in subprocesses, checks, trains and exports a model
-with it; PyTorch's cached decoding, Python onnxruntime and Node then give the same greedy ids."""
+with it; PyTorch's cached decoding, Python onnxruntime, Node and the browser then give the same greedy ids."""
 from __future__ import annotations
 
 import json
@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from helpers import install_plugin_packages, node_example_modules, plugin_env, run_node
+import test_web_browser as web
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "experiments" / "data" / "tinyshakespeare.txt"
@@ -145,3 +146,23 @@ def test_node_decodes_the_plugins_cache_as_pytorch_does(site, exported, node_mod
     and feeds each present back."""
     ckpt, out = exported
     assert [r["ids"] for r in run_node(node_modules, out, PROMPTS, NEW_TOKENS)] == greedy(site, ckpt, tmp_path)
+
+
+# the browser tests' fixtures, reused as they are (session-scoped: one npm install, one Chromium);
+# pytest finds fixtures by their names in this module
+browser, page, web_cache = web.browser, web.page, web.web_cache
+
+
+@pytest.fixture(scope="module")
+def plugin_site(exported, web_cache):
+    """``gptx web`` serving the plugin model's export: the page needs no plugin, only gptx_export.json."""
+    yield from web.serve(exported[1], web_cache)
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("browser")
+def test_the_browser_decodes_the_plugins_cache_as_pytorch_does(site, exported, plugin_site, page, tmp_path):
+    """The page makes its empty pasts in the declared dtypes, one prompt per page load."""
+    rows = [web.open_page(page, plugin_site, prompt=p, max_new_tokens=NEW_TOKENS, temperature=0) for p in PROMPTS]
+    assert [r["status"] for r in rows] == ["done"] * len(PROMPTS), [r["error"] for r in rows]
+    assert [r["result"]["ids"] for r in rows] == greedy(site, exported[0], tmp_path)

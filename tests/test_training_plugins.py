@@ -255,7 +255,7 @@ def test_third_party_training_components_are_listed(site):
 @pytest.mark.slow
 def test_third_party_optimizer_schedule_and_dataset_train_and_resume_bitwise(tmp_path, site):
     f = plugin_experiment(tmp_path / "a")
-    done = gptx("run", f, "--quiet", cwd=tmp_path, env=plugin_env(site), check=True)
+    gptx("run", f, "--quiet", cwd=tmp_path, env=plugin_env(site), check=True)
     (run_a,) = (tmp_path / "a" / "runs" / "e").iterdir()
     final = json.loads((run_a / "run.json").read_text())["final_val_loss"]
     first = json.loads((run_a / "metrics.jsonl").read_text().splitlines()[0])

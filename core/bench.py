@@ -277,6 +277,7 @@ def bench_train(experiment=None, overrides: tuple = (), steps: int = 50, warmup:
     optimizer, schedule = build_optimizer(cfg, model, device), build_schedule(cfg)
     step = TrainStep(train_model, optimizer, tc, Dist(), device, BatchSplit.plan(tc))
     keep_freed_memory(device)  # as gptx run does
+    governor.first_reading()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tokens_per_step = tc.grad_accum_steps * tc.batch_size * cfg.model.block_size
 

@@ -142,6 +142,7 @@ class Trainer:
         try:
             with self.stop:  # from here on a signal ends the run cleanly
                 self.open()
+                self.say(self.threads.first_reading())
                 self.clock = time.perf_counter() - self.seconds0
                 self.model.train()
                 step = self.step0
@@ -174,6 +175,10 @@ class Trainer:
             self.close(status)
         return self.result(step, sample)
 
+    def say(self, line: Optional[str]) -> None:
+        if line:
+            self.record.say(line)
+
     def due(self, step: int, every: int) -> bool:
         return step % every == 0 or step == self.tc.max_steps
 
@@ -194,9 +199,7 @@ class Trainer:
                 self.clock += dt
             self.record.note(startup_s=process_age())  # `gptx run` to one step done: gptx bench --only startup
         self.pending.append((step, loss, aux, self.optimizer.param_groups[0]["lr"], dt, self.seconds()))
-        changed = self.threads.tick()
-        if changed:
-            self.record.say(changed)
+        self.say(self.threads.tick())
         if self.due(step, self.tc.log_interval):
             self.flush()
 

@@ -226,6 +226,9 @@ class NullTracker:
         """Whether the run is up: only a BackgroundTracker's may not be yet, or ever."""
         return True
 
+    def begin(self) -> None:
+        """Start what a BackgroundTracker starts in the background; every other tracker is started."""
+
     def log_params(self, params: dict[str, str]) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
     def log_metrics(self, metrics: dict, step: int, timestamp_ms: Optional[int] = None) -> None: ...
@@ -314,18 +317,22 @@ class MlflowTracker(NullTracker):
 
 
 class BackgroundTracker(NullTracker):
-    """An MLflow run started in a background thread: importing MLflow and creating the run take
-    seconds (more for a new sqlite store), which would otherwise all come before the first
-    training step. Calls made before the run is up are queued (metrics stamped when logged) and
-    sent, in order, by the first call after; only the training thread sends, so nothing races.
-    A start that fails is kept: ``ready`` raises its one-line GptxError, and the run stops on it."""
+    """An MLflow run started in a background thread (``begin``): importing MLflow and creating the
+    run take seconds (more for a new sqlite store), which would otherwise all come before the
+    first training step. Calls made before the run is up are queued (metrics stamped when logged)
+    and sent, in order, by the first call after; only the training thread sends, so nothing
+    races. A start that fails is kept in ``error`` (one line), and the run stops on it."""
 
     def __init__(self, start: Callable[[], NullTracker]):
         self._tracker: Optional[NullTracker] = None
         self._queue: list = []
         self._done = threading.Event()
         # a daemon: a start stalled on an unresponsive server must not keep a failed run's process alive
-        threading.Thread(target=self._start, args=(start,), name="gptx-mlflow-start", daemon=True).start()
+        self._thread = threading.Thread(target=self._start, args=(start,), name="gptx-mlflow-start", daemon=True)
+
+    def begin(self) -> None:
+        if self._thread.ident is None:
+            self._thread.start()
 
     def _start(self, start) -> None:
         try:
@@ -349,6 +356,7 @@ class BackgroundTracker(NullTracker):
         """Whether the run is up (``wait``: once the start ends), its queued calls sent; False
         after a failed start (``error`` says why)."""
         if wait:
+            self.begin()  # whoever waits first starts it
             self._done.wait()
         if not self._done.is_set() or self.error is not None:
             return False
@@ -447,6 +455,8 @@ def check_store(uri: Optional[str]) -> None:
     scheme = uri.split(":", 1)[0] if ":" in uri else ""
     if scheme in ("http", "https"):
         return check_reachable(uri)
+    if scheme in ("", "file"):  # MLflow's file store, always registered: no need to import MLflow to know
+        return
     if scheme == "sqlite":
         path = sqlite_file(uri)
         if path is not None and not path.exists():

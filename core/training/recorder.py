@@ -23,6 +23,7 @@ class NullRecorder:
     linked = True  # nothing to wait for
 
     def link(self, wait: bool) -> None: ...
+    def begin_tracking(self) -> None: ...
 
     def started(self, cfg, num_params: int, resumed: bool, tags: dict) -> None: ...
     def train_step(self, step: int, seconds: float, loss: float, lr: float, tokens_per_sec: float, aux: dict) -> None: ...
@@ -71,6 +72,10 @@ class Recorder(NullRecorder):
         if up:
             self._take_link()
             runs.write_run_file(self.run_dir, **self.mlflow_link)
+
+    def begin_tracking(self) -> None:
+        """Start the MLflow run, where it starts in the background."""
+        self.tracker.begin()
 
     @property
     def untracked(self) -> bool:

@@ -144,7 +144,6 @@ class Trainer:
         try:
             with self.stop:  # from here on a signal ends the run cleanly
                 self.open()
-                self.threads.hold(0 if self.record.linked else 1)  # a CPU for the MLflow run starting beside
                 self.say(self.threads.first_reading())
                 self.clock = time.perf_counter() - self.seconds0
                 self.model.train()
@@ -201,8 +200,10 @@ class Trainer:
             if self.tc.compile:  # the first step compiles: keep it off the clock
                 self.clock += dt
             self.record.note(startup_s=process_age())  # `gptx run` to one step done: gptx bench --only startup
-        if self.threads.held:
-            self.record.link(wait=False)  # an MLflow run that failed to start stops the run here
+            self.record.begin_tracking()  # not needed for the first step: started after it, beside the next ones
+            self.threads.hold(0 if self.record.linked else 1)  # a CPU for it while it starts
+        if not self.record.linked:  # the MLflow run is still starting in the background
+            self.record.link(wait=False)  # a start that failed stops the run here
             if self.record.linked:
                 self.threads.hold(0)
         self.pending.append((step, loss, aux, self.optimizer.param_groups[0]["lr"], dt, self.seconds()))

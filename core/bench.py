@@ -26,12 +26,16 @@ Sections (``--only``):
   the ratios busy/quiet.
 - ``speedrun`` (only with ``--only``): time to nanoGPT's quality, nanoGPT's recipe against
   ``speedrun_char.toml``, as whole processes (``gptx.speedrun``).
+- ``startup`` (only with ``--only``): ``gptx run speedrun_char.toml`` as whole processes, tracked
+  to a temporary MLflow store, ``--repeats`` times: the median of each run's own ``startup_s``
+  (run.json: process start to the first step done), beside ``python -c "import torch"`` for scale.
 
 Timings on a shared machine are noisy: compare ratios from one run, and look at ``machine.load``.
 """
 from __future__ import annotations
 
 import gc
+import json
 import os
 import platform
 import shutil
@@ -44,7 +48,7 @@ from typing import Callable, Optional
 from gptx.errors import GptxError
 from gptx.export import GENAI_FILE
 
-SECTIONS = ("peak", "train", "generate", "busy", "speedrun")  # busy and speedrun only when asked
+SECTIONS = ("peak", "train", "generate", "busy", "speedrun", "startup")  # the last three only when asked
 BACKENDS = ("torch", "torch-kv8", "ort", "ort-int8", "ort-int4", "hf", "genai")
 QUANTIZED = {"ort-int8": "int8", "ort-int4": "int4"}  # backend -> gptx export --quantize scheme
 MODEL_SIZES = {  # randomly initialised GPT-2-style models with GPT-2's BPE vocabulary
@@ -280,6 +284,7 @@ def bench_train(experiment=None, overrides: tuple = (), steps: int = 50, warmup:
     optimizer, schedule = build_optimizer(cfg, model, device), build_schedule(cfg)
     step = TrainStep(train_model, optimizer, tc, Dist(), device, BatchSplit.plan(tc))
     keep_freed_memory(device)  # as gptx run does
+    governor.first_reading()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     tokens_per_step = tc.grad_accum_steps * tc.batch_size * cfg.model.block_size
 
@@ -775,9 +780,55 @@ def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: 
         out["busy"] = bench_busy(experiment, tuple(overrides), train_steps, warmup_steps, busy, threads)
     if "speedrun" in sections:
         out["speedrun"] = speedrun.run(speedrun_seeds, steps=speedrun_steps, nanogpt=nanogpt, log=log)
+    if "startup" in sections:
+        log(f"starting gptx run {speedrun.RECIPES['speedrun']} {repeats} time(s)...")
+        out["startup"] = bench_startup(repeats)
     out["machine"]["load_after"] = machine()["load"]
     out["seconds"] = round(time.perf_counter() - t0, 1)
     return out
+
+
+# ---- start-up ------------------------------------------------------------------------------
+
+STARTUP_STEPS = 2  # the first step is what start-up ends with; a second shows the run goes on
+
+
+def bench_startup(repeats: int) -> dict:
+    """``gptx run speedrun_char.toml`` as ``repeats`` whole processes, each reading its own
+    ``startup_s`` from its run.json, alternating with ``python -c "import torch"`` timed from
+    outside, so a drift in the machine's load hits both. The MLflow store is created before the
+    first run: its one-time creation is not what every run waits for."""
+    import sys
+
+    from gptx import runs, speedrun, tracking
+
+    recipe = speedrun.experiments() / speedrun.RECIPES["speedrun"]
+    with tempfile.TemporaryDirectory(prefix="gptx-startup-") as tmp:
+        work = Path(tmp)
+        store = "sqlite:///" + str(work / "mlflow.db")
+        tracking.ensure_sqlite_store(store)
+        torch_s, startup_s = [], []
+        for i in range(repeats):
+            torch_s.append(speedrun.timed_process([sys.executable, "-c", "import torch"], work, "startup: import torch")[1])
+            name = f"startup-{i + 1}"
+            speedrun.timed_process(
+                [sys.executable, "-m", "gptx", "run", str(recipe), "--quiet",
+                 "--set", f"training.max_steps={STARTUP_STEPS}", "--set", "training.final_eval_tokens=0",
+                 "--set", f"training.out_dir={json.dumps(str(work / 'runs'))}", "--set", f"tracking.run_name='{name}'",
+                 "--set", "tracking.enabled=true", "--set", f"tracking.uri={json.dumps(store)}"],
+                work, f"startup: gptx run {recipe.name}")
+            startup_s.append(runs.read_run_file(work / "runs" / recipe.stem / name).get("startup_s"))
+    if None in startup_s:
+        raise GptxError("startup: run.json has no startup_s (this system has no /proc to read a process's age from)")
+    return {"experiment": recipe.name, "steps": STARTUP_STEPS, "repeats": repeats, "tracking": "sqlite",
+            "startup_s": round(statistics.median(startup_s), 2), "startup_runs_s": [round(x, 2) for x in startup_s],
+            "import_torch_s": round(statistics.median(torch_s), 2), "import_torch_runs_s": [round(x, 2) for x in torch_s]}
+
+
+def startup_table(s: dict) -> str:
+    return (f"start-up: gptx run {s['experiment']} (tracked) to its first step done: {s['startup_s']:.2f} s, median of "
+            f"{s['repeats']} process(es) ({', '.join(f'{x:.2f}' for x in s['startup_runs_s'])}); "
+            f"python -c \"import torch\": {s['import_torch_s']:.2f} s")
 
 
 def table(result: dict) -> str:
@@ -833,6 +884,8 @@ def table(result: dict) -> str:
         from gptx import speedrun
 
         lines += ["", speedrun.table(result["speedrun"])]
+    if "startup" in result:
+        lines += ["", startup_table(result["startup"])]
     lines.append("")
     lines.append(f"{result['seconds']} s in all")
     return "\n".join(lines)

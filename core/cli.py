@@ -757,7 +757,7 @@ def _harness_eval(source, harness, own_options, include_path, num_fewshot, limit
 @cli.command()
 @click.option("--only", default="peak,train,generate", show_default=True, metavar="SECTIONS",
               help="Comma-separated sections: peak, train, generate, busy (training beside busy processes), "
-                   "speedrun (time to nanoGPT's quality; minutes).")
+                   "speedrun (time to nanoGPT's quality; minutes), startup (gptx run to its first step).")
 @click.option("--experiment", type=click.Path(dir_okay=False), default=None,
               help="Experiment file for the train section (default: the shipped shakespeare_char.toml).")
 @click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a value of the experiment; repeatable.")
@@ -770,7 +770,7 @@ def _harness_eval(source, harness, own_options, include_path, num_fewshot, limit
               help="Generation backends (hf and genai when installed).")
 @click.option("--prompt-tokens", default=32, show_default=True, type=BoundedInt(1, MAX_TOKENS))
 @click.option("--new-tokens", default=128, show_default=True, type=BoundedInt(1, MAX_TOKENS))
-@click.option("--repeats", default=3, show_default=True, type=BoundedInt(1, 10_000), help="Timed generations per backend.")
+@click.option("--repeats", default=3, show_default=True, type=BoundedInt(1, 10_000), help="Timed generations per backend; gptx runs of the startup section.")
 @click.option("--peak-seconds", default=1.0, show_default=True, type=BoundedFloat(0.01, 3600.0), help="Time per matmul peak.")
 @click.option("--threads", default=None, type=BoundedInt(1, 4096),
               help="torch/onnxruntime threads (default: gptx's choice, the CPUs free; see docs/performance.md).")

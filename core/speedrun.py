@@ -53,7 +53,7 @@ def timed_process(cmd: list[str], cwd: Path, what: str) -> tuple[subprocess.Comp
     proc = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=TIMEOUT_S)
     wall = time.perf_counter() - t0
     if proc.returncode != 0:
-        raise GptxError(f"speedrun: {what} failed with exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1]}")
+        raise GptxError(f"{what} failed with exit {proc.returncode}: {(proc.stderr.strip().splitlines() or [''])[-1]}")
     return proc, wall
 
 
@@ -65,7 +65,7 @@ def gptx_run(recipe: str, seed: int, steps: Optional[int], work: Path) -> dict:
            "--set", f"tracking.uri={json.dumps('sqlite:///' + str(work / 'mlflow.db'))}"]
     if steps is not None:
         cmd += ["--set", f"training.max_steps={steps}"]
-    proc, wall = timed_process(cmd, work, f"{recipe} (seed {seed})")
+    proc, wall = timed_process(cmd, work, f"speedrun: {recipe} (seed {seed})")
     found = re.search(r"whole validation split: ([0-9.]+)\)", proc.stdout)
     return {"wall_s": round(wall, 2), "final_val_loss": float(found.group(1)) if found else None,
             "reached": bool(found) and float(found.group(1)) <= TARGET}
@@ -77,7 +77,7 @@ def nanogpt_run(directory: Path, seed: int, steps: Optional[int], work: Path) ->
     iters = steps or 2000
     cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", *NANOGPT_CPU_FLAGS,
            f"--max_iters={iters}", f"--lr_decay_iters={iters}", f"--out_dir={work / f'nanogpt-{seed}'}"]
-    proc, wall = timed_process(cmd, directory, "nanoGPT")
+    proc, wall = timed_process(cmd, directory, "speedrun: nanoGPT")
     found = re.findall(r"step \d+: train loss [0-9.]+, val loss ([0-9.]+)", proc.stdout)
     return {"wall_s": round(wall, 2), "printed_val_loss": float(found[-1]) if found else None}
 

@@ -32,7 +32,7 @@ from typing import Optional
 
 TAKEN = 0.3  # others using more than this share of a CPU make it theirs: our thread there would stall each step
 INTERVAL = 2.0  # seconds between re-reads while training: a few /proc reads, far below a step's cost
-FIRST_INTERVAL = 0.5  # the first decision comes sooner: start-up already happened under the load
+FIRST_INTERVAL = 0.1  # the first reading: as short as choose_threads's sample, so training starts on it
 
 
 def allowed_cpus() -> list[int]:
@@ -137,6 +137,8 @@ class ThreadGovernor:
         self.sample = self._sample()
         self.candidate: Optional[int] = None  # a change read once, waiting for its second reading
         self.decided = False
+        self.busy = 0.0  # the last reading
+        self.held = 0  # CPUs left to this process's own other work (hold)
         # torch's default is the machine's cores, which a container's quota can make far too many
         torch.set_num_threads(self.fixed or self.available)
         self.next = math.inf if self.fixed or self.sample is None else self.t0 + FIRST_INTERVAL
@@ -151,6 +153,32 @@ class ThreadGovernor:
     def threads(self) -> int:
         return self.torch.get_num_threads()
 
+    def first_reading(self) -> Optional[str]:
+        """The first decision, taken before the first step (waiting out what is left of the
+        FIRST_INTERVAL reading): a step run with more threads than CPUs free is the slowest of all,
+        seconds for a step that takes a fraction of one, and the first one would otherwise pay it."""
+        if not self.fixed and not self.decided and self.next < math.inf:
+            time.sleep(max(0.0, self.next - time.perf_counter()))
+        return self.tick()
+
+    def hold(self, cpus: int) -> None:
+        """Leave ``cpus`` of the free CPUs to this process's own other work (the MLflow run starting
+        in a background thread): beside a busy thread, torch's spinning threads stall each other
+        just as beside a busy process. Applies at once, to the last reading; says nothing, since
+        the load did not change."""
+        self.held = cpus
+        if self.fixed or not self.decided:
+            return  # the first reading counts it
+        want = self.for_load(self.busy)
+        self.candidate = None
+        if want != self.threads:
+            self.torch.set_num_threads(want)
+            self.changes.append((round(time.perf_counter() - self.t0, 1), want))
+
+    def for_load(self, busy: float) -> int:
+        """The thread count for ``busy`` CPUs taken by others and ``held`` by this process."""
+        return threads_for(max(1, self.available - self.held), busy)
+
     def tick(self) -> Optional[str]:
         """Re-read the load when due; a line saying what changed, or None."""
         now = time.perf_counter()
@@ -161,18 +189,20 @@ class ThreadGovernor:
             self.next = math.inf
             return None
         busy = busy_elsewhere(self.sample, sample, len(self.cpus))
-        self.sample, self.next = sample, now + INTERVAL
+        self.sample, self.next, self.busy = sample, now + INTERVAL, busy
         want, before = self.decide(busy), self.threads
         if want is None:
             return None
         self.torch.set_num_threads(want)
         self.changes.append((round(now - self.t0, 1), want))
+        if threads_for(self.available, busy) == before:  # only what is held moved it: not the user's business
+            return None
         return (f"threads {before} -> {want}: other processes use {busy:.1f} of the {self.available} CPUs "
                 "(training.threads or OMP_NUM_THREADS fixes the count)")
 
     def decide(self, busy: float) -> Optional[int]:
         """The new thread count for a reading of ``busy`` CPUs, or None to keep the current one."""
-        want = threads_for(self.available, busy)
+        want = self.for_load(busy)
         confirmed = not self.decided or want == self.candidate
         self.decided, self.candidate = True, (None if want == self.threads else want)
         if want == self.threads or not confirmed:

@@ -8,6 +8,7 @@ fails (say the server died), the tracker warns once, stops calling MLflow and tr
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -15,11 +16,12 @@ import re
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from gptx import __version__
 from gptx.errors import GptxError
@@ -218,10 +220,18 @@ class NullTracker:
 
     run_id: Optional[str] = None
     uri: Optional[str] = None  # the store the run is in (absolute), recorded with the run and its checkpoints
+    error: Optional[GptxError] = None  # why the run could not be started (a BackgroundTracker's start)
+
+    def ready(self, wait: bool = True) -> bool:
+        """Whether the run is up: only a BackgroundTracker's may not be yet, or ever."""
+        return True
+
+    def begin(self) -> None:
+        """Start what a BackgroundTracker starts in the background; every other tracker is started."""
 
     def log_params(self, params: dict[str, str]) -> None: ...
     def set_tags(self, tags: dict[str, str]) -> None: ...
-    def log_metrics(self, metrics: dict, step: int) -> None: ...
+    def log_metrics(self, metrics: dict, step: int, timestamp_ms: Optional[int] = None) -> None: ...
     def flush(self) -> None: ...
     def log_artifacts(self, local_dir: Path, artifact_path: str) -> None: ...
     def log_artifact(self, local_file: Path, artifact_path: Optional[str] = None) -> None: ...
@@ -278,10 +288,10 @@ class MlflowTracker(NullTracker):
 
         self._call("set tags", self.client.log_batch, self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
-    def log_metrics(self, metrics: dict, step: int) -> None:
+    def log_metrics(self, metrics: dict, step: int, timestamp_ms: Optional[int] = None) -> None:
         from mlflow.entities import Metric
 
-        ts = int(time.time() * 1000)
+        ts = timestamp_ms or int(time.time() * 1000)
         self._buffer.extend(Metric(k, float(v), ts, step) for k, v in metrics.items())
         if len(self._buffer) >= 500:
             self.flush()
@@ -306,6 +316,89 @@ class MlflowTracker(NullTracker):
         self._call("end run", self.client.set_terminated, self.run_id, status)
 
 
+class BackgroundTracker(NullTracker):
+    """An MLflow run started in a background thread (``begin``): importing MLflow and creating the
+    run take seconds (more for a new sqlite store), which would otherwise all come before the
+    first training step. Calls made before the run is up are queued (metrics stamped when logged)
+    and sent, in order, by the first call after; only the training thread sends, so nothing
+    races. A start that fails is kept in ``error`` (one line), and the run stops on it."""
+
+    def __init__(self, start: Callable[[], NullTracker]):
+        self._tracker: Optional[NullTracker] = None
+        self._queue: list = []
+        self._done = threading.Event()
+        # a daemon: a start stalled on an unresponsive server must not keep a failed run's process alive
+        self._thread = threading.Thread(target=self._start, args=(start,), name="gptx-mlflow-start", daemon=True)
+
+    def begin(self) -> None:
+        if self._thread.ident is None:
+            self._thread.start()
+
+    def _start(self, start) -> None:
+        try:
+            self._tracker = start()
+        except GptxError as err:
+            self.error = err
+        except Exception as err:  # e.g. MLflow itself failing to import
+            self.error = GptxError(f"tracking: cannot start an MLflow run: {_short(err)}")
+        finally:
+            self._done.set()
+
+    @property
+    def run_id(self) -> Optional[str]:
+        return self._tracker.run_id if self._tracker is not None else None
+
+    @property
+    def uri(self) -> Optional[str]:
+        return self._tracker.uri if self._tracker is not None else None
+
+    def ready(self, wait: bool = True) -> bool:
+        """Whether the run is up (``wait``: once the start ends), its queued calls sent; False
+        after a failed start (``error`` says why)."""
+        if wait:
+            self.begin()  # whoever waits first starts it
+            self._done.wait()
+        if not self._done.is_set() or self.error is not None:
+            return False
+        queued, self._queue = self._queue, []
+        for name, args in queued:
+            getattr(self._tracker, name)(*args)
+        return True
+
+    def _send(self, name: str, *args) -> None:
+        if not self._done.is_set():
+            self._queue.append((name, args))
+        elif self.error is None:  # after a failed start the run stops at its next check: nothing to send to
+            self.ready(wait=False)  # what was queued goes first
+            getattr(self._tracker, name)(*args)
+
+    def log_params(self, params: dict[str, str]) -> None:
+        self._send("log_params", params)
+
+    def set_tags(self, tags: dict[str, str]) -> None:
+        self._send("set_tags", tags)
+
+    def log_metrics(self, metrics: dict, step: int, timestamp_ms: Optional[int] = None) -> None:
+        self._send("log_metrics", metrics, step, timestamp_ms or int(time.time() * 1000))
+
+    def flush(self) -> None:
+        self._send("flush")
+
+    def log_artifacts(self, local_dir: Path, artifact_path: str) -> None:
+        self._send("log_artifacts", local_dir, artifact_path)
+
+    def log_artifact(self, local_file: Path, artifact_path: Optional[str] = None) -> None:
+        self._send("log_artifact", local_file, artifact_path)
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        self._send("log_text", text, artifact_file)
+
+    def finish(self, status: str) -> None:
+        """Waits for the start (MLflow's own timeouts bound it); a run that never started has nothing to end."""
+        if self.ready():
+            self._tracker.finish(status)
+
+
 def _short(err: Exception) -> str:
     """One line for an MLflow failure: the database's or the OS's own word when one is in the
     chain (MLflow and SQLAlchemy wrap "attempt to write a readonly database" under a first line
@@ -323,15 +416,17 @@ def _short(err: Exception) -> str:
     return f"{type(err).__name__}: {text[0][:300]}" if text else type(err).__name__
 
 
-def start(cfg, run_id: Optional[str] = None, rank: int = 0, store: Optional[str] = None):
+def start(cfg, run_id: Optional[str] = None, rank: int = 0, store: Optional[str] = None, background: bool = False):
     """The tracker for this process: MLflow on rank 0 when enabled, else a NullTracker. A resumed
     run (``run_id``) continues in ``store``, the store its run.json recorded: its MLflow run is
-    there and nowhere else, whatever the working directory or $MLFLOW_TRACKING_URI is now."""
+    there and nowhere else, whatever the working directory or $MLFLOW_TRACKING_URI is now.
+    ``background``: started off the training thread (BackgroundTracker); its failure comes later."""
     if rank != 0 or not cfg.tracking.enabled:
         return NullTracker()
     t = cfg.tracking
     uri = store if run_id and isinstance(store, str) else tracking_uri(t.uri)
-    return MlflowTracker(uri, cfg.name, t.run_name, run_id, t.parent_run_id)
+    begin = functools.partial(MlflowTracker, uri, cfg.name, t.run_name, run_id, t.parent_run_id)
+    return BackgroundTracker(begin) if background else begin()
 
 
 def run_tags(cfg, registry, init_from=None) -> dict[str, str]:
@@ -360,6 +455,8 @@ def check_store(uri: Optional[str]) -> None:
     scheme = uri.split(":", 1)[0] if ":" in uri else ""
     if scheme in ("http", "https"):
         return check_reachable(uri)
+    if scheme in ("", "file"):  # MLflow's file store, always registered: no need to import MLflow to know
+        return
     if scheme == "sqlite":
         path = sqlite_file(uri)
         if path is not None and not path.exists():

@@ -102,3 +102,17 @@ def test_bench_speedrun_times_both_recipes_as_whole_processes():
         assert row[recipe]["reached"] is False
     assert row["ratio"] == pytest.approx(row["speedrun"]["wall_s"] / row["nanogpt_recipe"]["wall_s"], abs=1e-3)
     assert s["mean"]["ratio"] == row["ratio"] and s["mean"]["speedrun_reaches_target"] is False
+
+
+@pytest.mark.slow
+def test_bench_startup_reports_the_runs_own_startup_and_import_torch_for_scale():
+    """Whole ``gptx run`` processes of speedrun_char.toml, tracked: every field, no thresholds."""
+    proc = gptx("bench", "--only", "startup", "--repeats", "2", "--json", check=True, timeout=900)
+    s = json.loads(proc.stdout)["startup"]
+    assert s["experiment"] == "speedrun_char.toml" and s["steps"] == 2 and s["repeats"] == 2 and s["tracking"] == "sqlite"
+    assert len(s["startup_runs_s"]) == len(s["import_torch_runs_s"]) == 2
+    assert all(x > 0 for x in s["startup_runs_s"] + s["import_torch_runs_s"])
+    assert min(s["startup_runs_s"]) <= s["startup_s"] <= max(s["startup_runs_s"])
+    assert min(s["import_torch_runs_s"]) <= s["import_torch_s"] <= max(s["import_torch_runs_s"])
+    table = gptx("bench", "--only", "startup", "--repeats", "1", check=True, timeout=900).stdout
+    assert "start-up: gptx run speedrun_char.toml (tracked) to its first step done:" in table and "import torch" in table

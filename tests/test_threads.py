@@ -134,3 +134,25 @@ def test_after_the_first_reading_a_change_needs_two_readings_in_a_row():
         assert g.decide(0.0) is None and g.decide(0.0) == 2  # it left
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_held_cpu_lowers_the_count_at_once_and_silently_and_comes_back():
+    """While the MLflow run starts in a background thread, training leaves it a CPU; the load did
+    not change, so nothing is said."""
+    import torch
+
+    from gptx.threads import ThreadGovernor
+
+    before = torch.get_num_threads()
+    try:
+        g = ThreadGovernor(None)
+        g.fixed, g.available, g.next = None, 2, 0  # as on a quiet 2-CPU machine without OMP_NUM_THREADS
+        torch.set_num_threads(2)
+        g.decide(0.0)  # the first reading: 2 is right
+        g.hold(1)
+        assert torch.get_num_threads() == 1 and g.for_load(0.0) == 1
+        assert g.tick() is None  # a quiet reading keeps the held CPU free, and says nothing
+        g.hold(0)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

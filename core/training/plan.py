@@ -87,7 +87,7 @@ def plan_run(cfg: ExperimentConfig, resume: bool | Path = False, progress=None, 
     if outputs:
         runs.check_writable(cfg)
         if cfg.tracking.enabled:
-            tracking.check_store(tracking.tracking_uri(cfg.tracking.uri))
+            tracking.check_store(tracking.store_uri(cfg.tracking.uri))  # the run starts MLflow in the background
     return Plan(cfg, device, tokenizer, dataset, resume_dir, init_from, init_weights, not_loaded, lock=lock)
 
 

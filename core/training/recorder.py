@@ -19,6 +19,11 @@ class NullRecorder:
 
     run_id: Optional[str] = None
     mlflow_link: dict = {}
+    untracked = False
+    linked = True  # nothing to wait for
+
+    def link(self, wait: bool) -> None: ...
+    def begin_tracking(self) -> None: ...
 
     def started(self, cfg, num_params: int, resumed: bool, tags: dict) -> None: ...
     def train_step(self, step: int, seconds: float, loss: float, lr: float, tokens_per_sec: float, aux: dict) -> None: ...
@@ -40,12 +45,42 @@ class Recorder(NullRecorder):
 
     def __init__(self, run_dir: Path, tracker, show: TrainProgress, resume_step: int, earlier: dict):
         self.run_dir, self.tracker, self.show = run_dir, tracker, show
-        self.run_id = tracker.run_id
-        if tracker.run_id is not None:
-            self.mlflow_link = {"mlflow_run_id": tracker.run_id, "mlflow_tracking_uri": tracker.uri}
-        else:  # a run resumed with tracking off keeps its link to the MLflow run it began in
-            self.mlflow_link = {k: earlier.get(k) for k in ("mlflow_run_id", "mlflow_tracking_uri")}
+        self.run_id: Optional[str] = None
+        # a run resumed with tracking off keeps its link to the MLflow run it began in; a run whose
+        # MLflow run starts in the background has none yet (``link`` adds it once it is up)
+        self.mlflow_link = {k: earlier.get(k) for k in ("mlflow_run_id", "mlflow_tracking_uri")}
+        self.linked = False
+        if tracker.ready(wait=False):
+            self._take_link()
         self.curves = MetricsLog(run_dir, resume_step)  # a resumed run keeps its curves up to resume_step
+
+    def _take_link(self) -> None:
+        self.linked = True
+        if self.tracker.run_id is not None:
+            self.run_id = self.tracker.run_id
+            self.mlflow_link = {"mlflow_run_id": self.tracker.run_id, "mlflow_tracking_uri": self.tracker.uri}
+
+    def link(self, wait: bool) -> None:
+        """Once an MLflow run started in the background is up (``wait``: wait for it), its id and
+        store become the run's link: run.json and the checkpoints written from then on. A start
+        that failed raises its error here, so the run stops on it."""
+        if self.linked:
+            return
+        up = self.tracker.ready(wait)
+        if self.tracker.error is not None:
+            raise self.tracker.error
+        if up:
+            self._take_link()
+            runs.write_run_file(self.run_dir, **self.mlflow_link)
+
+    def begin_tracking(self) -> None:
+        """Start the MLflow run, where it starts in the background."""
+        self.tracker.begin()
+
+    @property
+    def untracked(self) -> bool:
+        """The MLflow run could not be started (in the background): the run must leave nothing."""
+        return self.tracker.error is not None
 
     def started(self, cfg, num_params: int, resumed: bool, tags: dict) -> None:
         from gptx import tracking

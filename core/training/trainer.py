@@ -19,6 +19,7 @@ import gc
 import json
 import math
 import numbers
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -91,6 +92,7 @@ class Trainer:
         self.stop = StopFlag()
         self.record: NullRecorder = NullRecorder()  # rank 0's outputs once the run is open
         self.run_dir: Optional[Path] = None
+        self.created: Optional[Path] = None  # the new run directory this process made (removed if tracking fails)
         self.last_ckpt: Optional[Path] = None
         self.saved_step: Optional[int] = None
         self.error: Optional[str] = None  # why the run failed, for run.json
@@ -142,6 +144,7 @@ class Trainer:
         try:
             with self.stop:  # from here on a signal ends the run cleanly
                 self.open()
+                self.say(self.threads.first_reading())
                 self.clock = time.perf_counter() - self.seconds0
                 self.model.train()
                 step = self.step0
@@ -174,6 +177,10 @@ class Trainer:
             self.close(status)
         return self.result(step, sample)
 
+    def say(self, line: Optional[str]) -> None:
+        if line:
+            self.record.say(line)
+
     def due(self, step: int, every: int) -> bool:
         return step % every == 0 or step == self.tc.max_steps
 
@@ -193,10 +200,14 @@ class Trainer:
             if self.tc.compile:  # the first step compiles: keep it off the clock
                 self.clock += dt
             self.record.note(startup_s=process_age())  # `gptx run` to one step done: gptx bench --only startup
+            self.record.begin_tracking()  # not needed for the first step: started after it, beside the next ones
+            self.threads.hold(0 if self.record.linked else 1)  # a CPU for it while it starts
+        if not self.record.linked:  # the MLflow run is still starting in the background
+            self.record.link(wait=False)  # a start that failed stops the run here
+            if self.record.linked:
+                self.threads.hold(0)
         self.pending.append((step, loss, aux, self.optimizer.param_groups[0]["lr"], dt, self.seconds()))
-        changed = self.threads.tick()
-        if changed:
-            self.record.say(changed)
+        self.say(self.threads.tick())
         if self.due(step, self.tc.log_interval):
             self.flush()
 
@@ -270,6 +281,7 @@ class Trainer:
 
     def checkpoint(self, step: int) -> None:
         self.flush()
+        self.record.link(wait=True)  # the checkpoint names the MLflow run
         weights = distributed.full_model_state(self.model, self.dist)  # collectives under FSDP: all ranks
         state = self.state_dict(step)
         if self.dist.main:
@@ -303,6 +315,7 @@ class Trainer:
             self.final_val_loss = self.mean_loss((x_all[i:i + bs], y_all[i:i + bs]) for i in range(0, len(x_all), bs))
             self.record.final(step, self.seconds(), self.final_val_loss, x_all.numel())
         sample = self.sample()
+        self.record.link(wait=True)  # the result names the MLflow run
         self.record.ended(self.best_val_loss, self.seconds(), self.last_ckpt)
         return sample
 
@@ -342,16 +355,21 @@ class Trainer:
         run_id = earlier.get("mlflow_run_id")
         made = self.plan.resume_dir or self.plan.run_dir
         created = runs.new_run_dir(self.cfg) if self.dist.main and made is None else None
+        # A new single-process run starts its MLflow run in the background, off the way to the first
+        # step; should that fail, the folder goes again (close). A resumed run's folder must outlive
+        # a failure, and under torchrun one rank stopping alone would leave the others waiting.
+        background = created is not None and self.dist.world == 1
         try:
             if self.dist.main and self.plan.lock is None:  # a resumed run's was taken before its checks
                 self.plan.lock = runs.lock_run_dir(created or made)
-            tracker = tracking.start(self.cfg, run_id=run_id, rank=self.dist.rank, store=earlier.get("mlflow_tracking_uri"))
+            tracker = tracking.start(self.cfg, run_id=run_id, rank=self.dist.rank, store=earlier.get("mlflow_tracking_uri"),
+                                     background=background)
         except BaseException:
             if created is not None:  # a run that could not be tracked leaves nothing behind
                 (created / runs.LOCK_FILE).unlink(missing_ok=True)
                 created.rmdir()
             raise
-        self.run_dir = self.dist.broadcast(created or made)
+        self.run_dir, self.created = self.dist.broadcast(created or made), created
         if not self.dist.main:
             return
         try:
@@ -376,6 +394,8 @@ class Trainer:
         if self.plan.lock is not None:
             self.plan.lock.release()  # the last write is done: another process may continue the run
             self.plan.lock = None
+        if self.record.untracked and self.created is not None:  # as when the start failed before the folder was made
+            shutil.rmtree(self.created, ignore_errors=True)
         # The DDP wrapper goes before the process group. Its Reducer, freed last, would free the
         # group with the GIL held while a gloo thread waits for the GIL: exit hangs (pytorch #56297).
         self.train_step = self.train_model = None

@@ -47,3 +47,43 @@ def mlflow_server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# ---- the web page's browser: one Playwright per worker ------------------------------------------
+# Playwright's sync API refuses a second instance while one runs in the process, so every module
+# that opens the page takes these fixtures rather than starting its own.
+
+@pytest.fixture(scope="session")
+def web_cache(request, tmp_path_factory):
+    """GPTX_CACHE_DIR for the page's servers: `gptx web --install` puts the pinned packages there (in
+    pytest's cache, so a later session finds them and npm only checks them)."""
+    from pathlib import Path
+
+    from helpers import install_web_packages, once
+
+    cache = getattr(request.config, "cache", None)
+    root = Path(cache.mkdir("gptx-web")) if cache is not None else tmp_path_factory.mktemp("gptx-web")
+    return once("web-install", lambda: install_web_packages(root))
+
+
+@pytest.fixture(scope="session")
+def browser():
+    from helpers import CHROMIUM
+
+    assert CHROMIUM.is_file(), f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run installs it)"
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        yield b
+        b.close()
+
+
+@pytest.fixture
+def page(browser):
+    p = browser.new_page(viewport={"width": 1000, "height": 720})
+    errors = []
+    p.on("pageerror", lambda err: errors.append(str(err)))
+    yield p
+    p.close()
+    assert not errors, errors

@@ -331,3 +331,26 @@ class WebServer:
             self.proc.kill()
             out, err = self.proc.communicate()
         return self.proc.returncode, out.decode(), err.decode()
+
+
+# ---- the web page in headless Chromium (fixtures: conftest.py's web_cache, browser, page) ----------
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright's own browser download is not available here
+
+
+def install_web_packages(root: Path) -> Path:
+    """`gptx web --install` into GPTX_CACHE_DIR=root: the page's pinned npm packages."""
+    r = gptx("web", "--install", env={"GPTX_CACHE_DIR": str(root)}, timeout=900)
+    if r.returncode != 0:
+        skip_if_registry_unreachable(r.stderr)
+    assert r.returncode == 0, r.stderr
+    assert "installed the page's JavaScript packages" in r.stdout
+    return root
+
+
+def serve(out: Path, web_cache: Path):
+    """A `gptx web` server for the export ``out`` (a generator for a fixture); stopped cleanly."""
+    s = WebServer(out, env={"GPTX_CACHE_DIR": str(web_cache)})
+    yield s
+    code, _, err = s.stop()
+    assert code == 0, err

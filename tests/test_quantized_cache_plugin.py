@@ -12,7 +12,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import install_plugin_packages, node_example_modules, plugin_env, run_node
+from helpers import install_plugin_packages, node_example_modules, plugin_env, run_node, serve
 import test_web_browser as web
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,15 +148,10 @@ def test_node_decodes_the_plugins_cache_as_pytorch_does(site, exported, node_mod
     assert [r["ids"] for r in run_node(node_modules, out, PROMPTS, NEW_TOKENS)] == greedy(site, ckpt, tmp_path)
 
 
-# the browser tests' fixtures, reused as they are (session-scoped: one npm install, one Chromium);
-# pytest finds fixtures by their names in this module
-browser, page, web_cache = web.browser, web.page, web.web_cache
-
-
 @pytest.fixture(scope="module")
 def plugin_site(exported, web_cache):
     """``gptx web`` serving the plugin model's export: the page needs no plugin, only gptx_export.json."""
-    yield from web.serve(exported[1], web_cache)
+    yield from serve(exported[1], web_cache)
 
 
 @pytest.mark.slow

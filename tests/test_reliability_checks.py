@@ -340,29 +340,19 @@ def test_bench_checks_its_sections_inputs_before_measuring_the_machine(tmp_path)
 
 @pytest.mark.slow
 @pytest.mark.xdist_group("browser")
-def test_the_browser_page_never_samples_padded_ids(padded_run, request, tmp_path_factory):
+def test_the_browser_page_never_samples_padded_ids(padded_run, page, web_cache):
     """The page (export/web, in headless Chromium, served by gptx web) at temperature 1000 on the
     padded export: every id is the tokenizer's."""
-    from test_web_browser import CHROMIUM, install, open_page
+    from test_web_browser import open_page
 
     from helpers import WebServer
 
-    if not CHROMIUM.is_file():
-        pytest.skip(f"{CHROMIUM} is missing: the page cannot be opened here")
-    from playwright.sync_api import sync_playwright
-
-    cache = getattr(request.config, "cache", None)  # the same folder as test_web_browser's install
-    web_cache = install(Path(cache.mkdir("gptx-web")) if cache is not None else tmp_path_factory.mktemp("gptx-web"))
     d, run_dir, _ = padded_run
     out = d / "export-web"
     assert gptx("export", run_dir, "-o", out, "--no-track", cwd=d).returncode == 0
     site = WebServer(out, env={"GPTX_CACHE_DIR": str(web_cache)})
     try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-            page = browser.new_page()
-            result = open_page(page, site, prompt="ROMEO:", max_new_tokens=60, temperature=1000, seed=3)
-            browser.close()
+        result = open_page(page, site, prompt="ROMEO:", max_new_tokens=60, temperature=1000, seed=3)
     finally:
         site.stop()
     assert result["status"] == "done", result

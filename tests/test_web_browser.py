@@ -9,54 +9,18 @@ import pytest
 
 from gptx.export.runtime import OnnxGenerator
 from gptx.sampling import Sampler
-from helpers import WebServer, gptx, once, skip_if_registry_unreachable, wandering_export
+from helpers import once, serve, wandering_export
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("browser")]
 
-CHROMIUM = Path("/usr/bin/chromium")
 # Unicode, <|endoftext|> written in the text, U+0085 / U+FEFF (where JavaScript's \s and tiktoken's differ)
 GPT2_PROMPTS = ["Hello world, it's a test", "Ünïcödé and <|endoftext|> too 日本語 🙂", "x", "  tabs\tand\u0085next\ufeff'll  "]
 BYTE_PROMPTS = ["To be, or not to be", "Ünïcödé 🙂 日本語"]
 STOP_PROMPT = "The end is near"
 # Session-scoped fixtures: pytest-xdist interleaves other modules' tests with these, and module-scoped
-# ones would be torn down and built again (a server, a browser) at every switch.
+# ones would be torn down and built again (a server, a browser) at every switch. The browser, the
+# page and the installed packages (web_cache) are conftest.py's: one Playwright per worker.
 DONE = "window.gptx && ['done', 'error'].includes(window.gptx.status) && (window.gptx.result || window.gptx.error)"
-
-
-@pytest.fixture(scope="session")
-def web_cache(request, tmp_path_factory) -> Path:
-    """GPTX_CACHE_DIR for the servers: `gptx web --install` puts the pinned packages there (in pytest's
-    cache, so a later session finds them and npm only checks them)."""
-    cache = getattr(request.config, "cache", None)
-    root = Path(cache.mkdir("gptx-web")) if cache is not None else tmp_path_factory.mktemp("gptx-web")
-    return once("web-install", lambda: install(root))
-
-
-def install(root: Path) -> Path:
-    r = gptx("web", "--install", env={"GPTX_CACHE_DIR": str(root)}, timeout=900)
-    if r.returncode != 0:
-        skip_if_registry_unreachable(r.stderr)
-    assert r.returncode == 0, r.stderr
-    assert "installed the page's JavaScript packages" in r.stdout
-    return root
-
-
-@pytest.fixture(scope="session")
-def browser():
-    assert CHROMIUM.is_file(), f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run installs it)"
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
-        yield b
-        b.close()
-
-
-def serve(out: Path, web_cache: Path):
-    s = WebServer(out, env={"GPTX_CACHE_DIR": str(web_cache)})
-    yield s
-    code, _, err = s.stop()
-    assert code == 0, err
 
 
 @pytest.fixture(scope="session")
@@ -75,16 +39,6 @@ def int8_site(tmp_path_factory, web_cache):
     out = once("byte-7-int8", lambda: wandering_export(tmp_path_factory.mktemp("int8"), "byte", seed=7,
                                                        attention={"kind": "causal", "kv_cache": "int8"}))
     yield from serve(out, web_cache)
-
-
-@pytest.fixture
-def page(browser):
-    p = browser.new_page(viewport={"width": 1000, "height": 720})
-    errors = []
-    p.on("pageerror", lambda err: errors.append(str(err)))
-    yield p
-    p.close()
-    assert not errors, errors
 
 
 def site_dir(site) -> Path:

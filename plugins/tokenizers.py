@@ -17,7 +17,7 @@ from pydantic import Field, field_validator
 
 import gptx
 from gptx.base import Tokenizer
-from gptx.errors import GptxError, first_line
+from gptx.errors import ConfigError, GptxError, first_line
 from gptx.options import did_you_mean
 from gptx.schemas import MAX_SIZE, Problem, Schema, shown
 
@@ -327,21 +327,24 @@ def hf_backend(described: Any):
 
 
 def read_tokenizer_json(path: str) -> dict:
-    """A tokenizer.json file's content, checked by the ``tokenizers`` library; GptxError on one line."""
-    where = f"tokenizer.path: {path}"
+    """A tokenizer.json file's content, checked by the ``tokenizers`` library; a ConfigError on one
+    line naming tokenizer.path (and, through the loader, the experiment file)."""
+    def bad(problem: str) -> ConfigError:
+        return ConfigError(f"{path}: {problem}", "tokenizer.path")
+
     try:
         if os.path.getsize(path) > MAX_TOKENIZER_BYTES:
-            raise GptxError(f"{where}: {os.path.getsize(path):,} bytes; a tokenizer.json gptx reads is at most {MAX_TOKENIZER_BYTES:,}")
+            raise bad(f"{os.path.getsize(path):,} bytes; a tokenizer.json gptx reads is at most {MAX_TOKENIZER_BYTES:,}")
         with open(path, encoding="utf-8") as f:
             described = json.load(f)
     except OSError as err:
-        raise GptxError(f"{where}: cannot read it ({err.strerror or err})") from None
+        raise bad(f"cannot read it ({err.strerror or err})") from None
     except (ValueError, UnicodeDecodeError) as err:  # json.JSONDecodeError is a ValueError
-        raise GptxError(f"{where}: not JSON ({first_line(err)})") from None
+        raise bad(f"not JSON ({first_line(err)})") from None
     try:
         hf_backend(described)
     except ValueError as err:
-        raise GptxError(f"{where}: {err}") from None
+        raise bad(str(err)) from None
     return described
 
 

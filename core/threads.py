@@ -24,6 +24,7 @@ Where ``/proc`` is missing (macOS, Windows) gptx keeps torch's default.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -213,9 +214,13 @@ class ThreadGovernor:
 
 def choose_threads(requested: Optional[int] = None, sample_seconds: float = 0.1) -> int:
     """A thread count for work that chooses once (evaluation, generation): ``requested`` or
-    OMP_NUM_THREADS when set, else the CPUs free over a short sample now."""
-    if requested or explicit_threads():
-        return requested or explicit_threads()
+    OMP_NUM_THREADS when set, else the CPUs free over a short sample, read once per process (an
+    export verifies through several onnxruntime sessions: one reading serves them all)."""
+    return requested or explicit_threads() or _free_threads(sample_seconds)
+
+
+@functools.lru_cache(maxsize=None)
+def _free_threads(sample_seconds: float) -> int:
     cpus = allowed_cpus()
     try:
         before = CpuSample.read(cpus)

@@ -164,6 +164,8 @@ def test_gptx_eval_harness_json_is_lm_evals_results(tmp_path, offline):
     (["--harness", "tiny_mc", "--limit", "0"], "--limit: must be at least 1 example per task, got 0"),
     (["--harness", "tiny_mc", "--limit", "-2"], "--limit: must be at least 1 example per task, got -2"),
     (["--harness", "tiny_mc", "--num-fewshot", "-1"], "--num-fewshot: must be at least 0, got -1"),
+    (["--harness", "tiny_mc", "--num-fewshot", str(2**70)], f"--num-fewshot: must be at most 10,000, got {2**70}"),
+    (["--harness", "tiny_mc", "--limit", str(2**70)], f"--limit: must be at most 2,147,483,647 examples per task, got {2**70}"),
     (["--harness", "tiny_mc", "--include-path", "/nonexistent/tasks"], "--include-path: /nonexistent/tasks: no such directory"),
     (["--harness", "tiny_mc", "--data", "x.txt"], "--data: cannot be combined with --harness (run gptx eval twice)"),
     (["--harness", " , "], "--harness: give one or more lm-eval task names, separated by commas"),

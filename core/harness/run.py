@@ -17,6 +17,9 @@ from typing import Optional
 from gptx.errors import GptxError
 
 
+MAX_FEWSHOT = 10_000  # examples in one prompt: far past any context, and a bound lm-eval does not set
+MAX_LIMIT = 2**31 - 1  # examples per task; a larger one means "all" and is said with no --limit
+
 def hf_export_config(source: str) -> Optional[dict]:
     """config.json of a ``gptx export --format hf`` folder; None for any other source."""
     path = Path(source) / "config.json"
@@ -87,8 +90,12 @@ def evaluate(source: str, harness: str, include_path: Optional[str] = None, num_
 
     if num_fewshot is not None and num_fewshot < 0:
         raise GptxError(f"--num-fewshot: must be at least 0, got {num_fewshot}")
+    if num_fewshot is not None and num_fewshot > MAX_FEWSHOT:
+        raise GptxError(f"--num-fewshot: must be at most {MAX_FEWSHOT:,}, got {num_fewshot}")
     if limit is not None and limit < 1:
         raise GptxError(f"--limit: must be at least 1 example per task, got {limit}")
+    if limit is not None and limit > MAX_LIMIT:
+        raise GptxError(f"--limit: must be at most {MAX_LIMIT:,} examples per task, got {limit}")
     if batch is not None and batch < 1:
         raise GptxError(f"--batch-size: must be at least 1, got {batch}")
     names = task_names(harness)

@@ -1,9 +1,11 @@
 """Helpers shared by test modules (importable: pyproject puts tests/ on pythonpath)."""
 import http.client
+import json
 import os
 import signal
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,6 +50,34 @@ out_dir = "{path.parent / 'runs'}"
 enabled = false
 '''
     path.write_text(text + body)
+    return path
+
+
+def plugin_experiment(path: Path, model: str = "", tokenizer: str = "char", max_steps: int = 10, sample_tokens: int = 0,
+                      tables: str = "", tracking: str = "enabled = false") -> Path:
+    """A 2-layer, 32-wide, 4-head experiment on one thread with the ``[model.*]`` tables in ``model``
+    (a plugin's parts), ``tables`` appended last (``[training.optimizer]`` and the like)."""
+    path.write_text(textwrap.dedent(f"""
+        [model]
+        n_layer = 2
+        n_head = 4
+        n_embd = 32
+        block_size = 32
+        [tokenizer]
+        kind = "{tokenizer}"
+        [data]
+        path = {json.dumps(str(SHAKESPEARE))}
+        [training]
+        batch_size = 4
+        max_steps = {max_steps}
+        eval_interval = 10
+        eval_steps = 2
+        log_interval = {max(1, max_steps // 2)}
+        sample_tokens = {sample_tokens}
+        final_eval_tokens = 0
+        threads = 1
+        [tracking]
+        """) + tracking + "\n" + textwrap.dedent(model) + textwrap.dedent(tables))
     return path
 
 

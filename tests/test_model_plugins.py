@@ -8,16 +8,13 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import install_plugin_packages, plugin_env
+from helpers import install_plugin_packages, plugin_experiment, plugin_env
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "experiments" / "data" / "tinyshakespeare.txt"
 NAMES = ["rezero", "layerscale", "sigmoid_moe", "token_major"]
 
 
@@ -48,13 +45,7 @@ def test_check_plugin_passes_every_contract_of_the_model_plugin(site, tmp_path):
 
 
 def test_a_model_of_plugin_parts_trains_exports_and_decodes_its_own_cache_on_onnxruntime(site, tmp_path):
-    exp = tmp_path / "plugins.toml"
-    exp.write_text(textwrap.dedent(f"""
-        [model]
-        n_layer = 2
-        n_head = 4
-        n_embd = 32
-        block_size = 32
+    exp = plugin_experiment(tmp_path / "plugins.toml", """
         [model.block]
         kind = "rezero"
         [model.attention]
@@ -64,22 +55,7 @@ def test_a_model_of_plugin_parts_trains_exports_and_decodes_its_own_cache_on_onn
         kind = "sigmoid_moe"
         n_experts = 4
         top_k = 2
-        [tokenizer]
-        kind = "char"
-        [data]
-        path = {json.dumps(str(DATA))}
-        [training]
-        batch_size = 4
-        max_steps = 20
-        eval_interval = 10
-        eval_steps = 2
-        log_interval = 10
-        sample_tokens = 8
-        final_eval_tokens = 0
-        threads = 1
-        [tracking]
-        enabled = false
-        """))
+        """, max_steps=20, sample_tokens=8)
     run = gptx(site, "run", exp, "--quiet", cwd=tmp_path)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     ckpt = next(line.split(":", 1)[1].strip() for line in run.stdout.splitlines() if line.startswith("checkpoint:"))
@@ -100,32 +76,6 @@ def test_a_model_of_plugin_parts_trains_exports_and_decodes_its_own_cache_on_onn
         return [json.loads(line)["ids"] for line in r.stdout.splitlines()]
 
     assert greedy(out) == greedy(ckpt)
-
-
-def tiny_experiment(path: Path, model: str, training: str = "", tracking: str = "enabled = false") -> Path:
-    """A 2-layer, 32-wide char-level experiment with the [model.*] tables in ``model``."""
-    path.write_text(textwrap.dedent(f"""
-        [model]
-        n_layer = 2
-        n_head = 4
-        n_embd = 32
-        block_size = 32
-        [tokenizer]
-        kind = "char"
-        [data]
-        path = {json.dumps(str(DATA))}
-        [training]
-        batch_size = 4
-        max_steps = 10
-        eval_interval = 10
-        eval_steps = 2
-        log_interval = 5
-        sample_tokens = 0
-        final_eval_tokens = 0
-        threads = 1
-        [tracking]
-        """) + tracking + "\n" + textwrap.dedent(model) + textwrap.dedent(training))
-    return path
 
 
 # every prompt's greedy ids with the cache (prompts of different lengths: a left-padded batch) and
@@ -174,7 +124,7 @@ def test_a_block_with_its_own_attention_name_decodes_exports_and_logs_aux_as_the
     reach MLflow and metrics.jsonl under the built-in blocks' names."""
     from mlflow.tracking import MlflowClient
 
-    exp = tiny_experiment(tmp_path / "layerscale.toml", """
+    exp = plugin_experiment(tmp_path / "layerscale.toml", """
         [model.block]
         kind = "layerscale"
         [model.ffn]

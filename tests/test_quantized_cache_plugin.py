@@ -8,15 +8,12 @@ import json
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
-from helpers import install_plugin_packages, node_example_modules, plugin_env, run_node, serve
+from helpers import install_plugin_packages, node_example_modules, plugin_env, plugin_experiment, run_node, serve
 import test_web_browser as web
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = ROOT / "experiments" / "data" / "tinyshakespeare.txt"
 # two lengths (a left-padded batch) and 40 new tokens: past the 32-token context, so both runtimes crop
 PROMPTS = ["ROMEO:", "O"]
 NEW_TOKENS = 40
@@ -43,31 +40,10 @@ def exported(site, tmp_path_factory) -> tuple[Path, Path]:
     """(checkpoint, export folder) of a tiny byte-level model with the plugin's attention, trained by
     ``gptx run``, sharpened (``WANDERING``) and exported (with verification) by ``gptx export``."""
     root = tmp_path_factory.mktemp("qcache-run")
-    exp = root / "int8_values.toml"
-    exp.write_text(textwrap.dedent(f"""
-        [model]
-        n_layer = 2
-        n_head = 4
-        n_embd = 32
-        block_size = 32
+    exp = plugin_experiment(root / "int8_values.toml", """
         [model.attention]
         kind = "int8_values"
-        [tokenizer]
-        kind = "byte"
-        [data]
-        path = {json.dumps(str(DATA))}
-        [training]
-        batch_size = 4
-        max_steps = 20
-        eval_interval = 10
-        eval_steps = 2
-        log_interval = 10
-        sample_tokens = 8
-        final_eval_tokens = 0
-        threads = 1
-        [tracking]
-        enabled = false
-        """))
+        """, tokenizer="byte", max_steps=20, sample_tokens=8)
     run = gptx(site, "run", exp, "--quiet", cwd=root)
     assert succeeded(run)
     trained = Path(next(line.split(":", 1)[1].strip() for line in run.stdout.splitlines() if line.startswith("checkpoint:")))

@@ -650,14 +650,16 @@ class _GenerateBench:
 
         from gptx.export import TOKENIZER_FILE
 
-        if not (self.export("fp32") / TOKENIZER_FILE).is_file():
-            return f"the export has no {TOKENIZER_FILE}, which the Node example reads"
         try:
             r = subprocess.run(["node", str(NODE_BENCH), "--check"], capture_output=True, text=True, timeout=120)
         except subprocess.TimeoutExpired:
             return "node did not load the Node example's packages in 2 minutes"
-        said = r.stderr.strip().splitlines()
-        return None if r.returncode == 0 else (said[-1].removeprefix("Error: ") if said else f"node exited {r.returncode}")
+        if r.returncode != 0:
+            said = r.stderr.strip().splitlines()
+            return said[-1].removeprefix("Error: ") if said else f"node exited {r.returncode}"
+        if not (self.export("fp32") / TOKENIZER_FILE).is_file():  # after the cheap check: this exports
+            return f"the export has no {TOKENIZER_FILE}, which the Node example reads"
+        return None
 
     def time_node(self, new_tokens: int, repeats: int) -> dict:
         """The Node example on the fp32 export, timed inside Node (export/node/bench.js: the same

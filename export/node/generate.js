@@ -87,7 +87,11 @@ async function load(dir, threads = 0) {
     return file;
   };
   const readJson = (name) => JSON.parse(fs.readFileSync(regular(path.join(dir, name)), "utf-8"));
-  const sessionOptions = { executionProviders: ["cpu"], ...(threads ? { intraOpNumThreads: threads } : {}) };
+  // idle onnxruntime threads sleep instead of spinning, as in gptx's Python sessions and its
+  // genai_config.json: between runs the sampling loop needs the CPU, and spinning threads starve
+  // any neighbour on a shared machine (docs/deploy.md has the figures)
+  const noSpinning = { session: { intra_op: { allow_spinning: "0" }, inter_op: { allow_spinning: "0" } } };
+  const sessionOptions = { executionProviders: ["cpu"], extra: noSpinning, ...(threads ? { intraOpNumThreads: threads } : {}) };
   return { ort, gptx, ...(await gptx.loadExport({ ort, Tokenizer, readJson, modelLocation: regular(path.join(dir, "model.onnx")), sessionOptions })) };
 }
 

@@ -42,6 +42,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -49,8 +50,12 @@ from gptx.errors import GptxError
 from gptx.export import GENAI_FILE
 
 SECTIONS = ("peak", "train", "generate", "busy", "speedrun", "startup")  # the last three only when asked
-BACKENDS = ("torch", "torch-kv8", "ort", "ort-int8", "ort-int4", "hf", "genai")
+BACKENDS = ("torch", "torch-kv8", "ort", "ort-int8", "ort-int4", "hf", "genai", "genai-int4", "node")
 QUANTIZED = {"ort-int8": "int8", "ort-int4": "int4"}  # backend -> gptx export --quantize scheme
+GENAI = {"genai": "fp32", "genai-int4": "int4"}  # onnxruntime-genai backend -> the export it runs
+# the runtimes that decode an export on their own, against gptx's Python loop on the same file (vs_loop)
+LOOP_OF = {"genai": "ort", "genai-int4": "ort-int4", "node": "ort"}
+NODE_BENCH = Path(str(resources.files("gptx.export") / "node" / "bench.js"))  # the Node example's timing
 MODEL_SIZES = {  # randomly initialised GPT-2-style models with GPT-2's BPE vocabulary
     "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 1024},
     "gpt2": {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024},  # GPT-2 124M
@@ -497,22 +502,26 @@ class _GenerateBench:
                 return "transformers is not installed"
             if not _is_plain_gpt2(self.cfg):
                 return "the model is not plain GPT-2 (HF GPT2LMHeadModel cannot hold it)"
-        if name == "genai":
+        if name in GENAI:
             try:
                 import onnxruntime_genai  # noqa: F401
             except ImportError:
                 return "onnxruntime-genai is not installed"
-        if name in ("ort", *QUANTIZED, "genai"):
+        if name == "node" and shutil.which("node") is None:
+            return "Node.js (node) is not installed"
+        if name in ("ort", *QUANTIZED, *GENAI, "node"):
             from gptx.export.onnx_export import check_exportable
 
             try:
                 check_exportable(self.cfg.model)
             except GptxError as err:
                 return str(err)
-        if name == "genai" and self.cfg.tokenizer.name != "gpt2":
+        if name in GENAI and self.cfg.tokenizer.name != "gpt2":
             return "onnxruntime-genai needs tokenizer.json (GPT-2 BPE exports only)"
-        if name == "genai" and not (self.export("fp32") / GENAI_FILE).is_file():
+        if name in GENAI and not (self.export(GENAI[name]) / GENAI_FILE).is_file():
             return "onnxruntime-genai reads float32 key/value caches only; this model declares another cache"
+        if name == "node":
+            return self.node_skip_reason()
         if name == "torch-kv8" and self.cfg.model.attention.name != "causal":
             return f"the int8 KV cache is the causal attention's kv_cache option; this model's attention is '{self.cfg.model.attention.name}'"
         return None
@@ -522,8 +531,9 @@ class _GenerateBench:
             scheme = QUANTIZED.get(name, "fp32")
             self.export(scheme)  # export time is not generation time
             return lambda: self.load_ort(scheme)
-        if name == "genai":
-            self.export("fp32")
+        if name in GENAI:
+            self.export(GENAI[name])
+            return lambda: self.load_genai(GENAI[name])
         return getattr(self, f"load_{name.replace('-', '_')}")
 
     def export(self, scheme: str) -> Path:
@@ -612,10 +622,14 @@ class _GenerateBench:
             return out[0, len(p):].tolist()
         return run
 
-    def load_genai(self):
+    def load_genai(self, scheme: str = "fp32"):
+        """onnxruntime-genai on the ``scheme`` export with its genai_config.json as written, but for
+        the thread count: the bench's, as every other backend's."""
         import onnxruntime_genai as og
 
-        og_model = og.Model(str(self.export("fp32")))
+        config = og.Config(str(self.export(scheme)))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}}))
+        og_model = og.Model(config)
 
         def run(p, n):
             params = og.GeneratorParams(og_model)
@@ -628,6 +642,48 @@ class _GenerateBench:
                 got.append(int(gen.get_next_tokens()[0]))
             return got
         return run
+
+    def node_skip_reason(self) -> Optional[str]:
+        """Why the Node example cannot run the fp32 export here (its packages resolve as Node
+        resolves them: beside the script, or NODE_PATH), or None."""
+        import subprocess
+
+        from gptx.export import TOKENIZER_FILE
+
+        try:
+            r = subprocess.run(["node", str(NODE_BENCH), "--check"], capture_output=True, text=True, timeout=120)
+        except subprocess.TimeoutExpired:
+            return "node did not load the Node example's packages in 2 minutes"
+        if r.returncode != 0:
+            said = r.stderr.strip().splitlines()
+            return said[-1].removeprefix("Error: ") if said else f"node exited {r.returncode}"
+        if not (self.export("fp32") / TOKENIZER_FILE).is_file():  # after the cheap check: this exports
+            return f"the export has no {TOKENIZER_FILE}, which the Node example reads"
+        return None
+
+    def time_node(self, new_tokens: int, repeats: int) -> dict:
+        """The Node example on the fp32 export, timed inside Node (export/node/bench.js: the same
+        warm-up, first-token and whole-generation runs as ``_time_backend``, with this bench's
+        threads); the same keys as ``_time_backend``."""
+        import subprocess
+
+        args = ["node", str(NODE_BENCH), str(self.export("fp32")), "--ids", ",".join(map(str, self.prompt)),
+                "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--threads", str(self.threads)]
+        r = subprocess.run(args, capture_output=True, text=True, timeout=3600)
+        if r.returncode != 0:
+            said = r.stderr.strip().splitlines()
+            raise GptxError(f"node bench.js failed: {said[-1] if said else f'exit {r.returncode}'}")
+        got = json.loads(r.stdout.strip().splitlines()[-1])
+        first, whole = statistics.median(got["ttft_ms"]) / 1e3, statistics.median(got["total_ms"]) / 1e3
+        return {
+            "tokens_per_s": round(new_tokens / whole, 1),
+            "decode_tokens_per_s": round((new_tokens - 1) / (whole - first), 1) if new_tokens > 1 and whole > first else None,
+            "ttft_ms": round(first * 1e3, 2),
+            "total_s": round(whole, 3),
+            "load_s": round(got["load_ms"] / 1e3, 2),
+            "peak_rss_mib": round(got["peak_rss_growth_mib"], 1),
+            "ids": got["ids"],
+        }
 
 
 def _model_info(source: Path, name: str, prompt_tokens: int, new_tokens: int, threads: int, repeats: int,
@@ -663,6 +719,16 @@ def _compare_backends(results: dict) -> None:
         r["vs_genai"] = round(r["tokens_per_s"] / genai, 2) if genai else None
 
 
+def _compare_to_loop(results: dict) -> None:
+    """Each runtime that decodes an export on its own (``LOOP_OF``: genai, Node) against gptx's
+    Python loop on the same file: ``loop`` names it, ``vs_loop`` is tokens/s over its tokens/s."""
+    for name, loop in LOOP_OF.items():
+        if name in results:
+            ref = results.get(loop, {}).get("tokens_per_s")
+            results[name]["loop"] = loop
+            results[name]["vs_loop"] = round(results[name]["tokens_per_s"] / ref, 2) if ref else None
+
+
 def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, backends=BACKENDS,
                    prompt_tokens: int = 32, new_tokens: int = 128, repeats: int = 3,
                    log: Callable[[str], None] = lambda s: None, bandwidth: Optional[dict] = None) -> dict:
@@ -681,20 +747,22 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
         bench = _GenerateBench(source, cfg, work, prompt, threads, info, log)
         # the torch-based backends before the export work (torch.onnx export, int8 quantization) in
         # this process: one gpt2 run measured HF at 2 tok/s after it, 18 without (cause not isolated)
-        for name in ("torch", "torch-kv8", "hf", "ort", *QUANTIZED, "genai"):
+        for name in ("torch", "torch-kv8", "hf", "ort", *QUANTIZED, *GENAI, "node"):
             if name not in backends:
                 continue
             reason = bench.skip_reason(name)
             if reason:
                 skipped[name] = reason
                 continue
-            load = bench.loader(name)
+            load = None if name == "node" else bench.loader(name)  # Node is timed inside Node (bench.js)
             log(f"generating with {name}...")
-            results[name] = _time_backend(_Backend(name, load), prompt, new_tokens, repeats)
+            results[name] = bench.time_node(new_tokens, repeats) if load is None else \
+                _time_backend(_Backend(name, load), prompt, new_tokens, repeats)
             gc.collect()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _compare_backends(results)
+    _compare_to_loop(results)
     return info | {"backends": results, "skipped": skipped}
 
 

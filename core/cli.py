@@ -766,8 +766,8 @@ def _harness_eval(source, harness, own_options, include_path, num_fewshot, limit
 @click.option("--model", "model_size", default="tiny", show_default=True, type=click.Choice(["tiny", "gpt2"]),
               help="Randomly initialised model for the generate section: tiny (4x128) or gpt2 (124M).")
 @click.option("--checkpoint", "checkpoint_dir", default=None, help="Generate with this checkpoint instead of a random model.")
-@click.option("--backends", default="torch,torch-kv8,ort,ort-int8,ort-int4,hf,genai", show_default=True,
-              help="Generation backends (hf and genai when installed).")
+@click.option("--backends", default="torch,torch-kv8,ort,ort-int8,ort-int4,hf,genai,genai-int4,node", show_default=True,
+              help="Generation backends (hf, genai and node when installed).")
 @click.option("--prompt-tokens", default=32, show_default=True, type=BoundedInt(1, MAX_TOKENS))
 @click.option("--new-tokens", default=128, show_default=True, type=BoundedInt(1, MAX_TOKENS))
 @click.option("--repeats", default=3, show_default=True, type=BoundedInt(1, 10_000), help="Timed generations per backend; gptx runs of the startup section.")

@@ -1,6 +1,15 @@
 """``genai_config.json``: how onnxruntime-genai (Python, C, C++, C#, Java) runs the export.
 
 Type "decoder" with the contract's names; type "gpt2" would expect an older combined-cache layout.
+
+The session options are gptx's own onnxruntime sessions' (``gptx.export.runtime.make_session``), so
+genai decodes as fast as gptx's Python loop on the same graph (docs/deploy.md has the figures):
+
+- ``intra_op_num_threads`` 0: onnxruntime's own default, one thread per physical core. Left
+  unset, genai takes half the logical CPUs (it assumes two hardware threads per core), so on a
+  machine without SMT it decodes on half the cores.
+- no spinning: between runs genai's search and the caller's loop need the CPU that idle
+  onnxruntime threads would burn waiting for work, and spinning threads starve any neighbour.
 """
 from __future__ import annotations
 
@@ -14,6 +23,14 @@ def reads(meta: dict) -> bool:
     """Whether onnxruntime-genai can run the export: its decoder knows GPT-2's key/value cache only."""
     m = meta["model"]
     return cache_layout(meta) == default_cache(m["kv_heads"], m["head_dim"])
+
+
+# onnxruntime session options in genai_config.json (see the module's docstring for why)
+SESSION_OPTIONS = {
+    "intra_op_num_threads": 0,
+    "session.intra_op.allow_spinning": "0",
+    "session.inter_op.allow_spinning": "0",
+}
 
 
 def genai_config(meta: dict) -> dict:
@@ -33,7 +50,7 @@ def genai_config(meta: dict) -> dict:
             "pad_token_id": pad,
             "decoder": {
                 "filename": MODEL_FILE,
-                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "session_options": {"log_id": "onnxruntime-genai", **SESSION_OPTIONS, "provider_options": []},
                 "head_size": m["head_dim"],
                 "hidden_size": m["n_embd"],
                 "num_attention_heads": m["n_head"],

@@ -210,12 +210,14 @@ def once(key, make):
     return _MADE[key]
 
 
-def wandering_export(root: Path, tokenizer: str, seed: int, state=None, stop_prompt=None, attention=None, log=None) -> Path:
+def wandering_export(root: Path, tokenizer: str, seed: int, state=None, stop_prompt=None, attention=None, log=None,
+                     quantize=None) -> Path:
     """A 2-layer, 64-wide model (untied LM head, weights x5, so greedy text wanders instead of
     repeating one token) and its verified ONNX export in root/out, for runtimes compared token by
     token. With ``stop_prompt`` (GPT-2 BPE), end-of-text's LM-head row copies (x1.5) the row of
     the third token greedy decoding gives that prompt, so that prompt's greedy text ends there.
-    ``attention``: the model's attention table (e.g. the int8 KV cache); ``log`` sees the export's lines."""
+    ``attention``: the model's attention table (e.g. the int8 KV cache); ``log`` sees the export's lines;
+    ``quantize``: gptx export --quantize's scheme."""
     import torch
 
     from gptx import checkpoint
@@ -235,7 +237,7 @@ def wandering_export(root: Path, tokenizer: str, seed: int, state=None, stop_pro
                 ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)  # [1, T+1]
             model.lm_head.weight[tok.eot_id] = 1.5 * model.lm_head.weight[int(ids[0, -1])]
     ck = checkpoint.save(root / "run", 1, model, cfg, tok)
-    export_checkpoint(ck, root / "out", log=log or (lambda _m: None), track=False)
+    export_checkpoint(ck, root / "out", quantize=quantize, log=log or (lambda _m: None), track=False)
     return root / "out"
 
 

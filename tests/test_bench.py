@@ -2,9 +2,10 @@
 No timing thresholds: speed targets are ratios measured on a quiet machine, not unit tests."""
 import json
 import os
+from pathlib import Path
 
 import pytest
-from helpers import gptx, write_experiment
+from helpers import gptx, missing_tool, node_example_modules, write_experiment
 
 # peak RSS is measured where the process may reset its high-water mark (Linux), else reported as None
 PEAK_RSS = os.access("/proc/self/clear_refs", os.W_OK)
@@ -85,6 +86,55 @@ def test_bench_int4_row():
     assert row["tokens_per_s"] > 0 and row["ttft_ms"] > 0 and row["total_s"] > 0
     assert row["same_tokens_as_torch"] is None and row["vs_hf"] is None  # no torch or HF row to compare with
     assert g["fp32_bandwidth_bound_tok_s"] > 0 and g["new_tokens"] == 8
+
+
+@pytest.mark.slow
+def test_bench_genai_and_node_rows_against_the_python_loop(request, tmp_path_factory):
+    """genai on the fp32 and int4 exports and the Node example (timed inside Node) each report
+    their speed against gptx's Python loop on the same file, and decode its greedy ids."""
+    modules = node_example_modules(request, tmp_path_factory)
+    proc = gptx("bench", "--only", "generate", "--backends", "torch,ort,ort-int4,genai,genai-int4,node", "--model", "tiny",
+                "--prompt-tokens", "4", "--new-tokens", "8", "--repeats", "1", "--json",
+                env={"NODE_PATH": str(modules)}, check=True, timeout=900)
+    g = json.loads(proc.stdout)["generate"]
+    assert g["skipped"] == {}
+    rows = g["backends"]
+    for name, loop in (("genai", "ort"), ("genai-int4", "ort-int4"), ("node", "ort")):
+        row = rows[name]
+        assert row["tokens_per_s"] > 0 and row["ttft_ms"] > 0 and row["total_s"] > 0 and row["load_s"] >= 0, name
+        assert row["peak_rss_mib"] is None or row["peak_rss_mib"] >= 0, name
+        assert row["loop"] == loop and row["vs_loop"] == pytest.approx(row["tokens_per_s"] / rows[loop]["tokens_per_s"], abs=0.006)
+    assert rows["genai"]["same_tokens_as_torch"] == rows["node"]["same_tokens_as_torch"] == 8
+    assert rows["genai-int4"]["same_tokens_as_torch"] == rows["ort-int4"]["same_tokens_as_torch"]  # the same int4 graph
+    assert "vs_loop" not in rows["ort"] and "vs_loop" not in rows["torch"]
+
+
+def test_bench_node_without_node_is_skipped_with_its_reason():
+    """No node on PATH: the row is skipped, saying why, and the other backends still run."""
+    import sys
+
+    proc = gptx("bench", "--only", "generate", "--backends", "node", "--model", "tiny", "--new-tokens", "2",
+                "--repeats", "1", "--json", env={"PATH": os.path.dirname(sys.executable)}, check=True, timeout=600)
+    g = json.loads(proc.stdout)["generate"]
+    assert g["backends"] == {} and g["skipped"] == {"node": "Node.js (node) is not installed"}
+
+
+@pytest.mark.slow
+def test_bench_node_without_its_packages_says_how_to_install_them(tmp_path):
+    """node is there but onnxruntime-node is not (no NODE_PATH, none beside the script): one line
+    that names the install command."""
+    import shutil
+    from importlib import resources
+
+    if shutil.which("node") is None:
+        missing_tool("Node.js (node) is not installed")
+    if (Path(str(resources.files("gptx.export") / "node")) / "node_modules").exists():
+        pytest.skip("export/node/node_modules is installed here: Node finds the packages beside the script")
+    env = {"NODE_PATH": str(tmp_path)}  # an empty folder
+    proc = gptx("bench", "--only", "generate", "--backends", "node", "--model", "tiny", "--new-tokens", "2",
+                "--repeats", "1", "--json", env=env, check=True, timeout=600)
+    reason = json.loads(proc.stdout)["generate"]["skipped"]["node"]
+    assert reason.startswith("onnxruntime-node is not installed: ONNXRUNTIME_NODE_INSTALL=skip npm install"), reason
 
 
 @pytest.mark.slow

@@ -178,6 +178,11 @@ def test_genai_config_describes_a_decoder(gpt2):
     assert d["filename"] == "model.onnx" and d["num_hidden_layers"] == 2 and d["num_key_value_heads"] == 4
     assert d["inputs"]["past_key_names"] == "past_key_values.%d.key"
     assert d["outputs"]["present_value_names"] == "present.%d.value"
+    # gptx's own session settings: a thread per physical core (genai's default takes half the logical
+    # CPUs: one of two cores without SMT) and no spinning (the search between runs needs the CPU)
+    so = d["session_options"]
+    assert so["intra_op_num_threads"] == 0 and so["session.intra_op.allow_spinning"] == "0"
+    assert so["session.inter_op.allow_spinning"] == "0"
 
 
 def test_tokenizer_json_encodes_like_tiktoken(gpt2):

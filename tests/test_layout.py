@@ -163,7 +163,8 @@ def test_wheel_contains_every_package_and_the_bpe_files(wheel):
             assert f"{pkg.replace('.', '/')}/{py.name}" in names, f"{py.relative_to(ROOT)} missing from the wheel"
     for needed in ("gptx/__init__.py", "gptx/cli.py", "gptx/plugins/__init__.py", "gptx/export/__init__.py",
                    "gptx/plugins/data/gpt2-bpe/vocab.bpe", "gptx/plugins/data/gpt2-bpe/encoder.json",
-                   "gptx/export/node/generate.js", "gptx/export/node/package.json", "gptx/export/web/index.html",
+                   "gptx/export/node/generate.js", "gptx/export/node/bench.js", "gptx/export/node/package.json",
+                   "gptx/export/web/index.html",
                    "gptx/export/web/app.mjs", "gptx/export/web/gptx.mjs", "gptx/export/web/gptx.css",
                    "gptx/export/web/package.json", "gptx/experiments/shakespeare_char.toml",
                    "gptx/experiments/baseline.toml", "gptx/experiments/data/tinyshakespeare.txt"):

@@ -184,6 +184,20 @@ def test_onnxruntime_genai_generates_the_same_greedy_tokens(gpt2_out):
         assert tokenizer.decode(got) == gen.tokenizer.decode([t for t in got if t != 50256])
 
 
+def test_onnxruntime_genai_runs_the_int4_export_as_the_python_loop(tmp_path):
+    """gptx export --quantize int4 writes genai_config.json too, and genai decodes that graph
+    (MatMulNBits) to the same greedy ids as gptx's Python loop on the same file."""
+    import onnxruntime_genai as og
+
+    out = wandering_export(tmp_path, "gpt2", seed=4, quantize="int4")
+    assert json.loads((out / "gptx_export.json").read_text())["quantization"] == "int4"
+    assert (out / "genai_config.json").is_file()
+    want, gen = python_greedy(out, PROMPTS[:2], 16)
+    model = og.Model(str(out))
+    for prompt, expected in zip(PROMPTS[:2], want):
+        assert genai_greedy(model, gen.tokenizer.encode(prompt), 16) == expected, prompt
+
+
 @pytest.mark.parametrize("kind", ["char", "byte"])
 def test_onnxruntime_genai_runs_exports_without_an_end_of_text_token(kind, tmp_path):
     """Char and byte vocabularies have no end-of-text id: genai must start and run to max_length

@@ -76,7 +76,9 @@ function parseArgs(argv) {
   return args;
 }
 
-async function generate(dir, prompts, { maxNewTokens = 50, threads = 0, ...sampling } = {}) {
+// The export in `dir` ready to decode: { ort, gptx (../web/gptx.mjs), meta, tokenizer, decoder }.
+// bench.js loads through here too, so it times what this example runs.
+async function load(dir, threads = 0) {
   const ort = require("onnxruntime-node");
   const { Tokenizer } = require("@huggingface/tokenizers");
   const gptx = await import(pathToFileURL(path.join(__dirname, "..", "web", "gptx.mjs")).href);
@@ -85,8 +87,16 @@ async function generate(dir, prompts, { maxNewTokens = 50, threads = 0, ...sampl
     return file;
   };
   const readJson = (name) => JSON.parse(fs.readFileSync(regular(path.join(dir, name)), "utf-8"));
-  const sessionOptions = { executionProviders: ["cpu"], ...(threads ? { intraOpNumThreads: threads } : {}) };
-  const { tokenizer, decoder } = await gptx.loadExport({ ort, Tokenizer, readJson, modelLocation: regular(path.join(dir, "model.onnx")), sessionOptions });
+  // idle onnxruntime threads sleep instead of spinning, as in gptx's Python sessions and its
+  // genai_config.json: between runs the sampling loop needs the CPU, and spinning threads starve
+  // any neighbour on a shared machine (docs/deploy.md has the figures)
+  const noSpinning = { session: { intra_op: { allow_spinning: "0" }, inter_op: { allow_spinning: "0" } } };
+  const sessionOptions = { executionProviders: ["cpu"], extra: noSpinning, ...(threads ? { intraOpNumThreads: threads } : {}) };
+  return { ort, gptx, ...(await gptx.loadExport({ ort, Tokenizer, readJson, modelLocation: regular(path.join(dir, "model.onnx")), sessionOptions })) };
+}
+
+async function generate(dir, prompts, { maxNewTokens = 50, threads = 0, ...sampling } = {}) {
+  const { gptx, tokenizer, decoder } = await load(dir, threads);
   const promptIds = prompts.map((p) => tokenizer.encode(p));
   const result = await decoder.generate(promptIds, maxNewTokens, new gptx.Sampler(sampling));
   return promptIds.map((p, b) => ({ prompt_ids: p, ids: result.ids[b], text: tokenizer.decode(result.ids[b]) }));
@@ -119,4 +129,4 @@ if (require.main === module) {
   main().catch((err) => { console.error(`Error: ${oneLine(err)}`); process.exit(2); });
 }
 
-module.exports = { generate };
+module.exports = { generate, load, integer, oneLine };

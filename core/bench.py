@@ -739,7 +739,10 @@ def bench_quality(onnx_dirs: dict, text: Path, random_weights: bool, log=lambda 
         out["note"] = RANDOM_WEIGHTS_NOTE
     for scheme, directory in onnx_dirs.items():  # fp32 first: the export makes it before any quantization
         log(f"scoring {scheme} on {text.name}...")
-        r = evaluate_text(OnnxScorer(Path(directory)), text)
+        try:
+            r = evaluate_text(OnnxScorer(Path(directory)), text)
+        except GptxError as err:  # its lines name gptx eval's option
+            raise GptxError("--quality-data: " + str(err).removeprefix("--data: ")) from None
         out["tokens"] = r["tokens"]
         out[scheme] = {"loss": round(r["loss"], 5), "perplexity": round(r["perplexity"], 4)}
         fp32 = r["perplexity"] if scheme == "fp32" else fp32

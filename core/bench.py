@@ -19,7 +19,10 @@ Sections (``--only``):
   cache on the same weights, with its cache bytes per token and layer against float32's; ``same``
   says how long its greedy tokens agree), onnxruntime fp32, int8 and int4 on a ``gptx.export`` of the
   same weights, and, when installed, Hugging Face ``generate`` on the same weights and
-  onnxruntime-genai on the same export (the peers).
+  onnxruntime-genai on the same export (the peers). Beside them: each exported precision's bound
+  (``bounds``: the bytes a decode step reads, ``decode_step_bytes``, at the measured bandwidth)
+  with each backend's share of it, and each export's perplexity on held-out text
+  (``quality``: ``--quality-data``, scored by gptx eval's loop) against fp32 of the same weights.
 - ``busy`` (only with ``--only``): the train section's tokens/s quiet and beside ``--busy K``
   processes this section starts (each ``while True: pass``), with gptx's thread choice
   (``gptx.threads``) and with a fixed count (``--threads``, default every available CPU), and

@@ -19,7 +19,10 @@ Sections (``--only``):
   cache on the same weights, with its cache bytes per token and layer against float32's; ``same``
   says how long its greedy tokens agree), onnxruntime fp32, int8 and int4 on a ``gptx.export`` of the
   same weights, and, when installed, Hugging Face ``generate`` on the same weights and
-  onnxruntime-genai on the same export (the peers).
+  onnxruntime-genai on the same export (the peers). Beside them: each exported precision's bound
+  (``bounds``: the bytes a decode step reads, ``decode_step_bytes``, at the measured bandwidth)
+  with each backend's share of it, and each export's perplexity on held-out text
+  (``quality``: ``--quality-data``, scored by gptx eval's loop) against fp32 of the same weights.
 - ``busy`` (only with ``--only``): the train section's tokens/s quiet and beside ``--busy K``
   processes this section starts (each ``while True: pass``), with gptx's thread choice
   (``gptx.threads``) and with a fixed count (``--threads``, default every available CPU), and
@@ -686,6 +689,127 @@ class _GenerateBench:
         }
 
 
+# ---- the bound of each precision -----------------------------------------------------------
+
+PRECISION_OF = {"ort-int8": "int8", "ort-int4": "int4", "genai-int4": "int4"}  # every other backend reads the fp32 weights
+GATHERS = {"Gather": "axis", "GatherBlockQuantized": "gather_axis"}  # op -> its attribute naming the gathered axis
+_NIBBLE_TYPES = {"INT4", "UINT4", "FLOAT4E2M1"}
+
+
+def decode_step_bytes(model_path: Path) -> int:
+    """Bytes of initializers one batch-1 decode step of ``model_path`` reads, each at its stored
+    dtype (4-bit types count half a byte; packed uint8 blobs, scales and zero points as stored).
+    An initializer read by any other op counts whole (the LM head, every MatMul); one only ever
+    gathered (the token and position tables) counts one slice of its gathered axis per Gather:
+    one token per step reads one row. Each initializer counts once, however many nodes read it.
+    The key/value cache is not counted: it grows with the position, the weights do not."""
+    import onnx
+
+    graph = onnx.load(str(model_path), load_external_data=False).graph  # shapes and dtypes only
+    inits = {t.name: t for t in graph.initializer}
+    whole: set[str] = set()
+    rows: dict[str, int] = {}  # initializer -> bytes one step gathers from it
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name not in inits:
+                continue
+            if node.op_type in GATHERS and k != 1:  # input 1 is the indices
+                t = inits[name]
+                axis = next((a.i for a in node.attribute if a.name == GATHERS[node.op_type]), 0) % max(1, len(t.dims))
+                rows[name] = rows.get(name, 0) + _tensor_bytes(t) // max(1, t.dims[axis] if t.dims else 1)
+            else:
+                whole.add(name)
+    return sum(_tensor_bytes(inits[n]) for n in whole) + sum(b for n, b in rows.items() if n not in whole)
+
+
+def _tensor_bytes(t) -> int:
+    import numpy as np
+    import onnx
+
+    count = int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+    if onnx.TensorProto.DataType.Name(t.data_type) in _NIBBLE_TYPES:
+        return (count + 1) // 2
+    return count * np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+
+
+def bounds(onnx_dirs: dict, bandwidth: Optional[dict]) -> dict:
+    """Per precision exported (fp32, int8, int4): the bytes a decode step reads and the tokens/s
+    that bounds at the measured bandwidth (batch-1 decoding streams its weights once per token)."""
+    from gptx.export import MODEL_FILE
+
+    out = {}
+    for scheme, directory in onnx_dirs.items():
+        read = decode_step_bytes(Path(directory) / MODEL_FILE)
+        out[scheme] = {"bytes_per_token": read, "mib_per_token": round(read / 2**20, 1),
+                       "bound_tok_s": round(bandwidth["gbps"] * 1e9 / read, 1) if bandwidth else None}
+    return out
+
+
+def _share_of_bound(results: dict, precision_bounds: dict) -> None:
+    """Each backend's decode tokens/s (after the first token: what the bound is about) against its
+    precision's bound."""
+    for name, r in results.items():
+        bound = precision_bounds.get(PRECISION_OF.get(name, "fp32"), {}).get("bound_tok_s")
+        rate = r.get("decode_tokens_per_s") or r["tokens_per_s"]
+        r["bound_tok_s"] = bound
+        r["share_of_bound"] = round(rate / bound, 3) if bound else None
+
+
+# ---- quality beside speed ------------------------------------------------------------------
+
+QUALITY_BYTES = 16_384  # the shipped Shakespeare's tail: held out by every shipped recipe (val_fraction 0.1)
+RANDOM_WEIGHTS_NOTE = ("random-init weights: every precision's perplexity is near the vocabulary size and its change "
+                       "says nothing; give --checkpoint a trained model")
+
+
+def check_quality_data(path: Optional[str]) -> None:
+    """--quality-data names a non-empty regular file (checked before the machine is measured)."""
+    if path is None:
+        return
+    p = Path(path)
+    if not p.exists():
+        raise GptxError(f"--quality-data: {path}: no such file")
+    if not p.is_file():
+        raise GptxError(f"--quality-data: {path}: not a regular file")
+    if p.stat().st_size == 0:
+        raise GptxError(f"--quality-data: {path}: is empty (a held-out text is needed to score)")
+
+
+def quality_text(path: Optional[str], work: Path) -> Path:
+    """``path``, or the last QUALITY_BYTES of the shipped Shakespeare written under ``work``."""
+    if path is not None:
+        return Path(path)
+    shipped = default_experiment().parent / "data" / "tinyshakespeare.txt"
+    tail = shipped.read_bytes()[-QUALITY_BYTES:]
+    start = tail.find(b"\n") + 1  # from a line start: no cut character or word
+    out = work / "quality.txt"
+    out.write_bytes(tail[start:])
+    return out
+
+
+def bench_quality(onnx_dirs: dict, text: Path, random_weights: bool, log=lambda s: None) -> dict:
+    """Perplexity of each exported precision on ``text`` (gptx eval's own loop on the export) and
+    each quantized one's change against fp32 of the same weights."""
+    from gptx.evaluate import OnnxScorer, evaluate_text
+
+    out: dict = {"data": str(text), "random_weights": random_weights}
+    fp32 = None
+    if random_weights:
+        out["note"] = RANDOM_WEIGHTS_NOTE
+    for scheme, directory in onnx_dirs.items():  # fp32 first: the export makes it before any quantization
+        log(f"scoring {scheme} on {text.name}...")
+        try:
+            r = evaluate_text(OnnxScorer(Path(directory)), text)
+        except GptxError as err:  # its lines name gptx eval's option
+            raise GptxError("--quality-data: " + str(err).removeprefix("--data: ")) from None
+        out["tokens"] = r["tokens"]
+        out[scheme] = {"loss": round(r["loss"], 5), "perplexity": round(r["perplexity"], 4)}
+        fp32 = r["perplexity"] if scheme == "fp32" else fp32
+        if scheme != "fp32" and fp32:
+            out[scheme]["vs_fp32_pct"] = round((r["perplexity"] / fp32 - 1) * 100, 3)
+    return out
+
+
 def _model_info(source: Path, name: str, prompt_tokens: int, new_tokens: int, threads: int, repeats: int,
                 bandwidth: Optional[dict]):
     """The model's config and the figures that describe it (the weights are loaded and let go)."""
@@ -731,7 +855,8 @@ def _compare_to_loop(results: dict) -> None:
 
 def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, backends=BACKENDS,
                    prompt_tokens: int = 32, new_tokens: int = 128, repeats: int = 3,
-                   log: Callable[[str], None] = lambda s: None, bandwidth: Optional[dict] = None) -> dict:
+                   log: Callable[[str], None] = lambda s: None, bandwidth: Optional[dict] = None,
+                   quality_data: Optional[str] = None) -> dict:
     import numpy as np
     import torch
 
@@ -759,10 +884,14 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
             results[name] = bench.time_node(new_tokens, repeats) if load is None else \
                 _time_backend(_Backend(name, load), prompt, new_tokens, repeats)
             gc.collect()
+        info["bounds"] = bounds(bench.onnx_dirs, bandwidth)
+        if bench.onnx_dirs:  # after the timings: scoring is not what a backend waits for
+            info["quality"] = bench_quality(bench.onnx_dirs, quality_text(quality_data, work), not checkpoint_dir, log)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _compare_backends(results)
     _compare_to_loop(results)
+    _share_of_bound(results, info["bounds"])
     return info | {"backends": results, "skipped": skipped}
 
 
@@ -802,7 +931,7 @@ def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: 
         prompt_tokens: int = 32, new_tokens: int = 128, repeats: int = 3, peak_seconds: float = 1.0,
         threads: Optional[int] = None, log: Callable[[str], None] = lambda s: None,
         speedrun_seeds: int = 3, speedrun_steps: Optional[int] = None, nanogpt: Optional[str] = None,
-        busy: int = 1) -> dict:
+        busy: int = 1, quality_data: Optional[str] = None) -> dict:
     import torch
 
     from gptx import speedrun
@@ -814,6 +943,9 @@ def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: 
         raise GptxError("--nanogpt: only the speedrun section runs nanoGPT; add --only speedrun")
     check_inputs(sections, experiment, overrides, checkpoint_dir, backends, model, prompt_tokens, new_tokens)
     speedrun.check_nanogpt(nanogpt)
+    if quality_data is not None and "generate" not in sections:
+        raise GptxError("--quality-data: only the generate section scores its exports; add --only generate")
+    check_quality_data(quality_data)
     if threads:
         torch.set_num_threads(threads)
     out: dict = {"machine": machine()}
@@ -842,7 +974,7 @@ def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: 
                 t["mfu"] = round(t["model_gflops"] / again["gflops"], 4)
     if "generate" in sections:
         out["generate"] = bench_generate(model, checkpoint_dir, tuple(backends), prompt_tokens, new_tokens, repeats, log,
-                                         bandwidth)
+                                         bandwidth, quality_data)
     if "busy" in sections:
         log(f"training {train_steps} steps quiet and beside {busy} busy process(es), gptx's threads and fixed...")
         out["busy"] = bench_busy(experiment, tuple(overrides), train_steps, warmup_steps, busy, threads)
@@ -899,6 +1031,24 @@ def startup_table(s: dict) -> str:
             f"python -c \"import torch\": {s['import_torch_s']:.2f} s")
 
 
+def _bound_lines(g: dict) -> list[str]:
+    if not any(b["bound_tok_s"] for b in g.get("bounds", {}).values()):
+        return []
+    per = "; ".join(f"{k} {b['mib_per_token']:,.1f} MiB -> {b['bound_tok_s']:,.1f} tok/s" for k, b in g["bounds"].items())
+    shares = ", ".join(f"{name} {r['share_of_bound'] * 100:.0f}%" for name, r in g["backends"].items() if r.get("share_of_bound"))
+    return [f"  bound (weights one decode step reads, at the measured bandwidth): {per}",
+            f"  decoding's share of its precision's bound: {shares or '-'}"]
+
+
+def _quality_lines(q: Optional[dict]) -> list[str]:
+    if not q:
+        return []
+    rows = [f"{k} {q[k]['perplexity']:,.3f}" + (f" ({q[k]['vs_fp32_pct']:+.2f}%)" if "vs_fp32_pct" in q[k] else "")
+            for k in ("fp32", "int8", "int4") if k in q]
+    lines = [f"  perplexity on {Path(q['data']).name} ({q['tokens']:,} tokens): {', '.join(rows)}"]
+    return lines + ([f"  ({q['note']})"] if q.get("note") else [])
+
+
 def table(result: dict) -> str:
     """A readable report of ``run``'s result."""
     m = result["machine"]
@@ -946,6 +1096,7 @@ def table(result: dict) -> str:
                          f"token and layer (codes + scales) against float32's {c['float32_bytes_per_token_per_layer']:,} "
                          f"({c['saving']}x smaller)")
         lines.append("  (same: greedy tokens identical to PyTorch's before the first difference)")
+        lines += _bound_lines(g) + _quality_lines(g.get("quality"))
     if "busy" in result:
         lines += ["", busy_table(result["busy"])]
     if "speedrun" in result:

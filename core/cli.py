@@ -779,9 +779,13 @@ def _harness_eval(source, harness, own_options, include_path, num_fewshot, limit
 @click.option("--speedrun-steps", default=None, type=BoundedInt(1, 1 << 20),
               help="Cap both speedrun recipes at this many steps (a smoke test; the comparison needs their own).")
 @click.option("--nanogpt", default=None, metavar="DIR", help="A nanoGPT checkout (data/shakespeare_char prepared): time it too.")
+@click.option("--quality-data", default=None, metavar="FILE",
+              help="Held-out text the generate section scores each export on (perplexity vs fp32) "
+                   "[default: the last 16 KiB of the shipped Shakespeare].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def bench(only, experiment, overrides, train_steps, warmup_steps, model_size, checkpoint_dir, backends,
-          prompt_tokens, new_tokens, repeats, peak_seconds, threads, busy, speedrun_seeds, speedrun_steps, nanogpt, as_json):
+          prompt_tokens, new_tokens, repeats, peak_seconds, threads, busy, speedrun_seeds, speedrun_steps, nanogpt,
+          quality_data, as_json):
     """Measure this machine: matmul peak, training tokens/s and MFU, generation tokens/s, time to
     first token and memory (PyTorch, onnxruntime fp32/int8/int4, HF and onnxruntime-genai as peers)."""
     from gptx import bench as bench_mod
@@ -794,6 +798,7 @@ def bench(only, experiment, overrides, train_steps, warmup_steps, model_size, ch
         backends=split(backends), prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
         peak_seconds=peak_seconds, threads=threads, log=lambda s: click.echo(s, err=True) if not as_json else None,
         speedrun_seeds=speedrun_seeds, speedrun_steps=speedrun_steps, nanogpt=nanogpt, busy=busy,
+        quality_data=quality_data,
     )
     click.echo(json.dumps(result, indent=2) if as_json else bench_mod.table(result))
 

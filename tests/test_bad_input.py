@@ -427,6 +427,23 @@ def bench_missing_checkpoint(d, art):
     return ["bench", "--only", "peak,generate", "--checkpoint", d / "nope"]
 
 
+@case("--quality-data", "missing.txt: no such file")
+def bench_missing_quality_data(d, art):
+    return ["bench", "--only", "generate", "--quality-data", d / "missing.txt"]
+
+
+@case("--quality-data", "empty.txt: is empty")
+def bench_empty_quality_data(d, art):
+    (d / "empty.txt").write_bytes(b"")
+    return ["bench", "--only", "generate", "--quality-data", d / "empty.txt"]
+
+
+@case("--quality-data: only the generate section scores its exports")
+def bench_quality_data_without_the_generate_section(d, art):
+    (d / "text.txt").write_text("To be, or not to be.\n")
+    return ["bench", "--only", "peak", "--quality-data", d / "text.txt"]
+
+
 # ---- sweeps and comparisons (nothing trained, no sweep folder, no MLflow parent run) ----------
 
 def sweep(d, *options):

@@ -86,6 +86,20 @@ def test_bench_int4_row():
     assert row["tokens_per_s"] > 0 and row["ttft_ms"] > 0 and row["total_s"] > 0
     assert row["same_tokens_as_torch"] is None and row["vs_hf"] is None  # no torch or HF row to compare with
     assert g["fp32_bandwidth_bound_tok_s"] > 0 and g["new_tokens"] == 8
+    # each precision exported (int4 is quantized from the fp32 export) has its bound
+    assert set(g["bounds"]) == {"fp32", "int4"}
+    fp32, int4 = g["bounds"]["fp32"], g["bounds"]["int4"]
+    assert 4 * 0.9 * g["parameters"] < fp32["bytes_per_token"] < 4 * g["parameters"]  # less the position table, a row
+    assert fp32["bytes_per_token"] / 8 < int4["bytes_per_token"] < fp32["bytes_per_token"] / 6  # 4 bits + a scale per block
+    assert int4["bound_tok_s"] > fp32["bound_tok_s"] > 0
+    assert row["bound_tok_s"] == int4["bound_tok_s"]
+    assert row["share_of_bound"] == pytest.approx(row["decode_tokens_per_s"] / int4["bound_tok_s"], abs=0.001)
+    # quality beside speed: gptx eval's perplexity of both exports on the shipped Shakespeare's tail
+    q = g["quality"]
+    assert q["random_weights"] is True and "random-init" in q["note"] and q["tokens"] > 1000
+    for scheme in ("fp32", "int4"):  # random weights: near the vocabulary size
+        assert 10_000 < q[scheme]["perplexity"] < 200_000 and q[scheme]["loss"] > 9, scheme
+    assert "vs_fp32_pct" not in q["fp32"] and abs(q["int4"]["vs_fp32_pct"]) < 10
 
 
 @pytest.mark.slow
@@ -166,3 +180,62 @@ def test_bench_startup_reports_the_runs_own_startup_and_import_torch_for_scale()
     assert min(s["import_torch_runs_s"]) <= s["import_torch_s"] <= max(s["import_torch_runs_s"])
     table = gptx("bench", "--only", "startup", "--repeats", "1", check=True, timeout=900).stdout
     assert "start-up: gptx run speedrun_char.toml (tracked) to its first step done:" in table and "import torch" in table
+
+
+def _graph(path, nodes, inits):
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT64, [1])],
+                              [helper.make_tensor_value_info(n.output[0], TensorProto.FLOAT, None) for n in nodes], inits)
+    onnx.save(helper.make_model(graph), str(path))
+    return path
+
+
+def test_decode_step_bytes_against_a_hand_count(tmp_path):
+    """Weights by their stored dtype; a table only gathered counts one row per Gather; a table
+    also read whole (the tied head's Transpose) counts whole, once."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from gptx.bench import decode_step_bytes
+
+    f32 = lambda name, *shape: numpy_helper.from_array(np.zeros(shape, np.float32), name)  # noqa: E731
+    tied, positions, w = f32("tied", 50, 8), f32("positions", 16, 8), f32("w", 8, 8)
+    codes = numpy_helper.from_array(np.zeros((50, 4), np.uint8), "codes")  # [V, C/2]: 4-bit table, packed
+    scales = f32("scales", 50, 1)  # one scale per row block
+    nibbles = helper.make_tensor("nibbles", TensorProto.UINT4, [6, 3], [0] * 18)  # 18 values: 9 bytes
+    nodes = [helper.make_node("Gather", ["tied", "ids"], ["x"]),
+             helper.make_node("Gather", ["positions", "ids"], ["p"]),
+             helper.make_node("Transpose", ["tied"], ["head"], perm=[1, 0]),
+             helper.make_node("MatMul", ["x", "w"], ["y"]),
+             helper.make_node("GatherBlockQuantized", ["codes", "ids", "scales"], ["e"], domain="com.microsoft",
+                              gather_axis=0, quantize_axis=1, block_size=16),
+             helper.make_node("Identity", ["nibbles"], ["n"])]
+    got = decode_step_bytes(_graph(tmp_path / "g.onnx", nodes, [tied, positions, w, codes, scales, nibbles]))
+    assert got == 50 * 8 * 4 + 8 * 4 + 8 * 8 * 4 + 4 + 4 + 9
+    # a row of the tied table alone when nothing else reads it
+    alone = decode_step_bytes(_graph(tmp_path / "h.onnx", nodes[:1], [tied]))
+    assert alone == 8 * 4
+
+
+def test_decode_step_bytes_of_a_tiny_export(tmp_path):
+    """fp32: every parameter at 4 bytes except the position table, of which one row; the graph's
+    few shape constants on top. Every parameter is made distinct first: the exporter stores equal
+    tensors (fresh LayerNorm gains, zero biases) once, and a step then reads them once."""
+    import torch
+    from helpers import tiny_model
+
+    from gptx import checkpoint
+    from gptx.bench import decode_step_bytes
+    from gptx.export.onnx_export import export_checkpoint
+
+    model, cfg, tok = tiny_model(block_size=32)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    ck = checkpoint.save(tmp_path / "run", 1, model, cfg, tok)
+    export_checkpoint(ck, tmp_path / "export", log=lambda _msg: None, track=False)
+    C = cfg.model.n_embd
+    expected = 4 * (model.num_params() - 32 * C + C)
+    assert expected <= decode_step_bytes(tmp_path / "export" / "model.onnx") < expected + 1024

@@ -19,7 +19,9 @@ Sections (``--only``):
   cache on the same weights, with its cache bytes per token and layer against float32's; ``same``
   says how long its greedy tokens agree), onnxruntime fp32, int8 and int4 on a ``gptx.export`` of the
   same weights, and, when installed, Hugging Face ``generate`` on the same weights and
-  onnxruntime-genai on the same export (the peers).
+  onnxruntime-genai on the same export (the peers), and ``web``: gptx web's page in headless
+  Chromium on the fp32 export (``_WebRun``), at the same thread count, its own measured speed,
+  and ``vs_ort_paired``, against the onnxruntime loop run alternately with it.
 - ``busy`` (only with ``--only``): the train section's tokens/s quiet and beside ``--busy K``
   processes this section starts (each ``while True: pass``), with gptx's thread choice
   (``gptx.threads``) and with a fixed count (``--threads``, default every available CPU), and
@@ -49,7 +51,7 @@ from gptx.errors import GptxError
 from gptx.export import GENAI_FILE
 
 SECTIONS = ("peak", "train", "generate", "busy", "speedrun", "startup")  # the last three only when asked
-BACKENDS = ("torch", "torch-kv8", "ort", "ort-int8", "ort-int4", "hf", "genai")
+BACKENDS = ("torch", "torch-kv8", "ort", "ort-int8", "ort-int4", "hf", "genai", "web")
 QUANTIZED = {"ort-int8": "int8", "ort-int4": "int4"}  # backend -> gptx export --quantize scheme
 MODEL_SIZES = {  # randomly initialised GPT-2-style models with GPT-2's BPE vocabulary
     "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 1024},
@@ -515,7 +517,24 @@ class _GenerateBench:
             return "onnxruntime-genai reads float32 key/value caches only; this model declares another cache"
         if name == "torch-kv8" and self.cfg.model.attention.name != "causal":
             return f"the int8 KV cache is the causal attention's kv_cache option; this model's attention is '{self.cfg.model.attention.name}'"
+        if name == "web":
+            return self.web_skip_reason()
         return None
+
+    def web_skip_reason(self) -> Optional[str]:
+        from gptx.export.browser import unavailable
+        from gptx.export.onnx_export import check_exportable
+
+        try:
+            check_exportable(self.cfg.model)
+        except GptxError as err:
+            return str(err)
+        return unavailable()
+
+    def time_web(self, new_tokens: int, repeats: int) -> dict:
+        """The page on the fp32 export at this bench's threads, timed by ``_WebRun``."""
+        out = self.export("fp32")  # export time is not generation time
+        return _WebRun(out, self.threads, self.prompt, new_tokens, self.load_ort("fp32")).measure(repeats)
 
     def loader(self, name: str) -> Callable[[], Callable[[list[int], int], list[int]]]:
         if name in ("ort", *QUANTIZED):
@@ -663,6 +682,83 @@ def _compare_backends(results: dict) -> None:
         r["vs_genai"] = round(r["tokens_per_s"] / genai, 2) if genai else None
 
 
+def _compare_with_ort(results: dict) -> None:
+    """Each backend's speed against the onnxruntime loop on the same export (the ``ort`` row, run at
+    the same thread count)."""
+    ort = results.get("ort", {}).get("tokens_per_s")
+    for r in results.values():
+        r["vs_ort"] = round(r["tokens_per_s"] / ort, 2) if ort else None
+
+
+class _WebRun:
+    """gptx web's page (``gptx.export.browser.ServedPage``) generating from the export ``out`` with
+    ``threads`` WebAssembly threads: greedy, exactly ``new_tokens`` after the prompt ids, as every
+    backend. Speeds are the page's own (performance.now() around its generation, in its stats).
+
+    V8 first runs WebAssembly with its baseline compiler and optimizes the hot functions in the
+    background as they run: the page's first generations are slower than the later ones by up to
+    3x. So the first generation is reported apart (``first_tokens_per_s``: what a visitor's first
+    click gets), then warm-up generations run until one is within ``SETTLED`` of the one before
+    (``MAX_WARMUP`` at most). Each timed generation then alternates with one of ``ort_run`` (the
+    onnxruntime loop on the same export and threads): ``vs_ort_paired`` is the median of their
+    ratios, which a neighbour's load drifting during the run shifts far less than two rows timed
+    minutes apart."""
+
+    SETTLED = 0.1
+    MAX_WARMUP = 6
+
+    def __init__(self, out: Path, threads: int, prompt: list[int], new_tokens: int, ort_run):
+        self.out, self.threads, self.prompt, self.new_tokens, self.ort_run = out, threads, prompt, new_tokens, ort_run
+
+    def measure(self, repeats: int) -> dict:
+        from gptx.export.browser import ServedPage
+
+        with ServedPage(self.out, self.threads) as page:
+            first = page.generate(self.prompt, self.new_tokens)
+            warmup = self.warm_up(page, first["stats"]["tokens_per_s"])
+            timed, ratios = [], []
+            for _ in range(repeats):
+                ort_tok_s = self.time_ort()
+                timed.append(page.generate(self.prompt, self.new_tokens)["stats"])
+                ratios.append(timed[-1]["tokens_per_s"] / ort_tok_s)
+        return self.row(first, timed, warmup, ratios)
+
+    def warm_up(self, page, previous: float) -> int:
+        """Generations until one's tokens/s is within SETTLED of the one before; how many ran."""
+        for n in range(1, self.MAX_WARMUP + 1):
+            now = page.generate(self.prompt, self.new_tokens)["stats"]["tokens_per_s"]
+            if abs(now - previous) <= self.SETTLED * previous:
+                return n
+            previous = now
+        return self.MAX_WARMUP
+
+    def time_ort(self) -> float:
+        t = time.perf_counter()
+        self.ort_run(self.prompt, self.new_tokens)
+        return self.new_tokens / (time.perf_counter() - t)
+
+    def row(self, first: dict, timed: list[dict], warmup: int, ratios: list[float]) -> dict:
+        stats = first["stats"]
+        median = lambda key: statistics.median(s[key] for s in timed)  # noqa: E731
+        decode = [s["decode_tokens_per_s"] for s in timed if s["decode_tokens_per_s"] is not None]
+        tok_s = median("tokens_per_s")
+        return {
+            "tokens_per_s": round(tok_s, 1),
+            "decode_tokens_per_s": round(statistics.median(decode), 1) if decode else None,
+            "ttft_ms": round(median("ttft_ms"), 2),
+            "total_s": round(self.new_tokens / tok_s, 3),
+            "load_s": round(stats["load_ms"] / 1e3, 2),  # the page's: downloading the model, starting onnxruntime-web
+            "peak_rss_mib": None,  # the browser's memory is in its own processes, not this one's
+            "ids": first["result"]["ids"],
+            "first_tokens_per_s": stats["tokens_per_s"],
+            "warmup_runs": warmup,
+            "vs_ort_paired": round(statistics.median(ratios), 2),
+            # what decides the page's speed, as it reports it: WebAssembly or WebGPU, threads (which need
+            # cross-origin isolation), onnxruntime-web in a worker (proxy) or on the page's thread
+            "page": {k: stats.get(k) for k in ("backend", "threads", "cross_origin_isolated", "proxy")},
+        }
+
+
 def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, backends=BACKENDS,
                    prompt_tokens: int = 32, new_tokens: int = 128, repeats: int = 3,
                    log: Callable[[str], None] = lambda s: None, bandwidth: Optional[dict] = None) -> dict:
@@ -681,12 +777,16 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
         bench = _GenerateBench(source, cfg, work, prompt, threads, info, log)
         # the torch-based backends before the export work (torch.onnx export, int8 quantization) in
         # this process: one gpt2 run measured HF at 2 tok/s after it, 18 without (cause not isolated)
-        for name in ("torch", "torch-kv8", "hf", "ort", *QUANTIZED, "genai"):
+        for name in ("torch", "torch-kv8", "hf", "ort", *QUANTIZED, "genai", "web"):
             if name not in backends:
                 continue
             reason = bench.skip_reason(name)
             if reason:
                 skipped[name] = reason
+                continue
+            if name == "web":  # the page times itself (_WebRun)
+                log("generating with web (gptx web's page in headless Chromium)...")
+                results[name] = bench.time_web(new_tokens, repeats)
                 continue
             load = bench.loader(name)
             log(f"generating with {name}...")
@@ -695,6 +795,7 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
     finally:
         shutil.rmtree(work, ignore_errors=True)
     _compare_backends(results)
+    _compare_with_ort(results)
     return info | {"backends": results, "skipped": skipped}
 
 
@@ -831,6 +932,15 @@ def startup_table(s: dict) -> str:
             f"python -c \"import torch\": {s['import_torch_s']:.2f} s")
 
 
+def web_line(r: dict) -> str:
+    p = r["page"]
+    isolated = "cross-origin isolated" if p["cross_origin_isolated"] else "NOT cross-origin isolated"
+    return (f"  web: gptx web's page in headless Chromium ({p['backend']}, {p['threads']} thread(s), {isolated}, "
+            f"proxy {'on' if p['proxy'] else 'off'}): {r['vs_ort_paired']:.2f}x the ort loop's tokens/s run alternately "
+            f"with it; its first generation {r['first_tokens_per_s']:,.1f} tok/s, before V8 optimizes the WebAssembly "
+            f"({r['warmup_runs']} warm-up run(s))")
+
+
 def table(result: dict) -> str:
     """A readable report of ``run``'s result."""
     m = result["machine"]
@@ -872,6 +982,8 @@ def table(result: dict) -> str:
                          f"{fmt(r['vs_genai'], '.2f'):>8} {fmt(r['same_tokens_as_torch'], 'd'):>5}")
         for name, why in g["skipped"].items():
             lines.append(f"  {name}: skipped ({why})")
+        if "web" in g["backends"]:
+            lines.append(web_line(g["backends"]["web"]))
         if "kv_cache" in g:
             c = g["kv_cache"]
             lines.append(f"  torch-kv8: PyTorch with kv_cache = \"int8\": {c['int8_bytes_per_token_per_layer']:,} cache bytes per "

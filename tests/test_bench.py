@@ -116,3 +116,40 @@ def test_bench_startup_reports_the_runs_own_startup_and_import_torch_for_scale()
     assert min(s["import_torch_runs_s"]) <= s["import_torch_s"] <= max(s["import_torch_runs_s"])
     table = gptx("bench", "--only", "startup", "--repeats", "1", check=True, timeout=900).stdout
     assert "start-up: gptx run speedrun_char.toml (tracked) to its first step done:" in table and "import torch" in table
+
+
+@pytest.mark.slow
+def test_bench_web_row_decodes_torchs_ids_in_headless_chromium(web_cache):
+    """gptx web's page in a real headless Chromium, served from the bench process: greedy from the
+    same prompt ids as every backend, exactly --new-tokens of them, and the page's own stats."""
+    proc = gptx("bench", "--only", "generate", "--model", "tiny", "--backends", "torch,ort,web", "--prompt-tokens", "4",
+                "--new-tokens", "8", "--repeats", "1", "--json", env={"GPTX_CACHE_DIR": str(web_cache)}, check=True, timeout=900)
+    g = json.loads(proc.stdout)["generate"]
+    assert g["skipped"] == {} and set(g["backends"]) == {"torch", "ort", "web"}
+    web = g["backends"]["web"]
+    assert web["same_tokens_as_torch"] == 8  # the page decoded past end-of-text too (stop_at_eot=0), as the others
+    assert web["page"] == {"backend": "wasm", "threads": g["threads"], "cross_origin_isolated": True, "proxy": False}
+    for key in ("tokens_per_s", "decode_tokens_per_s", "ttft_ms", "total_s", "load_s", "first_tokens_per_s", "vs_ort_paired"):
+        assert web[key] > 0, key
+    assert 1 <= web["warmup_runs"] <= 6 and web["peak_rss_mib"] is None
+    assert web["vs_ort"] == pytest.approx(web["tokens_per_s"] / g["backends"]["ort"]["tokens_per_s"], abs=0.006)
+    table = gptx("bench", "--only", "generate", "--model", "tiny", "--backends", "web", "--prompt-tokens", "4",
+                 "--new-tokens", "2", "--repeats", "1", env={"GPTX_CACHE_DIR": str(web_cache)}, check=True, timeout=900).stdout
+    assert "web: gptx web's page in headless Chromium (wasm, " in table and "cross-origin isolated" in table
+
+
+def test_bench_web_row_says_why_it_is_skipped(tmp_path):
+    """No Chromium where $GPTX_CHROMIUM points, or no JavaScript packages in gptx's cache: the row is
+    skipped with the fix, and the bench goes on."""
+    from gptx.export import browser, server
+
+    args = ("bench", "--only", "generate", "--model", "tiny", "--backends", "web", "--new-tokens", "2", "--repeats", "1", "--json")
+    missing = tmp_path / "no-chromium"
+    no_browser = gptx(*args, env={"GPTX_CHROMIUM": str(missing)}, check=True)
+    assert json.loads(no_browser.stdout)["generate"]["skipped"] == {
+        "web": f"no Chromium at {missing} (install it, e.g. apt-get install chromium, or set GPTX_CHROMIUM to its path)"}
+    if not browser.chromium().is_file() or server.usable(server.WEB_DIR / server.NODE_MODULES):
+        return  # the packages' reason shows only with a Chromium and no node_modules in the web folder
+    no_packages = gptx(*args, env={"GPTX_CACHE_DIR": str(tmp_path / "empty-cache")}, check=True)
+    assert json.loads(no_packages.stdout)["generate"]["skipped"] == {
+        "web": "the page's JavaScript packages are not installed (run gptx web --install)"}

@@ -699,7 +699,7 @@ class _WebRun:
     background as they run: the page's first generations are slower than the later ones by up to
     3x. So the first generation is reported apart (``first_tokens_per_s``: what a visitor's first
     click gets), then warm-up generations run until one is within ``SETTLED`` of the one before
-    (``MAX_WARMUP`` at most). Each timed generation then alternates with one of ``ort_run`` (the
+    (two at least, ``MAX_WARMUP`` at most). Each timed generation then alternates with one of ``ort_run`` (the
     onnxruntime loop on the same export and threads): ``vs_ort_paired`` is the median of their
     ratios, which a neighbour's load drifting during the run shifts far less than two rows timed
     minutes apart."""
@@ -715,7 +715,7 @@ class _WebRun:
 
         with ServedPage(self.out, self.threads) as page:
             first = page.generate(self.prompt, self.new_tokens)
-            warmup = self.warm_up(page, first["stats"]["tokens_per_s"])
+            warmup = self.warm_up(page)
             timed, ratios = [], []
             for _ in range(repeats):
                 ort_tok_s = self.time_ort()
@@ -723,9 +723,11 @@ class _WebRun:
                 ratios.append(timed[-1]["tokens_per_s"] / ort_tok_s)
         return self.row(first, timed, warmup, ratios)
 
-    def warm_up(self, page, previous: float) -> int:
-        """Generations until one's tokens/s is within SETTLED of the one before; how many ran."""
-        for n in range(1, self.MAX_WARMUP + 1):
+    def warm_up(self, page) -> int:
+        """Generations until one's tokens/s is within SETTLED of the one before (two at least: the
+        first one's optimizing is still under way); how many ran."""
+        previous = page.generate(self.prompt, self.new_tokens)["stats"]["tokens_per_s"]
+        for n in range(2, self.MAX_WARMUP + 1):
             now = page.generate(self.prompt, self.new_tokens)["stats"]["tokens_per_s"]
             if abs(now - previous) <= self.SETTLED * previous:
                 return n

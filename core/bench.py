@@ -696,13 +696,13 @@ class _WebRun:
     backend. Speeds are the page's own (performance.now() around its generation, in its stats).
 
     V8 first runs WebAssembly with its baseline compiler and optimizes the hot functions in the
-    background as they run: the page's first generations are slower than the later ones by up to
-    3x. So the first generation is reported apart (``first_tokens_per_s``: what a visitor's first
-    click gets), then warm-up generations run until one is within ``SETTLED`` of the one before
-    (two at least, ``MAX_WARMUP`` at most). Each timed generation then alternates with one of ``ort_run`` (the
-    onnxruntime loop on the same export and threads): ``vs_ort_paired`` is the median of their
-    ratios, which a neighbour's load drifting during the run shifts far less than two rows timed
-    minutes apart."""
+    background as they run: the page's first generations are slower than the later ones. So the
+    first generation is reported apart (``first_tokens_per_s``: what a visitor's first click
+    gets), then warm-up generations run until one is within ``SETTLED`` of the one before (two
+    at least, ``MAX_WARMUP`` at most). Each timed generation then alternates with one of
+    ``ort_run`` (the onnxruntime loop on the same export and threads): ``vs_ort_paired`` is the
+    median of their ratios, which a neighbour's load drifting during the run shifts far less
+    than two rows timed minutes apart."""
 
     SETTLED = 0.1
     MAX_WARMUP = 6

@@ -16,7 +16,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Optional
 
-from gptx.errors import GptxError
+from gptx.errors import GptxError, first_line
 
 CHROMIUM_ENV = "GPTX_CHROMIUM"
 DEFAULT_CHROMIUM = Path("/usr/bin/chromium")  # Debian's package
@@ -64,11 +64,16 @@ class ServedPage:
 
     def __init__(self, out_dir: Path, threads: int):
         self.out_dir, self.threads = Path(out_dir), threads
-        self.server = self.serving = self.playwright = self.browser = None
+        self.server = self.serving = self.playwright = self.browser = self.page = None
 
     def __enter__(self) -> "ServedPage":
+        from playwright.sync_api import Error as PlaywrightError
+
         try:
             self._start()
+        except PlaywrightError as err:  # Chromium would not start, or the page crashed: one line, not a traceback
+            self.close()
+            raise GptxError(f"{chromium()}: headless Chromium failed: {first_line(err)}") from None
         except BaseException:
             self.close()
             raise
@@ -98,9 +103,14 @@ class ServedPage:
     def generate(self, ids: list[int], new_tokens: int) -> dict:
         """Greedy decoding of exactly ``new_tokens`` tokens after the prompt ``ids`` (end-of-text
         does not stop it, as the bench's other backends); the page's {result, stats}."""
+        from playwright.sync_api import Error as PlaywrightError
+
         query = urllib.parse.urlencode({"ids": ",".join(map(str, ids)), "max_new_tokens": new_tokens, "temperature": 0,
                                         "stop_at_eot": 0})
-        out = self.page.evaluate("query => gptx.generate(query)", query)
+        try:
+            out = self.page.evaluate("query => gptx.generate(query)", query)
+        except PlaywrightError as err:  # the page crashed (out of memory, a killed renderer)
+            raise GptxError(f"{self.out_dir}: the web page failed to generate: {first_line(err)}") from None
         if out["status"] != "done":
             raise GptxError(f"{self.out_dir}: the web page failed to generate: {out['error']}")
         return out
@@ -114,4 +124,4 @@ class ServedPage:
             self.server.shutdown()
         if self.server is not None:
             self.server.server_close()
-        self.server = self.serving = self.playwright = self.browser = None
+        self.server = self.serving = self.playwright = self.browser = self.page = None

@@ -153,3 +153,11 @@ def test_bench_web_row_says_why_it_is_skipped(tmp_path):
     no_packages = gptx(*args, env={"GPTX_CACHE_DIR": str(tmp_path / "empty-cache")}, check=True)
     assert json.loads(no_packages.stdout)["generate"]["skipped"] == {
         "web": "the page's JavaScript packages are not installed (run gptx web --install)"}
+
+
+@pytest.mark.slow
+def test_bench_web_with_a_chromium_that_does_not_start_is_one_line(web_cache):
+    proc = gptx("bench", "--only", "generate", "--model", "tiny", "--backends", "web", "--new-tokens", "2", "--repeats", "1",
+                env={"GPTX_CHROMIUM": "/bin/true", "GPTX_CACHE_DIR": str(web_cache)}, timeout=900)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("Error: /bin/true: headless Chromium failed: ")

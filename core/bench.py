@@ -22,7 +22,10 @@ Sections (``--only``):
   onnxruntime-genai on the same export (the peers). Beside them: each exported precision's bound
   (``bounds``: the bytes a decode step reads, ``decode_step_bytes``, at the measured bandwidth)
   with each backend's share of it, and each export's perplexity on held-out text
-  (``quality``: ``--quality-data``, scored by gptx eval's loop) against fp32 of the same weights.
+  (``quality``: ``--quality-data``, scored by gptx eval's loop) against fp32 of the same weights;
+  and ``web``: gptx web's page in headless
+  Chromium on the fp32 export (``_WebRun``), at the same thread count, its own measured speed,
+  and ``vs_ort_paired``, against the onnxruntime loop run alternately with it.
 - ``busy`` (only with ``--only``): the train section's tokens/s quiet and beside ``--busy K``
   processes this section starts (each ``while True: pass``), with gptx's thread choice
   (``gptx.threads``) and with a fixed count (``--threads``, default every available CPU), and
@@ -37,6 +40,7 @@ Timings on a shared machine are noisy: compare ratios from one run, and look at 
 """
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import os
@@ -53,11 +57,38 @@ from gptx.errors import GptxError
 from gptx.export import GENAI_FILE
 
 SECTIONS = ("peak", "train", "generate", "busy", "speedrun", "startup")  # the last three only when asked
-BACKENDS = ("torch", "torch-kv8", "ort", "ort-int8", "ort-int4", "hf", "genai", "genai-int4", "node")
-QUANTIZED = {"ort-int8": "int8", "ort-int4": "int4"}  # backend -> gptx export --quantize scheme
-GENAI = {"genai": "fp32", "genai-int4": "int4"}  # onnxruntime-genai backend -> the export it runs
-# the runtimes that decode an export on their own, against gptx's Python loop on the same file (vs_loop)
-LOOP_OF = {"genai": "ort", "genai-int4": "ort-int4", "node": "ort"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Runtime:
+    """What a generation backend is: the runtime (as the deploy table names it), the weights it
+    decodes (``fp32``: PyTorch's or the fp32 export; ``int8``/``int4``: ``gptx export --quantize``),
+    and whether it runs a gptx export (then it is compared with gptx's Python onnxruntime loop on
+    the same export: ``vs_loop``)."""
+
+    runtime: str
+    precision: str = "fp32"
+    onnx: bool = True
+
+
+PYTHON_LOOP = "onnxruntime, Python loop"
+# Every generation backend, in the order they are timed: the torch-based ones before any export
+# work in this process (one gpt2 run measured HF at 2 tok/s after torch.onnx export, 18 without).
+RUNTIMES = {
+    "torch": Runtime("PyTorch (gptx generate)", onnx=False),
+    "torch-kv8": Runtime("PyTorch, int8 KV cache", onnx=False),
+    "hf": Runtime("transformers generate", onnx=False),
+    "ort": Runtime(PYTHON_LOOP),
+    "ort-int8": Runtime(PYTHON_LOOP, "int8"),
+    "ort-int4": Runtime(PYTHON_LOOP, "int4"),
+    "genai": Runtime("onnxruntime-genai"),
+    "genai-int4": Runtime("onnxruntime-genai", "int4"),
+    "node": Runtime("Node.js (onnxruntime-node)"),
+    "web": Runtime("browser (onnxruntime-web, WebAssembly)"),
+}
+BACKENDS = tuple(RUNTIMES)
+LOOP = {r.precision: name for name, r in RUNTIMES.items() if r.runtime == PYTHON_LOOP}  # precision -> its loop row
+GENAI = tuple(name for name, r in RUNTIMES.items() if r.runtime == "onnxruntime-genai")
 NODE_BENCH = Path(str(resources.files("gptx.export") / "node" / "bench.js"))  # the Node example's timing
 MODEL_SIZES = {  # randomly initialised GPT-2-style models with GPT-2's BPE vocabulary
     "tiny": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 1024},
@@ -498,21 +529,18 @@ class _GenerateBench:
 
     def skip_reason(self, name: str) -> Optional[str]:
         """Why a backend cannot run on this model and machine, or None."""
+        from importlib.util import find_spec
+
         if name == "hf":
-            try:
-                import transformers  # noqa: F401
-            except ImportError:
+            if find_spec("transformers") is None:
                 return "transformers is not installed"
             if not _is_plain_gpt2(self.cfg):
                 return "the model is not plain GPT-2 (HF GPT2LMHeadModel cannot hold it)"
-        if name in GENAI:
-            try:
-                import onnxruntime_genai  # noqa: F401
-            except ImportError:
-                return "onnxruntime-genai is not installed"
+        if name in GENAI and find_spec("onnxruntime_genai") is None:
+            return "onnxruntime-genai is not installed"
         if name == "node" and shutil.which("node") is None:
             return "Node.js (node) is not installed"
-        if name in ("ort", *QUANTIZED, *GENAI, "node"):
+        if RUNTIMES[name].onnx and name != "web":  # the web row says the same in web_skip_reason
             from gptx.export.onnx_export import check_exportable
 
             try:
@@ -521,22 +549,48 @@ class _GenerateBench:
                 return str(err)
         if name in GENAI and self.cfg.tokenizer.name != "gpt2":
             return "onnxruntime-genai needs tokenizer.json (GPT-2 BPE exports only)"
-        if name in GENAI and not (self.export(GENAI[name]) / GENAI_FILE).is_file():
+        if name in GENAI and not (self.export(RUNTIMES[name].precision) / GENAI_FILE).is_file():
             return "onnxruntime-genai reads float32 key/value caches only; this model declares another cache"
         if name == "node":
             return self.node_skip_reason()
         if name == "torch-kv8" and self.cfg.model.attention.name != "causal":
             return f"the int8 KV cache is the causal attention's kv_cache option; this model's attention is '{self.cfg.model.attention.name}'"
+        if name == "web":
+            return self.web_skip_reason()
         return None
 
+    def web_skip_reason(self) -> Optional[str]:
+        from gptx.export.browser import unavailable
+        from gptx.export.onnx_export import check_exportable
+
+        try:
+            check_exportable(self.cfg.model)
+        except GptxError as err:
+            return str(err)
+        return unavailable()
+
+    def time_web(self, new_tokens: int, repeats: int) -> dict:
+        """The page on the fp32 export at this bench's threads, timed by ``_WebRun``."""
+        out = self.export("fp32")  # export time is not generation time
+        return _WebRun(out, self.threads, self.prompt, new_tokens, self.load_ort("fp32")).measure(repeats)
+
+    def time(self, name: str, new_tokens: int, repeats: int) -> dict:
+        """``name``'s row: the page (``_WebRun``) and Node (bench.js) time themselves; every other
+        backend is loaded and timed here (``_time_backend``)."""
+        if name == "web":
+            return self.time_web(new_tokens, repeats)
+        if name == "node":
+            return self.time_node(new_tokens, repeats)
+        return _time_backend(_Backend(name, self.loader(name)), self.prompt, new_tokens, repeats)
+
     def loader(self, name: str) -> Callable[[], Callable[[list[int], int], list[int]]]:
-        if name in ("ort", *QUANTIZED):
-            scheme = QUANTIZED.get(name, "fp32")
+        scheme = RUNTIMES[name].precision
+        if name in LOOP.values():
             self.export(scheme)  # export time is not generation time
             return lambda: self.load_ort(scheme)
         if name in GENAI:
-            self.export(GENAI[name])
-            return lambda: self.load_genai(GENAI[name])
+            self.export(scheme)
+            return lambda: self.load_genai(scheme)
         return getattr(self, f"load_{name.replace('-', '_')}")
 
     def export(self, scheme: str) -> Path:
@@ -691,7 +745,6 @@ class _GenerateBench:
 
 # ---- the bound of each precision -----------------------------------------------------------
 
-PRECISION_OF = {"ort-int8": "int8", "ort-int4": "int4", "genai-int4": "int4"}  # every other backend reads the fp32 weights
 GATHERS = {"Gather": "axis", "GatherBlockQuantized": "gather_axis"}  # op -> its attribute naming the gathered axis
 _NIBBLE_TYPES = {"INT4", "UINT4", "FLOAT4E2M1"}
 
@@ -749,7 +802,7 @@ def _share_of_bound(results: dict, precision_bounds: dict) -> None:
     """Each backend's decode tokens/s (after the first token: what the bound is about) against its
     precision's bound."""
     for name, r in results.items():
-        bound = precision_bounds.get(PRECISION_OF.get(name, "fp32"), {}).get("bound_tok_s")
+        bound = precision_bounds.get(RUNTIMES[name].precision, {}).get("bound_tok_s")
         rate = r.get("decode_tokens_per_s") or r["tokens_per_s"]
         r["bound_tok_s"] = bound
         r["share_of_bound"] = round(rate / bound, 3) if bound else None
@@ -844,13 +897,86 @@ def _compare_backends(results: dict) -> None:
 
 
 def _compare_to_loop(results: dict) -> None:
-    """Each runtime that decodes an export on its own (``LOOP_OF``: genai, Node) against gptx's
-    Python loop on the same file: ``loop`` names it, ``vs_loop`` is tokens/s over its tokens/s."""
-    for name, loop in LOOP_OF.items():
-        if name in results:
+    """Each runtime that decodes an export on its own (genai, Node, the browser) against gptx's
+    Python loop on the same export and thread count: ``loop`` names that row, ``vs_loop`` is
+    tokens/s over its tokens/s."""
+    for name, r in results.items():
+        loop = LOOP[RUNTIMES[name].precision]
+        if RUNTIMES[name].onnx and name != loop:
             ref = results.get(loop, {}).get("tokens_per_s")
-            results[name]["loop"] = loop
-            results[name]["vs_loop"] = round(results[name]["tokens_per_s"] / ref, 2) if ref else None
+            r["loop"] = loop
+            r["vs_loop"] = round(r["tokens_per_s"] / ref, 2) if ref else None
+
+
+class _WebRun:
+    """gptx web's page (``gptx.export.browser.ServedPage``) generating from the export ``out`` with
+    ``threads`` WebAssembly threads: greedy, exactly ``new_tokens`` after the prompt ids, as every
+    backend. Speeds are the page's own (performance.now() around its generation, in its stats).
+
+    V8 first runs WebAssembly with its baseline compiler and optimizes the hot functions in the
+    background as they run: the page's first generations are slower than the later ones. So the
+    first generation is reported apart (``first_tokens_per_s``: what a visitor's first click
+    gets), then warm-up generations run until one is within ``SETTLED`` of the one before (two
+    at least, ``MAX_WARMUP`` at most). Each timed generation then alternates with one of
+    ``ort_run`` (the onnxruntime loop on the same export and threads): ``vs_ort_paired`` is the
+    median of their ratios, which a neighbour's load drifting during the run shifts far less
+    than two rows timed minutes apart."""
+
+    SETTLED = 0.1
+    MAX_WARMUP = 6
+
+    def __init__(self, out: Path, threads: int, prompt: list[int], new_tokens: int, ort_run):
+        self.out, self.threads, self.prompt, self.new_tokens, self.ort_run = out, threads, prompt, new_tokens, ort_run
+
+    def measure(self, repeats: int) -> dict:
+        from gptx.export.browser import ServedPage
+
+        with ServedPage(self.out, self.threads) as page:
+            first = page.generate(self.prompt, self.new_tokens)
+            warmup = self.warm_up(page)
+            timed, ratios = [], []
+            for _ in range(repeats):
+                ort_tok_s = self.time_ort()
+                timed.append(page.generate(self.prompt, self.new_tokens)["stats"])
+                ratios.append(timed[-1]["tokens_per_s"] / ort_tok_s)
+        return self.row(first, timed, warmup, ratios)
+
+    def warm_up(self, page) -> int:
+        """Generations until one's tokens/s is within SETTLED of the one before (two at least: the
+        first one's optimizing is still under way); how many ran."""
+        previous = page.generate(self.prompt, self.new_tokens)["stats"]["tokens_per_s"]
+        for n in range(2, self.MAX_WARMUP + 1):
+            now = page.generate(self.prompt, self.new_tokens)["stats"]["tokens_per_s"]
+            if abs(now - previous) <= self.SETTLED * previous:
+                return n
+            previous = now
+        return self.MAX_WARMUP
+
+    def time_ort(self) -> float:
+        t = time.perf_counter()
+        self.ort_run(self.prompt, self.new_tokens)
+        return self.new_tokens / (time.perf_counter() - t)
+
+    def row(self, first: dict, timed: list[dict], warmup: int, ratios: list[float]) -> dict:
+        stats = first["stats"]
+        median = lambda key: statistics.median(s[key] for s in timed)  # noqa: E731
+        decode = [s["decode_tokens_per_s"] for s in timed if s["decode_tokens_per_s"] is not None]
+        tok_s = median("tokens_per_s")
+        return {
+            "tokens_per_s": round(tok_s, 1),
+            "decode_tokens_per_s": round(statistics.median(decode), 1) if decode else None,
+            "ttft_ms": round(median("ttft_ms"), 2),
+            "total_s": round(self.new_tokens / tok_s, 3),
+            "load_s": round(stats["load_ms"] / 1e3, 2),  # the page's: downloading the model, starting onnxruntime-web
+            "peak_rss_mib": None,  # the browser's memory is in its own processes, not this one's
+            "ids": first["result"]["ids"],
+            "first_tokens_per_s": stats["tokens_per_s"],
+            "warmup_runs": warmup,
+            "vs_ort_paired": round(statistics.median(ratios), 2),
+            # what decides the page's speed, as it reports it: WebAssembly or WebGPU, threads (which need
+            # cross-origin isolation), onnxruntime-web in a worker (proxy) or on the page's thread
+            "page": {k: stats.get(k) for k in ("backend", "threads", "cross_origin_isolated", "proxy")},
+        }
 
 
 def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, backends=BACKENDS,
@@ -870,19 +996,13 @@ def bench_generate(model: str = "tiny", checkpoint_dir: Optional[str] = None, ba
         gc.collect()
         prompt = np.random.default_rng(0).integers(0, info["vocab_size"], prompt_tokens).tolist()
         bench = _GenerateBench(source, cfg, work, prompt, threads, info, log)
-        # the torch-based backends before the export work (torch.onnx export, int8 quantization) in
-        # this process: one gpt2 run measured HF at 2 tok/s after it, 18 without (cause not isolated)
-        for name in ("torch", "torch-kv8", "hf", "ort", *QUANTIZED, *GENAI, "node"):
-            if name not in backends:
-                continue
+        for name in (b for b in BACKENDS if b in backends):  # RUNTIMES' order: torch's rows before any export
             reason = bench.skip_reason(name)
             if reason:
                 skipped[name] = reason
                 continue
-            load = None if name == "node" else bench.loader(name)  # Node is timed inside Node (bench.js)
-            log(f"generating with {name}...")
-            results[name] = bench.time_node(new_tokens, repeats) if load is None else \
-                _time_backend(_Backend(name, load), prompt, new_tokens, repeats)
+            log(f"generating with {name} ({RUNTIMES[name].runtime}, {RUNTIMES[name].precision})...")
+            results[name] = bench.time(name, new_tokens, repeats)
             gc.collect()
         info["bounds"] = bounds(bench.onnx_dirs, bandwidth)
         if bench.onnx_dirs:  # after the timings: scoring is not what a backend waits for
@@ -1049,6 +1169,60 @@ def _quality_lines(q: Optional[dict]) -> list[str]:
     return lines + ([f"  ({q['note']})"] if q.get("note") else [])
 
 
+def web_line(r: dict) -> str:
+    p = r["page"]
+    isolated = "cross-origin isolated" if p["cross_origin_isolated"] else "NOT cross-origin isolated"
+    return (f"  web: gptx web's page in headless Chromium ({p['backend']}, {p['threads']} thread(s), {isolated}, "
+            f"proxy {'on' if p['proxy'] else 'off'}): {r['vs_ort_paired']:.2f}x the ort loop's tokens/s run alternately "
+            f"with it; its first generation {r['first_tokens_per_s']:,.1f} tok/s, before V8 optimizes the WebAssembly "
+            f"({r['warmup_runs']} warm-up run(s))")
+
+
+def read_saved(path: str) -> dict:
+    """A saved ``gptx bench --json`` output with a generate section (``--deploy-table FILE``)."""
+    name = f"--deploy-table: {path}"
+    try:
+        result = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise GptxError(f"{name}: no such file") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise GptxError(f"{name}: cannot be read ({type(err).__name__})") from None
+    except ValueError as err:
+        raise GptxError(f"{name}: not JSON ({err})") from None
+    g = result.get("generate") if isinstance(result, dict) else None
+    if not isinstance(g, dict) or not isinstance(g.get("backends"), dict) or \
+            not all(isinstance(r, dict) and isinstance(r.get("tokens_per_s"), (int, float)) for r in g["backends"].values()):
+        raise GptxError(f"{name}: no generate section with backend rows (save one with "
+                        "gptx bench --only generate --json > FILE)")
+    return result
+
+
+def deploy_table(result: dict) -> str:
+    """The deployment docs' table (markdown) from a ``gptx bench --json`` result: one row per
+    runtime x precision measured, with its speed, first-token latency, memory, share of its
+    precision's bound, speed against gptx's Python loop on the same export, greedy ids equal to
+    PyTorch's, and the precision's perplexity change against fp32 (``quality``)."""
+    g, m = result["generate"], result.get("machine", {})
+    quality = g.get("quality") or {}
+    fmt = lambda v, f, suffix="": "-" if v is None else format(v, f) + suffix  # noqa: E731
+    lines = [f"{g.get('model')}: batch 1, {g.get('prompt_tokens')}-token prompt, {g.get('new_tokens')} new tokens, "
+             f"greedy, {g.get('threads')} threads; {m.get('cpu', 'CPU not recorded')}, {m.get('cores', '?')} cores.", "",
+             "| runtime | precision | tokens/s | first token (ms) | peak RSS (MiB) | share of its bound | vs Python loop "
+             "| same ids as PyTorch | perplexity vs fp32 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in g["backends"].items():
+        kind = RUNTIMES.get(name, Runtime(name))
+        change = (quality.get(kind.precision) or {}).get("vs_fp32_pct")
+        ppl = "random weights" if quality.get("random_weights") and kind.precision != "fp32" else \
+            ("0 (reference)" if kind.precision == "fp32" and quality else fmt(change, "+.2f", " %"))
+        same = fmt(r.get("same_tokens_as_torch"), "d", f" of {g.get('new_tokens')}")
+        lines.append(f"| {kind.runtime} | {kind.precision} | {r['tokens_per_s']:,.1f} | {fmt(r.get('ttft_ms'), '.1f')} "
+                     f"| {fmt(r.get('peak_rss_mib'), ',.0f')} | {fmt(r.get('share_of_bound'), '.0%')} "
+                     f"| {fmt(r.get('vs_loop'), '.2f', 'x')} | {same} | {ppl} |")
+    lines += [f"| {name}: skipped | | | | | | | | {why} |" for name, why in g.get("skipped", {}).items()]
+    return "\n".join(lines)
+
+
 def table(result: dict) -> str:
     """A readable report of ``run``'s result."""
     m = result["machine"]
@@ -1081,15 +1255,17 @@ def table(result: dict) -> str:
         if g.get("fp32_bandwidth_bound_tok_s"):
             lines.append(f"  fp32 weights {g['fp32_weights_mib']:,.0f} MiB, read once per token: at most "
                          f"{g['fp32_bandwidth_bound_tok_s']:,.1f} tok/s at the measured bandwidth (int8 reads 1/4 of it, int4 1/8)")
-        header = f"  {'backend':<10} {'tok/s':>9} {'decode':>9} {'TTFT ms':>9} {'peak MiB':>9} {'vs HF':>6} {'vs genai':>8} {'same':>5}"
+        header = f"  {'backend':<10} {'tok/s':>9} {'decode':>9} {'TTFT ms':>9} {'peak MiB':>9} {'vs HF':>6} {'vs loop':>8} {'same':>5}"
         lines.append(header)
         for name, r in g["backends"].items():
             fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
             lines.append(f"  {name:<10} {r['tokens_per_s']:>9,.1f} {fmt(r['decode_tokens_per_s'], ',.1f'):>9} "
                          f"{r['ttft_ms']:>9.1f} {fmt(r['peak_rss_mib'], ',.0f'):>9} {fmt(r['vs_hf'], '.2f'):>6} "
-                         f"{fmt(r['vs_genai'], '.2f'):>8} {fmt(r['same_tokens_as_torch'], 'd'):>5}")
+                         f"{fmt(r.get('vs_loop'), '.2f'):>8} {fmt(r['same_tokens_as_torch'], 'd'):>5}")
         for name, why in g["skipped"].items():
             lines.append(f"  {name}: skipped ({why})")
+        if "web" in g["backends"]:
+            lines.append(web_line(g["backends"]["web"]))
         if "kv_cache" in g:
             c = g["kv_cache"]
             lines.append(f"  torch-kv8: PyTorch with kv_cache = \"int8\": {c['int8_bytes_per_token_per_layer']:,} cache bytes per "

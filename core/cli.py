@@ -766,8 +766,9 @@ def _harness_eval(source, harness, own_options, include_path, num_fewshot, limit
 @click.option("--model", "model_size", default="tiny", show_default=True, type=click.Choice(["tiny", "gpt2"]),
               help="Randomly initialised model for the generate section: tiny (4x128) or gpt2 (124M).")
 @click.option("--checkpoint", "checkpoint_dir", default=None, help="Generate with this checkpoint instead of a random model.")
-@click.option("--backends", default="torch,torch-kv8,ort,ort-int8,ort-int4,hf,genai,genai-int4,node", show_default=True,
-              help="Generation backends (hf, genai and node when installed).")
+@click.option("--backends", default="torch,torch-kv8,ort,ort-int8,ort-int4,hf,genai,genai-int4,node,web", show_default=True,
+              help="Generation backends (hf, genai and node when installed; web: the page in headless Chromium, "
+                   "when Playwright, Chromium ($GPTX_CHROMIUM) and gptx web --install's packages are there).")
 @click.option("--prompt-tokens", default=32, show_default=True, type=BoundedInt(1, MAX_TOKENS))
 @click.option("--new-tokens", default=128, show_default=True, type=BoundedInt(1, MAX_TOKENS))
 @click.option("--repeats", default=3, show_default=True, type=BoundedInt(1, 10_000), help="Timed generations per backend; gptx runs of the startup section.")
@@ -783,13 +784,19 @@ def _harness_eval(source, harness, own_options, include_path, num_fewshot, limit
               help="Held-out text the generate section scores each export on (perplexity vs fp32) "
                    "[default: the last 16 KiB of the shipped Shakespeare].")
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--deploy-table", "deploy_table", default=None, metavar="FILE",
+              help="Print the deployment table (markdown) of a saved `gptx bench --only generate --json` output; measures nothing.")
 def bench(only, experiment, overrides, train_steps, warmup_steps, model_size, checkpoint_dir, backends,
           prompt_tokens, new_tokens, repeats, peak_seconds, threads, busy, speedrun_seeds, speedrun_steps, nanogpt,
-          quality_data, as_json):
+          quality_data, as_json, deploy_table):
     """Measure this machine: matmul peak, training tokens/s and MFU, generation tokens/s, time to
-    first token and memory (PyTorch, onnxruntime fp32/int8/int4, HF and onnxruntime-genai as peers)."""
+    first token and memory (PyTorch, onnxruntime fp32/int8/int4, HF and onnxruntime-genai as peers,
+    the web page in headless Chromium)."""
     from gptx import bench as bench_mod
 
+    if deploy_table is not None:
+        click.echo(bench_mod.deploy_table(bench_mod.read_saved(deploy_table)))
+        return
     registry()
     split = lambda text: [s.strip() for s in text.split(",") if s.strip()]  # noqa: E731
     result = bench_mod.run(

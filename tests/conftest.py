@@ -68,13 +68,13 @@ def web_cache(request, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def browser():
-    from helpers import CHROMIUM
+    from gptx.export.browser import chromium, launch
 
-    assert CHROMIUM.is_file(), f"{CHROMIUM} is missing: apt-get install -y chromium (.ci/run installs it)"
+    assert chromium().is_file(), f"{chromium()} is missing: apt-get install -y chromium (.ci/run installs it)"
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+        b = launch(p)  # the same Chromium, found the same way, as gptx bench's web backend
         yield b
         b.close()
 

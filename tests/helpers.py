@@ -367,9 +367,6 @@ class WebServer:
 
 # ---- the web page in headless Chromium (fixtures: conftest.py's web_cache, browser, page) ----------
 
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's; Playwright's own browser download is not available here
-
-
 def install_web_packages(root: Path) -> Path:
     """`gptx web --install` into GPTX_CACHE_DIR=root: the page's pinned npm packages."""
     r = gptx("web", "--install", env={"GPTX_CACHE_DIR": str(root)}, timeout=900)

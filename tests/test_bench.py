@@ -102,6 +102,32 @@ def test_bench_int4_row():
     assert "vs_fp32_pct" not in q["fp32"] and abs(q["int4"]["vs_fp32_pct"]) < 10
 
 
+def test_deploy_table_is_written_from_a_saved_bench_json(tmp_path):
+    """gptx bench --deploy-table FILE: the deployment docs' table from a saved --json output, one
+    row per runtime x precision measured, measuring nothing itself; a file that is not one is a
+    line naming it."""
+    saved = tmp_path / "bench.json"
+    saved.write_text(gptx("bench", "--only", "generate", "--backends", "torch,ort,ort-int4", "--model", "tiny",
+                          "--new-tokens", "4", "--repeats", "1", "--json", check=True, timeout=900).stdout)
+    g = json.loads(saved.read_text())["generate"]
+    table = gptx("bench", "--deploy-table", saved, check=True).stdout.splitlines()
+    rows = {line.split(" | ")[0].lstrip("| ") + "/" + line.split(" | ")[1]: line.split(" | ") for line in table
+            if line.startswith("| ") and not line.startswith("| runtime")}
+    assert set(rows) == {"PyTorch (gptx generate)/fp32", "onnxruntime, Python loop/fp32", "onnxruntime, Python loop/int4"}
+    int4, loop = rows["onnxruntime, Python loop/int4"], g["backends"]["ort-int4"]
+    assert int4[2] == f"{loop['tokens_per_s']:,.1f}" and int4[3] == f"{loop['ttft_ms']:.1f}"
+    assert int4[5] == f"{loop['share_of_bound']:.0%}" and int4[6] == "-"  # the loop is its own reference
+    assert int4[7] == f"{loop['same_tokens_as_torch']} of 4" and int4[8].strip(" |") == "random weights"
+    assert rows["PyTorch (gptx generate)/fp32"][7] == "4 of 4"
+    for bad, said in (("missing.json", "no such file"), ("notjson.json", "not JSON"), ("nogen.json", "no generate section")):
+        if bad != "missing.json":
+            (tmp_path / bad).write_text("{" if bad == "notjson.json" else '{"machine": {}}')
+        proc = gptx("bench", "--deploy-table", tmp_path / bad)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"Error: --deploy-table: {tmp_path / bad}: {said}"), lines
+
+
 @pytest.mark.slow
 def test_bench_genai_and_node_rows_against_the_python_loop(request, tmp_path_factory):
     """genai on the fp32 and int4 exports and the Node example (timed inside Node) each report
@@ -239,3 +265,48 @@ def test_decode_step_bytes_of_a_tiny_export(tmp_path):
     C = cfg.model.n_embd
     expected = 4 * (model.num_params() - 32 * C + C)
     assert expected <= decode_step_bytes(tmp_path / "export" / "model.onnx") < expected + 1024
+
+
+@pytest.mark.slow
+def test_bench_web_row_decodes_torchs_ids_in_headless_chromium(web_cache):
+    """gptx web's page in a real headless Chromium, served from the bench process: greedy from the
+    same prompt ids as every backend, exactly --new-tokens of them, and the page's own stats."""
+    proc = gptx("bench", "--only", "generate", "--model", "tiny", "--backends", "torch,ort,web", "--prompt-tokens", "4",
+                "--new-tokens", "8", "--repeats", "1", "--json", env={"GPTX_CACHE_DIR": str(web_cache)}, check=True, timeout=900)
+    g = json.loads(proc.stdout)["generate"]
+    assert g["skipped"] == {} and set(g["backends"]) == {"torch", "ort", "web"}
+    web = g["backends"]["web"]
+    assert web["same_tokens_as_torch"] == 8  # the page decoded past end-of-text too (stop_at_eot=0), as the others
+    assert web["page"] == {"backend": "wasm", "threads": g["threads"], "cross_origin_isolated": True, "proxy": False}
+    for key in ("tokens_per_s", "decode_tokens_per_s", "ttft_ms", "total_s", "load_s", "first_tokens_per_s", "vs_ort_paired"):
+        assert web[key] > 0, key
+    assert 2 <= web["warmup_runs"] <= 6 and web["peak_rss_mib"] is None
+    assert web["loop"] == "ort" and web["vs_loop"] == pytest.approx(web["tokens_per_s"] / g["backends"]["ort"]["tokens_per_s"], abs=0.006)
+    table = gptx("bench", "--only", "generate", "--model", "tiny", "--backends", "web", "--prompt-tokens", "4",
+                 "--new-tokens", "2", "--repeats", "1", env={"GPTX_CACHE_DIR": str(web_cache)}, check=True, timeout=900).stdout
+    assert "web: gptx web's page in headless Chromium (wasm, " in table and "cross-origin isolated" in table
+
+
+def test_bench_web_row_says_why_it_is_skipped(tmp_path):
+    """No Chromium where $GPTX_CHROMIUM points, or no JavaScript packages in gptx's cache: the row is
+    skipped with the fix, and the bench goes on."""
+    from gptx.export import browser, server
+
+    args = ("bench", "--only", "generate", "--model", "tiny", "--backends", "web", "--new-tokens", "2", "--repeats", "1", "--json")
+    missing = tmp_path / "no-chromium"
+    no_browser = gptx(*args, env={"GPTX_CHROMIUM": str(missing)}, check=True)
+    assert json.loads(no_browser.stdout)["generate"]["skipped"] == {
+        "web": f"no Chromium at {missing} (install it, e.g. apt-get install chromium, or set GPTX_CHROMIUM to its path)"}
+    if not browser.chromium().is_file() or server.usable(server.WEB_DIR / server.NODE_MODULES):
+        return  # the packages' reason shows only with a Chromium and no node_modules in the web folder
+    no_packages = gptx(*args, env={"GPTX_CACHE_DIR": str(tmp_path / "empty-cache")}, check=True)
+    assert json.loads(no_packages.stdout)["generate"]["skipped"] == {
+        "web": "the page's JavaScript packages are not installed (run gptx web --install)"}
+
+
+@pytest.mark.slow
+def test_bench_web_with_a_chromium_that_does_not_start_is_one_line(web_cache):
+    proc = gptx("bench", "--only", "generate", "--model", "tiny", "--backends", "web", "--new-tokens", "2", "--repeats", "1",
+                env={"GPTX_CHROMIUM": "/bin/true", "GPTX_CACHE_DIR": str(web_cache)}, timeout=900)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("Error: /bin/true: headless Chromium failed: ")

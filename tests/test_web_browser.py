@@ -165,6 +165,38 @@ def test_page_sampling_settings(page, gpt2_site):
     assert seeded[0] == seeded[1] != seeded[2] and seeded[0] != greedy
 
 
+def test_page_takes_prompt_ids_and_can_decode_past_end_of_text(page, gpt2_site):
+    """ids= feeds the prompt token for token (what gptx bench does); stop_at_eot=0 keeps decoding
+    past end-of-text, as Python with eot_id=None; gptx.generate(query) reruns on the loaded model."""
+    gen = OnnxGenerator(site_dir(gpt2_site))
+    ids = gen.tokenizer.encode(STOP_PROMPT)
+    stops, = gen.generate([ids], 16, Sampler(temperature=0)).ids
+    full, = gen.generate([ids], 16, Sampler(temperature=0), eot_id=None).ids
+    assert stops[-1] == gen.eot_id and len(stops) < 16 == len(full)
+    page.goto(gpt2_site.url + "?" + urlencode({"ids": ",".join(map(str, ids)), "max_new_tokens": 16, "temperature": 0}))
+    row = state(page)
+    assert row["status"] == "done" and row["result"]["prompt_ids"] == ids and row["result"]["ids"] == stops
+    again = page.evaluate("q => gptx.generate(q)", urlencode({"ids": ",".join(map(str, ids)), "max_new_tokens": 16,
+                                                              "temperature": 0, "stop_at_eot": 0}))
+    assert again["status"] == "done" and again["result"]["ids"] == full, again["error"]
+    assert again["stats"]["new_tokens"] == 16 and again["stats"]["cross_origin_isolated"] is True
+    assert page.inner_text("#out-prompt") == STOP_PROMPT  # the ids, decoded
+
+
+@pytest.mark.parametrize("query, message", [
+    ({"ids": "464,x"}, 'ids: expected comma-separated token ids below 50257, got "x"'),
+    ({"ids": "50257"}, 'ids: expected comma-separated token ids below 50257, got "50257"'),
+    ({"ids": ""}, 'ids: expected comma-separated token ids below 50257, got ""'),
+    ({"ids": "464", "prompt": "Hello"}, "ids: give the prompt as text or as ids, not both"),
+    ({"ids": "464", "stop_at_eot": "2"}, "stop_at_eot: expected an integer in [0, 1]"),
+])
+def test_page_reports_bad_prompt_ids(page, gpt2_site, query, message):
+    page.goto(gpt2_site.url + "?" + urlencode(query))
+    row = state(page)
+    assert row["status"] == "error" and message in row["error"], row
+    assert page.is_enabled("#go")
+
+
 @pytest.mark.parametrize("query, message", [
     ({"temperature": "-1"}, "temperature: expected a number >= 0"),
     ({"temperature": "nan"}, "temperature: expected a number"),

@@ -2,10 +2,13 @@
 // else WebAssembly), streams generated text into the page, and leaves what it did in window.gptx:
 //   status  "loading" | "ready" | "running" | "done" | "error"
 //   result  {prompt_ids, ids, text} once a generation ends (ids stop at and include end-of-text)
-//   stats   {backend, threads, load_ms, prompt_tokens, new_tokens, ttft_ms, tokens_per_s, decode_tokens_per_s}
+//   stats   {backend, threads, load_ms, prompt_tokens, new_tokens, ttft_ms, tokens_per_s, decode_tokens_per_s,
+//            cross_origin_isolated, proxy}
 //   error   the message when status is "error"
-// Settings come from the URL query (prompt, max_new_tokens, temperature, top_k, top_p, seed, threads)
-// or the form; a query with a prompt starts generating as soon as the model is loaded.
+//   generate(query)  once ready: another generation on the loaded model, its settings a URL query string;
+//            resolves to {status, result, stats, error} (gptx bench times repeated runs without reloading)
+// Settings come from the URL query (prompt or ids, max_new_tokens, temperature, top_k, top_p, seed,
+// stop_at_eot, threads) or the form; a query with a prompt or ids starts generating once the model is loaded.
 import { Tokenizer } from "@huggingface/tokenizers";
 import { Sampler, loadExport } from "./gptx.mjs";
 
@@ -24,6 +27,7 @@ const FIELDS = {
   top_p: { min: 0, minOpen: true, max: 1, fallback: null },
   seed: { integer: true, min: 0, fallback: null },
   threads: { integer: true, min: 0, fallback: 0 }, // WebAssembly threads; 0: onnxruntime's choice
+  stop_at_eot: { integer: true, min: 0, max: 1, fallback: 1 }, // 0: always max_new_tokens (a benchmark's fixed length)
 };
 
 function parseField(name, text) {
@@ -34,16 +38,28 @@ function parseField(name, text) {
   const bad = !Number.isFinite(v) || (rule.integer && !Number.isInteger(v)) || v < rule.min || (rule.minOpen && v === rule.min) ||
     (rule.max !== undefined && v > rule.max) || (rule.integer && !Number.isSafeInteger(v));
   if (bad) {
-    const range = rule.max !== undefined ? `in (${rule.min}, ${rule.max}]` : `>= ${rule.min}`;
+    const range = rule.max !== undefined ? `in ${rule.minOpen ? "(" : "["}${rule.min}, ${rule.max}]` : `>= ${rule.min}`;
     throw new Error(`${name}: expected ${rule.integer ? "an integer" : "a number"} ${range}, got ${JSON.stringify(text)}`);
   }
   return v;
 }
 
 function readSettings(get) { // get(name) -> string or null
-  const settings = { prompt: get("prompt") ?? "" };
+  const settings = { prompt: get("prompt") ?? "", ids: get("ids") }; // ids: checked against the loaded vocabulary
+  if (settings.ids !== null && settings.prompt !== "") throw new Error("ids: give the prompt as text or as ids, not both");
   for (const name of Object.keys(FIELDS)) settings[name] = parseField(name, get(name));
   return settings;
+}
+
+// The prompt as token ids ("464,3290,..."): what a benchmark feeds, token for token, whatever the tokenizer
+// would make of the text. Each below the tokenizer's vocabulary size.
+function parseIds(text, vocab) {
+  const parts = text.split(",");
+  const bad = parts.find((p) => !/^\d{1,15}$/.test(p.trim()) || Number(p) >= vocab);
+  if (bad !== undefined) {
+    throw new Error(`ids: expected comma-separated token ids below ${vocab}, got ${JSON.stringify(bad.length > 40 ? `${bad.slice(0, 40)}…` : bad)}`);
+  }
+  return parts.map(Number);
 }
 
 function fillForm(params) {
@@ -102,7 +118,10 @@ async function load(threads) {
     try {
       const providers = backend === "webgpu" ? ["webgpu", "wasm"] : ["wasm"];
       const loaded = await loadExport({ ort, Tokenizer, readJson, modelLocation: bytes, sessionOptions: { executionProviders: providers } });
-      return { ...loaded, backend, threads: ort.env.wasm.numThreads, loadMs: performance.now() - t0 };
+      // what decides the WebAssembly speed: threads need cross-origin isolation (SharedArrayBuffer);
+      // proxy runs onnxruntime in a worker instead of this page's thread
+      const runtime = { cross_origin_isolated: self.crossOriginIsolated, proxy: ort.env.wasm.proxy };
+      return { ...loaded, backend, threads: ort.env.wasm.numThreads, runtime, loadMs: performance.now() - t0 };
     } catch (err) {
       if (err.message.startsWith("gptx_export.json") || err.message.startsWith("model.onnx") || backend === "wasm") throw err;
       console.warn(`${backend} failed, trying the next runtime:`, err);
@@ -142,9 +161,9 @@ async function generate(settings) {
   const { tokenizer, decoder } = model;
   Object.assign(state, { status: "running", result: null, stats: null, error: null });
   stopRequested = false;
-  const promptIds = tokenizer.encode(settings.prompt);
+  const promptIds = settings.ids !== null ? parseIds(settings.ids, model.meta.tokenizer.vocab_size) : tokenizer.encode(settings.prompt);
   const sampler = new Sampler({ temperature: settings.temperature, topK: settings.top_k, topP: settings.top_p, seed: settings.seed });
-  $("out-prompt").textContent = settings.prompt;
+  $("out-prompt").textContent = settings.ids !== null ? tokenizer.decode(promptIds) : settings.prompt;
   $("out-new").textContent = "";
   busy(true);
   status("Generating…");
@@ -155,13 +174,14 @@ async function generate(settings) {
     $("out-new").textContent = tokenizer.decode(ids[0]);
     await yieldToPage(); // let the page paint the new text
     return !stopRequested;
-  });
+  }, { stopAtEot: settings.stop_at_eot === 1 });
   const end = performance.now();
   const ids = out.ids[0];
   state.stats = {
     backend: model.backend, threads: model.threads, load_ms: Math.round(model.loadMs), prompt_tokens: promptIds.length,
     new_tokens: ids.length, ttft_ms: +(first - t0).toFixed(1), tokens_per_s: +(ids.length / ((end - t0) / 1e3)).toFixed(1),
     decode_tokens_per_s: ids.length > 1 ? +((ids.length - 1) / ((end - first) / 1e3)).toFixed(1) : null,
+    ...model.runtime,
   };
   state.result = { prompt_ids: promptIds, ids, text: tokenizer.decode(ids) };
   state.status = "done";
@@ -202,8 +222,15 @@ async function main() {
     showModel(model);
     $("go").disabled = false;
     status(`Ready: loaded in ${(model.loadMs / 1e3).toFixed(2)} s.`);
-    if (params.has("prompt")) await generate(readSettings((name) => params.get(name)));
+    state.generate = generateFromQuery;
+    if (params.has("prompt") || params.has("ids")) await generate(readSettings((name) => params.get(name)));
   } catch (err) { fail(err); }
+}
+
+async function generateFromQuery(query) {
+  const params = new URLSearchParams(query);
+  try { await generate(readSettings((name) => params.get(name))); } catch (err) { fail(err); }
+  return { status: state.status, result: state.result, stats: state.stats, error: state.error };
 }
 
 main();

@@ -313,14 +313,16 @@ export class Decoder {
 
   // Up to maxNewTokens new ids per prompt, each row closed at (and including) end-of-text, as
   // gptx's Python generators. onStep(next, ids) sees every step (for streaming); false from it stops.
-  async generate(prompts, maxNewTokens, sampler, onStep = () => {}) {
+  // stopAtEot false: every row runs maxNewTokens (a benchmark's fixed length, as eot_id=None in Python).
+  async generate(prompts, maxNewTokens, sampler, onStep = () => {}, { stopAtEot = true } = {}) {
     const ids = prompts.map(() => []);
     const done = prompts.map(() => false);
+    const eot = stopAtEot ? this.eot : null;
     for await (const next of this.steps(prompts, maxNewTokens, sampler)) {
       next.forEach((tok, b) => {
         if (done[b]) return;
         ids[b].push(tok);
-        done[b] = this.eot !== null && tok === this.eot;
+        done[b] = eot !== null && tok === eot;
       });
       if ((await onStep(next, ids)) === false || done.every(Boolean)) break;
     }

@@ -1190,11 +1190,25 @@ def read_saved(path: str) -> dict:
     except ValueError as err:
         raise GptxError(f"{name}: not JSON ({err})") from None
     g = result.get("generate") if isinstance(result, dict) else None
-    if not isinstance(g, dict) or not isinstance(g.get("backends"), dict) or \
-            not all(isinstance(r, dict) and isinstance(r.get("tokens_per_s"), (int, float)) for r in g["backends"].values()):
+    if not isinstance(g, dict) or not isinstance(g.get("backends"), dict) or not g["backends"]:
         raise GptxError(f"{name}: no generate section with backend rows (save one with "
                         "gptx bench --only generate --json > FILE)")
+    for backend, r in g["backends"].items():
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        bad = "tokens_per_s" if not isinstance(r, dict) or not number(r.get("tokens_per_s")) else \
+            next((k for k in DEPLOY_NUMBERS if r.get(k) is not None and not number(r[k])), None)
+        if bad:
+            raise GptxError(f"{name}: generate.backends.{backend}.{bad}: not a number")
+    for key in ("quality", "skipped"):
+        if not isinstance(g.get(key, {}), dict):
+            raise GptxError(f"{name}: generate.{key}: not an object")
+    for precision, q in g.get("quality", {}).items():
+        if precision in ("fp32", "int8", "int4") and not (isinstance(q, dict) and isinstance(q.get("vs_fp32_pct", 0), (int, float))):
+            raise GptxError(f"{name}: generate.quality.{precision}: not an object with a numeric vs_fp32_pct")
     return result
+
+
+DEPLOY_NUMBERS = ("ttft_ms", "peak_rss_mib", "share_of_bound", "vs_loop", "same_tokens_as_torch")  # None or a number
 
 
 def deploy_table(result: dict) -> str:
@@ -1202,7 +1216,7 @@ def deploy_table(result: dict) -> str:
     runtime x precision measured, with its speed, first-token latency, memory, share of its
     precision's bound, speed against gptx's Python loop on the same export, greedy ids equal to
     PyTorch's, and the precision's perplexity change against fp32 (``quality``)."""
-    g, m = result["generate"], result.get("machine", {})
+    g, m = result["generate"], result.get("machine") if isinstance(result.get("machine"), dict) else {}
     quality = g.get("quality") or {}
     fmt = lambda v, f, suffix="": "-" if v is None else format(v, f) + suffix  # noqa: E731
     lines = [f"{g.get('model')}: batch 1, {g.get('prompt_tokens')}-token prompt, {g.get('new_tokens')} new tokens, "

@@ -119,9 +119,13 @@ def test_deploy_table_is_written_from_a_saved_bench_json(tmp_path):
     assert int4[5] == f"{loop['share_of_bound']:.0%}" and int4[6] == "-"  # the loop is its own reference
     assert int4[7] == f"{loop['same_tokens_as_torch']} of 4" and int4[8].strip(" |") == "random weights"
     assert rows["PyTorch (gptx generate)/fp32"][7] == "4 of 4"
-    for bad, said in (("missing.json", "no such file"), ("notjson.json", "not JSON"), ("nogen.json", "no generate section")):
-        if bad != "missing.json":
-            (tmp_path / bad).write_text("{" if bad == "notjson.json" else '{"machine": {}}')
+    bad_files = {"missing.json": None, "notjson.json": "{", "nogen.json": '{"machine": {}}',
+                 "ttft.json": '{"generate": {"backends": {"ort": {"tokens_per_s": 3, "ttft_ms": "x"}}}}',
+                 "quality.json": '{"generate": {"backends": {"ort": {"tokens_per_s": 3}}, "quality": [1]}}'}
+    for bad, said in (("missing.json", "no such file"), ("notjson.json", "not JSON"), ("nogen.json", "no generate section"),
+                      ("ttft.json", "generate.backends.ort.ttft_ms: not a number"), ("quality.json", "generate.quality: not an object")):
+        if bad_files[bad] is not None:
+            (tmp_path / bad).write_text(bad_files[bad])
         proc = gptx("bench", "--deploy-table", tmp_path / bad)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr
         lines = proc.stderr.strip().splitlines()

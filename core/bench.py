@@ -506,14 +506,18 @@ def _time_backend(backend: _Backend, prompt: list[int], new_tokens: int, repeats
         got = run(prompt, new_tokens)
         total.append(time.perf_counter() - t)
     assert len(got) == new_tokens, f"{backend.name} generated {len(got)} tokens, not {new_tokens}"
-    first, whole = statistics.median(ttft), statistics.median(total)
+    return _row(new_tokens, statistics.median(ttft), statistics.median(total), load_s, mem.mib, ids)
+
+
+def _row(new_tokens: int, first: float, whole: float, load_s: float, peak_rss_mib, ids: list[int]) -> dict:
+    """A backend's row from its median first-token and whole-generation seconds."""
     return {
         "tokens_per_s": round(new_tokens / whole, 1),
         "decode_tokens_per_s": round((new_tokens - 1) / (whole - first), 1) if new_tokens > 1 and whole > first else None,
         "ttft_ms": round(first * 1e3, 2),
         "total_s": round(whole, 3),
         "load_s": round(load_s, 2),
-        "peak_rss_mib": mem.mib,
+        "peak_rss_mib": peak_rss_mib,
         "ids": ids,
     }
 
@@ -540,7 +544,7 @@ class _GenerateBench:
             return "onnxruntime-genai is not installed"
         if name == "node" and shutil.which("node") is None:
             return "Node.js (node) is not installed"
-        if RUNTIMES[name].onnx and name != "web":  # the web row says the same in web_skip_reason
+        if RUNTIMES[name].onnx:
             from gptx.export.onnx_export import check_exportable
 
             try:
@@ -556,18 +560,10 @@ class _GenerateBench:
         if name == "torch-kv8" and self.cfg.model.attention.name != "causal":
             return f"the int8 KV cache is the causal attention's kv_cache option; this model's attention is '{self.cfg.model.attention.name}'"
         if name == "web":
-            return self.web_skip_reason()
+            from gptx.export.browser import unavailable
+
+            return unavailable()
         return None
-
-    def web_skip_reason(self) -> Optional[str]:
-        from gptx.export.browser import unavailable
-        from gptx.export.onnx_export import check_exportable
-
-        try:
-            check_exportable(self.cfg.model)
-        except GptxError as err:
-            return str(err)
-        return unavailable()
 
     def time_web(self, new_tokens: int, repeats: int) -> dict:
         """The page on the fp32 export at this bench's threads, timed by ``_WebRun``."""
@@ -731,16 +727,8 @@ class _GenerateBench:
             said = r.stderr.strip().splitlines()
             raise GptxError(f"node bench.js failed: {said[-1] if said else f'exit {r.returncode}'}")
         got = json.loads(r.stdout.strip().splitlines()[-1])
-        first, whole = statistics.median(got["ttft_ms"]) / 1e3, statistics.median(got["total_ms"]) / 1e3
-        return {
-            "tokens_per_s": round(new_tokens / whole, 1),
-            "decode_tokens_per_s": round((new_tokens - 1) / (whole - first), 1) if new_tokens > 1 and whole > first else None,
-            "ttft_ms": round(first * 1e3, 2),
-            "total_s": round(whole, 3),
-            "load_s": round(got["load_ms"] / 1e3, 2),
-            "peak_rss_mib": round(got["peak_rss_growth_mib"], 1),
-            "ids": got["ids"],
-        }
+        return _row(new_tokens, statistics.median(got["ttft_ms"]) / 1e3, statistics.median(got["total_ms"]) / 1e3,
+                    got["load_ms"] / 1e3, round(got["peak_rss_growth_mib"], 1), got["ids"])
 
 
 # ---- the bound of each precision -----------------------------------------------------------
@@ -1193,8 +1181,8 @@ def read_saved(path: str) -> dict:
     if not isinstance(g, dict) or not isinstance(g.get("backends"), dict) or not g["backends"]:
         raise GptxError(f"{name}: no generate section with backend rows (save one with "
                         "gptx bench --only generate --json > FILE)")
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     for backend, r in g["backends"].items():
-        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
         bad = "tokens_per_s" if not isinstance(r, dict) or not number(r.get("tokens_per_s")) else \
             next((k for k in DEPLOY_NUMBERS if r.get(k) is not None and not number(r[k])), None)
         if bad:

@@ -1039,7 +1039,7 @@ def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: 
         prompt_tokens: int = 32, new_tokens: int = 128, repeats: int = 3, peak_seconds: float = 1.0,
         threads: Optional[int] = None, log: Callable[[str], None] = lambda s: None,
         speedrun_seeds: int = 3, speedrun_steps: Optional[int] = None, nanogpt: Optional[str] = None,
-        busy: int = 1, quality_data: Optional[str] = None) -> dict:
+        busy: int = 1, quality_data: Optional[str] = None, speedrun_overrides: tuple = ()) -> dict:
     import torch
 
     from gptx import speedrun
@@ -1050,7 +1050,10 @@ def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: 
     if nanogpt is not None and "speedrun" not in sections:
         raise GptxError("--nanogpt: only the speedrun section runs nanoGPT; add --only speedrun")
     check_inputs(sections, experiment, overrides, checkpoint_dir, backends, model, prompt_tokens, new_tokens)
+    if speedrun_overrides and "speedrun" not in sections:
+        raise GptxError("--speedrun-set: only the speedrun section runs the speedrun recipe; add --only speedrun")
     speedrun.check_nanogpt(nanogpt)
+    speedrun.check_overrides(speedrun_overrides)
     if quality_data is not None and "generate" not in sections:
         raise GptxError("--quality-data: only the generate section scores its exports; add --only generate")
     check_quality_data(quality_data)
@@ -1087,7 +1090,8 @@ def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: 
         log(f"training {train_steps} steps quiet and beside {busy} busy process(es), gptx's threads and fixed...")
         out["busy"] = bench_busy(experiment, tuple(overrides), train_steps, warmup_steps, busy, threads)
     if "speedrun" in sections:
-        out["speedrun"] = speedrun.run(speedrun_seeds, steps=speedrun_steps, nanogpt=nanogpt, log=log)
+        out["speedrun"] = speedrun.run(speedrun_seeds, steps=speedrun_steps, nanogpt=nanogpt, log=log,
+                                       overrides=speedrun_overrides)
     if "startup" in sections:
         log(f"starting gptx run {speedrun.RECIPES['speedrun']} {repeats} time(s)...")
         out["startup"] = bench_startup(repeats)

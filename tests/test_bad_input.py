@@ -412,6 +412,21 @@ def bench_nanogpt_without_the_speedrun_section(d, art):
     return ["bench", "--only", "train", "--nanogpt", d]
 
 
+@case("--speedrun-set model.attention.qk_normm=true", "unknown key")
+def bench_speedrun_set_unknown_key(d, art):
+    return ["bench", "--only", "speedrun", "--speedrun-set", "model.attention.qk_normm=true"]
+
+
+@case("--speedrun-set training.max_steps=0", "must be at least 1")
+def bench_speedrun_set_out_of_range(d, art):
+    return ["bench", "--only", "speedrun", "--speedrun-set", "training.max_steps=0"]
+
+
+@case("--speedrun-set: only the speedrun section runs the speedrun recipe")
+def bench_speedrun_set_without_the_speedrun_section(d, art):
+    return ["bench", "--only", "train", "--speedrun-set", "training.max_steps=3"]
+
+
 @case("missing.toml")
 def bench_missing_experiment(d, art):
     return ["bench", "--only", "peak,train", "--experiment", d / "missing.toml"]

@@ -453,6 +453,24 @@ def bench_empty_quality_data(d, art):
     return ["bench", "--only", "generate", "--quality-data", d / "empty.txt"]
 
 
+@case("--quality-data", "binary.txt looks binary (NUL bytes)")
+def bench_binary_quality_data(d, art):  # refused before the timings, not when the exports are scored
+    (d / "binary.txt").write_bytes(b"text\x00" * 4000)
+    return ["bench", "--only", "generate", "--quality-data", d / "binary.txt"]
+
+
+@case("--quality-data", "one.txt: 1 token(s); at least 2 are needed")
+def bench_one_token_quality_data(d, art):
+    (d / "one.txt").write_text("the")
+    return ["bench", "--only", "generate", "--quality-data", d / "one.txt"]
+
+
+@case("--quality-data", "d.jsonl: expected text, not jsonl documents")
+def bench_jsonl_quality_data(d, art):
+    (d / "d.jsonl").write_text('{"text": "To be, or not to be."}\n')
+    return ["bench", "--only", "generate", "--quality-data", d / "d.jsonl"]
+
+
 @case("--quality-data: only the generate section scores its exports")
 def bench_quality_data_without_the_generate_section(d, art):
     (d / "text.txt").write_text("To be, or not to be.\n")

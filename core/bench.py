@@ -803,10 +803,17 @@ RANDOM_WEIGHTS_NOTE = ("random-init weights: every precision's perplexity is nea
                        "says nothing; give --checkpoint a trained model")
 
 
-def check_quality_data(path: Optional[str]) -> None:
-    """--quality-data names a non-empty regular file (checked before the machine is measured)."""
+def check_quality_data(path: Optional[str], checkpoint_dir: Optional[str] = None) -> None:
+    """--quality-data: a non-empty regular file of text that the model's tokenizer makes at least
+    2 tokens of, checked before the machine is measured, not minutes later when the exports are
+    scored (the tokens are cached: scoring reads them back)."""
     if path is None:
         return
+    from gptx import checkpoint as ckpt
+    from gptx.config import from_dict
+    from gptx.data import cached_tokens
+    from gptx.prepare import Source
+
     p = Path(path)
     if not p.exists():
         raise GptxError(f"--quality-data: {path}: no such file")
@@ -814,6 +821,20 @@ def check_quality_data(path: Optional[str]) -> None:
         raise GptxError(f"--quality-data: {path}: not a regular file")
     if p.stat().st_size == 0:
         raise GptxError(f"--quality-data: {path}: is empty (a held-out text is needed to score)")
+    if checkpoint_dir is None:  # the random models of --model: GPT-2's BPE
+        tokenizer = ckpt.build_tokenizer(from_dict({"tokenizer": {"kind": "gpt2"}, "tracking": {"enabled": False}}).tokenizer)
+    else:
+        meta, config = ckpt.read(ckpt.resolve(checkpoint_dir))
+        tokenizer = ckpt.build_tokenizer(config.tokenizer, meta.get("tokenizer_state") or None)
+    try:
+        source = Source(p)
+        if source.jsonl:
+            raise GptxError(f"{p}: expected text, not jsonl documents")
+        ids = cached_tokens(source, tokenizer)
+    except GptxError as err:
+        raise GptxError(f"--quality-data: {err}" if str(p) in str(err) else f"--quality-data: {path}: {err}") from None
+    if len(ids) < 2:
+        raise GptxError(f"--quality-data: {path}: {len(ids)} token(s); at least 2 are needed to score one")
 
 
 def quality_text(path: Optional[str], work: Path) -> Path:
@@ -1039,7 +1060,7 @@ def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: 
         prompt_tokens: int = 32, new_tokens: int = 128, repeats: int = 3, peak_seconds: float = 1.0,
         threads: Optional[int] = None, log: Callable[[str], None] = lambda s: None,
         speedrun_seeds: int = 3, speedrun_steps: Optional[int] = None, nanogpt: Optional[str] = None,
-        busy: int = 1, quality_data: Optional[str] = None) -> dict:
+        busy: int = 1, quality_data: Optional[str] = None, speedrun_overrides: tuple = ()) -> dict:
     import torch
 
     from gptx import speedrun
@@ -1050,10 +1071,13 @@ def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: 
     if nanogpt is not None and "speedrun" not in sections:
         raise GptxError("--nanogpt: only the speedrun section runs nanoGPT; add --only speedrun")
     check_inputs(sections, experiment, overrides, checkpoint_dir, backends, model, prompt_tokens, new_tokens)
+    if speedrun_overrides and "speedrun" not in sections:
+        raise GptxError("--speedrun-set: only the speedrun section runs the speedrun recipe; add --only speedrun")
     speedrun.check_nanogpt(nanogpt)
+    speedrun.check_overrides(speedrun_overrides)
     if quality_data is not None and "generate" not in sections:
         raise GptxError("--quality-data: only the generate section scores its exports; add --only generate")
-    check_quality_data(quality_data)
+    check_quality_data(quality_data, checkpoint_dir)
     if threads:
         torch.set_num_threads(threads)
     out: dict = {"machine": machine()}
@@ -1087,7 +1111,8 @@ def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: 
         log(f"training {train_steps} steps quiet and beside {busy} busy process(es), gptx's threads and fixed...")
         out["busy"] = bench_busy(experiment, tuple(overrides), train_steps, warmup_steps, busy, threads)
     if "speedrun" in sections:
-        out["speedrun"] = speedrun.run(speedrun_seeds, steps=speedrun_steps, nanogpt=nanogpt, log=log)
+        out["speedrun"] = speedrun.run(speedrun_seeds, steps=speedrun_steps, nanogpt=nanogpt, log=log,
+                                       overrides=speedrun_overrides)
     if "startup" in sections:
         log(f"starting gptx run {speedrun.RECIPES['speedrun']} {repeats} time(s)...")
         out["startup"] = bench_startup(repeats)

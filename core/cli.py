@@ -780,6 +780,8 @@ def _harness_eval(source, harness, own_options, include_path, num_fewshot, limit
 @click.option("--speedrun-steps", default=None, type=BoundedInt(1, 1 << 20),
               help="Cap both speedrun recipes at this many steps (a smoke test; the comparison needs their own).")
 @click.option("--nanogpt", default=None, metavar="DIR", help="A nanoGPT checkout (data/shakespeare_char prepared): time it too.")
+@click.option("--speedrun-set", "speedrun_overrides", multiple=True, metavar="KEY.PATH=VALUE",
+              help="Override a value of the speedrun recipe alone (an ablation's row); repeatable.")
 @click.option("--quality-data", default=None, metavar="FILE",
               help="Held-out text the generate section scores each export on (perplexity vs fp32) "
                    "[default: the last 16 KiB of the shipped Shakespeare].")
@@ -788,7 +790,7 @@ def _harness_eval(source, harness, own_options, include_path, num_fewshot, limit
               help="Print the deployment table (markdown) of a saved `gptx bench --only generate --json` output; measures nothing.")
 def bench(only, experiment, overrides, train_steps, warmup_steps, model_size, checkpoint_dir, backends,
           prompt_tokens, new_tokens, repeats, peak_seconds, threads, busy, speedrun_seeds, speedrun_steps, nanogpt,
-          quality_data, as_json, deploy_table):
+          speedrun_overrides, quality_data, as_json, deploy_table):
     """Measure this machine: matmul peak, training tokens/s and MFU, generation tokens/s, time to
     first token and memory (PyTorch, onnxruntime fp32/int8/int4, HF and onnxruntime-genai as peers,
     the web page in headless Chromium)."""
@@ -805,7 +807,7 @@ def bench(only, experiment, overrides, train_steps, warmup_steps, model_size, ch
         backends=split(backends), prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
         peak_seconds=peak_seconds, threads=threads, log=lambda s: click.echo(s, err=True) if not as_json else None,
         speedrun_seeds=speedrun_seeds, speedrun_steps=speedrun_steps, nanogpt=nanogpt, busy=busy,
-        quality_data=quality_data,
+        quality_data=quality_data, speedrun_overrides=tuple(speedrun_overrides),
     )
     click.echo(json.dumps(result, indent=2) if as_json else bench_mod.table(result))
 

@@ -24,6 +24,7 @@ from typing import Callable, Optional
 from gptx.errors import GptxError
 
 TARGET = 1.90  # nanoGPT's checkpoints score 1.891-1.908 on the whole validation split (3 seeds)
+SEED_CEILING = 1.92  # and no single seed of the speedrun may score above this
 RECIPES = {"nanogpt_recipe": "shakespeare_char.toml", "speedrun": "speedrun_char.toml"}
 NANOGPT_CPU_FLAGS = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=100", "--block_size=64",
                      "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--dropout=0.0"]
@@ -57,12 +58,31 @@ def timed_process(cmd: list[str], cwd: Path, what: str) -> tuple[subprocess.Comp
     return proc, wall
 
 
-def gptx_run(recipe: str, seed: int, steps: Optional[int], work: Path) -> dict:
+def check_overrides(overrides: tuple) -> None:
+    """``--speedrun-set``: the speedrun recipe with these overrides must load and plan, checked
+    before anything runs (one line naming the recipe and the key otherwise)."""
+    if not overrides:
+        return
+    from gptx.config import load_experiment
+    from gptx.errors import ConfigError
+    from gptx.training.plan import plan_run
+
+    recipe = experiments() / RECIPES["speedrun"]
+    try:
+        plan_run(load_experiment(recipe, list(overrides)), outputs=False)
+    except ConfigError as err:
+        where = str(err.located(recipe.name))  # names the override as "--set KEY=VALUE: ..."
+        raise GptxError(f"--speedrun-{where[2:]}" if where.startswith("--set") else f"--speedrun-set: {where}") from None
+
+
+def gptx_run(recipe: str, seed: int, steps: Optional[int], work: Path, overrides: tuple = ()) -> dict:
     """One whole ``gptx run`` process: its wall seconds and the final whole-split val loss."""
     cmd = [sys.executable, "-m", "gptx", "run", str(experiments() / RECIPES[recipe]), "--quiet",
            "--set", f"training.seed={seed}",
            "--set", f"training.out_dir={json.dumps(str(work / 'runs'))}",
            "--set", f"tracking.uri={json.dumps('sqlite:///' + str(work / 'mlflow.db'))}"]
+    for item in overrides:
+        cmd += ["--set", item]
     if steps is not None:
         cmd += ["--set", f"training.max_steps={steps}"]
     proc, wall = timed_process(cmd, work, f"speedrun: {recipe} (seed {seed})")
@@ -83,8 +103,9 @@ def nanogpt_run(directory: Path, seed: int, steps: Optional[int], work: Path) ->
 
 
 def run(seeds: int = 3, base_seed: int = 1337, steps: Optional[int] = None, nanogpt: Optional[str] = None,
-        work: Optional[Path] = None, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Run the recipes ``seeds`` times, alternating; per-seed rows, means and the ratio."""
+        work: Optional[Path] = None, log: Callable[[str], None] = lambda s: None, overrides: tuple = ()) -> dict:
+    """Run the recipes ``seeds`` times, alternating; per-seed rows, means and the ratio.
+    ``overrides`` (``--speedrun-set``) change the speedrun recipe alone: an ablation's row."""
     import tempfile
 
     from gptx import tracking
@@ -101,7 +122,7 @@ def run(seeds: int = 3, base_seed: int = 1337, steps: Optional[int] = None, nano
             row: dict = {"seed": seed}
             for recipe in RECIPES:
                 log(f"seed {seed}: {recipe} ({RECIPES[recipe]})...")
-                row[recipe] = gptx_run(recipe, seed, steps, work)
+                row[recipe] = gptx_run(recipe, seed, steps, work, overrides if recipe == "speedrun" else ())
             if nano_dir is not None:
                 log(f"seed {seed}: nanoGPT ({nano_dir})...")
                 row["nanogpt"] = nanogpt_run(nano_dir, seed, steps, work)
@@ -117,13 +138,19 @@ def run(seeds: int = 3, base_seed: int = 1337, steps: Optional[int] = None, nano
         summary["nanogpt"] = {"wall_s": mean([r["nanogpt"]["wall_s"] for r in rows])}
         summary["ratio_vs_nanogpt"] = mean([r["ratio_vs_nanogpt"] for r in rows])
     loss = summary["speedrun"]["final_val_loss"]
-    summary["speedrun_reaches_target"] = loss is not None and loss <= TARGET
-    return {"target_val_loss": TARGET, "steps": steps, "store_creation_s": store_s, "runs": rows, "mean": summary}
+    worst = max((r["speedrun"]["final_val_loss"] for r in rows), key=lambda v: float("inf") if v is None else v)
+    summary["speedrun_worst_seed"] = worst
+    summary["speedrun_reaches_target"] = loss is not None and loss <= TARGET and worst is not None and worst <= SEED_CEILING
+    return {"target_val_loss": TARGET, "seed_ceiling": SEED_CEILING, "steps": steps, "overrides": list(overrides),
+            "store_creation_s": store_s, "runs": rows, "mean": summary}
 
 
 def table(result: dict) -> str:
-    lines = [f"time to whole-split val loss <= {result['target_val_loss']} (whole processes, alternating per seed; "
-             f"the MLflow store's one-time creation, {result['store_creation_s']} s, before the clock):"]
+    lines = [f"time to whole-split val loss <= {result['target_val_loss']}, mean of the seeds, none above "
+             f"{result['seed_ceiling']} (whole processes, alternating per seed; the MLflow store's one-time creation, "
+             f"{result['store_creation_s']} s, before the clock):"]
+    if result["overrides"]:
+        lines.append(f"  speedrun recipe with {' '.join(result['overrides'])}")
     head = f"  {'seed':>6} {'nanoGPT recipe s':>17} {'val':>7} {'speedrun s':>11} {'val':>7} {'ratio':>7}"
     with_nano = any("nanogpt" in r for r in result["runs"])
     lines.append(head + (f" {'nanoGPT s':>10} {'ratio':>7}" if with_nano else ""))
@@ -141,5 +168,6 @@ def table(result: dict) -> str:
         line += f" {m['nanogpt']['wall_s']:>10.1f} {m['ratio_vs_nanogpt']:>7.3f}"
     lines.append(line)
     verdict = "reaches" if m["speedrun_reaches_target"] else "does not reach"
-    lines.append(f"  the speedrun's mean {verdict} the target")
+    worst = fmt(m["speedrun_worst_seed"])
+    lines.append(f"  the speedrun {verdict} the target (mean {fmt(m['speedrun']['final_val_loss'])}, worst seed {worst})")
     return "\n".join(lines)

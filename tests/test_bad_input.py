@@ -412,6 +412,21 @@ def bench_nanogpt_without_the_speedrun_section(d, art):
     return ["bench", "--only", "train", "--nanogpt", d]
 
 
+@case("--speedrun-set model.attention.qk_normm=true", "unknown key")
+def bench_speedrun_set_unknown_key(d, art):
+    return ["bench", "--only", "speedrun", "--speedrun-set", "model.attention.qk_normm=true"]
+
+
+@case("--speedrun-set training.max_steps=0", "must be at least 1")
+def bench_speedrun_set_out_of_range(d, art):
+    return ["bench", "--only", "speedrun", "--speedrun-set", "training.max_steps=0"]
+
+
+@case("--speedrun-set: only the speedrun section runs the speedrun recipe")
+def bench_speedrun_set_without_the_speedrun_section(d, art):
+    return ["bench", "--only", "train", "--speedrun-set", "training.max_steps=3"]
+
+
 @case("missing.toml")
 def bench_missing_experiment(d, art):
     return ["bench", "--only", "peak,train", "--experiment", d / "missing.toml"]
@@ -436,6 +451,24 @@ def bench_missing_quality_data(d, art):
 def bench_empty_quality_data(d, art):
     (d / "empty.txt").write_bytes(b"")
     return ["bench", "--only", "generate", "--quality-data", d / "empty.txt"]
+
+
+@case("--quality-data", "binary.txt looks binary (NUL bytes)")
+def bench_binary_quality_data(d, art):  # refused before the timings, not when the exports are scored
+    (d / "binary.txt").write_bytes(b"text\x00" * 4000)
+    return ["bench", "--only", "generate", "--quality-data", d / "binary.txt"]
+
+
+@case("--quality-data", "one.txt: 1 token(s); at least 2 are needed")
+def bench_one_token_quality_data(d, art):
+    (d / "one.txt").write_text("the")
+    return ["bench", "--only", "generate", "--quality-data", d / "one.txt"]
+
+
+@case("--quality-data", "d.jsonl: expected text, not jsonl documents")
+def bench_jsonl_quality_data(d, art):
+    (d / "d.jsonl").write_text('{"text": "To be, or not to be."}\n')
+    return ["bench", "--only", "generate", "--quality-data", d / "d.jsonl"]
 
 
 @case("--quality-data: only the generate section scores its exports")

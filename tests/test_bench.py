@@ -196,6 +196,20 @@ def test_bench_speedrun_times_both_recipes_as_whole_processes():
         assert row[recipe]["reached"] is False
     assert row["ratio"] == pytest.approx(row["speedrun"]["wall_s"] / row["nanogpt_recipe"]["wall_s"], abs=1e-3)
     assert s["mean"]["ratio"] == row["ratio"] and s["mean"]["speedrun_reaches_target"] is False
+    assert s["seed_ceiling"] == 1.92 and s["mean"]["speedrun_worst_seed"] == row["speedrun"]["final_val_loss"]
+
+
+@pytest.mark.slow
+def test_bench_speedrun_set_changes_the_speedrun_recipe_alone():
+    """--speedrun-set (an ablation's row) reaches the speedrun's process and not the nanoGPT
+    recipe's: without its final whole-split evaluation the speedrun has no loss to report."""
+    proc = gptx("bench", "--only", "speedrun", "--speedrun-steps", "2", "--speedrun-seeds", "1", "--json",
+                "--speedrun-set", "training.final_eval_tokens=0", check=True, timeout=900)
+    s = json.loads(proc.stdout)["speedrun"]
+    assert s["overrides"] == ["training.final_eval_tokens=0"]
+    (row,) = s["runs"]
+    assert row["speedrun"]["final_val_loss"] is None and row["nanogpt_recipe"]["final_val_loss"] > 3.0
+    assert s["mean"]["speedrun_reaches_target"] is False and s["mean"]["speedrun_worst_seed"] is None
 
 
 @pytest.mark.slow

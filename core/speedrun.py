@@ -29,6 +29,7 @@ RECIPES = {"nanogpt_recipe": "shakespeare_char.toml", "speedrun": "speedrun_char
 NANOGPT_CPU_FLAGS = ["--device=cpu", "--compile=False", "--eval_iters=20", "--log_interval=100", "--block_size=64",
                      "--batch_size=12", "--n_layer=4", "--n_head=4", "--n_embd=128", "--dropout=0.0"]
 TIMEOUT_S = 3600
+BENCH_SETS = ("training.seed", "training.out_dir")  # set by gptx_run for every run (tracking.* too)
 
 
 def experiments() -> Path:
@@ -63,11 +64,19 @@ def check_overrides(overrides: tuple) -> None:
     before anything runs (one line naming the recipe and the key otherwise)."""
     if not overrides:
         return
-    from gptx.config import load_experiment
+    from gptx.config import load_experiment, parse_override
     from gptx.errors import ConfigError
     from gptx.training.plan import plan_run
 
     recipe = experiments() / RECIPES["speedrun"]
+    for item in overrides:
+        try:
+            key = ".".join(parse_override(item)[0])
+        except ConfigError:
+            continue  # load_experiment below names the malformed override
+        if key in BENCH_SETS or key.startswith("tracking."):
+            raise GptxError(f"--speedrun-set {item}: {key} is the bench's own (one seed, run folder and MLflow store "
+                            "per run: --speedrun-seeds chooses the seeds)")
     try:
         plan_run(load_experiment(recipe, list(overrides)), outputs=False)
     except ConfigError as err:

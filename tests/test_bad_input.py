@@ -422,6 +422,11 @@ def bench_speedrun_set_out_of_range(d, art):
     return ["bench", "--only", "speedrun", "--speedrun-set", "training.max_steps=0"]
 
 
+@case("--speedrun-set training.seed=5", "is the bench's own", "--speedrun-seeds")
+def bench_speedrun_set_a_key_the_bench_sets(d, art):  # every seed would train the same run
+    return ["bench", "--only", "speedrun", "--speedrun-set", "training.seed=5"]
+
+
 @case("--speedrun-set: only the speedrun section runs the speedrun recipe")
 def bench_speedrun_set_without_the_speedrun_section(d, art):
     return ["bench", "--only", "train", "--speedrun-set", "training.max_steps=3"]

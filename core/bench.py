@@ -450,18 +450,24 @@ def busy_table(b: dict) -> str:
 
 # ---- generation ----------------------------------------------------------------------------
 
+def _synthetic_config(size: str):
+    """The experiment config of ``--model size``: MODEL_SIZES with GPT-2's tokenizer."""
+    from gptx.config import from_dict
+
+    if size not in MODEL_SIZES:
+        raise GptxError(f"--model: unknown size {size!r}; choose from {', '.join(MODEL_SIZES)}")
+    return from_dict({"model": dict(MODEL_SIZES[size]), "tokenizer": {"kind": "gpt2"}, "tracking": {"enabled": False}})
+
+
 def _synthetic_checkpoint(size: str, work: Path, seed: int = 0) -> Path:
     """A randomly initialised GPT-2-style model of ``size`` with GPT-2's tokenizer, saved as a
     gptx checkpoint under ``work``."""
     import torch
 
     from gptx import checkpoint as ckpt
-    from gptx.config import from_dict
     from gptx.model import GPT
 
-    if size not in MODEL_SIZES:
-        raise GptxError(f"--model: unknown size {size!r}; choose from {', '.join(MODEL_SIZES)}")
-    cfg = from_dict({"model": dict(MODEL_SIZES[size]), "tokenizer": {"kind": "gpt2"}, "tracking": {"enabled": False}})
+    cfg = _synthetic_config(size)
     tokenizer = ckpt.build_tokenizer(cfg.tokenizer)
     cfg.model.vocab_size = tokenizer.vocab_size
     torch.manual_seed(seed)
@@ -803,16 +809,14 @@ RANDOM_WEIGHTS_NOTE = ("random-init weights: every precision's perplexity is nea
                        "says nothing; give --checkpoint a trained model")
 
 
-def check_quality_data(path: Optional[str], checkpoint_dir: Optional[str] = None) -> None:
+def check_quality_data(path: Optional[str], checkpoint_dir: Optional[str] = None, model: str = "tiny") -> None:
     """--quality-data: a non-empty regular file of text that the model's tokenizer makes at least
     2 tokens of, checked before the machine is measured, not minutes later when the exports are
-    scored (the tokens are cached: scoring reads them back)."""
+    scored (``text_ids`` caches the tokens: scoring reads them back)."""
     if path is None:
         return
     from gptx import checkpoint as ckpt
-    from gptx.config import from_dict
-    from gptx.data import cached_tokens
-    from gptx.prepare import Source
+    from gptx.evaluate import text_ids
 
     p = Path(path)
     if not p.exists():
@@ -821,20 +825,14 @@ def check_quality_data(path: Optional[str], checkpoint_dir: Optional[str] = None
         raise GptxError(f"--quality-data: {path}: not a regular file")
     if p.stat().st_size == 0:
         raise GptxError(f"--quality-data: {path}: is empty (a held-out text is needed to score)")
-    if checkpoint_dir is None:  # the random models of --model: GPT-2's BPE
-        tokenizer = ckpt.build_tokenizer(from_dict({"tokenizer": {"kind": "gpt2"}, "tracking": {"enabled": False}}).tokenizer)
+    if checkpoint_dir is None:
+        tokenizer = ckpt.build_tokenizer(_synthetic_config(model).tokenizer)
     else:
-        meta, config = ckpt.read(ckpt.resolve(checkpoint_dir))
-        tokenizer = ckpt.build_tokenizer(config.tokenizer, meta.get("tokenizer_state") or None)
+        tokenizer = ckpt.read_with_tokenizer(ckpt.resolve(checkpoint_dir))[2]
     try:
-        source = Source(p)
-        if source.jsonl:
-            raise GptxError(f"{p}: expected text, not jsonl documents")
-        ids = cached_tokens(source, tokenizer)
-    except GptxError as err:
-        raise GptxError(f"--quality-data: {err}" if str(p) in str(err) else f"--quality-data: {path}: {err}") from None
-    if len(ids) < 2:
-        raise GptxError(f"--quality-data: {path}: {len(ids)} token(s); at least 2 are needed to score one")
+        text_ids(p, tokenizer)
+    except GptxError as err:  # its lines name gptx eval's option
+        raise GptxError("--quality-data: " + str(err).removeprefix("--data: ")) from None
 
 
 def quality_text(path: Optional[str], work: Path) -> Path:
@@ -1077,7 +1075,7 @@ def run(sections=SECTIONS, experiment=None, overrides: tuple = (), train_steps: 
     speedrun.check_overrides(speedrun_overrides)
     if quality_data is not None and "generate" not in sections:
         raise GptxError("--quality-data: only the generate section scores its exports; add --only generate")
-    check_quality_data(quality_data, checkpoint_dir)
+    check_quality_data(quality_data, checkpoint_dir, model)
     if threads:
         torch.set_num_threads(threads)
     out: dict = {"machine": machine()}

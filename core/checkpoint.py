@@ -227,16 +227,13 @@ def read(path: Path) -> tuple[dict, ExperimentConfig]:
     return meta, config
 
 
-def load(source: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
-    """Rebuild config, tokenizer and model from a checkpoint; every problem is a GptxError."""
-    from gptx.model import GPT
-
-    path = resolve(source)
+def read_with_tokenizer(path: Path) -> tuple[dict, ExperimentConfig, Any]:
+    """``read(path)`` and the tokenizer the checkpoint stores, rebuilt and checked against its
+    recorded size, without the weights. Any problem is a GptxError."""
     meta, config = read(path)
-    where = path / "gptx.json"
-    state = meta.get("tokenizer_state") or None
+    where = Path(path) / "gptx.json"
     try:
-        tokenizer = build_tokenizer(config.tokenizer, state)
+        tokenizer = build_tokenizer(config.tokenizer, meta.get("tokenizer_state") or None)
         vocab = tokenizer.vocab_size
     except GptxError:
         raise
@@ -244,6 +241,16 @@ def load(source: str | os.PathLike, device: str | torch.device = "cpu") -> Check
         raise GptxError(f"{where}: corrupted tokenizer_state ({type(err).__name__}: {err})") from None
     if meta.get("tokenizer_vocab_size") not in (None, vocab):
         raise GptxError(f"{where}: tokenizer_vocab_size: {meta['tokenizer_vocab_size']}, but the stored tokenizer has {vocab} tokens")
+    return meta, config, tokenizer
+
+
+def load(source: str | os.PathLike, device: str | torch.device = "cpu") -> Checkpoint:
+    """Rebuild config, tokenizer and model from a checkpoint; every problem is a GptxError."""
+    from gptx.model import GPT
+
+    path = resolve(source)
+    meta, config, tokenizer = read_with_tokenizer(path)
+    where, vocab = path / "gptx.json", tokenizer.vocab_size
     if config.model.vocab_size is None:
         config.model.vocab_size = vocab
     elif config.model.vocab_size < vocab:

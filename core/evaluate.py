@@ -173,24 +173,31 @@ def text_windows(n: int, context: int, stride: int) -> list[tuple[int, int, int]
     return windows
 
 
-def evaluate_text(scorer, path: Path, stride: Optional[int] = None, batch: Optional[int] = None, progress=None) -> dict:
-    """loss, perplexity, bits per byte and the number of scored tokens of the text at ``path``."""
+def text_ids(path: Path, tokenizer, progress=None):
+    """The text at ``path`` as a ``Source`` and its ids (through the token cache), at least 2 of
+    them: what ``evaluate_text`` scores. A problem is one line starting ``--data:``."""
     from gptx.data import cached_tokens
     from gptx.prepare import Source
 
-    C = scorer.context
-    stride = C if stride is None else stride
-    if not 1 <= stride <= C:
-        raise GptxError(f"--stride: must be between 1 and the model's context of {C}, got {stride}")
     try:
         source = Source(path)
         if source.jsonl:
             raise GptxError(f"{path}: expected text (a file or a directory of .txt files), not jsonl documents")
-        ids = cached_tokens(source, scorer.tokenizer, progress)
+        ids = cached_tokens(source, tokenizer, progress)
     except GptxError as err:
         raise GptxError(f"--data: {err}" if str(path) in str(err) else f"--data: {path}: {err}") from None
     if len(ids) < 2:
         raise GptxError(f"--data: {path}: {len(ids)} token(s); at least 2 are needed to score one")
+    return source, ids
+
+
+def evaluate_text(scorer, path: Path, stride: Optional[int] = None, batch: Optional[int] = None, progress=None) -> dict:
+    """loss, perplexity, bits per byte and the number of scored tokens of the text at ``path``."""
+    C = scorer.context
+    stride = C if stride is None else stride
+    if not 1 <= stride <= C:
+        raise GptxError(f"--stride: must be between 1 and the model's context of {C}, got {stride}")
+    source, ids = text_ids(path, scorer.tokenizer, progress)
     windows = text_windows(len(ids), C, stride)
     total, count, last = 0.0, 0, time.monotonic()
     rows = rows_per_batch(scorer, C, batch)

@@ -470,7 +470,7 @@ def bench_one_token_quality_data(d, art):
     return ["bench", "--only", "generate", "--quality-data", d / "one.txt"]
 
 
-@case("--quality-data", "d.jsonl: expected text, not jsonl documents")
+@case("--quality-data", "d.jsonl: expected text", "not jsonl documents")
 def bench_jsonl_quality_data(d, art):
     (d / "d.jsonl").write_text('{"text": "To be, or not to be."}\n')
     return ["bench", "--only", "generate", "--quality-data", d / "d.jsonl"]

@@ -683,11 +683,15 @@ class _GenerateBench:
 
     def load_genai(self, scheme: str = "fp32"):
         """onnxruntime-genai on the ``scheme`` export with its genai_config.json as written, but for
-        the thread count: the bench's, as every other backend's."""
+        the thread count and spinning: gptx's own sessions' (``make_session``), as every other backend's."""
         import onnxruntime_genai as og
 
+        from gptx.threads import spinning_pays
+
+        spin = "1" if spinning_pays(self.threads) else "0"
         config = og.Config(str(self.export(scheme)))
-        config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": self.threads}}}}))
+        config.overlay(json.dumps({"model": {"decoder": {"session_options": {
+            "intra_op_num_threads": self.threads, "session.intra_op.allow_spinning": spin}}}}))
         og_model = og.Model(config)
 
         def run(p, n):
@@ -728,6 +732,10 @@ class _GenerateBench:
 
         args = ["node", str(NODE_BENCH), str(self.export("fp32")), "--ids", ",".join(map(str, self.prompt)),
                 "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--threads", str(self.threads)]
+        from gptx.threads import spinning_pays
+
+        if spinning_pays(self.threads):  # as gptx's own sessions (make_session)
+            args.append("--spin")
         r = subprocess.run(args, capture_output=True, text=True, timeout=3600)
         if r.returncode != 0:
             said = r.stderr.strip().splitlines()

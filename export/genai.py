@@ -8,8 +8,10 @@ genai decodes as fast as gptx's Python loop on the same graph (docs/deploy.md ha
 - ``intra_op_num_threads`` 0: onnxruntime's own default, one thread per physical core. Left
   unset, genai takes half the logical CPUs (it assumes two hardware threads per core), so on a
   machine without SMT it decodes on half the cores.
-- no spinning: between runs genai's search and the caller's loop need the CPU that idle
-  onnxruntime threads would burn waiting for work, and spinning threads starve any neighbour.
+- no spinning: the file is written once for any machine, and a thread spinning on a CPU another
+  process wants stalls both. gptx's own sessions spin only where each thread has a free CPU
+  (``gptx.threads.spinning_pays``); on a machine of its own, overlay
+  ``"session.intra_op.allow_spinning": "1"`` when loading (docs/deploy.md), as ``gptx bench`` does.
 """
 from __future__ import annotations
 

@@ -28,19 +28,20 @@ _UNSET = object()
 
 
 def make_session(path, threads: Optional[int] = None):
-    """A CPU InferenceSession that sleeps instead of spinning when idle, so it does not starve
-    other threads (PyTorch, the tokenizer, a server) in the same process; ``threads`` by default
-    the CPUs free now (``gptx.threads``)."""
+    """A CPU InferenceSession on ``threads`` (by default the CPUs free now, ``gptx.threads``) whose
+    worker threads spin between kernels only while each has a CPU to itself
+    (``gptx.threads.spinning_pays``), and sleep otherwise, so they never starve a neighbour."""
     import onnxruntime as ort
 
-    from gptx.threads import choose_threads
+    from gptx.threads import choose_threads, spinning_pays
 
+    n = choose_threads(threads)
     so = ort.SessionOptions()
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.add_session_config_entry("session.intra_op.allow_spinning", "1" if spinning_pays(n) else "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")  # sequential execution: no inter-op pool
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 4  # fatal only: errors reach the caller as exceptions, said once in gptx's words
-    so.intra_op_num_threads = choose_threads(threads)
+    so.intra_op_num_threads = n
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 

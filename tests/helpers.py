@@ -309,22 +309,22 @@ def node_example_modules(request, tmp_path_factory) -> Path:
     return npm_install_pinned(root, package_json, env={"ONNXRUNTIME_NODE_INSTALL": "skip"})  # no CUDA download
 
 
-def node_example(node_modules: Path, out: Path, prompts, n: int) -> subprocess.CompletedProcess:
-    """``node generate.js OUT --prompt P ... --max-new-tokens N``, finished."""
+def node_example(node_modules: Path, out: Path, prompts, n: int, *flags: str) -> subprocess.CompletedProcess:
+    """``node generate.js OUT --prompt P ... --max-new-tokens N [flags]``, finished."""
     from importlib import resources
 
     script = resources.files("gptx.export") / "node" / "generate.js"
-    args = ["node", str(script), str(out), "--max-new-tokens", str(n)]
+    args = ["node", str(script), str(out), "--max-new-tokens", str(n), *flags]
     for p in prompts:
         args += ["--prompt", p]
     return subprocess.run(args, capture_output=True, text=True, timeout=120, env=dict(os.environ, NODE_PATH=str(node_modules)))
 
 
-def run_node(node_modules: Path, out: Path, prompts, n: int) -> list[dict]:
+def run_node(node_modules: Path, out: Path, prompts, n: int, *flags: str) -> list[dict]:
     """The Node example's JSON rows for ``prompts`` (greedy, ``n`` new tokens); it must succeed."""
     import json
 
-    r = node_example(node_modules, out, prompts, n)
+    r = node_example(node_modules, out, prompts, n, *flags)
     assert r.returncode == 0, r.stderr
     return [json.loads(line) for line in r.stdout.strip().splitlines()]
 

@@ -48,6 +48,8 @@ def test_node_example_generates_the_same_greedy_tokens(node_modules, gpt2_out):
     # a left-padded batch in Node gives the same tokens too
     batch = gen.generate([gen.tokenizer.encode(p) for p in PROMPTS], 16, Sampler(temperature=0)).ids
     assert batch == want
+    # two spinning threads (what gptx bench asks for on free CPUs) decode the same tokens
+    assert [r["ids"] for r in run_node(node_modules, gpt2_out, PROMPTS, 16, "--threads", "2", "--spin")] == want
 
 
 @pytest.mark.xdist_group("node")

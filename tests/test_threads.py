@@ -60,6 +60,55 @@ def test_every_cpu_busy_elsewhere_leaves_one_thread():
     assert out == "1"
 
 
+@pytest.mark.parametrize("threads, free, spins", [(1, 2, False), (2, 2, True), (2, 1, False), (3, 2, False), (4, 8, True)])
+def test_onnxruntime_threads_spin_only_with_a_cpu_each(monkeypatch, threads, free, spins):
+    from gptx import threads as th
+
+    monkeypatch.setattr(th, "_free_threads", lambda seconds: free)
+    assert th.spinning_pays(threads) is spins
+
+
+def _matmul_graph(path):
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              [onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
+def test_a_session_with_a_cpu_per_thread_spins(tmp_path, monkeypatch):
+    from gptx import threads as th
+    from gptx.export.runtime import make_session
+
+    monkeypatch.setattr(th, "_free_threads", lambda seconds: 2)
+    options = make_session(_matmul_graph(tmp_path / "m.onnx"), threads=2).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    options = make_session(tmp_path / "m.onnx", threads=1).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_sessions_on_a_busy_machine_sleep_instead_of_spinning(tmp_path):
+    """A real onnxruntime session beside as many busy processes as CPUs: two threads asked for,
+    neither may spin (one spinning on a CPU another process wants stalls both)."""
+    _matmul_graph(tmp_path / "m.onnx")
+    code = (f"from gptx.export.runtime import make_session; s = make_session({str(tmp_path / 'm.onnx')!r}, threads=2); "
+            "o = s.get_session_options(); print(o.intra_op_num_threads, o.get_session_config_entry('session.intra_op.allow_spinning'))")
+    n = len(os.sched_getaffinity(0))
+    procs = [subprocess.Popen(BUSY) for _ in range(n)]
+    try:
+        out = _python(code)
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert out == "2 0"
+
+
 def test_the_governor_follows_the_load_between_steps_and_says_so():
     """Training starts with 2 threads; beside as many busy processes as CPUs, the next tick drops
     to one thread and says why."""

@@ -2,7 +2,7 @@
 // Timing of the Node example's decoding, measured inside Node (process start-up and loading are
 // not generation time): what `gptx bench --only generate --backends node` runs.
 //
-//   node bench.js OUT_DIR --ids 464,2068,7586 [--new-tokens 128] [--repeats 3] [--threads N]
+//   node bench.js OUT_DIR --ids 464,2068,7586 [--new-tokens 128] [--repeats 3] [--threads N] [--spin]
 //   node bench.js --check        # exit 0 when onnxruntime-node and @huggingface/tokenizers load
 //
 // Greedy, batch 1, exactly --new-tokens tokens (no stop at end-of-text, as gptx bench's other
@@ -13,10 +13,10 @@
 
 const { load, integer, oneLine } = require("./generate.js");
 
-const USAGE = "usage: node bench.js OUT_DIR --ids ID,ID,... [--new-tokens N] [--repeats R] [--threads N] | node bench.js --check";
+const USAGE = "usage: node bench.js OUT_DIR --ids ID,ID,... [--new-tokens N] [--repeats R] [--threads N] [--spin] | node bench.js --check";
 
 function parseArgs(argv) {
-  const args = { dir: null, ids: null, newTokens: 128, repeats: 3, threads: 0, check: false };
+  const args = { dir: null, ids: null, newTokens: 128, repeats: 3, threads: 0, spin: false, check: false };
   const value = (i, flag) => {
     if (argv[i] === undefined || argv[i].startsWith("--")) throw new Error(`${flag}: expects a value (${USAGE})`);
     return argv[i];
@@ -24,6 +24,7 @@ function parseArgs(argv) {
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     if (a === "--check") args.check = true;
+    else if (a === "--spin") args.spin = true;
     else if (a === "--ids") args.ids = value(++i, a).split(",").map((t) => integer(a, t, 0, 2 ** 31 - 1));
     else if (a === "--new-tokens") args.newTokens = integer(a, value(++i, a), 1, 1 << 20);
     else if (a === "--repeats") args.repeats = integer(a, value(++i, a), 1, 1000);
@@ -57,7 +58,7 @@ async function main() {
   if (!args.dir || !args.ids || args.ids.length === 0) throw new Error(`OUT_DIR and --ids are required (${USAGE})`);
   const rssBefore = process.memoryUsage().rss;
   const t = performance.now();
-  const { gptx, decoder } = await load(args.dir, args.threads);
+  const { gptx, decoder } = await load(args.dir, args.threads, args.spin);
   const loadMs = performance.now() - t;
   const sampler = new gptx.Sampler({ temperature: 0 });
   const ids = await greedy(decoder, sampler, args.ids, args.newTokens); // warm-up

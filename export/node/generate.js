@@ -3,7 +3,7 @@
 //
 //   ONNXRUNTIME_NODE_INSTALL=skip npm install        # onnxruntime-node (CPU) + @huggingface/tokenizers
 //   node generate.js OUT_DIR --prompt "Hello" [--prompt "Another"] [--max-new-tokens 50] [--threads N]
-//                    [--temperature 0] [--top-k K] [--top-p P] [--seed S]
+//                    [--spin] [--temperature 0] [--top-k K] [--top-p P] [--seed S]
 //
 // Prints one JSON object per prompt: {"prompt_ids": [...], "ids": [...], "text": "..."}. Several
 // prompts run as one left-padded batch. Greedy by default (temperature 0). The reading of
@@ -15,7 +15,7 @@ const fs = require("fs");
 const path = require("path");
 const { pathToFileURL } = require("url");
 
-const USAGE = "usage: node generate.js OUT_DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--threads N] " +
+const USAGE = "usage: node generate.js OUT_DIR --prompt TEXT [--prompt TEXT ...] [--max-new-tokens N] [--threads N] [--spin] " +
   "[--temperature T] [--top-k K] [--top-p P] [--seed S]";
 
 // The flags that take a value, each with its check: a missing value (the end of the line, or the
@@ -51,7 +51,7 @@ function integer(flag, text, low, high) {
 }
 
 function parseArgs(argv) {
-  const args = { dir: null, prompts: [], maxNewTokens: 50, threads: 0, temperature: 0, topK: null, topP: null, seed: null };
+  const args = { dir: null, prompts: [], maxNewTokens: 50, threads: 0, spin: false, temperature: 0, topK: null, topP: null, seed: null };
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
     const [name, inline] = a.startsWith("--") && a.includes("=") ? [a.slice(0, a.indexOf("=")), a.slice(a.indexOf("=") + 1)] : [a, undefined];
@@ -68,7 +68,8 @@ function parseArgs(argv) {
       const value = flag.parse(name, text);
       if (flag.key === "prompts") args.prompts.push(value);
       else args[flag.key] = value;
-    } else if (a === "-h" || a === "--help") args.help = true;
+    } else if (a === "--spin") args.spin = true;
+    else if (a === "-h" || a === "--help") args.help = true;
     else if (args.dir === null && !a.startsWith("-")) args.dir = a;
     else if (a.startsWith("-")) throw new Error(`${a}: no such option (${USAGE})`);
     else throw new Error(`unexpected argument ${JSON.stringify(a)}: OUT_DIR is ${JSON.stringify(args.dir)} already (${USAGE})`);
@@ -78,7 +79,7 @@ function parseArgs(argv) {
 
 // The export in `dir` ready to decode: { ort, gptx (../web/gptx.mjs), meta, tokenizer, decoder }.
 // bench.js loads through here too, so it times what this example runs.
-async function load(dir, threads = 0) {
+async function load(dir, threads = 0, spin = false) {
   const ort = require("onnxruntime-node");
   const { Tokenizer } = require("@huggingface/tokenizers");
   const gptx = await import(pathToFileURL(path.join(__dirname, "..", "web", "gptx.mjs")).href);
@@ -87,16 +88,16 @@ async function load(dir, threads = 0) {
     return file;
   };
   const readJson = (name) => JSON.parse(fs.readFileSync(regular(path.join(dir, name)), "utf-8"));
-  // idle onnxruntime threads sleep instead of spinning, as in gptx's Python sessions and its
-  // genai_config.json: between runs the sampling loop needs the CPU, and spinning threads starve
-  // any neighbour on a shared machine (docs/deploy.md has the figures)
-  const noSpinning = { session: { intra_op: { allow_spinning: "0" }, inter_op: { allow_spinning: "0" } } };
-  const sessionOptions = { executionProviders: ["cpu"], extra: noSpinning, ...(threads ? { intraOpNumThreads: threads } : {}) };
+  // idle onnxruntime threads sleep instead of spinning unless --spin: spinning threads starve any
+  // neighbour on a shared machine; on CPUs of its own (what gptx's Python sessions check before
+  // they spin) spinning decodes faster (docs/deploy.md has the figures)
+  const spinning = { session: { intra_op: { allow_spinning: spin ? "1" : "0" }, inter_op: { allow_spinning: "0" } } };
+  const sessionOptions = { executionProviders: ["cpu"], extra: spinning, ...(threads ? { intraOpNumThreads: threads } : {}) };
   return { ort, gptx, ...(await gptx.loadExport({ ort, Tokenizer, readJson, modelLocation: regular(path.join(dir, "model.onnx")), sessionOptions })) };
 }
 
-async function generate(dir, prompts, { maxNewTokens = 50, threads = 0, ...sampling } = {}) {
-  const { gptx, tokenizer, decoder } = await load(dir, threads);
+async function generate(dir, prompts, { maxNewTokens = 50, threads = 0, spin = false, ...sampling } = {}) {
+  const { gptx, tokenizer, decoder } = await load(dir, threads, spin);
   const promptIds = prompts.map((p) => tokenizer.encode(p));
   const result = await decoder.generate(promptIds, maxNewTokens, new gptx.Sampler(sampling));
   return promptIds.map((p, b) => ({ prompt_ids: p, ids: result.ids[b], text: tokenizer.decode(result.ids[b]) }));

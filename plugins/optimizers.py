@@ -59,6 +59,7 @@ class MuonOptions:
     embedding_lr: Optional[float] = option(None, low=0, high=10, low_open=True)  # token (and learned position) embeddings; the tied LM head with them
     head_lr: Optional[float] = option(None, low=0, high=10, low_open=True)  # an untied LM head
     scalar_lr: Optional[float] = option(None, low=0, high=10, low_open=True)  # norm gains, biases, and any parameter that is not a 2-D matrix
+    embedding_weight_decay: float = option(0.0, low=0, high=10)  # decoupled, on the embeddings (and the LM head tied to them)
     beta1: float = option(0.9, low=0, high=1, high_open=True)
     beta2: float = option(0.95, low=0, high=1, high_open=True)
     eps: float = option(1e-8, low=0, high=1, low_open=True)
@@ -92,8 +93,9 @@ class Muon(Optimizer):
         roles = self.groups(named_parameters)
         muon = torch.optim.Muon(roles["matrices"], lr=o.lr, weight_decay=o.weight_decay, momentum=o.momentum,
                                 nesterov=o.nesterov, ns_steps=o.ns_steps, adjust_lr_fn=o.adjust_lr_fn)
-        adam_groups = [{"params": roles[role], "lr": lr or base}
-                       for role, lr in (("embeddings", o.embedding_lr), ("head", o.head_lr), ("scalars", o.scalar_lr))
+        adam_groups = [{"params": roles[role], "lr": lr or base, "weight_decay": wd}
+                       for role, lr, wd in (("embeddings", o.embedding_lr, o.embedding_weight_decay),
+                                            ("head", o.head_lr, 0.0), ("scalars", o.scalar_lr, 0.0))
                        if roles[role]]
         adamw = torch.optim.AdamW(adam_groups, lr=base, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=0.0,
                                   **({"fused": True} if device.type in ("cuda", "cpu") else {}))

@@ -33,6 +33,7 @@ ZERO_VALID = {
     "model.dropout", "training.grad_clip", "training.final_eval_tokens", "training.sample_tokens",
     "moe:model.ffn.aux_loss_weight", "moe:model.ffn.z_loss_weight",
     "adamw:training.optimizer.weight_decay", "muon:training.optimizer.weight_decay", "muon:training.optimizer.momentum",
+    "muon:training.optimizer.embedding_weight_decay",
     "constant:training.schedule.warmup_steps", "cosine:training.schedule.warmup_steps", "wsd:training.schedule.warmup_steps",
     "latent:model.attention.rope_dim",  # no decoupled rotary part: what positions that do not rotate need
     # 0 is an ordinary value of the option

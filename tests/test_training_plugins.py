@@ -92,7 +92,8 @@ def test_adamw_decays_matrices_only_with_the_peak_lr():
 
 
 def test_muon_takes_the_block_matrices_and_adamw_the_rest():
-    cfg, model, opt = make({"kind": "muon", "lr": 0.05, "embedding_lr": 0.01}, tie_embeddings=False)
+    cfg, model, opt = make({"kind": "muon", "lr": 0.05, "embedding_lr": 0.01, "embedding_weight_decay": 0.5},
+                           tie_embeddings=False)
     muon, adamw = opt.optimizers
     assert isinstance(muon, torch.optim.Muon) and isinstance(adamw, torch.optim.AdamW)
     names = {id(p): n for n, p in model.named_parameters()}
@@ -101,6 +102,8 @@ def test_muon_takes_the_block_matrices_and_adamw_the_rest():
     by_role = {tuple(sorted(names[id(p)] for p in g["params"])): g["lr"] for g in adamw.param_groups}
     assert by_role[("positional.wpe.weight", "wte.weight")] == 0.01  # embeddings: their own lr
     assert by_role[("lm_head.weight",)] == 3e-3  # untied head: training.learning_rate
+    decay = {tuple(sorted(names[id(p)] for p in g["params"])): g["weight_decay"] for g in adamw.param_groups}
+    assert decay[("positional.wpe.weight", "wte.weight")] == 0.5 and decay[("lm_head.weight",)] == 0.0
     assert muon.param_groups[0]["lr"] == 0.05
     assert sum(len(g["params"]) for g in opt.param_groups) == len(list(model.parameters()))
 

@@ -536,6 +536,9 @@ class _GenerateBench:
         self.source, self.cfg, self.work, self.prompt = source, cfg, work, prompt
         self.threads, self.info, self.log = threads, info, log
         self.onnx_dirs: dict[str, Path] = {}
+        from gptx.threads import spinning_pays
+
+        self.spin = spinning_pays(threads)  # genai and Node get what gptx's own sessions choose (make_session)
 
     def skip_reason(self, name: str) -> Optional[str]:
         """Why a backend cannot run on this model and machine, or None."""
@@ -686,12 +689,9 @@ class _GenerateBench:
         the thread count and spinning: gptx's own sessions' (``make_session``), as every other backend's."""
         import onnxruntime_genai as og
 
-        from gptx.threads import spinning_pays
-
-        spin = "1" if spinning_pays(self.threads) else "0"
         config = og.Config(str(self.export(scheme)))
         config.overlay(json.dumps({"model": {"decoder": {"session_options": {
-            "intra_op_num_threads": self.threads, "session.intra_op.allow_spinning": spin}}}}))
+            "intra_op_num_threads": self.threads, "session.intra_op.allow_spinning": "1" if self.spin else "0"}}}}))
         og_model = og.Model(config)
 
         def run(p, n):
@@ -732,9 +732,7 @@ class _GenerateBench:
 
         args = ["node", str(NODE_BENCH), str(self.export("fp32")), "--ids", ",".join(map(str, self.prompt)),
                 "--new-tokens", str(new_tokens), "--repeats", str(repeats), "--threads", str(self.threads)]
-        from gptx.threads import spinning_pays
-
-        if spinning_pays(self.threads):  # as gptx's own sessions (make_session)
+        if self.spin:
             args.append("--spin")
         r = subprocess.run(args, capture_output=True, text=True, timeout=3600)
         if r.returncode != 0:

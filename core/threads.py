@@ -223,9 +223,9 @@ def spinning_pays(threads: int) -> bool:
     """Whether onnxruntime's worker threads may spin while they wait for the next parallel section:
     only with two or more threads, each with a CPU nobody else used over the same short reading
     ``choose_threads`` takes (read once per process). Spinning skips waking a sleeping thread for each
-    of a decode step's ~130 kernels: GPT-2 124M decoded 1.31x faster in int4 and ~1.06x in fp32 on a
-    quiet 2-core machine. A thread spinning on a CPU another process wants stalls both, so a busy
-    machine keeps sleeping threads (docs/performance.md, "Busy machines")."""
+    of a decode step's ~130 short kernels, which int4 decoding feels most; a thread spinning on a CPU
+    another process wants stalls both, so a busy machine keeps sleeping threads (the figures:
+    docs/performance.md, "Load changes the ranking")."""
     return 1 < threads <= _free_threads(0.1)
 
 
